@@ -1,0 +1,241 @@
+"""The model config, read from a Hugging Face `config.json` of DeepseekV2ForCausalLM or DeepseekV3ForCausalLM.
+
+Every field that changes the math is read here and nowhere else; a value ktjax does not implement is a
+KtjaxError that names it, never a silently different model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from .errors import KtjaxError
+
+ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    dim: int                      # qk_rope_head_dim
+    interleave: bool              # DeepSeek's (x0, x1), (x2, x3) pair layout
+    yarn: bool = False
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0  # multiplies cos and sin: mscale(f, mscale) / mscale(f, mscale_all_dim)
+    mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str                     # "deepseek_v2" or "deepseek_v3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool
+    mlp_bias: bool
+    rope: RopeConfig
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    scoring_func: str
+    topk_method: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers) if self.n_routed_experts else self.num_hidden_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        if self.rope.yarn and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def normalizes_then_scales(self) -> bool:
+        """DeepSeek-V2's gate scales the weights only when it does not normalise them; V3's always scales."""
+        return self.arch == "deepseek_v3"
+
+    @classmethod
+    def from_file(cls, path: str) -> "ModelConfig":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise KtjaxError(f"{path}: no config.json here; point at a Hugging Face model folder or a converted checkpoint") from None
+        except json.JSONDecodeError as e:
+            raise KtjaxError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_hf_dict(raw)
+        except KtjaxError as e:
+            raise KtjaxError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict) -> "ModelConfig":
+        arch = _architecture(raw)
+        g = _Getter(raw)
+        n_routed = g.int("n_routed_experts", 0) or 0
+        if g.int("moe_layer_freq", 1) != 1:
+            raise KtjaxError(f"moe_layer_freq={raw['moe_layer_freq']} is not supported (only 1: every layer after "
+                             "first_k_dense_replace is an MoE layer)")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise KtjaxError(f"hidden_act={act!r} is not supported (only 'silu')")
+        if arch == "deepseek_v3":
+            # transformers' V3 and DeepSeek's own V3 code gate with sigmoid + noaux_tc; other values follow
+            # DeepSeek's inference/model.py (softmax or sigmoid scores, bias only for noaux_tc).
+            scoring, topk_method = raw.get("scoring_func", "sigmoid"), raw.get("topk_method", "noaux_tc")
+        else:
+            scoring, topk_method = raw.get("scoring_func", "softmax"), raw.get("topk_method", "greedy")
+        if scoring not in SCORING_FUNCS:
+            raise KtjaxError(f"scoring_func={scoring!r} is not supported (one of {SCORING_FUNCS})")
+        if topk_method not in TOPK_METHODS:
+            raise KtjaxError(f"topk_method={topk_method!r} is not supported (one of {TOPK_METHODS})")
+        n_group = g.int("n_group", 1) or 1
+        topk_group = g.int("topk_group", n_group) or n_group
+        top_k = g.int("num_experts_per_tok", 0) or 0
+        if n_routed:
+            if n_routed % n_group:
+                raise KtjaxError(f"n_routed_experts={n_routed} is not divisible by n_group={n_group}")
+            if topk_method != "greedy" and not 1 <= topk_group <= n_group:
+                raise KtjaxError(f"topk_group={topk_group} must be between 1 and n_group={n_group}")
+            if not 1 <= top_k <= n_routed:
+                raise KtjaxError(f"num_experts_per_tok={top_k} must be between 1 and n_routed_experts={n_routed}")
+        heads = g.int("num_attention_heads")
+        if raw.get("pretraining_tp", 1) not in (1, None):
+            raise KtjaxError(f"pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
+        eos = raw.get("eos_token_id")
+        return cls(
+            arch=arch,
+            vocab_size=g.int("vocab_size"),
+            hidden_size=g.int("hidden_size"),
+            intermediate_size=g.int("intermediate_size"),
+            moe_intermediate_size=g.int("moe_intermediate_size", 0) or 0,
+            num_hidden_layers=g.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            q_lora_rank=g.int("q_lora_rank", None),
+            kv_lora_rank=g.int("kv_lora_rank"),
+            qk_nope_head_dim=g.int("qk_nope_head_dim"),
+            qk_rope_head_dim=g.int("qk_rope_head_dim"),
+            v_head_dim=g.int("v_head_dim"),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "deepseek_v2" else False,
+            rope=_rope(raw, arch, g.int("qk_rope_head_dim")),
+            n_routed_experts=n_routed,
+            n_shared_experts=g.int("n_shared_experts", 0) or 0,
+            num_experts_per_tok=top_k,
+            scoring_func=scoring,
+            topk_method=topk_method,
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", arch == "deepseek_v3")),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0) or 1.0),
+            first_k_dense_replace=g.int("first_k_dense_replace", 0) or 0,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            max_position_embeddings=g.int("max_position_embeddings", 4096),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        )
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _architecture(raw: dict) -> str:
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if not archs and model_type in ARCHITECTURES.values():
+        return model_type
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    raise KtjaxError(f"architectures={archs} (model_type={model_type!r}) is not supported; ktjax runs "
+                     f"{', '.join(ARCHITECTURES)}")
+
+
+def _rope(raw: dict, arch: str, dim: int) -> RopeConfig:
+    # Two spellings: newer `rope_parameters` (theta inside), older `rope_scaling` + top-level `rope_theta`.
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    # transformers' V2 always uses the complex (interleaved) rotation; V3 reads rope_interleave.
+    interleave = True if arch == "deepseek_v2" else bool(raw.get("rope_interleave", True))
+    if rope_type == "default":
+        return RopeConfig(theta=theta, dim=dim, interleave=interleave)
+    if rope_type not in ("yarn", "deepseek_yarn"):
+        raise KtjaxError(f"rope type {rope_type!r} is not supported (only the default rope and 'yarn')")
+    max_pos = raw.get("max_position_embeddings", 4096)
+    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:  # as transformers' _compute_yarn_parameters
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    if params.get("truncate", True) is not True:
+        raise KtjaxError("rope_parameters.truncate=false is not supported")
+    return RopeConfig(theta=theta, dim=dim, interleave=interleave, yarn=True, factor=factor,
+                      original_max_position_embeddings=int(original),
+                      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                      attention_factor=float(attention_factor), mscale_all_dim=float(mscale_all_dim or 0.0))
+
+
+class _Getter:
+    """Reads integer fields, naming the field when it is missing or of the wrong type."""
+
+    _MISSING = object()
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def int(self, key: str, default=_MISSING):
+        value = self.raw.get(key, default)
+        if value is self._MISSING:
+            raise KtjaxError(f"config.json has no {key!r}")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise KtjaxError(f"{key}={value!r} must be a non-negative integer")
+        return value
+
+
+def find_config(path: str) -> str:
+    return os.path.join(path, "config.json")

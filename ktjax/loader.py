@@ -1,0 +1,196 @@
+"""Read a Hugging Face DeepSeek folder (config.json + safetensors shards) into the model's parameters.
+
+Every source tensor is accounted for: each is used exactly once or deliberately skipped (the MTP layer,
+rotary buffers, a tied lm_head), and a missing or unexpected tensor, or a shape that disagrees with
+config.json, is a KtjaxError that names the tensor and its file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .errors import KtjaxError
+from .fp8 import dequantize_blocks
+from .model import DeepseekModel
+from .safetensors_io import SafetensorsFile, list_shards
+
+
+@dataclasses.dataclass
+class Entry:
+    """One model parameter (`path` in the state) built from source tensors by `fn`."""
+    path: tuple
+    sources: list[str]
+    shapes: list[tuple]
+    fn: Callable = lambda *a: a[0]
+
+
+def _t(a):
+    return a.T
+
+
+def _linear(path, name, d_in, d_out, bias=False):
+    out = [Entry(path + ("kernel",), [name + ".weight"], [(d_out, d_in)], _t)]
+    if bias:
+        out.append(Entry(path + ("bias",), [name + ".bias"], [(d_out,)]))
+    return out
+
+
+def _mlp(path, prefix, d, f, bias=False):
+    return (_linear(path + ("gate_proj",), prefix + "gate_proj", d, f, bias)
+            + _linear(path + ("up_proj",), prefix + "up_proj", d, f, bias)
+            + _linear(path + ("down_proj",), prefix + "down_proj", f, d, bias))
+
+
+def layer_entries(cfg: ModelConfig, i: int, moe: bool, names: set[str]) -> list[Entry]:
+    """Parameters of decoder layer i, with paths relative to the layer."""
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    d, h, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+    dn, dv, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    out = [Entry(("input_norm", "weight"), [p + "input_layernorm.weight"], [(d,)]),
+           Entry(("post_attn_norm", "weight"), [p + "post_attention_layernorm.weight"], [(d,)])]
+    if cfg.q_lora_rank:
+        out += _linear(("attn", "q_a_proj"), a + "q_a_proj", d, cfg.q_lora_rank, bias)
+        out += [Entry(("attn", "q_a_norm", "weight"), [a + "q_a_layernorm.weight"], [(cfg.q_lora_rank,)])]
+        out += _linear(("attn", "q_b_proj"), a + "q_b_proj", cfg.q_lora_rank, h * cfg.qk_head_dim)
+    else:
+        out += _linear(("attn", "q_proj"), a + "q_proj", d, h * cfg.qk_head_dim)
+    out += _linear(("attn", "kv_a_proj"), a + "kv_a_proj_with_mqa", d, r + cfg.qk_rope_head_dim, bias)
+    out += [Entry(("attn", "kv_a_norm", "weight"), [a + "kv_a_layernorm.weight"], [(r,)])]
+    kv_b = ([a + "kv_b_proj.weight"], [(h * (dn + dv), r)])
+    out += [Entry(("attn", "w_uk"), *kv_b, lambda w: w.reshape(h, dn + dv, r)[:, :dn]),
+            Entry(("attn", "w_uv"), *kv_b, lambda w: w.reshape(h, dn + dv, r)[:, dn:])]
+    out += _linear(("attn", "o_proj"), a + "o_proj", h * dv, d, bias)
+    if not moe:
+        return out + _mlp(("mlp",), p + "mlp.", d, cfg.intermediate_size, cfg.mlp_bias)
+    e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
+    out += [Entry(("mlp", "router"), [p + "mlp.gate.weight"], [(e, d)], _t)]
+    if cfg.topk_method == "noaux_tc":
+        out += [Entry(("mlp", "router_bias"), [p + "mlp.gate.e_score_correction_bias"], [(e,)])]
+    x = p + "mlp.experts."
+    if x + "gate_up_proj" in names:  # fused layout, as transformers holds it in memory
+        out += [Entry(("mlp", "w_gate"), [x + "gate_up_proj"], [(e, 2 * f, d)], lambda w: w[:, :f].transpose(0, 2, 1)),
+                Entry(("mlp", "w_up"), [x + "gate_up_proj"], [(e, 2 * f, d)], lambda w: w[:, f:].transpose(0, 2, 1)),
+                Entry(("mlp", "w_down"), [x + "down_proj"], [(e, d, f)], lambda w: w.transpose(0, 2, 1))]
+    else:  # one tensor per expert, as save_pretrained and DeepSeek's checkpoints write them
+        for ours, theirs, shape in (("w_gate", "gate_proj", (f, d)), ("w_up", "up_proj", (f, d)),
+                                    ("w_down", "down_proj", (d, f))):
+            out.append(Entry(("mlp", ours), [f"{x}{j}.{theirs}.weight" for j in range(e)], [shape] * e,
+                             lambda *ws: np.stack([w.T for w in ws])))
+    if cfg.n_shared_experts:
+        out += _mlp(("mlp", "shared"), p + "mlp.shared_experts.", d, f * cfg.n_shared_experts, cfg.mlp_bias)
+    return out
+
+
+def top_entries(cfg: ModelConfig) -> list[Entry]:
+    v, d = cfg.vocab_size, cfg.hidden_size
+    out = [Entry(("embed",), ["model.embed_tokens.weight"], [(v, d)]),
+           Entry(("norm", "weight"), ["model.norm.weight"], [(d,)])]
+    if not cfg.tie_word_embeddings:
+        out += _linear(("lm_head",), "lm_head", d, v)
+    return out
+
+
+def _skipped(name: str, cfg: ModelConfig) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        return True  # the multi-token-prediction layer(s): not used for generation
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if cfg.tie_word_embeddings and name == "lm_head.weight":
+        return True
+    return name.endswith("mlp.gate.e_score_correction_bias") and cfg.topk_method != "noaux_tc"
+
+
+class TensorSource:
+    """Reads tensors by name across shards, dequantising FP8 block-scaled weights; tracks what was used."""
+
+    def __init__(self, folder: str):
+        self.where = list_shards(folder)
+        self.used: set[str] = set()
+        self._open: dict[str, SafetensorsFile] = {}
+
+    def _file(self, name) -> SafetensorsFile:
+        path = self.where[name]
+        if path not in self._open:
+            self._open[path] = SafetensorsFile(path)
+        f = self._open[path]
+        if name not in f.keys():
+            raise KtjaxError(f"{path}: the index lists {name!r} in this shard but the shard does not hold it")
+        return f
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        if name not in self.where:
+            raise KtjaxError(f"tensor {name!r} is missing from the checkpoint (config.json implies it exists)")
+        f = self._file(name)
+        if f.shape(name) != tuple(shape):
+            raise KtjaxError(f"{f.path}: tensor {name!r} has shape {f.shape(name)} but config.json implies "
+                             f"{tuple(shape)}; the config does not match the weights")
+        self.used.add(name)
+        w = f.get(name)
+        scale_name = name + "_scale_inv"
+        if scale_name in self.where:  # official FP8 checkpoint: e4m3 values with 128x128 block scales
+            self.used.add(scale_name)
+            try:
+                return dequantize_blocks(w, self._file(scale_name).get(scale_name))
+            except ValueError as e:
+                raise KtjaxError(f"{self.where[scale_name]}: {scale_name}: {e}") from None
+        return np.asarray(w)
+
+    def close(self):
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32) -> DeepseekModel:
+    """Build a DeepseekModel from a Hugging Face folder; parameters are cast to `dtype` (router: float32)."""
+    abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    target = state.to_pure_dict()
+    src = TensorSource(folder)
+    names = set(src.where)
+    try:
+        values = {}
+        for e in top_entries(cfg):
+            values[e.path] = _build(src, e)
+        stacks = (("dense_layers", range(cfg.num_dense_layers), False),
+                  ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers), True))
+        for stack, layers, moe in stacks:
+            per_layer = [layer_entries(cfg, i, moe, names) for i in layers]
+            for k in range(len(per_layer[0]) if per_layer else 0):
+                values[(stack,) + per_layer[0][k].path] = np.stack([_build(src, ents[k]) for ents in per_layer])
+        unused = sorted(n for n in names - src.used if not _skipped(n, cfg))
+        if unused:
+            raise KtjaxError(f"{folder}: {len(unused)} tensor(s) that config.json does not account for, e.g. "
+                             f"{', '.join(unused[:5])}; the config does not match the weights")
+    finally:
+        src.close()
+    for path, value in values.items():
+        node = target
+        for key in path[:-1]:
+            node = node[key]
+        want = node[path[-1]]
+        assert want.shape == value.shape, (path, want.shape, value.shape)  # a bug in the entries, not bad input
+        node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
+    missing = [p for p, leaf in jax.tree_util.tree_leaves_with_path(target)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    assert not missing, f"parameters left unloaded: {missing}"
+    nnx.replace_by_pure_dict(state, target)
+    return nnx.merge(graphdef, state)
+
+
+def _build(src: TensorSource, e: Entry) -> np.ndarray:
+    return e.fn(*[src.get(n, s) for n, s in zip(e.sources, e.shapes)])
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))

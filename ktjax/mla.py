@@ -1,0 +1,84 @@
+"""Multi-head latent attention: one set of weights, two ways to attend.
+
+Each token is compressed into a latent `c_kv` [kv_lora_rank] plus one rotary key `k_pe` shared by all heads;
+`kv_b_proj` expands the latent into per-head keys (`w_uk`) and values (`w_uv`). The naive form expands every
+cached token; the absorbed form folds `w_uk` into the query and `w_uv` into the output, so attention runs in
+latent space and the cache never grows past (c_kv, k_pe). Axes: b batch, s query, t key, h head,
+d head dim, c latent, r rope dim.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import Linear, RMSNorm, _init, apply_rope
+
+# The reference (transformers and DeepSeek's code) builds q_a_layernorm and kv_a_layernorm with the
+# default epsilon, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, heads, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, bias=bias, dtype=dtype, rngs=rngs)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, heads * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+        else:
+            self.q_proj = Linear(d, heads * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
+        self.kv_a_proj = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias, dtype=dtype, rngs=rngs)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+        # kv_b_proj, split per head: keys [h, d_nope, c] and values [h, d_v, c].
+        self.w_uk = nnx.Param(_init(rngs.params(), (heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank), dtype))
+        self.w_uv = nnx.Param(_init(rngs.params(), (heads, cfg.v_head_dim, cfg.kv_lora_rank), dtype))
+        self.o_proj = Linear(heads * cfg.v_head_dim, d, bias=bias, dtype=dtype, rngs=rngs)
+
+    def queries(self, x, cos, sin):
+        """x [b, s, d] -> q_nope [b, s, h, d_nope], q_pe [b, s, h, r] (rotated)."""
+        cfg = self.cfg
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q = q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, cos, sin, cfg.rope.interleave)
+
+    def latents(self, x, cos, sin):
+        """x [b, s, d] -> c_kv [b, s, c] (normalised) and k_pe [b, s, r] (rotated): what a cache keeps."""
+        cfg = self.cfg
+        kv = self.kv_a_proj(x)
+        c_kv, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
+        return self.kv_a_norm(c_kv), apply_rope(k_pe, cos, sin, cfg.rope.interleave)
+
+    def __call__(self, x, cos, sin, mask, absorb: bool):
+        """Self-attention over x alone. mask [b, s, t] is True where query s may see key t."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        attend = absorbed_attention if absorb else naive_attention
+        o = attend(q_nope, q_pe, c_kv, k_pe, self.w_uk[...], self.w_uv[...], mask, self.cfg.softmax_scale)
+        return self.o_proj(o.reshape(*x.shape[:-1], -1))
+
+
+def _softmax(scores, mask):
+    scores = jnp.where(mask[:, :, None, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def naive_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+    """Expand the latents into per-head keys and values, then attend: the readable reference."""
+    k_nope = jnp.einsum("btc,hdc->bthd", c_kv, w_uk.astype(c_kv.dtype))
+    v = jnp.einsum("btc,hdc->bthd", c_kv, w_uv.astype(c_kv.dtype))
+    scores = jnp.einsum("bshd,bthd->bsht", q_nope, k_nope) + jnp.einsum("bshr,btr->bsht", q_pe, k_pe)
+    p = _softmax(scores * scale, mask)
+    return jnp.einsum("bsht,bthd->bshd", p.astype(v.dtype), v)
+
+
+def absorbed_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+    """Attend in latent space: q_lat = q_nope @ w_uk, o = (p @ c_kv) @ w_uv. No per-head K or V exists."""
+    q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+    scores = jnp.einsum("bshc,btc->bsht", q_lat, c_kv) + jnp.einsum("bshr,btr->bsht", q_pe, k_pe)
+    p = _softmax(scores * scale, mask)
+    o_lat = jnp.einsum("bsht,btc->bshc", p.astype(c_kv.dtype), c_kv)
+    return jnp.einsum("bshc,hdc->bshd", o_lat, w_uv.astype(o_lat.dtype))

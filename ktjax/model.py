@@ -1,0 +1,89 @@
+"""The DeepSeek V2/V3 decoder: embedding, dense and MoE layer stacks run with jax.lax.scan, norm, lm_head.
+
+Layers of one kind are stacked (leading axis = layer) so that a 61-layer model compiles like a 1-layer one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
+from .mla import MLA
+from .moe import MoE
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = MLA(cfg, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if moe else
+                    MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs))
+
+    def feed_forward(self, x, moe_impl: str):
+        h = self.post_attn_norm(x)
+        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+    def __call__(self, x, cos, sin, mask, absorb: bool, moe_impl: str = "auto"):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, absorb)
+        return self.feed_forward(x, moe_impl)
+
+
+def make_stack(cfg: ModelConfig, moe: bool, n: int, *, dtype, rngs: nnx.Rngs) -> DecoderLayer | None:
+    """n layers of one kind with every parameter stacked along a leading layer axis."""
+    if n == 0:
+        return None
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return DecoderLayer(cfg, moe, dtype=dtype, rngs=r)
+
+    return create(rngs)
+
+
+def scan_layers(stack: DecoderLayer | None, x, step):
+    """Run `step(layer, x) -> x` over each layer of a stack with jax.lax.scan."""
+    if stack is None:
+        return x
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer_state):
+        return step(nnx.merge(graphdef, layer_state), h), None
+
+    return jax.lax.scan(body, x, state)[0]
+
+
+class DeepseekModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.dense_layers = make_stack(cfg, False, cfg.num_dense_layers, dtype=dtype, rngs=rngs)
+        self.moe_layers = make_stack(cfg, True, cfg.num_moe_layers, dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
+                                                                   rngs=rngs)
+
+    def embed_tokens(self, tokens, dtype):
+        return self.embed[...][tokens].astype(dtype)
+
+    def head(self, x):
+        x = self.norm(x)
+        return x @ self.embed[...].T.astype(x.dtype) if self.lm_head is None else self.lm_head(x)
+
+    def __call__(self, tokens, *, absorb: bool, moe_impl: str = "auto", dtype=jnp.float32):
+        """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32."""
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        cos, sin = rope_cos_sin(self.cfg.rope, positions)
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), jnp.bool_)), (b, s, s))
+
+        def step(layer, h):
+            return layer(h, cos, sin, mask, absorb, moe_impl)
+
+        x = self.embed_tokens(tokens, dtype)
+        x = scan_layers(self.dense_layers, x, step)
+        x = scan_layers(self.moe_layers, x, step)
+        return self.head(x).astype(jnp.float32)

@@ -1,0 +1,147 @@
+"""Mixture of experts: the router in its variants, and three ways to run the routed experts.
+
+Routed expert weights are stacked [experts, ...]. `gather` reads only the selected experts' weights (for a
+handful of tokens: decoding); `ragged` sorts tokens by expert and runs jax.lax.ragged_dot, a real grouped
+GEMM on GPUs; `blocked` sorts tokens by expert into fixed-size blocks that each belong to one expert and
+runs one matmul per used block, because on the CPU ragged_dot lowers to a dense masked product over every
+expert (benchmarks/bench_moe.py measures the three).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import MLP, _init
+
+MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
+
+
+def route(cfg: ModelConfig, logits, bias=None):
+    """Router logits [T, E] (float32) -> (weights [T, k] float32, expert ids [T, k] int32).
+
+    Follows transformers for what it implements (V2: softmax, greedy or group_limited_greedy, scaled; V3:
+    sigmoid, noaux_tc with the correction bias, normalised then scaled) and DeepSeek's own code for the
+    fields transformers ignores (V2 with norm_topk_prob; V3 with another scoring_func or topk_method).
+    """
+    scores = jax.nn.softmax(logits, axis=-1) if cfg.scoring_func == "softmax" else jax.nn.sigmoid(logits)
+    noaux = cfg.topk_method == "noaux_tc"
+    choice = scores + bias if noaux and bias is not None else scores
+    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        t, e = choice.shape
+        grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+        if noaux:
+            group_scores = jax.lax.top_k(grouped, min(2, e // cfg.n_group))[0].sum(-1)
+        else:
+            group_scores = grouped.max(-1)
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep = jax.nn.one_hot(top_groups, cfg.n_group, dtype=jnp.bool_).any(axis=1)
+        # V3 masks dropped groups with -inf, V2 with 0 (its scores are positive softmax values).
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf if noaux else 0.0).reshape(t, e)
+    _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    normalise = cfg.norm_topk_prob and (cfg.arch == "deepseek_v3" or cfg.num_experts_per_tok > 1)
+    if normalise:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    if cfg.normalizes_then_scales or not normalise:
+        weights = weights * cfg.routed_scaling_factor
+    return weights, idx.astype(jnp.int32)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        # The router stays float32 whatever the compute dtype, as in the reference.
+        self.router = nnx.Param(_init(rngs.params(), (d, e), jnp.float32))
+        self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32)) if cfg.topk_method == "noaux_tc" else None
+        self.w_gate = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
+        self.w_up = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
+        self.w_down = nnx.Param(_init(rngs.params(), (e, f, d), dtype))
+        self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+                       if cfg.n_shared_experts else None)
+
+    def __call__(self, x, impl: str = "auto"):
+        flat = x.reshape(-1, x.shape[-1])
+        bias = None if self.router_bias is None else self.router_bias[...]
+        weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
+        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        y = routed_experts(flat, weights, idx, experts, pick_impl(impl, *idx.shape, self.cfg.n_routed_experts))
+        y = y.reshape(x.shape)
+        return y if self.shared is None else y + self.shared(x)
+
+
+def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
+    if impl != "auto":
+        return impl
+    if tokens * top_k <= n_experts:  # fewer selections than experts: read only those
+        return "gather"
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+
+def routed_experts(x, weights, idx, experts, impl: str):
+    """x [T, d], weights/idx [T, k], experts (w_gate, w_up [E, d, f], w_down [E, f, d]) -> [T, d]."""
+    if impl == "gather":
+        return _experts_gather(x, weights, idx, *experts)
+    t, k = idx.shape
+    order = jnp.argsort(idx.reshape(-1))  # assignments sorted by expert
+    rows = x[order // k]
+    group_sizes = jnp.bincount(idx.reshape(-1), length=experts[0].shape[0]).astype(jnp.int32)
+    if impl == "ragged":
+        out = _experts_ragged(rows, group_sizes, *experts)
+    elif impl == "blocked":
+        out = _experts_blocked(rows, group_sizes, *experts)
+    else:
+        raise ValueError(f"unknown MoE implementation {impl!r}; one of {MOE_IMPLS}")
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros_like(x).at[order // k].add(out.astype(x.dtype))
+
+
+def _swiglu(x, w_gate, w_up, w_down, matmul):
+    return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
+
+
+def _experts_gather(x, weights, idx, w_gate, w_up, w_down):
+    def matmul(a, w):  # a [T, k, i] with each token's own k expert matrices w[idx] [T, k, i, o]
+        return jnp.einsum("tki,tkio->tko", a, w[idx].astype(a.dtype))
+    xk = jnp.broadcast_to(x[:, None, :], (*idx.shape, x.shape[-1]))
+    out = _swiglu(xk, w_gate, w_up, w_down, matmul)
+    return jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype))
+
+
+def _experts_ragged(rows, group_sizes, w_gate, w_up, w_down):
+    def matmul(a, w):
+        return jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
+    return _swiglu(rows, w_gate, w_up, w_down, matmul)
+
+
+def _experts_blocked(rows, group_sizes, w_gate, w_up, w_down, block: int = 32):
+    """Grouped matmul as one dense matmul per block of `block` rows that all belong to one expert.
+
+    Each expert's rows are padded to a multiple of `block`, so the padded layout has at most
+    ceil(M / block) + E blocks (a static bound); blocks past the last used one are skipped.
+    """
+    m, d = rows.shape
+    n_experts = w_gate.shape[0]
+    block = min(block, max(1, m))
+    n_blocks = -(-m // block) + n_experts
+    padded_sizes = -(-group_sizes // block) * block
+    padded_start = jnp.cumsum(padded_sizes) - padded_sizes
+    start = jnp.cumsum(group_sizes) - group_sizes
+    expert_of_row = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=m)
+    dest = padded_start[expert_of_row] + jnp.arange(m) - start[expert_of_row]
+    buf = jnp.zeros((n_blocks * block, d), rows.dtype).at[dest].set(rows)
+    block_expert = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_blocks) * block, side="right"), n_experts - 1)
+    used = padded_sizes.sum() // block
+
+    def one_block(i):
+        def run(_):
+            e = block_expert[i]
+            xb = jax.lax.dynamic_slice_in_dim(buf, i * block, block)
+            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], lambda a, w: a @ w.astype(a.dtype))
+        return jax.lax.cond(i < used, run, lambda _: jnp.zeros((block, d), rows.dtype), None)
+
+    out = jax.lax.map(one_block, jnp.arange(n_blocks)).reshape(n_blocks * block, d)
+    return out[dest]
