@@ -8,7 +8,7 @@ from .errors import KtjaxError  # noqa: E402
 
 
 def load(path: str, **overrides):
-    """Load a Hugging Face DeepSeek folder and return an Engine. Overrides: the runtime settings (dtype, ...)."""
+    """Load a Hugging Face DeepSeek folder and return an Engine. Overrides: runtime settings (ktjax/runtime.py)."""
     import os
 
     from .engine import Engine
@@ -19,7 +19,26 @@ def load(path: str, **overrides):
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-    return Engine(cfg, load_hf_model(path, cfg, runtime.jnp_dtype), runtime)
+    return Engine(cfg, load_hf_model(path, cfg, runtime.jnp_dtype), runtime, read_generation_config(path))
+
+
+def read_generation_config(folder: str) -> dict:
+    """Sampling defaults and every end-of-sequence id from generation_config.json (empty if absent)."""
+    import json
+    import os
+
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise KtjaxError(f"{path}: not valid JSON ({e})") from None
+    eos = raw.get("eos_token_id")
+    out = {k: raw[k] for k in ("temperature", "top_k", "top_p", "do_sample") if raw.get(k) is not None}
+    out["eos_token_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return out
 
 
 __all__ = ["load", "ModelConfig", "KtjaxError", "__version__"]

@@ -230,10 +230,11 @@ class _Getter:
         value = self.raw.get(key, default)
         if value is self._MISSING:
             raise KtjaxError(f"config.json has no {key!r}")
-        if value is None:
+        required = default is self._MISSING
+        if value is None and not required:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise KtjaxError(f"{key}={value!r} must be a non-negative integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if required else 0):
+            raise KtjaxError(f"{key}={value!r} must be a {'positive' if required else 'non-negative'} integer")
         return value
 
 

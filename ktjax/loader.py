@@ -18,26 +18,38 @@ from flax import nnx
 
 from .config import ModelConfig
 from .errors import KtjaxError
-from .fp8 import dequantize_blocks
+from .fp8 import FP8_BLOCK, FP8_DTYPES, block_scale_shape, dequantize_blocks
 from .model import DeepseekModel
 from .safetensors_io import SafetensorsFile, list_shards
 
 
 @dataclasses.dataclass
 class Entry:
-    """One model parameter (`path` in the state) built from source tensors by `fn`."""
+    """One model parameter (`path` in the state) built from source tensors by `fn`.
+
+    `each` marks a stacked parameter (the routed experts): output[j] = each(source j), so a converter can
+    stream it one source at a time. `blockwise` says that the transform only transposes or stacks, so FP8
+    values and their 128 x 128 block scales can both go through it and stay quantized; otherwise (a
+    reshape or a split that cuts through blocks, like kv_b_proj's per-head split) weights are dequantized.
+    """
     path: tuple
     sources: list[str]
     shapes: list[tuple]
     fn: Callable = lambda *a: a[0]
+    each: Callable | None = None
+    blockwise: bool = False
 
 
 def _t(a):
     return a.T
 
 
+def _stack_of(each):
+    return lambda *ws: np.stack([each(w) for w in ws])
+
+
 def _linear(path, name, d_in, d_out, bias=False):
-    out = [Entry(path + ("kernel",), [name + ".weight"], [(d_out, d_in)], _t)]
+    out = [Entry(path + ("kernel",), [name + ".weight"], [(d_out, d_in)], _t, blockwise=True)]
     if bias:
         out.append(Entry(path + ("bias",), [name + ".bias"], [(d_out,)]))
     return out
@@ -84,7 +96,7 @@ def layer_entries(cfg: ModelConfig, i: int, moe: bool, names: set[str]) -> list[
         for ours, theirs, shape in (("w_gate", "gate_proj", (f, d)), ("w_up", "up_proj", (f, d)),
                                     ("w_down", "down_proj", (d, f))):
             out.append(Entry(("mlp", ours), [f"{x}{j}.{theirs}.weight" for j in range(e)], [shape] * e,
-                             lambda *ws: np.stack([w.T for w in ws])))
+                             _stack_of(_t), each=_t, blockwise=True))
     if cfg.n_shared_experts:
         out += _mlp(("mlp", "shared"), p + "mlp.shared_experts.", d, f * cfg.n_shared_experts, cfg.mlp_bias)
     return out
@@ -111,44 +123,82 @@ def _skipped(name: str, cfg: ModelConfig) -> bool:
 
 
 class TensorSource:
-    """Reads tensors by name across shards, dequantising FP8 block-scaled weights; tracks what was used."""
+    """Reads tensors by name across shards, dequantising FP8 block-scaled weights; tracks what was used.
 
-    def __init__(self, folder: str):
+    `owned=True` reads each tensor into its own array (pread) instead of viewing a memory map, so that a
+    streaming reader holds only the arrays it keeps; `close_shard` drops a shard once it is done with it.
+    """
+
+    def __init__(self, folder: str, owned: bool = False):
         self.where = list_shards(folder)
         self.used: set[str] = set()
+        self.owned = owned
         self._open: dict[str, SafetensorsFile] = {}
 
-    def _file(self, name) -> SafetensorsFile:
-        path = self.where[name]
+    def shard(self, path: str) -> SafetensorsFile:
+        """One shard, its header parsed (and checked) on first use."""
         if path not in self._open:
             self._open[path] = SafetensorsFile(path)
-        f = self._open[path]
+        return self._open[path]
+
+    def file(self, name: str) -> SafetensorsFile:
+        """The shard that holds tensor `name`."""
+        f = self.shard(self.where[name])
         if name not in f.keys():
             raise KtjaxError(f"{path}: the index lists {name!r} in this shard but the shard does not hold it")
         return f
 
-    def get(self, name: str, shape: tuple) -> np.ndarray:
+    def check(self, name: str, shape: tuple) -> str | None:
+        """Validate one tensor's presence and shape (and its FP8 scale's) from the headers alone.
+
+        Returns the name of its block-scale tensor for an FP8 weight, else None.
+        """
         if name not in self.where:
             raise KtjaxError(f"tensor {name!r} is missing from the checkpoint (config.json implies it exists)")
-        f = self._file(name)
+        f = self.file(name)
         if f.shape(name) != tuple(shape):
             raise KtjaxError(f"{f.path}: tensor {name!r} has shape {f.shape(name)} but config.json implies "
                              f"{tuple(shape)}; the config does not match the weights")
-        self.used.add(name)
-        w = f.get(name)
         scale_name = name + "_scale_inv"
-        if scale_name in self.where:  # official FP8 checkpoint: e4m3 values with 128x128 block scales
-            self.used.add(scale_name)
-            try:
-                return dequantize_blocks(w, self._file(scale_name).get(scale_name))
-            except ValueError as e:
-                raise KtjaxError(f"{self.where[scale_name]}: {scale_name}: {e}") from None
-        return np.asarray(w)
+        if scale_name not in self.where:
+            if f.dtype(name) in FP8_DTYPES:
+                raise KtjaxError(f"{f.path}: {name!r} is {f.dtype(name)} but has no {scale_name!r} beside it")
+            return None
+        want = block_scale_shape(tuple(shape))
+        got = self.file(scale_name).shape(scale_name)
+        if got != want:
+            raise KtjaxError(f"{self.where[scale_name]}: {scale_name} has shape {got}; {name!r} of shape "
+                             f"{tuple(shape)} needs {want} (one scale per {FP8_BLOCK}x{FP8_BLOCK} block)")
+        return scale_name
+
+    def raw(self, name: str, shape: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+        """The tensor as stored and its FP8 block scales (None for a dense tensor)."""
+        scale_name = self.check(name, shape)
+        self.used.add(name)
+        w = self._read(name)
+        if scale_name is None:
+            return w, None
+        self.used.add(scale_name)
+        return w, self._read(scale_name)
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        w, scale = self.raw(name, shape)
+        if scale is None:
+            return np.asarray(w)
+        return dequantize_blocks(w, scale)
+
+    def _read(self, name: str) -> np.ndarray:
+        f = self.file(name)
+        return f.read(name) if self.owned else f.get(name)
+
+    def close_shard(self, path: str):
+        f = self._open.pop(path, None)
+        if f is not None:
+            f.close()
 
     def close(self):
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+        for path in list(self._open):
+            self.close_shard(path)
 
 
 def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32) -> DeepseekModel:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import mla_decode, mla_prefill, naive_prefill
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, _init, apply_rope
 
@@ -59,6 +60,25 @@ class MLA(nnx.Module):
         attend = absorbed_attention if absorb else naive_attention
         o = attend(q_nope, q_pe, c_kv, k_pe, self.w_uk[...], self.w_uv[...], mask, self.cfg.softmax_scale)
         return self.o_proj(o.reshape(*x.shape[:-1], -1))
+
+    def attend_cache(self, x, cos, sin, layer_cache, q_positions, lengths, *, absorb: bool, impl: str,
+                     fmt, block: int):
+        """Attention of x [b,s,d] at q_positions [b,s] over one layer's cache (which already holds x's own
+        latents), keys [0, lengths[b]). Absorbed: in latent space; naive: each key block expanded per head."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, scales, k_pe = layer_cache
+        kw = dict(fmt=fmt, scale=self.cfg.softmax_scale, block=block)
+        w_uk, w_uv = self.w_uk[...], self.w_uv[...]
+        if not absorb:
+            o = naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, **kw)
+        else:
+            q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+            if x.shape[1] == 1:
+                o_lat = mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, impl=impl, **kw)[:, None]
+            else:
+                o_lat = mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, impl=impl, **kw)
+            o = jnp.einsum("bshc,hdc->bshd", o_lat.astype(x.dtype), w_uv.astype(x.dtype))
+        return self.o_proj(o.astype(x.dtype).reshape(*x.shape[:-1], -1))
 
 
 def _softmax(scores, mask):

@@ -56,6 +56,21 @@ def scan_layers(stack: DecoderLayer | None, x, step):
     return jax.lax.scan(body, x, state)[0]
 
 
+def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step):
+    """Like scan_layers, carrying (x, cache) and giving `step(layer, index, carry)` the layer's global index,
+    so that each layer writes its own slice of the one stacked cache in place."""
+    if stack is None:
+        return carry
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def body(c, xs):
+        layer_state, index = xs
+        return step(nnx.merge(graphdef, layer_state), index, c), None
+
+    return jax.lax.scan(body, carry, (state, first_layer + jnp.arange(n)))[0]
+
+
 class DeepseekModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -87,3 +102,29 @@ class DeepseekModel(nnx.Module):
         x = scan_layers(self.dense_layers, x, step)
         x = scan_layers(self.moe_layers, x, step)
         return self.head(x).astype(jnp.float32)
+
+    def forward_cached(self, tokens, positions, cache, lengths, logits_index, *, absorb: bool, attention: str,
+                       moe_impl: str, dtype, block: int):
+        """One prefill chunk or decode step through the cache.
+
+        tokens/positions [b, s]: the new tokens and their positions (>= cache_lens for padding, whose writes
+        are dropped); lengths [b]: valid cache entries after this step; logits_index [b]: which of the s
+        positions to return logits for. -> (logits [b, vocab] float32, updated cache).
+        """
+        b, s = tokens.shape
+        cos, sin = rope_cos_sin(self.cfg.rope, positions)
+
+        def step(layer, index, carry):
+            x, cache = carry
+            h = layer.input_norm(x)
+            c_kv, k_pe = layer.attn.latents(h, cos, sin)
+            cache = cache.write(index, positions, c_kv, k_pe)
+            x = x + layer.attn.attend_cache(h, cos, sin, cache.layer(index), positions, lengths, absorb=absorb,
+                                            impl=attention, fmt=cache.fmt, block=block)
+            return layer.feed_forward(x, moe_impl), cache
+
+        carry = (self.embed_tokens(tokens, dtype), cache)
+        carry = scan_layers_cached(self.dense_layers, 0, carry, step)
+        x, cache = scan_layers_cached(self.moe_layers, self.cfg.num_dense_layers, carry, step)
+        last = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        return self.head(last).astype(jnp.float32), cache

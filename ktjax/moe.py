@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .fp8 import maybe_dequantize
 from .layers import MLP, _init
+from .runtime import MOE_IMPLS
 
-MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
 
 
 def route(cfg: ModelConfig, logits, bias=None):
@@ -59,6 +60,8 @@ class MoE(nnx.Module):
         self.w_gate = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_up = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_down = nnx.Param(_init(rngs.params(), (e, f, d), dtype))
+        # Block scales [E, ceil(in/128), ceil(out/128)] when an FP8 checkpoint keeps the experts in e4m3.
+        self.w_gate_scale = self.w_up_scale = self.w_down_scale = nnx.data(None)
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
@@ -67,7 +70,9 @@ class MoE(nnx.Module):
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        y = routed_experts(flat, weights, idx, experts, pick_impl(impl, *idx.shape, self.cfg.n_routed_experts))
+        scales = tuple(None if s is None else s[...] for s in (self.w_gate_scale, self.w_up_scale, self.w_down_scale))
+        y = routed_experts(flat, weights, idx, experts, pick_impl(impl, *idx.shape, self.cfg.n_routed_experts),
+                           scales=scales)
         y = y.reshape(x.shape)
         return y if self.shared is None else y + self.shared(x)
 
@@ -80,8 +85,13 @@ def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
-def routed_experts(x, weights, idx, experts, impl: str):
-    """x [T, d], weights/idx [T, k], experts (w_gate, w_up [E, d, f], w_down [E, f, d]) -> [T, d]."""
+def routed_experts(x, weights, idx, experts, impl: str, scales=(None, None, None)):
+    """x [T, d], weights/idx [T, k], experts (w_gate, w_up [E, d, f], w_down [E, f, d]) -> [T, d].
+
+    `scales` holds each stack's FP8 block scales (or None): weights are dequantized as late as each
+    implementation allows (the gathered experts, one block's expert, or the whole stack for ragged_dot).
+    """
+    experts = tuple(_ExpertStack(w, s) for w, s in zip(experts, scales))
     if impl == "gather":
         return _experts_gather(x, weights, idx, *experts)
     t, k = idx.shape
@@ -96,6 +106,23 @@ def routed_experts(x, weights, idx, experts, impl: str):
         raise ValueError(f"unknown MoE implementation {impl!r}; one of {MOE_IMPLS}")
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[order // k].add(out.astype(x.dtype))
+
+
+class _ExpertStack:
+    """An expert stack and its block scales (None when dense), indexed together along the expert axis."""
+
+    def __init__(self, w, scale):
+        self.w, self.scale = w, scale
+
+    def __getitem__(self, i):
+        return _ExpertStack(self.w[i], None if self.scale is None else self.scale[i])
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def astype(self, dtype):
+        return maybe_dequantize(self.w, self.scale, dtype)
 
 
 def _swiglu(x, w_gate, w_up, w_down, matmul):

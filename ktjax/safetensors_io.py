@@ -67,6 +67,7 @@ class SafetensorsFile:
                                  f"section, which has only {data_size} bytes; re-download this shard")
             self._entries[name] = (dtype, shape, begin)
         self._mmap = None
+        self._fd = None
 
     def __enter__(self):
         return self
@@ -77,6 +78,9 @@ class SafetensorsFile:
     def close(self):
         # Dropping the map unmaps it once no array still views it; callers copy what they keep.
         self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self):
         return list(self._entries)
@@ -98,6 +102,21 @@ class SafetensorsFile:
         start = self._data_start + begin
         raw = self._mmap[start:start + self.nbytes(name)]
         return raw.view(dtype).reshape(shape)
+
+    def read(self, name: str) -> np.ndarray:
+        """An owned copy of one tensor, read with pread: no mapping, so only this array counts as resident."""
+        dtype, shape, begin = self._entries[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty(shape, dtype)
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+            if n == 0:
+                raise KtjaxError(f"{self.path}: truncated safetensors file: {name!r} could not be read in full; "
+                                 "re-download this shard")
+            done += n
+        return out
 
 
 def list_shards(folder: str) -> dict[str, str]:

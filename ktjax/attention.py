@@ -1,0 +1,140 @@
+"""Attention over the latent cache, blockwise with an online softmax (the XLA reference path).
+
+`mla_prefill` attends a chunk of absorbed queries to the cache (which already holds the chunk's own
+latents), causal by position; `mla_decode` is the one-query case. Both walk the cache in blocks of
+`block` tokens up to the longest sequence, so no [query x context] score matrix and no per-head expansion
+of the whole prefix ever exists. Quantized formats apply each group's scale to partial scores and to the
+probabilities. `naive_prefill` is the same loop with each block expanded to per-head K and V.
+ktjax/pallas/ holds GPU kernels with the same signatures; `attention_impl` picks one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .cache_format import CacheFormat, _grouped, stored_values
+
+NEG = -1e30
+
+
+def _block(x, j, block):
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+
+
+def _latent_scores(q_lat, c_vals, scales, fmt: CacheFormat):
+    """q_lat [b,s,h,R] . c [b,t,R] -> [b,s,h,t]; per group then scaled when quantized."""
+    if not fmt.quantized:
+        return jnp.einsum("bshc,btc->bsht", q_lat, c_vals)
+    partial = jnp.einsum("bshgc,btgc->bshtg", _grouped(q_lat, fmt.group), _grouped(c_vals, fmt.group))
+    return jnp.einsum("bshtg,btg->bsht", partial, scales)
+
+
+def _latent_values(p, c_vals, scales, fmt: CacheFormat):
+    """p [b,s,h,t] @ c [b,t,R] -> [b,s,h,R]; probabilities scaled per group when quantized."""
+    if not fmt.quantized:
+        return jnp.einsum("bsht,btc->bshc", p, c_vals)
+    rank = c_vals.shape[-1]
+    out = jnp.einsum("bsht,btg,btgc->bshgc", p, scales, _grouped(c_vals, fmt.group))
+    return out.reshape(*out.shape[:-2], -1)[..., :rank]
+
+
+def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape):
+    """Online softmax over key blocks [0, max(lengths)). scores_fn(j) -> [b,s,h,blk] (scaled);
+    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i]."""
+    b, s, h, _ = out_shape
+    n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
+
+    def body(j, carry):
+        m, l, acc = carry
+        t = j * block + jnp.arange(block)
+        visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
+        visible = visible[:, :, None, :]  # [b, s, 1, blk]
+        scores = jnp.where(visible, scores_fn(j), NEG)
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(j, p)
+
+    init = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
+            jnp.zeros(out_shape, jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
+                    block: int):
+    """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32.
+
+    c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
+    """
+    rank = q_lat.shape[-1]
+    q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
+
+    def blocks(j):
+        return (stored_values(fmt, _block(c_kv, j, block), rank), _block(scales, j, block),
+                _block(k_pe, j, block).astype(jnp.float32))
+
+    def scores_fn(j):
+        c, sc, kp = blocks(j)
+        return (_latent_scores(q_lat, c, sc, fmt) + jnp.einsum("bshr,btr->bsht", q_pe, kp)) * scale
+
+    def values_fn(j, p):
+        c, sc, _ = blocks(j)
+        return _latent_values(p, c, sc, fmt)
+
+    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, q_lat.shape)
+
+
+def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
+    """One query per sequence ([b,h,R], [b,h,r]) over keys [0, lengths[b]) -> o_lat [b,h,R] float32."""
+    out = mla_prefill_xla(q_lat[:, None], q_pe[:, None], c_kv, scales, k_pe, (lengths - 1)[:, None], lengths,
+                          fmt=fmt, scale=scale, block=block)
+    return out[:, 0]
+
+
+def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
+                  scale: float, block: int):
+    """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
+    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
+    from .cache_format import dequantize
+
+    rank = w_uk.shape[-1]
+    q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
+    w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
+
+    def latents(j):
+        return dequantize(fmt, _block(c_kv, j, block), _block(scales, j, block), rank)
+
+    def scores_fn(j):
+        k_nope = jnp.einsum("btc,hdc->bthd", latents(j), w_uk)
+        return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
+                + jnp.einsum("bshr,btr->bsht", q_pe, _block(k_pe, j, block).astype(jnp.float32))) * scale
+
+    def values_fn(j, p):
+        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))
+
+    b, s, h, _ = q_nope.shape
+    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]))
+
+
+
+def resolve_impl(impl: str) -> str:
+    """`auto` is the Pallas kernel on a GPU and the XLA path elsewhere."""
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt, scale, block, impl="xla"):
+    if resolve_impl(impl) == "pallas":
+        from . import pallas
+        return pallas.mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, fmt=fmt, scale=scale,
+                                  block=block)
+    return mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, fmt=fmt, scale=scale, block=block)
+
+
+def mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt, scale, block, impl="xla"):
+    if resolve_impl(impl) == "pallas":
+        from . import pallas
+        return pallas.mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=scale, block=block)
+    return mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=scale, block=block)

@@ -1,0 +1,234 @@
+"""The converted checkpoint: one uncompressed zarr3 array per parameter per layer, plus a manifest.
+
+Layout (version 1) of a folder written by `convert/hf_to_ktjax.py`:
+
+    manifest.json          format, layout_version, ktjax_version, source, weights, dtypes, tensor_count, tensors
+    config.json            the source's config (and its tokenizer and generation files)
+    params/embed           top-level parameters, named by their path in the model ("norm.weight", ...)
+    params/layers/007/attn.w_uk           decoder layer 7's parameters, named relative to the layer
+    params/layers/007/mlp.w_gate          routed experts [E, d, f], one chunk per expert
+    params/layers/007/mlp.w_gate_scale    FP8 block scales, beside the e4m3 values they scale
+    params/mtp/<hf name>   the multi-token-prediction layer, as the source names it (only with --keep-mtp)
+
+Arrays are written through tensorstore (Orbax's storage backend) in chunks of at most CHUNK_BYTES, so a
+converter can write a stacked tensor one slice at a time and a loader can read one layer, or one device's
+shard, at a time. The stacks that the model scans over are built at load time, one layer at a time.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+
+from .config import ModelConfig
+from .errors import KtjaxError
+from .fp8 import FP8_DTYPES
+from .model import DeepseekModel
+
+FORMAT = "ktjax-checkpoint"
+LAYOUT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "params"
+SCALE_SUFFIX = "_scale"  # Linear.kernel -> kernel_scale, MoE.w_gate -> w_gate_scale
+CHUNK_BYTES = 64 * 2**20
+STACKS = ("dense_layers", "moe_layers")
+
+# No cache: written chunks go straight to disk, so a writer holds only the slice it is writing.
+_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+
+
+# ---- names ---------------------------------------------------------------------------------------
+
+def tensor_key(path: tuple, layer: int | None = None) -> str:
+    """('attn', 'w_uk') in layer 7 -> 'layers/007/attn.w_uk'; ('norm', 'weight') -> 'norm.weight'."""
+    name = ".".join(path)
+    return name if layer is None else f"layers/{layer:03d}/{name}"
+
+
+def scale_key(key: str) -> str:
+    return key + SCALE_SUFFIX
+
+
+def mtp_key(hf_name: str) -> str:
+    return f"mtp/{hf_name}"
+
+
+# ---- arrays --------------------------------------------------------------------------------------
+
+def _chunk_shape(shape: tuple, itemsize: int) -> list[int]:
+    """One chunk per leading index for stacks (an expert, a head); bands of rows for large matrices."""
+    if len(shape) >= 3:
+        return [1, *shape[1:]]
+    if len(shape) == 2:
+        max_rows = max(1, CHUNK_BYTES // max(1, shape[1] * itemsize))
+        n_chunks = max(1, -(-shape[0] // max_rows))
+        return [max(1, -(-shape[0] // n_chunks)), max(1, shape[1])]  # equal bands: little padding in the last
+    return [max(1, d) for d in shape]
+
+
+def _spec(folder: str, key: str) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, PARAMS, key)}}
+
+
+class CheckpointWriter:
+    """Writes arrays into a checkpoint folder and records each one for the manifest."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.tensors: dict[str, dict] = {}
+
+    def create(self, key: str, shape: tuple, dtype) -> ts.TensorStore:
+        """An empty array to fill slice by slice: `store[j].write(x).result()`."""
+        dtype = np.dtype(dtype)
+        self.tensors[key] = {"dtype": dtype.name, "shape": list(shape)}
+        return ts.open(_spec(self.folder, key), create=True, dtype=ts.dtype(dtype.name), shape=list(shape),
+                       chunk_layout=ts.ChunkLayout(write_chunk_shape=_chunk_shape(shape, dtype.itemsize)),
+                       context=_CONTEXT).result()
+
+    def write(self, key: str, array: np.ndarray):
+        store = self.create(key, array.shape, array.dtype)
+        store.write(array).result()
+
+    def write_manifest(self, **fields):
+        dtypes: dict[str, int] = {}
+        for t in self.tensors.values():
+            dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + 1
+        manifest = {"format": FORMAT, "layout_version": LAYOUT_VERSION, **fields, "dtypes": dtypes,
+                    "tensor_count": len(self.tensors), "tensors": self.tensors}
+        with open(os.path.join(self.folder, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+
+
+def read_tensor(folder: str, key: str) -> np.ndarray:
+    """One stored array, read whole into host memory."""
+    try:
+        store = ts.open(_spec(folder, key), open=True, context=_CONTEXT).result()
+        return store.read().result()
+    except ValueError as e:  # tensorstore reports a missing or unreadable array as ValueError
+        raise KtjaxError(f"{folder}: cannot read tensor {key!r} ({e}); the checkpoint is damaged, re-convert it") \
+            from None
+
+
+# ---- manifest --------------------------------------------------------------------------------------
+
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` is a folder written by the converter (any layout version)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_manifest(path: str) -> dict:
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise KtjaxError(f"{path}: no {MANIFEST}; not a converted ktjax checkpoint") from None
+    except ValueError as e:
+        raise KtjaxError(f"{manifest_path}: not valid JSON ({e}); re-convert the model") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KtjaxError(f"{manifest_path}: not a ktjax checkpoint manifest")
+    version = manifest.get("layout_version")
+    if version != LAYOUT_VERSION:
+        raise KtjaxError(f"{path}: checkpoint layout version {version!r}, but this ktjax reads version "
+                         f"{LAYOUT_VERSION}; re-convert the model with "
+                         f"`python convert/hf_to_ktjax.py --hf-dir <hf folder> --out {path} --overwrite`")
+    return manifest
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def _stack_layers(cfg: ModelConfig, stack: str) -> range:
+    if stack == "dense_layers":
+        return range(cfg.num_dense_layers)
+    return range(cfg.num_dense_layers, cfg.num_hidden_layers)
+
+
+def _module_at(model, path: tuple):
+    node = model
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+def _use_stored_fp8(model: DeepseekModel, cfg: ModelConfig, tensors: dict):
+    """Turn the abstract model's parameters that the checkpoint stores in FP8 into e4m3 + block scales."""
+    def quantized(key):
+        return np.dtype(tensors.get(key, {}).get("dtype", "float32")) in FP8_DTYPES
+
+    for path in _param_paths(nnx.state(model).to_pure_dict()):
+        stack = path[0] if path[0] in STACKS else None
+        rel = path[1:] if stack else path
+        layers = list(_stack_layers(cfg, stack)) if stack else [None]
+        flags = {quantized(tensor_key(rel, i)) for i in layers}
+        if flags != {True}:
+            if len(flags) > 1:
+                raise KtjaxError(f"checkpoint stores {'.'.join(rel)} in FP8 in some layers only; re-convert it")
+            continue
+        key = tensor_key(rel, layers[0])
+        lead = (len(layers),) if stack else ()
+        module = _module_at(model, path[:-1])
+        setattr(module, rel[-1], nnx.Param(jax.ShapeDtypeStruct(
+            lead + tuple(tensors[key]["shape"]), np.dtype(tensors[key]["dtype"]))))
+        setattr(module, rel[-1] + SCALE_SUFFIX, nnx.Param(jax.ShapeDtypeStruct(
+            lead + tuple(tensors[scale_key(key)]["shape"]), np.float32)))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, i, layer):
+    return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
+
+
+def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):
+    """One parameter on the default device; a stacked one is filled one layer at a time."""
+    stack = path[0] if path[0] in STACKS else None
+    rel = path[1:] if stack else path
+    layers = _stack_layers(cfg, stack) if stack else [None]
+    keys = [tensor_key(rel, i) for i in layers]
+    for key in keys:
+        if key not in tensors:
+            raise KtjaxError(f"{folder}: checkpoint has no tensor {key!r}; it was converted for another config "
+                             "or is incomplete, re-convert it")
+        shape = tuple(tensors[key]["shape"])
+        if shape != want.shape[1 if stack else 0:]:
+            raise KtjaxError(f"{folder}: tensor {key!r} has shape {shape} but config.json implies "
+                             f"{want.shape[1 if stack else 0:]}; re-convert the model")
+    if not stack:
+        return jnp.asarray(read_tensor(folder, keys[0]), dtype=want.dtype)
+    out = jnp.zeros(want.shape, want.dtype)
+    for j, key in enumerate(keys):
+        out = _set_layer(out, j, jnp.asarray(read_tensor(folder, key), dtype=want.dtype))
+    return out
+
+
+def load_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, DeepseekModel]:
+    """Read a converted checkpoint: (config, model).
+
+    Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does;
+    FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul.
+    """
+    manifest = read_manifest(path)
+    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+    tensors = manifest["tensors"]
+    abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    _use_stored_fp8(abstract, cfg, tensors)
+    graphdef, state = nnx.split(abstract)
+    values = jax.tree_util.tree_map_with_path(
+        lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, values)
+    return cfg, nnx.merge(graphdef, state)
+
+
+def _param_paths(pure: dict) -> list[tuple]:
+    return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+
+

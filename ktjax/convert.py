@@ -1,0 +1,448 @@
+"""Convert a Hugging Face DeepSeek folder (bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.
+
+    python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8}]
+                                  [--keep-mtp] [--dry-run] [--overwrite] [--quiet]
+
+Everything that can be checked is checked before a byte is written (config, shard headers, every tensor's
+shape, that every source tensor is used or deliberately skipped, disk space). Then each output tensor is
+read, transformed and written on its own, and each shard is closed once its last tensor is read, so
+host memory stays bounded by the largest tensor, not the model (see checkpoint.py for the layout).
+The checkpoint is written into a hidden temporary folder beside --out and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import ml_dtypes
+import numpy as np
+
+from .config import ModelConfig
+from .errors import KtjaxError
+from .fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
+from .loader import Entry, TensorSource, _skipped, layer_entries, top_entries
+
+WEIGHTS = ("source", "float32", "bf16", "fp8")
+_CAST = {"float32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
+_FLOAT32_ROUTER = ("router", "router_bias")  # run in float32 by the model: never narrowed
+# Small files a model folder needs besides its weights (config, tokenizer, generation settings).
+_COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py", ".md")
+_INDEX = "model.safetensors.index.json"
+_DISK_HEADROOM = 64 * 2**20  # zarr metadata, the manifest and file-system rounding
+
+
+@dataclasses.dataclass
+class Output:
+    """One tensor of the checkpoint: what it is built from and how it is stored."""
+    key: str
+    entry: Entry
+    scales: list[str | None]  # each source's FP8 block-scale tensor, or None for a dense source
+    dtype: np.dtype           # stored dtype of the values
+    keep_fp8: bool            # the values stay e4m3 and their block scales are written beside them
+    shape: tuple              # stored shape
+    bytes_in: int
+
+    @property
+    def bytes_out(self) -> int:
+        values = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return values + (int(np.prod(block_scale_shape(self.shape), dtype=np.int64)) * 4 if self.keep_fp8 else 0)
+
+    @property
+    def arrays_out(self) -> int:
+        return 2 if self.keep_fp8 else 1
+
+    @property
+    def working_bytes(self) -> int:
+        """Host memory held while making this output: its inputs, a float32 dequantized copy, two of the output
+        (the converted array and tensorstore's chunk buffer). A stacked output streams one slice at a time."""
+        parts = len(self.entry.sources) if self.entry.each else 1
+        dequantized = 0 if self.keep_fp8 or not any(self.scales) else int(np.prod(self.shape, dtype=np.int64)) * 4
+        return (self.bytes_in + dequantized + 2 * self.bytes_out) // parts
+
+
+@dataclasses.dataclass
+class Plan:
+    hf_dir: str
+    out: str
+    weights: str
+    outputs: list[Output]
+    source_count: int
+    used: set[str]
+    skipped: dict[str, list[str]]  # reason -> source tensor names
+    copied_files: list[str]
+    tensor_bytes: dict[str, int]   # every source tensor -> its size
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(self.tensor_bytes[n] for n in self.used)
+
+    @property
+    def bytes_out(self) -> int:
+        files = sum(os.path.getsize(os.path.join(self.hf_dir, f)) for f in self.copied_files)
+        return sum(o.bytes_out for o in self.outputs) + files
+
+    @property
+    def tensors_out(self) -> int:
+        return sum(o.arrays_out for o in self.outputs)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((o.working_bytes for o in self.outputs), default=0)
+
+
+# ---- the plan: every check, no writes ---------------------------------------------------------------
+
+def _stored_dtype(weights: str, entry: Entry, src_dtype: np.dtype, fp8_source: bool) -> tuple[np.dtype, bool]:
+    """(stored dtype, keep FP8) for one output under --weights."""
+    if fp8_source:
+        if weights in ("source", "fp8"):
+            # kv_b_proj's per-head split cuts through 128x128 blocks: dequantize it, exactly, in float32.
+            return (src_dtype, True) if entry.blockwise else (np.dtype(np.float32), False)
+        return _CAST[weights], False
+    floating = src_dtype.kind == "f" or src_dtype == _CAST["bf16"]
+    if weights not in _CAST or not floating:
+        return src_dtype, False
+    if weights == "bf16" and entry.path[-1] in _FLOAT32_ROUTER:
+        return src_dtype, False
+    return _CAST[weights], False
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[tuple, tuple]:
+    """Every parameter's shape in the model (stacks per layer), from an abstract model: no memory used."""
+    import jax
+    from flax import nnx
+
+    from .model import DeepseekModel
+
+    abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, rngs=nnx.Rngs(0)))
+    pure = nnx.state(abstract).to_pure_dict()
+    shapes = {}
+    for p, leaf in jax.tree_util.tree_leaves_with_path(pure):
+        path = tuple(k.key for k in p)
+        stacked = path[0] in ("dense_layers", "moe_layers")
+        shapes[path[1:] if stacked else path] = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    return shapes
+
+
+def _model_entries(cfg: ModelConfig, names: set[str]) -> list[tuple[str, Entry]]:
+    from .checkpoint import tensor_key
+
+    out = [(tensor_key(e.path), e) for e in top_entries(cfg)]
+    for i in range(cfg.num_hidden_layers):
+        out += [(tensor_key(e.path, i), e) for e in layer_entries(cfg, i, i >= cfg.num_dense_layers, names)]
+    return out
+
+
+def _mtp_entries(src: TensorSource, names: list[str]) -> list[tuple[str, Entry]]:
+    """The MTP layer kept as the source names it, each tensor unchanged (FP8 values with their scales)."""
+    from .checkpoint import mtp_key
+
+    values = [n for n in names if not (n.endswith("_scale_inv") and n[:-len("_scale_inv")] in src.where)]
+    return [(mtp_key(n), Entry(("mtp", n), [n], [src.file(n).shape(n)], blockwise=True)) for n in values]
+
+
+def _is_mtp(name: str, cfg: ModelConfig) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
+
+
+def _plan_output(src: TensorSource, key: str, entry: Entry, shape: tuple, weights: str) -> Output:
+    scales = [src.check(n, s) for n, s in zip(entry.sources, entry.shapes)]
+    dtypes = {src.file(n).dtype(n) for n in entry.sources}
+    if len(dtypes) > 1 or len({s is None for s in scales}) > 1:
+        raise KtjaxError(f"{entry.sources[0]} and the tensors stacked with it disagree in dtype or quantization")
+    dtype, keep_fp8 = _stored_dtype(weights, entry, dtypes.pop(), scales[0] is not None)
+    bytes_in = sum(src.file(n).nbytes(n) for n in entry.sources + [s for s in scales if s])
+    return Output(key, entry, scales, dtype, keep_fp8, shape, bytes_in)
+
+
+def _check_paths(hf_dir: str, out: str, overwrite: bool):
+    if not os.path.isdir(hf_dir):
+        raise KtjaxError(f"--hf-dir {hf_dir}: no such folder")
+    real_src, real_out = os.path.realpath(hf_dir), os.path.realpath(out)
+    if real_out == real_src or real_src.startswith(real_out + os.sep) or real_out.startswith(real_src + os.sep):
+        raise KtjaxError(f"--out {out} must lie outside --hf-dir {hf_dir} (and not contain it)")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise KtjaxError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
+        if not os.path.isdir(out):
+            raise KtjaxError(f"--out {out} exists and is not a folder; remove it or choose another --out")
+    parent = _existing_parent(out)
+    if not os.access(parent, os.W_OK):
+        raise KtjaxError(f"--out {out}: cannot write into {parent} (permission denied)")
+
+
+def _existing_parent(out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = False,
+              overwrite: bool = False) -> Plan:
+    """Check everything that can be checked without writing, and decide what each output tensor will be."""
+    _check_paths(hf_dir, out, overwrite)
+    cfg = ModelConfig.from_file(os.path.join(hf_dir, "config.json"))
+    src = TensorSource(hf_dir, owned=True)
+    try:
+        for path in sorted(set(src.where.values())):  # parse every header now: a bad shard fails before writing
+            src.shard(path)
+        names = set(src.where)
+        shapes = _param_shapes(cfg)
+        outputs = [_plan_output(src, key, e, shapes[e.path], weights) for key, e in _model_entries(cfg, names)]
+        used = {n for o in outputs for n in o.entry.sources + o.scales if n}
+        skipped = _skipped_by_reason(cfg, names - used)
+        if keep_mtp and skipped.get("mtp"):
+            mtp = sorted(skipped.pop("mtp"))
+            for key, e in _mtp_entries(src, mtp):
+                outputs.append(_plan_output(src, key, e, tuple(e.shapes[0]), weights))
+            used |= set(mtp)
+        unexpected = sorted(names - used - {n for ns in skipped.values() for n in ns})
+        if unexpected:
+            raise KtjaxError(f"{hf_dir}: {len(unexpected)} tensor(s) that config.json does not account for, e.g. "
+                             f"{', '.join(unexpected[:5])}; the config does not match the weights")
+        if weights == "fp8" and not any(o.keep_fp8 for o in outputs):
+            raise KtjaxError(f"--weights fp8 keeps FP8 weights with their block scales, but {hf_dir} holds no FP8 "
+                             "weights; use --weights source, bf16 or float32")
+        tensor_bytes = {n: src.file(n).nbytes(n) for n in names}
+    finally:
+        src.close()
+    copied = sorted(f for f in os.listdir(hf_dir) if f.endswith(_COPIED_SUFFIXES) and f != _INDEX
+                    and os.path.isfile(os.path.join(hf_dir, f)))
+    return Plan(hf_dir, out, weights, outputs, len(names), used, skipped, copied, tensor_bytes)
+
+
+def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in sorted(unused):
+        if _is_mtp(n, cfg):
+            out.setdefault("mtp", []).append(n)
+        elif _skipped(n, cfg):
+            out.setdefault("unused", []).append(n)
+    return out
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def describe(plan: Plan) -> str:
+    kept = sum(o.keep_fp8 for o in plan.outputs)
+    lines = [f"ktjax conversion plan: {plan.hf_dir} -> {plan.out}",
+             f"  weights:        --weights {plan.weights}"
+             + (f" ({kept} FP8 tensors kept as e4m3 + {FP8_BLOCK}x{FP8_BLOCK} block scales)" if kept else ""),
+             f"  source tensors: {plan.source_count} ({len(plan.used)} used, "
+             f"{sum(len(v) for v in plan.skipped.values())} skipped)",
+             f"  tensors out:    {plan.tensors_out} (+ {len(plan.copied_files)} config/tokenizer files)",
+             f"  bytes in:       {fmt_bytes(plan.bytes_in)}",
+             f"  bytes out:      {fmt_bytes(plan.bytes_out)}",
+             f"  peak memory:    about {fmt_bytes(plan.peak_bytes)} of arrays at once, "
+             "plus about 0.25 GB for Python, JAX and tensorstore"]
+    mtp = plan.skipped.get("mtp", [])
+    if mtp:
+        size = sum(plan.tensor_bytes[n] for n in mtp)
+        lines.append(f"  skipping the multi-token-prediction layer ({len(mtp)} tensors, {fmt_bytes(size)}, "
+                     f"e.g. {mtp[0]}): ktjax does not use it for generation; --keep-mtp keeps it")
+    if plan.skipped.get("unused"):
+        lines.append(f"  skipping {len(plan.skipped['unused'])} tensor(s) the model does not use "
+                     f"(e.g. {plan.skipped['unused'][0]})")
+    return "\n".join(lines)
+
+
+def check_disk_space(plan: Plan):
+    parent = _existing_parent(plan.out)
+    free = shutil.disk_usage(parent).free
+    need = plan.bytes_out + plan.bytes_out // 100 + _DISK_HEADROOM  # + chunk padding and file-system blocks
+    if free < need:
+        raise KtjaxError(f"not enough disk space for --out {plan.out}: the checkpoint needs {fmt_bytes(need)} "
+                         f"and {parent} has {fmt_bytes(free)} free; free some space or choose another --out")
+
+
+# ---- the conversion: one output tensor at a time -------------------------------------------------------
+
+class _StreamingReader:
+    """Reads each source tensor once, reports bytes to the progress bar, and closes each shard after its
+    last tensor. The last output's inputs are kept for the next output when it reads the same tensors
+    (kv_b_proj feeds both w_uk and w_uv)."""
+
+    def __init__(self, plan: Plan, progress):
+        self.src = TensorSource(plan.hf_dir, owned=True)
+        self.progress = progress
+        self.left: dict[str, int] = {}
+        for n in plan.used:
+            self.left[self.src.where[n]] = self.left.get(self.src.where[n], 0) + 1
+        self.done: set[str] = set()
+        self._last: tuple[tuple, list] = ((), [])
+
+    def read_all(self, entry: Entry) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        key = tuple(entry.sources)
+        if self._last[0] != key:
+            self._last = ((), [])  # drop the previous inputs before reading new ones
+            self._last = (key, [self.read(n, s) for n, s in zip(entry.sources, entry.shapes)])
+        return self._last[1]
+
+    def forget(self):
+        self._last = ((), [])
+
+    def read(self, name: str, shape: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+        q, scale = self.src.raw(name, shape)
+        for n in (name, name + "_scale_inv") if scale is not None else (name,):
+            self._finished(n)
+        return q, scale
+
+    def _finished(self, name: str):
+        if name in self.done:
+            return
+        self.done.add(name)
+        self.progress.update(self.src.file(name).nbytes(name))
+        path = self.src.where[name]
+        self.left[path] -= 1
+        if self.left[path] == 0:
+            self.src.close_shard(path)
+
+    def close(self):
+        self.forget()
+        self.src.close()
+
+
+def _dense(q: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    return q if scale is None else dequantize_blocks(q, scale)
+
+
+def _write_whole(writer, reader: _StreamingReader, out: Output):
+    from .checkpoint import scale_key
+
+    inputs = reader.read_all(out.entry)
+    if out.keep_fp8:
+        values = out.entry.fn(*[q for q, _ in inputs])
+        scales = out.entry.fn(*[s for _, s in inputs])
+        writer.write(scale_key(out.key), np.ascontiguousarray(scales, np.float32))
+    else:
+        values = out.entry.fn(*[_dense(q, s) for q, s in inputs])
+    assert values.shape == out.shape, (out.key, values.shape, out.shape)  # a bug in the entries, not bad input
+    writer.write(out.key, np.ascontiguousarray(values, out.dtype))
+
+
+def _write_stacked(writer, reader: _StreamingReader, out: Output):
+    """A stacked output (the routed experts) written one slice at a time, as its sources are read."""
+    from .checkpoint import scale_key
+
+    entry = out.entry
+    reader.forget()
+    values = writer.create(out.key, out.shape, out.dtype)
+    scales = writer.create(scale_key(out.key), block_scale_shape(out.shape), np.float32) if out.keep_fp8 else None
+    for j, (name, shape) in enumerate(zip(entry.sources, entry.shapes)):
+        q, s = reader.read(name, shape)
+        if out.keep_fp8:
+            scales[j].write(np.ascontiguousarray(entry.each(s), np.float32)).result()
+            part = entry.each(q)
+        else:
+            part = entry.each(_dense(q, s))
+        assert part.shape == out.shape[1:], (out.key, part.shape, out.shape)
+        values[j].write(np.ascontiguousarray(part, out.dtype)).result()
+
+
+def _write_checkpoint(plan: Plan, folder: str, quiet: bool):
+    from tqdm import tqdm
+
+    from . import __version__
+    from .checkpoint import CheckpointWriter
+
+    writer = CheckpointWriter(folder)
+    with tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
+              disable=quiet, file=sys.stderr, dynamic_ncols=True) as progress:
+        reader = _StreamingReader(plan, progress)
+        try:
+            for i, out in enumerate(plan.outputs):
+                (_write_stacked if out.entry.each else _write_whole)(writer, reader, out)
+                progress.set_postfix_str(f"{len(writer.tensors)}/{plan.tensors_out} tensors", refresh=False)
+        finally:
+            reader.close()
+    missed = plan.used - reader.done
+    assert not missed, f"planned but never read: {sorted(missed)[:5]}"
+    for f in plan.copied_files:
+        shutil.copy2(os.path.join(plan.hf_dir, f), os.path.join(folder, f))
+    writer.write_manifest(
+        ktjax_version=__version__, source=os.path.abspath(plan.hf_dir), weights=plan.weights,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        fp8_block=FP8_BLOCK, source_tensor_count=plan.source_count, source_tensors_used=len(plan.used),
+        source_tensors_skipped={k: len(v) for k, v in plan.skipped.items()}, bytes=plan.bytes_out)
+
+
+def convert(plan: Plan, quiet: bool = False):
+    """Write the planned checkpoint into a temporary folder beside --out, then rename it into place."""
+    out = os.path.abspath(plan.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        _write_checkpoint(plan, tmp, quiet)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: str, out: str):
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.rmdir(old)
+    os.rename(out, old)  # --overwrite: the old checkpoint stays whole until the new one is in place
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hf_to_ktjax.py", description="Convert a Hugging Face DeepSeek folder "
+                                "(bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.")
+    p.add_argument("--hf-dir", required=True, help="Hugging Face model folder: config.json + *.safetensors")
+    p.add_argument("--out", required=True, help="checkpoint folder to create")
+    p.add_argument("--weights", choices=WEIGHTS, default="source",
+                   help="stored precision: source keeps what the folder has (FP8 stays FP8); float32 and bf16 "
+                        "cast (dequantizing FP8); fp8 keeps FP8 weights with their block scales")
+    p.add_argument("--keep-mtp", action="store_true", help="keep the multi-token-prediction layer (skipped by "
+                   "default: generation does not use it)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no plan and no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite)
+        if not args.quiet or args.dry_run:
+            print(describe(plan), flush=True)
+        if args.dry_run:
+            print("dry run: nothing written")
+            return 0
+        check_disk_space(plan)
+        convert(plan, args.quiet)
+    except KtjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: writing {args.out} failed: {e}; nothing was written", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {args.out}: {plan.tensors_out} tensors, {fmt_bytes(plan.bytes_out)}")
+    return 0

@@ -1,0 +1,179 @@
+"""python -m ktjax.generate: read a prompt into the latent cache and generate from it.
+
+With no --model it runs the built-in demo model. Settings come from defaults, then a --config YAML preset,
+then flags (flags win); every setting is documented in ktjax/runtime.py (SETTINGS) and README.md.
+Bad input exits with code 2 and one message; Ctrl-C stops cleanly with code 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import KtjaxError
+from .runtime import SETTINGS, RuntimeConfig, load_yaml
+
+DEFAULT_PROMPT = "The key to reading a long document is"
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear message and exit code 2, also when called in-process
+        raise KtjaxError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ktjax.generate", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a Hugging Face DeepSeek folder or a converted ktjax checkpoint "
+                                   "(default: the built-in demo model)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
+    p.add_argument("--prompt-file", action="append", help="read a prompt from a file; repeatable")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat "
+                                                       "template")
+    p.add_argument("--config", help="a YAML preset of settings (configs/*.yaml); flags override it")
+    p.add_argument("--json", action="store_true", help="print one compact JSON object (completion, ids, stats) "
+                                                       "as the last line of stdout instead of streamed text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar during a long prefill")
+    flags = {"cache_lens": str, "memory_budget": str, "chunk_size": int, "max_new_tokens": int,
+             "temperature": float, "top_k": int, "top_p": float, "seed": int}
+    choices = {"dtype": ["float32", "bfloat16"], "cache_dtype": ["float32", "bf16", "fp8", "int8", "int4"],
+               "absorb_for_prefill": ["true", "false", "auto"], "attention": ["auto", "xla", "pallas"],
+               "moe_impl": ["auto", "gather", "ragged", "blocked"]}
+    for key, (default, help_text) in SETTINGS.items():
+        flag = "--" + key.replace("_", "-")
+        text = f"{help_text} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            p.add_argument(flag, type=flags.get(key, str), choices=choices.get(key), default=None, help=text)
+    return p
+
+
+def parse(argv) -> tuple[argparse.Namespace, dict]:
+    """Flags -> (args, settings), checked before JAX starts."""
+    args = build_parser().parse_args(argv)
+    settings = load_yaml(args.config) if args.config else {}
+    model = args.model or settings.pop("model", None)
+    settings.pop("model", None)
+    settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    RuntimeConfig.from_overrides(**settings)  # validate now, before any work
+    if model is not None and not os.path.isdir(model):
+        raise KtjaxError(f"--model {model}: no such folder")
+    if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
+            not os.path.isfile(os.path.join(model, "manifest.json")):
+        raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
+    args.model = model
+    args.prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                args.prompts.append(f.read())
+        except OSError as e:
+            raise KtjaxError(f"--prompt-file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise KtjaxError(f"--prompt-file {path}: not UTF-8 text") from None
+    if not args.prompts:
+        args.prompts = [DEFAULT_PROMPT]
+    if any(not p for p in args.prompts):
+        raise KtjaxError("a prompt is empty")
+    return args, settings
+
+
+def enable_compilation_cache():
+    """JAX's persistent compilation cache, on by default: a second run skips compilation."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/ktjax/jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_engine(args, settings):
+    from . import load
+    from .demo import RANDOM_WEIGHTS_NOTICE, demo_model, demo_tokenizer
+    from .engine import Engine
+    from .tokenizer import Tokenizer
+
+    if args.model:
+        return load(args.model, **settings), Tokenizer.from_folder(args.model)
+    runtime = RuntimeConfig.from_overrides(**settings)
+    print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
+    cfg, model = demo_model(runtime.jnp_dtype)
+    return Engine(cfg, model, runtime), demo_tokenizer()
+
+
+def main(argv=None) -> int:
+    try:
+        args, settings = parse(argv)
+        enable_compilation_cache()
+        engine, tokenizer = load_engine(args, settings)
+        return run(engine, tokenizer, args)
+    except KtjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run(engine, tokenizer, args) -> int:
+    from .tokenizer import StreamDecoder
+
+    if args.chat:
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompts]
+    else:
+        prompts = [tokenizer.encode(p) for p in args.prompts]
+    engine.generation_defaults.setdefault("eos_token_ids", [])
+    engine.generation_defaults["eos_token_ids"] = sorted(set(engine.generation_defaults["eos_token_ids"])
+                                                         | set(tokenizer.eos_ids))
+    stream = not args.json and len(prompts) == 1
+    decoder = StreamDecoder(tokenizer)
+
+    def on_tokens(new):
+        text = decoder.push(new[0])
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(args.prompts[0])
+        sys.stdout.flush()
+    try:
+        result = engine.generate(prompts, on_tokens=on_tokens if stream else None,
+                                 progress=not args.no_progress and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        if stream:
+            sys.stdout.write(decoder.flush() + "\n")
+        raise
+    texts = [tokenizer.decode(ids) for ids in result.tokens]
+    if args.json:
+        one = len(prompts) == 1
+        print(json.dumps({"completion": texts[0] if one else texts,
+                          "completion_ids": result.tokens[0] if one else result.tokens,
+                          "stats": result.stats}, separators=(",", ":")))
+        return 0
+    if stream:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for prompt, text in zip(args.prompts, texts):
+            print(f"--- {prompt!r}\n{prompt}{text}")
+    print_stats(result.stats)
+    return 0
+
+
+def print_stats(s: dict, file=sys.stderr):
+    from .memory import format_bytes
+
+    print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "
+          f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, "
+          f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)
+    print(f"cache {s['cache_dtype']} x {s['cache_lens']} tokens = {format_bytes(s['cache_bytes'])} "
+          f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])} | "
+          f"peak memory {format_bytes(s['peak_memory_bytes'])} | {s['devices']} {s['backend']} device(s)",
+          file=file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Memory planning: what is free, what the weights and activations take, and the longest cache that fits."""
+from __future__ import annotations
+
+import resource
+
+import jax
+
+from .cache_format import CacheFormat, bytes_per_token
+from .config import ModelConfig
+
+HEADROOM = 0.9  # leave 10% of the budget for what the estimate misses (fragmentation, XLA scratch)
+
+
+def available_bytes() -> int:
+    """Free memory on the default device: a GPU's limit minus what is in use (JAX preallocates, so this is
+    what remains of its pool), or the host's MemAvailable on a CPU."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, chunk: int, kv_block: int, itemsize: int = 4) -> int:
+    """A generous estimate of one prefill chunk's working set: hidden states, queries in latent space, one
+    key block's scores and expansions, the MoE's sorted rows and the logits."""
+    h = cfg.num_attention_heads
+    per_token = (8 * cfg.hidden_size + 3 * h * (cfg.kv_lora_rank + cfg.qk_head_dim)
+                 + 3 * h * kv_block + 4 * max(cfg.num_experts_per_tok, 1) * max(cfg.moe_intermediate_size,
+                                                                                 cfg.intermediate_size // 4))
+    return batch * chunk * per_token * itemsize + batch * cfg.vocab_size * 8
+
+
+def max_cache_lens(cfg: ModelConfig, fmt: CacheFormat, batch: int, budget: int, weight_bytes: int,
+                   act_bytes: int) -> int:
+    """The longest per-sequence cache that fits `budget` after weights and activations (0 if none does)."""
+    free = int(budget * HEADROOM) - weight_bytes - act_bytes
+    return max(free // (batch * bytes_per_token(fmt, cfg)), 0)
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it; on a CPU, the process's peak resident set."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
