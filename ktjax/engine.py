@@ -150,6 +150,34 @@ class Engine:
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise KtjaxError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {lo}..{hi}")
 
+    def cached_logits(self, token_ids) -> np.ndarray:
+        """Logits at every position [batch, seq, vocab], computed through the latent cache chunk by chunk
+        (chunk_size, cache_dtype and absorb_for_prefill as set): what decoding sees, for checking it against
+        the full forward and for teacher-forced comparisons of cache formats."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise KtjaxError(f"token_ids must be integers of shape [batch, seq], got {tokens.shape}")
+        self._check_ids(tokens)
+        b, s = tokens.shape
+        rt = self.runtime
+        cache_lens, block = plan_cache_lens(s if rt.cache_lens in (None, "auto") else rt.cache_lens)
+        if s > cache_lens:
+            raise KtjaxError(f"{s} tokens exceed the cache of {cache_lens}")
+        chunk = min(rt.chunk_size, seq_bucket(s))
+        static = Static(self.graphdef, rt.absorb(self.cfg, chunk), rt.attention, rt.moe_impl, rt.jnp_dtype, block)
+        fn = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,))
+        cache = LatentCache.create(self.cfg, get_format(rt.cache_dtype), b, cache_lens)
+        out = []
+        for c in range(0, s, chunk):
+            ids = np.zeros((b, chunk), np.int32)
+            ids[:, :min(chunk, s - c)] = tokens[:, c:c + chunk]
+            pos = c + np.arange(chunk)
+            positions = np.broadcast_to(np.where(pos < s, pos, cache_lens), (b, chunk)).astype(np.int32)
+            logits, cache = fn(self.state, cache, jnp.asarray(ids), jnp.asarray(positions),
+                               jnp.full((b,), min(s, c + chunk), jnp.int32), None)
+            out.append(np.asarray(logits))
+        return np.concatenate(out, axis=1)[:, :s]
+
     # -- planning -----------------------------------------------------------------------------------------
     def plan_cache(self, batch: int, needed: int) -> tuple[int, int]:
         """(cache_lens, kv_block) for `batch` sequences that need `needed` positions each."""

@@ -163,9 +163,10 @@ def run(engine, tokenizer, args) -> int:
     return 0
 
 
-def print_stats(s: dict, file=sys.stderr):
+def print_stats(s: dict, file=None):
     from .memory import format_bytes
 
+    file = file or sys.stderr
     print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "
           f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, "
           f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)

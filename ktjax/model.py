@@ -109,7 +109,7 @@ class DeepseekModel(nnx.Module):
 
         tokens/positions [b, s]: the new tokens and their positions (>= cache_lens for padding, whose writes
         are dropped); lengths [b]: valid cache entries after this step; logits_index [b]: which of the s
-        positions to return logits for. -> (logits [b, vocab] float32, updated cache).
+        positions to return logits for, or None for all. -> (logits [b, vocab] or [b, s, vocab] float32, cache).
         """
         b, s = tokens.shape
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
@@ -126,5 +126,6 @@ class DeepseekModel(nnx.Module):
         carry = (self.embed_tokens(tokens, dtype), cache)
         carry = scan_layers_cached(self.dense_layers, 0, carry, step)
         x, cache = scan_layers_cached(self.moe_layers, self.cfg.num_dense_layers, carry, step)
-        last = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-        return self.head(last).astype(jnp.float32), cache
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        return self.head(x).astype(jnp.float32), cache

@@ -1,0 +1,144 @@
+"""Prefill and decode speed, cache bytes and peak memory: ktjax (each cache format) against Hugging Face
+transformers (sdpa attention) on the same random weights.
+
+    python benchmarks/bench_generate.py                                  # 1k, 4k, 16k prompts
+    python benchmarks/bench_generate.py --lengths 1024 --formats bf16 int4 --decode-tokens 16
+
+The model has DeepSeek-V2-Lite's attention dimensions (hidden 2048, 16 heads, kv_lora_rank 512, rope 64,
+nope 128, v 128, no q_lora) and MoE shape (64 experts, top-6, 2 shared, moe_intermediate 1408), with
+--layers layers (the first dense) and a --vocab vocabulary. Each measurement runs in its own subprocess so
+that peak memory (the process's peak RSS) belongs to it alone. Speeds exclude compilation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def model_kwargs(a):
+    return dict(vocab_size=a.vocab, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                num_hidden_layers=a.layers, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                n_routed_experts=a.experts, n_shared_experts=2, num_experts_per_tok=6, topk_method="greedy",
+                n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1)
+
+
+def build(folder, a):
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**model_kwargs(a)))
+    model.save_pretrained(folder)
+
+
+def prompt_ids(length, vocab):
+    import numpy as np
+    return np.random.default_rng(length).integers(2, vocab, size=length).tolist()
+
+
+def worker_ktjax(folder, fmt, length, a):
+    import ktjax
+
+    engine = ktjax.load(folder, cache_dtype=fmt, dtype="float32", chunk_size=a.chunk_size,
+                        max_new_tokens=a.decode_tokens, ignore_eos=True)
+    s = engine.generate([prompt_ids(length, a.vocab)]).stats
+    return {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "compile_s", "cache_bytes_per_token",
+                              "cache_bytes", "absorb_for_prefill")}
+
+
+def worker_hf(folder, length, a):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.as_tensor([prompt_ids(length, a.vocab)])
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill_s = time.perf_counter() - t0
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(a.decode_tokens):
+        out = model(tok, past_key_values=cache, use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    decode_s = time.perf_counter() - t0
+    cache_bytes = sum(t.numel() * 2 for layer in cache.layers for t in (layer.keys, layer.values))  # as bf16
+    total = length + a.decode_tokens
+    return {"prefill_tokens_per_s": length / prefill_s, "decode_tokens_per_s": a.decode_tokens / decode_s,
+            "cache_bytes_per_token": cache_bytes / total, "cache_bytes": cache_bytes}
+
+
+def run_worker(argv):
+    import resource
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    p.add_argument("--folder")
+    p.add_argument("--fmt")
+    p.add_argument("--length", type=int)
+    p.add_argument("--args")
+    w = p.parse_args(argv)
+    a = argparse.Namespace(**json.loads(w.args))
+    if w.worker == "hf":
+        torch_threads = os.cpu_count()
+        import torch
+        torch.set_num_threads(torch_threads)
+        res = worker_hf(w.folder, w.length, a)
+    else:
+        res = worker_ktjax(w.folder, w.fmt, w.length, a)
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(res))
+
+
+def measure(kind, folder, length, a, fmt=None):
+    cmd = [sys.executable, __file__, "--worker", kind, "--folder", folder, "--length", str(length),
+           "--args", json.dumps(vars(a))] + (["--fmt", fmt] if fmt else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{kind} {fmt} {length} failed:\n{proc.stderr[-3000:]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--formats", nargs="+", default=["float32", "bf16", "fp8", "int8", "int4"])
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    a = p.parse_args(argv)
+    import platform
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; layers={a.layers} "
+          f"experts={a.experts} vocab={a.vocab} decode_tokens={a.decode_tokens} chunk={a.chunk_size}")
+    print("| prompt | engine | cache | prefill tok/s | decode tok/s | cache B/token | peak RSS GiB | decode vs HF |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        build(folder, a)
+        for length in a.lengths:
+            hf = None if a.no_hf else measure("hf", folder, length, a)
+            rows = ([("transformers (sdpa)", "bf16 latents*", hf)] if hf else []) + [
+                ("ktjax", fmt, measure("ktjax", folder, length, a, fmt)) for fmt in a.formats]
+            for engine, fmt, r in rows:
+                ratio = f"{r['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.1f}x" if hf else "-"
+                print(f"| {length} | {engine} | {fmt} | {r['prefill_tokens_per_s']:.1f} | "
+                      f"{r['decode_tokens_per_s']:.2f} | {r['cache_bytes_per_token']:.0f} | "
+                      f"{r['peak_rss_bytes'] / 2**30:.2f} | {ratio} |", flush=True)
+    print("* transformers 5.x caches DeepSeek's compressed latents (c_kv, k_pe) and re-expands them at every "
+          "step; its bytes are counted as bf16.")
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        run_worker(sys.argv[1:])
+    else:
+        main()

@@ -1,0 +1,149 @@
+"""Absorbed MLA decode: the Pallas kernel against the XLA reference, per cache format, context and batch.
+
+    python benchmarks/bench_mla_kernels.py                          # GPU: contexts 4k..128k, batch 1..64
+    python benchmarks/bench_mla_kernels.py --contexts 32768 --batches 1 8 --formats bf16 fp8
+    python benchmarks/bench_mla_kernels.py --markdown benchmarks/RESULTS.md   # append the table there
+    python benchmarks/bench_mla_kernels.py --smoke                  # CPU: interpret mode, tiny sizes
+
+One decode step of one layer with DeepSeek-V3 attention dims (128 heads, kv_lora_rank 512, rope 64), every
+sequence at the full context. Columns: median kernel and reference times (ms, compilation excluded), the
+cache bytes the step must read (c_kv + scales + k_pe, from cache_format.bytes_per_token_per_layer), the
+kernel's achieved bandwidth (those bytes / kernel time) and its share of this device's copy bandwidth,
+measured first with a large array copy ((read + write) / time). `max err` is |pallas - xla| on the output.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from ktjax import attention
+from ktjax import cache_format as cf
+from ktjax import pallas
+from ktjax.pallas import platform
+
+FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
+
+
+def time_median(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(megabytes: int, repeats: int) -> float:
+    """Bytes/s of a large elementwise copy (each byte read once and written once)."""
+    x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
+    seconds = time_median(jax.jit(lambda x: x + 1.0), x, repeats=repeats)
+    return 2 * x.nbytes / seconds
+
+
+def random_cache(key, fmt, batch, context, rank, rope):
+    """A cache of the stored dtype without building a float32 copy first (sizes reach tens of GB)."""
+    k_c, k_s, k_r = jax.random.split(key, 3)
+    shape = (batch, context, fmt.stored_width(rank))
+    if fmt.name in ("float32", "bf16"):
+        c_kv = jax.random.normal(k_c, shape, fmt.store_dtype)
+    else:
+        bits = jax.random.bits(k_c, shape, jnp.uint8)
+        if fmt.name == "fp8":
+            bits = bits & 0x77  # exponent <= 14: finite e4m3 values only
+        c_kv = jax.lax.bitcast_convert_type(bits, fmt.store_dtype) if fmt.name != "int4" else bits
+    scales = None
+    if fmt.quantized:
+        scales = jax.random.uniform(k_s, (batch, context, fmt.n_groups(rank)), jnp.float32, 0.001, 0.01)
+    k_pe = jax.random.normal(k_r, (batch, context, rope), fmt.k_pe_dtype)
+    return c_kv, scales, k_pe
+
+
+def bench_one(a, fmt, batch, context, copy_bw, key):
+    cache_bytes = batch * context * cf.bytes_per_token_per_layer(fmt, a.rank, a.rope)
+    if cache_bytes > a.max_cache_gb * 1e9:
+        return None
+    cache = random_cache(key, fmt, batch, context, a.rank, a.rope)
+    k_q, k_p = jax.random.split(jax.random.fold_in(key, 1))
+    dtype = jnp.dtype(a.dtype)
+    q_lat = jax.random.normal(k_q, (batch, a.heads, a.rank), dtype)
+    q_pe = jax.random.normal(k_p, (batch, a.heads, a.rope), dtype)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    scale = (a.rank + a.rope) ** -0.5
+    block = min(512, context)
+    config = pallas.KernelConfig(block_m=a.block_m, block_k=a.block_k, num_splits=a.num_splits,
+                                 num_warps=a.num_warps, num_stages=a.num_stages)
+    kernel = jax.jit(lambda *x: pallas.mla_decode(*x, fmt=fmt, scale=scale, block=block, config=config,
+                                                  interpret=a.interpret))
+    reference = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=block))
+    args = (q_lat, q_pe, *cache, lengths)
+    t_kernel = time_median(kernel, *args, repeats=a.repeats)
+    t_ref = time_median(reference, *args, repeats=a.repeats)
+    err = float(jnp.max(jnp.abs(kernel(*args) - reference(*args))))
+    bandwidth = cache_bytes / t_kernel
+    return (f"| {fmt.name} | {context} | {batch} | {1e3 * t_kernel:.3f} | {1e3 * t_ref:.3f} | "
+            f"{t_ref / t_kernel:.2f}x | {cache_bytes / 1e6:.4g} | {bandwidth / 1e9:.3g} | "
+            f"{100 * bandwidth / copy_bw:.0f}% | {err:.1e} |")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    p.add_argument("--heads", type=int, default=128, help="128 for V3/R1, 16 for V2-Lite")
+    p.add_argument("--rank", type=int, default=512, help="kv_lora_rank")
+    p.add_argument("--rope", type=int, default=64, help="qk_rope_head_dim")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="query dtype (dot operands)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--max-cache-gb", type=float, default=24.0, help="skip points whose cache is larger")
+    p.add_argument("--copy-mb", type=int, default=2048, help="array size for the copy-bandwidth measurement")
+    p.add_argument("--block-m", type=int, help="rows ((query, head) pairs) per program")
+    p.add_argument("--block-k", type=int, help="keys per tile")
+    p.add_argument("--num-splits", type=int, help="splits of the key range (default: chosen per shape)")
+    p.add_argument("--num-warps", type=int)
+    p.add_argument("--num-stages", type=int)
+    p.add_argument("--markdown", help="append the table, with the device name, to this file")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sweep (interpret mode on a CPU): context 128, batches 1 2, 4 heads, rank 64")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.contexts, a.batches, a.heads, a.rank, a.rope = [128], [1, 2], 4, 64, 16
+        a.dtype, a.repeats, a.copy_mb = "float32", 2, 64
+    a.interpret = not platform.on_gpu()
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    warnings.simplefilter("ignore", platform.InterpretModeWarning)
+    device = jax.devices()[0]
+    copy_bw = copy_bandwidth(a.copy_mb, a.repeats)
+    mode = "interpret mode (no GPU: times say nothing about GPU speed)" if a.interpret else "Triton"
+    header = [f"device: {device.device_kind} ({jax.default_backend()}, {mode}); jax {jax.__version__}; "
+              f"heads={a.heads} rank={a.rank} rope={a.rope} queries={a.dtype}; copy bandwidth {copy_bw / 1e9:.1f} GB/s",
+              "",
+              "| format | context | batch | pallas ms | xla ms | speedup | cache MB | GB/s | of copy | max err |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    rows = []
+    key = jax.random.key(0)
+    for name in a.formats:
+        for context in a.contexts:
+            for batch in a.batches:
+                row = bench_one(a, cf.get_format(name), batch, context, copy_bw, jax.random.fold_in(key, len(rows)))
+                if row is not None:
+                    print(row, flush=True)
+                    rows.append(row)
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write("\n## MLA decode kernels\n\n" + "\n".join(header + rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

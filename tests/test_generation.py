@@ -1,0 +1,122 @@
+"""Generation through the latent cache: chunked prefill and decoding against the full forward and against
+transformers' generate; sampling, stop tokens, cache sizing."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ktjax
+from ktjax.errors import KtjaxError
+from ktjax.sampling import Sampling, sample
+
+FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
+
+
+@pytest.mark.parametrize("name,chunk,absorb", [("v3", 5, True), ("v3", 5, False), ("v3", 16, True),
+                                                ("v2_lite", 1, True), ("v2_lite", 7, False)])
+def test_cached_logits_equal_full_forward(hf_folder, rng, name, chunk, absorb):
+    folder, _ = hf_folder(name)
+    ids = rng.integers(0, 97, size=(2, 37))
+    full = ktjax.load(folder).logits(ids)
+    engine = ktjax.load(folder, cache_dtype="float32", chunk_size=chunk, absorb_for_prefill=absorb)
+    cached = engine.cached_logits(ids)
+    assert np.abs(cached - full).max() <= 1e-4 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_ragged_batch_greedy_matches_transformers_generate(hf_folder, rng, absorb):
+    import torch
+
+    folder, oracle = hf_folder("v3")
+    prompts = [rng.integers(0, 97, size=n).tolist() for n in (19, 6)]
+    refs = []
+    for p in prompts:
+        with torch.no_grad():
+            out = oracle.generate(torch.as_tensor([p]), do_sample=False, max_new_tokens=12, eos_token_id=None,
+                                  pad_token_id=0)
+        refs.append(out[0, len(p):].tolist())
+    engine = ktjax.load(folder, cache_dtype="float32", chunk_size=8, absorb_for_prefill=absorb,
+                        max_new_tokens=12, ignore_eos=True)
+    result = engine.generate(prompts)
+    assert result.tokens == refs
+    s = result.stats
+    assert s["prompt_tokens"] == 25 and s["generated_tokens"] == 24 and s["cache_lens"] >= 19 + 12
+    assert s["decode_tokens_per_s"] > 0 and s["prefill_tokens_per_s"] > 0 and s["compile_s"] > 0
+
+
+def test_teacher_forced_agreement_with_bf16_cache(hf_folder, rng):
+    """Top-1 agreement over 64 greedy steps with each cache format, against the bf16 cache's tokens."""
+    folder, _ = hf_folder("v2_lite")
+    prompt = rng.integers(0, 97, size=32).tolist()
+    steps = 64
+    seq = prompt + ktjax.load(folder, cache_dtype="bf16", max_new_tokens=steps, ignore_eos=True).generate(
+        [prompt]).tokens[0]
+    agreement = {}
+    for fmt in FORMATS:
+        logits = ktjax.load(folder, cache_dtype=fmt, chunk_size=32).cached_logits(np.array([seq]))
+        agreement[fmt] = float((logits[0, len(prompt) - 1:-1].argmax(-1) == np.array(seq[len(prompt):])).mean())
+    print("top-1 agreement with the bf16 cache over 64 steps:", agreement)
+    assert agreement["bf16"] == 1.0
+    assert agreement["float32"] >= 0.9 and agreement["int8"] >= 0.9 and agreement["fp8"] >= 0.85
+    assert agreement["int4"] >= 0.6
+
+
+def test_stop_tokens_from_generation_config(hf_folder, rng):
+    folder, _ = hf_folder("v2_lite")
+    prompt = rng.integers(0, 97, size=9).tolist()
+    engine = ktjax.load(folder, max_new_tokens=10, ignore_eos=True)
+    free = engine.generate([prompt]).tokens[0]
+    stop = free[3]
+    first = free.index(stop)
+    engine.generation_defaults["eos_token_ids"] = [stop, 96]
+    stopped = engine.generate([prompt], ignore_eos=False).tokens[0]
+    assert stopped == free[:first + 1]
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(hf_folder, rng):
+    folder, _ = hf_folder("v2_lite")
+    prompt = rng.integers(0, 97, size=9).tolist()
+    engine = ktjax.load(folder, max_new_tokens=16, ignore_eos=True)
+    greedy = engine.generate([prompt], temperature=0.0).tokens[0]
+    a = engine.generate([prompt], temperature=1.5, seed=7).tokens[0]
+    b = engine.generate([prompt], temperature=1.5, seed=7).tokens[0]
+    c = engine.generate([prompt], temperature=1.5, seed=8).tokens[0]
+    assert a == b and a != c and a != greedy
+    assert engine.generate([prompt], temperature=1.5, top_k=1, seed=3).tokens[0] == greedy
+
+
+def test_sample_top_k_top_p_masks():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.split(jax.random.key(0), 2000)
+
+    def draw(**kw):
+        s = Sampling.make(temperature=1.0, **kw)
+        return np.asarray(jax.vmap(lambda l, k: sample(l[None], k, s)[0])(logits, keys))
+
+    assert set(draw(top_k=2)) == {0, 1}
+    assert set(draw(top_p=0.7)) == {0, 1}        # 0.5 < 0.7 <= 0.8: the two most likely
+    assert set(draw(top_p=0.5)) == {0}
+    freq = np.bincount(draw(), minlength=4) / 2000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_prompt_longer_than_cache(hf_folder, rng):
+    folder, _ = hf_folder("v2_lite")
+    engine = ktjax.load(folder, cache_lens=32, max_new_tokens=8)
+    prompt = rng.integers(0, 97, size=30).tolist()
+    with pytest.raises(KtjaxError, match=r"30 tokens \+ max_new_tokens 8 = 38 exceeds the cache of 32"):
+        engine.generate([prompt])
+    out = engine.generate([prompt], truncate_left=True)
+    assert out.stats["prompt_tokens"] == 24 and out.stats["cache_lens"] == 32
+
+
+def test_cache_lens_auto_fits_the_budget(hf_folder):
+    folder, _ = hf_folder("v2_lite")
+    engine = ktjax.load(folder, cache_lens="auto", memory_budget="64MiB", max_new_tokens=4)
+    cache_lens, _ = engine.plan_cache(batch=2, needed=20)
+    from ktjax.cache_format import bytes_per_token, get_format
+    per_token = bytes_per_token(get_format("bf16"), engine.cfg)
+    assert 20 <= cache_lens and engine.weight_bytes + 2 * cache_lens * per_token <= 64 * 2**20
+    tiny = ktjax.load(folder, cache_lens="auto", memory_budget="1MiB")
+    with pytest.raises(KtjaxError, match="memory budget"):
+        tiny.plan_cache(batch=1, needed=20)
