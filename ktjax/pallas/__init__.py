@@ -3,7 +3,7 @@
 `mla_decode` / `mla_prefill` take the same arguments as ktjax.attention.mla_decode_xla / mla_prefill_xla
 (their references) and return the same values.
 """
-from .mla_attention import KernelConfig, merge_splits, mla_attention, mla_decode, mla_kernel, mla_prefill
+from .mla_kernels import KernelConfig, merge_splits, mla_attention, mla_decode, mla_kernel, mla_prefill
 from .platform import InterpretModeWarning
 
 __all__ = ["InterpretModeWarning", "KernelConfig", "merge_splits", "mla_attention", "mla_decode", "mla_kernel",

@@ -12,7 +12,9 @@ writes an unnormalised partial output with its running max and sum; `merge_split
 
 Quantized caches stay quantized in memory: each chunk of stored values (one scale group; see layout.py)
 is dequantized in registers, its partial score q_chunk . c_chunk is multiplied by the group's scale, and
-the probabilities are multiplied by the same scale before p @ c_chunk.
+the probabilities are multiplied by the same scale before p @ c_chunk. The dots run in the queries' dtype
+(bf16 queries: bf16 tensor-core operands, exact for every stored format but float32; float32 queries: true
+float32 products) and always accumulate in float32.
 
 The references are ktjax.attention.mla_prefill_xla / mla_decode_xla (same signatures, same math).
 """
@@ -63,7 +65,7 @@ def _chunk_values(raw, part: str, fp8_bits: bool):
 def _dot(a, b, *, trans_b=False):
     # float32 operands get true float32 products (not tf32): the tests hold the kernel to the f32 reference.
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return pl.dot(a, b, trans_b=trans_b, precision=precision)
+    return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
 
 
 def mla_kernel(last_key_ref, q_lat_ref, q_pe_ref, c_kv_ref, scales_ref, k_pe_ref, o_ref, m_ref, l_ref, *,
@@ -158,12 +160,17 @@ def choose_num_splits(programs_per_split: int, cache_len: int, cores: int) -> in
 
 
 def kernel_config(config: KernelConfig, *, rows: int, batch: int, cache_len: int, rank_p: int) -> KernelConfig:
-    block_m = config.block_m or min(64, next_pow2(rows, MIN_DOT))
+    # 32 rows x 512 channels of f32 accumulator fit 8 warps' registers; V3's 128 heads take 4 row blocks, which
+    # launch next to each other (grid axis 0) so their shared cache tiles come from L2, not HBM.
+    block_m = config.block_m or min(32, next_pow2(rows, MIN_DOT))
     block_k = config.block_k or (32 if rank_p >= 256 else 64)
     block_k = min(block_k, _largest_pow2_divisor(cache_len))
     row_blocks = pl.cdiv(rows, block_m)
     num_splits = config.num_splits or choose_num_splits(row_blocks * batch, cache_len, platform.core_count())
     num_warps = config.num_warps or (8 if block_m * rank_p >= 32 * 512 else 4)
+    for name, size in (("block_m", block_m), ("block_k", block_k)):
+        if size < MIN_DOT or size & (size - 1):
+            raise ValueError(f"{name}={size}: Triton tiles need a power of two >= {MIN_DOT}")
     return KernelConfig(block_m, block_k, num_splits, num_warps, config.num_stages or 2)
 
 

@@ -41,8 +41,11 @@ def compute_capability() -> tuple[int, int] | None:
     cap = getattr(jax.devices()[0], "compute_capability", None)
     if cap is None:
         return None
-    major, minor = str(cap).split(".")[:2]
-    return int(major), int(minor)
+    try:
+        major, minor = str(cap).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:  # not an NVIDIA capability (ROCm reports a gfx name)
+        return None
 
 
 def fp8_needs_bit_decode(interpret: bool) -> bool:

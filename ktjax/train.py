@@ -1,0 +1,276 @@
+"""Train ktjax's small demo model on this CPU: a DeepSeek-V3-architecture model (MLA, MoE with a shared
+expert, sigmoid routing) on English text mixed with a synthetic pass-key retrieval task, then export it in
+Hugging Face format (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json) so that transformers, the converter and ktjax all read it.
+
+    apt-get install python3.11-doc          # the text: the Python documentation's reST sources (PSF licence)
+    python -m ktjax.train --out ktjax/demo_model --minutes 25
+
+Text: /usr/share/doc/python3*/html/_sources/**/*.rst.txt (Debian's python3.11-doc; the Python documentation
+is under the PSF licence, which permits redistribution of derived works with the licence notice).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
+KEY_INTRO = " The pass key is {key}. Remember it. {key} is the pass key."
+KEY_QUESTION = " What is the pass key? The pass key is"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                 "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+def model_config(vocab_size: int, max_len: int) -> dict:
+    """The demo model: ~3.6M parameters, V3 layout (q_lora, noaux_tc routing over 4 groups, 1 dense layer)."""
+    return dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=vocab_size,
+        hidden_size=192, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=6, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.0, first_k_dense_replace=1,
+        scoring_func="sigmoid", topk_method="noaux_tc", rms_norm_eps=1e-6, hidden_act="silu",
+        max_position_embeddings=max_len, rope_interleave=True, attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1, initializer_range=0.02)
+
+
+def load_corpus(text_dir: str | None) -> str:
+    pattern = os.path.join(text_dir, "**", "*.txt") if text_dir else "/usr/share/doc/python3*/html/_sources/**/*.txt"
+    files = sorted({os.path.realpath(f) for f in glob.glob(pattern, recursive=True)})  # symlinked doc dirs
+    if not files:
+        raise SystemExit(f"no text under {pattern}: apt-get install python3.11-doc, or pass --text-dir")
+    parts = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            # reST markup lines (directives, underlines) teach nothing useful: keep prose and code.
+            lines = [ln for ln in f.read().splitlines() if not ln.startswith("..") and len(set(ln.strip())) > 1]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    chunks = [text[i:i + 100_000] for i in range(0, len(text), 100_000)]
+    tok.train_from_iterator(chunks, trainer)
+    return tok
+
+
+def passkey_example(rng, tok, filler: np.ndarray, length: int, depth: float | None = None):
+    """BOS, filler, the key at `depth` of the filler, more filler, the question and the answer: `length`
+    tokens. Returns (ids, index where the answer starts)."""
+    key = str(rng.integers(10000, 100000))
+    intro = tok.encode(KEY_INTRO.format(key=key)).ids
+    question = tok.encode(KEY_QUESTION).ids
+    answer = tok.encode(" " + key + ".").ids
+    n_fill = max(length - 1 - len(intro) - len(question) - len(answer), 2)
+    start = rng.integers(0, len(filler) - n_fill)
+    fill = filler[start:start + n_fill].tolist()
+    at = int(round((rng.random() if depth is None else depth) * n_fill))
+    ids = [tok.token_to_id(BOS)] + fill[:at] + intro + fill[at:] + question
+    return ids + answer, len(ids), key
+
+
+def batches(rng, tok, corpus_ids: np.ndarray, batch: int, seq_len: int, passkey_fraction: float):
+    bos = tok.token_to_id(BOS)
+    while True:
+        rows, weights = [], []
+        for _ in range(batch):
+            if rng.random() < passkey_fraction:
+                ids, answer_at, _ = passkey_example(rng, tok, corpus_ids, int(rng.integers(64, seq_len + 1)))
+                w = np.ones(len(ids) - 1, np.float32)
+                w[answer_at - 1:] = 4.0  # the answer is what the task is about
+            else:
+                start = rng.integers(0, len(corpus_ids) - seq_len)
+                ids = [bos] + corpus_ids[start:start + seq_len].tolist()
+                w = np.ones(len(ids) - 1, np.float32)
+            ids, w = ids[:seq_len + 1], w[:seq_len]
+            pad = seq_len + 1 - len(ids)
+            rows.append(ids + [0] * pad)
+            weights.append(np.concatenate([w, np.zeros(pad, np.float32)]))
+        yield np.array(rows, np.int32), np.stack(weights)
+
+
+def train(args):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from .config import ModelConfig
+    from .model import DeepseekModel
+
+    rng = np.random.default_rng(args.seed)
+    text = load_corpus(args.text_dir)
+    tok = train_tokenizer(text, args.vocab_size)
+    corpus_ids = np.array(tok.encode(text).ids, np.int32)
+    print(f"corpus: {len(text) / 1e6:.1f}M characters, {len(corpus_ids) / 1e6:.2f}M tokens; "
+          f"vocab {tok.get_vocab_size()}", flush=True)
+    raw = model_config(tok.get_vocab_size(), args.seq_len * 4)
+    cfg = ModelConfig.from_hf_dict(raw)
+    model = DeepseekModel(cfg, rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+    # The learning rate is set from the host at each step: training stops on a time budget, so the cosine
+    # decay is stretched over the number of steps the first ones say will fit.
+    opt = optax.inject_hyperparams(lambda learning_rate: optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=0.01)))(learning_rate=0.0)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, tokens, weights):
+        logits = nnx.merge(graphdef, p)(tokens[:, :-1], absorb=False, moe_impl="ragged")
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return (nll * weights).sum() / weights.sum()
+
+    @jax.jit
+    def step(p, o, tokens, weights):
+        loss, grads = jax.value_and_grad(loss_fn)(p, tokens, weights)
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    data = batches(rng, tok, corpus_ids, args.batch, args.seq_len, args.passkey_fraction)
+    t0, losses, total = time.time(), [], args.max_steps
+    for i in range(args.max_steps):
+        if i == 5:  # compiled and warm: how many steps fit the budget?
+            per_step = (time.time() - t_warm) / 3
+            total = int(min(args.max_steps, args.minutes * 60 / per_step))
+            print(f"{per_step:.2f} s/step: planning {total} steps", flush=True)
+        if i == 2:
+            t_warm = time.time()
+        warmup = max(1, min(50, total // 10))
+        progress = min(1.0, max(0.0, (i - warmup) / max(1, total - warmup)))
+        lr = args.lr * (i + 1) / warmup if i < warmup else args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        tokens, weights = next(data)
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(weights))
+        losses.append(float(loss))
+        if i % 20 == 0:
+            print(f"step {i} loss {np.mean(losses[-20:]):.3f} {time.time() - t0:.0f}s", flush=True)
+        if time.time() - t0 > args.minutes * 60:
+            break
+    print(f"trained {i + 1} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-20:]):.3f}")
+    export_hf(nnx.merge(graphdef, params), raw, tok, args.out, args.dtype)
+
+
+def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
+    """Our parameters under Hugging Face names and layouts ([out, in] kernels, per-expert tensors)."""
+    from flax import nnx
+
+    state = nnx.state(model).to_pure_dict()
+    out = {"model.embed_tokens.weight": state["embed"], "model.norm.weight": state["norm"]["weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = np.asarray(state["lm_head"]["kernel"]).T
+    stacks = [("dense_layers", range(cfg.num_dense_layers)),
+              ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers))]
+    for stack, layers in stacks:
+        for j, i in enumerate(layers):
+            layer = {k: v for k, v in _flatten(state[stack]).items()}
+            out.update(_hf_layer({k: np.asarray(v)[j] for k, v in layer.items()}, i, cfg))
+    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in out.items()}
+
+
+def _flatten(tree, prefix=()):
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, prefix + (k,)))
+        elif v is not None:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _hf_layer(p: dict, i: int, cfg) -> dict:
+    pre, att = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+    out = {pre + "input_layernorm.weight": p[("input_norm", "weight")],
+           pre + "post_attention_layernorm.weight": p[("post_attn_norm", "weight")],
+           att + "kv_a_proj_with_mqa.weight": p[("attn", "kv_a_proj", "kernel")].T,
+           att + "kv_a_layernorm.weight": p[("attn", "kv_a_norm", "weight")],
+           att + "o_proj.weight": p[("attn", "o_proj", "kernel")].T}
+    if cfg.q_lora_rank:
+        out[att + "q_a_proj.weight"] = p[("attn", "q_a_proj", "kernel")].T
+        out[att + "q_a_layernorm.weight"] = p[("attn", "q_a_norm", "weight")]
+        out[att + "q_b_proj.weight"] = p[("attn", "q_b_proj", "kernel")].T
+    else:
+        out[att + "q_proj.weight"] = p[("attn", "q_proj", "kernel")].T
+    kv_b = np.concatenate([p[("attn", "w_uk")], p[("attn", "w_uv")]], axis=1)  # [h, d_nope + d_v, R]
+    out[att + "kv_b_proj.weight"] = kv_b.reshape(-1, cfg.kv_lora_rank)
+    if ("mlp", "router") not in p:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[pre + f"mlp.{name}.weight"] = p[("mlp", name, "kernel")].T
+        return out
+    out[pre + "mlp.gate.weight"] = p[("mlp", "router")].T
+    out[pre + "mlp.gate.e_score_correction_bias"] = p.get(("mlp", "router_bias"),
+                                                          np.zeros(cfg.n_routed_experts, np.float32))
+    for e in range(cfg.n_routed_experts):
+        for ours, name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            out[pre + f"mlp.experts.{e}.{name}.weight"] = p[("mlp", ours)][e].T
+    if cfg.n_shared_experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[pre + f"mlp.shared_experts.{name}.weight"] = p[("mlp", "shared", name, "kernel")].T
+    return out
+
+
+def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"):
+    """Write a Hugging Face folder: weights in `dtype` (router and its bias in float32, as transformers
+    keeps them), tokenizer and configs. Written to a temporary folder and renamed at the end."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from .config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict(raw_config)
+    tmp = folder.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    tensors = {k: (v.astype(np.float32) if "mlp.gate." in k else v.astype(target))
+               for k, v in _hf_tensors(model, cfg).items()}
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(dict(raw_config, torch_dtype=dtype), f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}, f, indent=2)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS,
+                   "chat_template": CHAT_TEMPLATE, "model_max_length": raw_config["max_position_embeddings"],
+                   "tokenizer_class": "TokenizersBackend", "clean_up_tokenization_spaces": False},
+                  f, ensure_ascii=False, indent=2)
+    if os.path.exists(folder):
+        import shutil
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+    print(f"wrote {folder} ({sum(v.nbytes for v in tensors.values()) / 2**20:.1f} MiB of weights)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="ktjax/demo_model")
+    p.add_argument("--text-dir", help="a folder of .txt files (default: the Python docs' reST sources)")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--passkey-fraction", type=float, default=0.3)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
