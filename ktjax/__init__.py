@@ -8,18 +8,26 @@ from .errors import KtjaxError  # noqa: E402
 
 
 def load(path: str, **overrides):
-    """Load a Hugging Face DeepSeek folder and return an Engine. Overrides: runtime settings (ktjax/runtime.py)."""
+    """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine.
+    Overrides: runtime settings (ktjax/runtime.py)."""
     import os
 
+    from .checkpoint import is_checkpoint, load_checkpoint
     from .engine import Engine
     from .loader import load_hf_model
     from .runtime import RuntimeConfig
+    from .sharding import make_mesh
 
     runtime = RuntimeConfig.from_overrides(**overrides)
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
-    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-    return Engine(cfg, load_hf_model(path, cfg, runtime.jnp_dtype), runtime, read_generation_config(path))
+    make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
+    if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
+        cfg, model = load_checkpoint(path, runtime.jnp_dtype)
+    else:
+        cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+        model = load_hf_model(path, cfg, runtime.jnp_dtype)
+    return Engine(cfg, model, runtime, read_generation_config(path))
 
 
 def read_generation_config(folder: str) -> dict:

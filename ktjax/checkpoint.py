@@ -91,9 +91,21 @@ class CheckpointWriter:
                        chunk_layout=ts.ChunkLayout(write_chunk_shape=_chunk_shape(shape, dtype.itemsize)),
                        context=_CONTEXT).result()
 
-    def write(self, key: str, array: np.ndarray):
-        store = self.create(key, array.shape, array.dtype)
-        store.write(array).result()
+    def write(self, key: str, array: np.ndarray, dtype=None):
+        """A whole array (a view is fine: a transposed one, say), converted to `dtype` and written in bands
+        of whole chunks of at most ~CHUNK_BYTES, one band at a time: only one band is ever copied."""
+        dtype = np.dtype(dtype or array.dtype)
+        store = self.create(key, array.shape, dtype)
+        if array.ndim == 0:
+            store.write(np.asarray(array, dtype)).result()
+            return
+        chunk_rows = store.chunk_layout.write_chunk.shape[0]
+        row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * dtype.itemsize)
+        step = max(1, CHUNK_BYTES // (row_bytes * chunk_rows)) * chunk_rows
+        rows = array.shape[0]
+        for r0 in range(0, rows, step):
+            band = np.ascontiguousarray(array[r0:r0 + step], dtype)
+            store[r0:min(r0 + step, rows)].write(band).result()
 
     def write_manifest(self, **fields):
         dtypes: dict[str, int] = {}
@@ -103,6 +115,8 @@ class CheckpointWriter:
                     "tensor_count": len(self.tensors), "tensors": self.tensors}
         with open(os.path.join(self.folder, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # tensorstore syncs each array it writes; the manifest, written last, too
 
 
 def read_tensor(folder: str, key: str) -> np.ndarray:

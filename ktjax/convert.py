@@ -23,6 +23,7 @@ import tempfile
 import ml_dtypes
 import numpy as np
 
+from .checkpoint import CHUNK_BYTES
 from .config import ModelConfig
 from .errors import KtjaxError
 from .fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
@@ -59,11 +60,12 @@ class Output:
 
     @property
     def working_bytes(self) -> int:
-        """Host memory held while making this output: its inputs, a float32 dequantized copy, two of the output
-        (the converted array and tensorstore's chunk buffer). A stacked output streams one slice at a time."""
+        """Host memory held while making this output, at most: its inputs, a float32 dequantized copy, and
+        three chunk bands (a converted band and tensorstore's copies). A stacked output streams one slice at
+        a time."""
         parts = len(self.entry.sources) if self.entry.each else 1
         dequantized = 0 if self.keep_fp8 or not any(self.scales) else int(np.prod(self.shape, dtype=np.int64)) * 4
-        return (self.bytes_in + dequantized + 2 * self.bytes_out) // parts
+        return (self.bytes_in + dequantized) // parts + 3 * min(self.bytes_out // parts, CHUNK_BYTES)
 
 
 @dataclasses.dataclass
@@ -328,11 +330,11 @@ def _write_whole(writer, reader: _StreamingReader, out: Output):
     if out.keep_fp8:
         values = out.entry.fn(*[q for q, _ in inputs])
         scales = out.entry.fn(*[s for _, s in inputs])
-        writer.write(scale_key(out.key), np.ascontiguousarray(scales, np.float32))
+        writer.write(scale_key(out.key), scales, np.float32)
     else:
         values = out.entry.fn(*[_dense(q, s) for q, s in inputs])
     assert values.shape == out.shape, (out.key, values.shape, out.shape)  # a bug in the entries, not bad input
-    writer.write(out.key, np.ascontiguousarray(values, out.dtype))
+    writer.write(out.key, values, out.dtype)  # `values` may be a transposed view: copied band by band
 
 
 def _write_stacked(writer, reader: _StreamingReader, out: Output):
@@ -365,7 +367,7 @@ def _write_checkpoint(plan: Plan, folder: str, quiet: bool):
               disable=quiet, file=sys.stderr, dynamic_ncols=True) as progress:
         reader = _StreamingReader(plan, progress)
         try:
-            for i, out in enumerate(plan.outputs):
+            for out in plan.outputs:
                 (_write_stacked if out.entry.each else _write_whole)(writer, reader, out)
                 progress.set_postfix_str(f"{len(writer.tensors)}/{plan.tensors_out} tensors", refresh=False)
         finally:
@@ -407,8 +409,15 @@ def _move_into_place(tmp: str, out: str):
 
 # ---- the command line ------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is bad input like any other: one line, exit code 2."""
+        print(f"error: {message} (run with --help for usage)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hf_to_ktjax.py", description="Convert a Hugging Face DeepSeek folder "
+    p = _Parser(prog="hf_to_ktjax.py", description="Convert a Hugging Face DeepSeek folder "
                                 "(bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.")
     p.add_argument("--hf-dir", required=True, help="Hugging Face model folder: config.json + *.safetensors")
     p.add_argument("--out", required=True, help="checkpoint folder to create")
@@ -424,7 +433,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """The command line; returns the exit code (0 done, 2 bad input, 1 an I/O failure, 130 interrupted)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported
+        return e.code
     try:
         plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite)
         if not args.quiet or args.dry_run:

@@ -1,13 +1,21 @@
-"""The built-in demo model of `python -m ktjax.generate`: a small DeepSeek-V3-style model and a byte-level
-tokenizer, built in memory. Its weights are random (seeded) until a trained demo model ships, so its text
-is noise; it shows that the whole pipeline runs."""
+"""The built-in demo model of `python -m ktjax.generate`.
+
+ktjax/demo_model/ holds a small DeepSeek-V3-architecture model trained by ktjax/train.py (Hugging Face
+format: config.json, model.safetensors, tokenizer.json). Where that folder is missing, a model of random
+(seeded) weights and a byte-level tokenizer are built in memory instead, and the output says so.
+"""
 from __future__ import annotations
+
+import os
 
 import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
 
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+TRAINED_NOTICE = ("demo model: a 3.6M-parameter DeepSeek-V3-style model trained for half an hour on the Python "
+                  "documentation (pass --model DIR to run a real model)")
 RANDOM_WEIGHTS_NOTICE = ("demo model with random weights: the text below is noise, not a bug "
                          "(pass --model DIR to run a real model)")
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]

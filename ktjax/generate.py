@@ -92,12 +92,15 @@ def enable_compilation_cache():
 
 def load_engine(args, settings):
     from . import load
-    from .demo import RANDOM_WEIGHTS_NOTICE, demo_model, demo_tokenizer
+    from .demo import DEMO_MODEL_DIR, RANDOM_WEIGHTS_NOTICE, TRAINED_NOTICE, demo_model, demo_tokenizer
     from .engine import Engine
     from .tokenizer import Tokenizer
 
     if args.model:
         return load(args.model, **settings), Tokenizer.from_folder(args.model)
+    if os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.json")):
+        print(f"ktjax: {TRAINED_NOTICE}", file=sys.stderr)
+        return load(DEMO_MODEL_DIR, **settings), Tokenizer.from_folder(DEMO_MODEL_DIR)
     runtime = RuntimeConfig.from_overrides(**settings)
     print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
     cfg, model = demo_model(runtime.jnp_dtype)

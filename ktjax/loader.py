@@ -145,7 +145,7 @@ class TensorSource:
         """The shard that holds tensor `name`."""
         f = self.shard(self.where[name])
         if name not in f.keys():
-            raise KtjaxError(f"{path}: the index lists {name!r} in this shard but the shard does not hold it")
+            raise KtjaxError(f"{f.path}: the index lists {name!r} in this shard but the shard does not hold it")
         return f
 
     def check(self, name: str, shape: tuple) -> str | None:

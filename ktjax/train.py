@@ -143,7 +143,7 @@ def train(args):
         return optax.apply_updates(p, updates), o, loss
 
     data = batches(rng, tok, corpus_ids, args.batch, args.seq_len, args.passkey_fraction)
-    t0, losses, total = time.time(), [], args.max_steps
+    t0, losses, total, t_warm = time.time(), [], args.max_steps, time.time()
     for i in range(args.max_steps):
         if i == 5:  # compiled and warm: how many steps fit the budget?
             per_step = (time.time() - t_warm) / 3

@@ -1,9 +1,7 @@
-import os
-
 import numpy as np
 import pytest
 
-from hf_models import CONFIGS, build_hf_model, load_oracle, save_hf_model
+from hf_models import build_hf_model, load_oracle, save_hf_model
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,4 @@
 """The MoE router against a numpy transcription of DeepSeek's gates, for the fields transformers ignores."""
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
