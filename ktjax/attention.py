@@ -38,9 +38,11 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
-def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape):
+def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False):
     """Online softmax over key blocks [0, max(lengths)). scores_fn(j) -> [b,s,h,blk] (scaled);
-    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i]."""
+    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i].
+    with_lse also returns the log-sum-exp of the visible scores [b,s,h] (NEG where none is visible), so that
+    results over disjoint key sets (the shards of a sequence-sharded cache) can be merged."""
     b, s, h, _ = out_shape
     n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
 
@@ -57,13 +59,17 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape)
 
     init = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
             jnp.zeros(out_shape, jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    if not with_lse:
+        return out
+    return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
 
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int):
-    """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32.
+                    block: int, with_lse: bool = False):
+    """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
+    (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
     """
@@ -82,7 +88,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         c, sc, _ = blocks(j)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, q_lat.shape)
+    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, q_lat.shape, with_lse)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -93,7 +99,7 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int):
+                  scale: float, block: int, with_lse: bool = False):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
     from .cache_format import dequantize
@@ -114,7 +120,8 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
         return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]))
+    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
+                  with_lse)
 
 
 

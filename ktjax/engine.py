@@ -5,6 +5,7 @@ cache and then decodes many steps per dispatch inside a jax.lax.while_loop, the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import memory
+from . import memory, sharding
+from .attention import resolve_impl
 from .cache import LatentCache, cache_bytes, plan_cache_lens
 from .cache_format import bytes_per_token, get_format
 from .config import ModelConfig
@@ -115,6 +117,37 @@ class Engine:
         self.generation_defaults = generation_defaults or {}
         self.graphdef, self.state = nnx.split(model)  # split once; the jitted functions take the pure state
         self._compiled: dict = {}
+        self.mesh, self.sharding_notes = self._place_on_mesh(runtime.mesh)
+
+    def _place_on_mesh(self, spec):
+        """Shard the weights over the mesh by the partition rules; (None, []) on one device (the plain path)."""
+        mesh = sharding.make_mesh(spec)
+        if mesh.size == 1:
+            return None, []
+        self.state, notes = sharding.place_state(self.cfg, self.state, mesh)
+        return mesh, notes
+
+    @property
+    def n_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def new_cache(self, batch: int, cache_lens: int, notes: list | None = None) -> LatentCache:
+        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
+        layout = sharding.cache_layout(self.mesh, batch, notes)
+        return LatentCache.create(self.cfg, get_format(self.runtime.cache_dtype), batch, cache_lens, layout)
+
+    def seq_shards(self) -> int:
+        """Devices that the cache's sequence is split over."""
+        return 1 if self.mesh is None else sharding.mesh_size(self.mesh, sharding.MODEL)
+
+    def _on_mesh(self):
+        """The context to trace under: the model's MoE reads the mesh from it for expert parallelism."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _input(self, shape, dtype):
+        """An abstract replicated input of a compiled program (on the mesh when there is one)."""
+        spec = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
 
     @property
     def model(self) -> DeepseekModel:
@@ -123,6 +156,10 @@ class Engine:
     @property
     def weight_bytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.state))
+
+    @property
+    def weight_bytes_per_device(self) -> int:
+        return sharding.per_device_bytes(self.state)
 
     # -- full forward -------------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -140,9 +177,10 @@ class Engine:
         b, s = tokens.shape
         padded = np.zeros((b, seq_bucket(s)), np.int32)
         padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
-        out = _forward(self.graphdef, self.state, jnp.asarray(padded),
-                       absorb=self.runtime.absorb(self.cfg, padded.shape[1]),
-                       moe_impl=self.runtime.moe_impl, dtype=self.runtime.jnp_dtype)
+        with self._on_mesh():
+            out = _forward(self.graphdef, self.state, jnp.asarray(padded),
+                           absorb=self.runtime.absorb(self.cfg, padded.shape[1]),
+                           moe_impl=self.runtime.moe_impl, dtype=self.runtime.jnp_dtype)
         return np.asarray(out[:, :s])
 
     def _check_ids(self, tokens):
@@ -160,21 +198,23 @@ class Engine:
         self._check_ids(tokens)
         b, s = tokens.shape
         rt = self.runtime
-        cache_lens, block = plan_cache_lens(s if rt.cache_lens in (None, "auto") else rt.cache_lens)
+        cache_lens, block = plan_cache_lens(s if rt.cache_lens in (None, "auto") else rt.cache_lens,
+                                            self.seq_shards())
         if s > cache_lens:
             raise KtjaxError(f"{s} tokens exceed the cache of {cache_lens}")
         chunk = min(rt.chunk_size, seq_bucket(s))
         static = Static(self.graphdef, rt.absorb(self.cfg, chunk), rt.attention, rt.moe_impl, rt.jnp_dtype, block)
         fn = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,))
-        cache = LatentCache.create(self.cfg, get_format(rt.cache_dtype), b, cache_lens)
+        cache = self.new_cache(b, cache_lens)
         out = []
         for c in range(0, s, chunk):
             ids = np.zeros((b, chunk), np.int32)
             ids[:, :min(chunk, s - c)] = tokens[:, c:c + chunk]
             pos = c + np.arange(chunk)
             positions = np.broadcast_to(np.where(pos < s, pos, cache_lens), (b, chunk)).astype(np.int32)
-            logits, cache = fn(self.state, cache, jnp.asarray(ids), jnp.asarray(positions),
-                               jnp.full((b,), min(s, c + chunk), jnp.int32), None)
+            with self._on_mesh():
+                logits, cache = fn(self.state, cache, jnp.asarray(ids), jnp.asarray(positions),
+                                   jnp.full((b,), min(s, c + chunk), jnp.int32), None)
             out.append(np.asarray(logits))
         return np.concatenate(out, axis=1)[:, :s]
 
@@ -185,10 +225,12 @@ class Engine:
         fmt = get_format(rt.cache_dtype)
         if rt.cache_lens == "auto":
             budget = rt.memory_budget or memory.available_bytes()
+            shards = self.seq_shards()
             block = plan_cache_lens(rt.chunk_size)[1]
             act = memory.activation_bytes(self.cfg, batch, rt.chunk_size, block,
                                           jnp.dtype(rt.jnp_dtype).itemsize)
-            fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes, act)
+            # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
+            fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
             if fits < needed:
                 raise KtjaxError(
                     f"memory budget {memory.format_bytes(budget)} holds weights "
@@ -197,13 +239,14 @@ class Engine:
                     f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
                     "prompt or fewer --max-new-tokens")
             requested = fits
-            cache_lens, block = plan_cache_lens(requested)
+            cache_lens, block = plan_cache_lens(requested, shards)
             if cache_lens > requested:  # rounding up must not leave the budget
-                cache_lens = max(needed, requested // block * block)
-                cache_lens, block = plan_cache_lens(cache_lens)
+                cache_lens = max(needed, requested // (block * shards) * block * shards)
+                cache_lens, block = plan_cache_lens(cache_lens, shards)
             return cache_lens, block
-        requested = needed if rt.cache_lens is None else rt.cache_lens
-        return plan_cache_lens(requested)
+        # Unset: a power-of-two bucket of what is needed, so that new prompts rarely compile new programs.
+        requested = seq_bucket(needed) if rt.cache_lens is None else rt.cache_lens
+        return plan_cache_lens(requested, self.seq_shards())
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts, *, on_tokens: Callable | None = None, progress: bool = False,
@@ -247,8 +290,13 @@ class Engine:
         static = Static(self.graphdef, rt.absorb(cfg, chunk), rt.attention, rt.moe_impl, rt.jnp_dtype, block)
         sampling, stops = self._sampling_and_stops()
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
+        notes = list(self.sharding_notes)
         try:
-            cache = LatentCache.create(cfg, fmt, b, cache_lens)
+            cache = self.new_cache(b, cache_lens, notes)
+            cache_bytes_per_device = cache.nbytes_per_device  # measured on the shards, before donation
+            if cache.layout is not None and resolve_impl(rt.attention) == "pallas":
+                notes.append("attention over the sequence-sharded cache runs on the XLA path: the merge needs "
+                             "each device's log-sum-exp, which the Pallas kernels do not return")
             prefill, decode, compile_s = self._programs(static, cache, b, chunk, stop_ids)
             t0 = time.perf_counter()
             logits, cache = self._prefill(prefill, cache, prompts, chunk, cache_lens, progress)
@@ -269,28 +317,36 @@ class Engine:
             "decode_tokens_per_s": n_gen / decode_s if decode_s > 0 else 0.0,
             "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
             "cache_dtype": fmt.name, "cache_lens": cache_lens, "cache_bytes": cache.nbytes,
-            "cache_bytes_per_token": bytes_per_token(fmt, cfg), "cache_bytes_per_device": cache.nbytes,
-            "weight_bytes": self.weight_bytes, "peak_memory_bytes": memory.peak_memory_bytes(),
-            "devices": jax.device_count(), "backend": jax.default_backend(),
+            "cache_bytes_per_token": bytes_per_token(fmt, cfg), "cache_bytes_per_device": cache_bytes_per_device,
+            "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
+            "peak_memory_bytes": memory.peak_memory_bytes(), "devices": self.n_devices,
+            "mesh": "1" if self.mesh is None else "x".join(str(n) for n in self.mesh.devices.shape),
+            "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": static.absorb, "chunk_size": chunk, "attention": rt.attention,
         }
         return Generation(tokens, stats)
 
     def _programs(self, static: Static, cache, b, chunk, stop_ids):
         """Compile (or fetch) the prefill-chunk and decode programs, timing compilation on its own."""
-        key = (static, b, chunk, cache.cache_lens, cache.fmt.name, stop_ids.shape)
+        key = (static, b, chunk, cache.cache_lens, cache.fmt.name, cache.layout, stop_ids.shape)
         if key in self._compiled:
             return (*self._compiled[key], 0.0)
         t0 = time.perf_counter()
-        i32 = jax.ShapeDtypeStruct((b,), jnp.int32)
-        tok = jax.ShapeDtypeStruct((b, chunk), jnp.int32)
-        prefill = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,)).lower(
-            self.state, cache, tok, tok, i32, i32).compile()
-        ds = DecodeState(jax.ShapeDtypeStruct((b, self.cfg.vocab_size), jnp.float32), i32,
-                         jax.ShapeDtypeStruct((b,), jnp.bool_), i32, jax.random.key(0))
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        decode = jax.jit(functools.partial(_decode_steps, static), donate_argnums=(1,)).lower(
-            self.state, cache, ds, scalar, scalar, stop_ids, Sampling.make()).compile()
+        i32 = self._input((b,), jnp.int32)
+        tok = self._input((b, chunk), jnp.int32)
+        ds = DecodeState(self._input((b, self.cfg.vocab_size), jnp.float32), i32,
+                         self._input((b,), jnp.bool_), i32, jax.random.key(0))
+        scalar = self._input((), jnp.int32)
+        # On a mesh, outputs keep the shardings that the next call's inputs were compiled for.
+        rep = None if self.mesh is None else tok.sharding
+        cache_sh = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, cache)
+        with self._on_mesh():
+            prefill = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,),
+                              out_shardings=None if rep is None else (rep, cache_sh)).lower(
+                self.state, cache, tok, tok, i32, i32).compile()
+            decode = jax.jit(functools.partial(_decode_steps, static), donate_argnums=(1,),
+                             out_shardings=None if rep is None else (cache_sh, rep, rep)).lower(
+                self.state, cache, ds, scalar, scalar, stop_ids, Sampling.make()).compile()
         self._compiled[key] = (prefill, decode)
         return prefill, decode, time.perf_counter() - t0
 

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import mla_prefill_xla, naive_prefill
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE
+from .sharding import attend_sharded, moe_forward
 
 
 class DecoderLayer(nnx.Module):
@@ -24,7 +26,7 @@ class DecoderLayer(nnx.Module):
 
     def feed_forward(self, x, moe_impl: str):
         h = self.post_attn_norm(x)
-        return x + (self.mlp(h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (moe_forward(self.mlp, h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
 
     def __call__(self, x, cos, sin, mask, absorb: bool, moe_impl: str = "auto"):
         x = x + self.attn(self.input_norm(x), cos, sin, mask, absorb)
@@ -69,6 +71,30 @@ def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step
         return step(nnx.merge(graphdef, layer_state), index, c), None
 
     return jax.lax.scan(body, carry, (state, first_layer + jnp.arange(n)))[0]
+
+
+def attend_sharded_cache(attn, x, cos, sin, cache, index, q_positions, lengths, *, absorb: bool, block: int):
+    """MLA.attend_cache over a sequence-sharded cache: each device attends all heads to its own tokens and the
+    results merge by log-sum-exp (ktjax/sharding.py). Uses the XLA attention, the one that returns the
+    log-sum-exp a merge needs."""
+    q_nope, q_pe = attn.queries(x, cos, sin)
+    kw = dict(fmt=cache.fmt, scale=attn.cfg.softmax_scale, block=block, with_lse=True)
+    w_uk, w_uv = attn.w_uk[...], attn.w_uv[...]
+    buffers = (cache.c_kv, cache.scales, cache.k_pe)
+    if absorb:
+        def partial(queries, _, layer_cache, pos, lens):
+            return mla_prefill_xla(*queries, *layer_cache, pos, lens, **kw)
+
+        q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+        o_lat = attend_sharded(cache.layout, partial, (q_lat, q_pe), (), buffers, index, q_positions, lengths)
+        o = jnp.einsum("bshc,hdc->bshd", o_lat.astype(x.dtype), w_uv.astype(x.dtype))
+    else:
+        def partial(queries, weights, layer_cache, pos, lens):
+            return naive_prefill(*queries, *layer_cache, pos, lens, *weights, **kw)
+
+        o = attend_sharded(cache.layout, partial, (q_nope, q_pe), (w_uk, w_uv), buffers, index, q_positions,
+                           lengths)
+    return attn.o_proj(o.astype(x.dtype).reshape(*x.shape[:-1], -1))
 
 
 class DeepseekModel(nnx.Module):
@@ -119,8 +145,12 @@ class DeepseekModel(nnx.Module):
             h = layer.input_norm(x)
             c_kv, k_pe = layer.attn.latents(h, cos, sin)
             cache = cache.write(index, positions, c_kv, k_pe)
-            x = x + layer.attn.attend_cache(h, cos, sin, cache.layer(index), positions, lengths, absorb=absorb,
-                                            impl=attention, fmt=cache.fmt, block=block)
+            if cache.layout is None:
+                x = x + layer.attn.attend_cache(h, cos, sin, cache.layer(index), positions, lengths, absorb=absorb,
+                                                impl=attention, fmt=cache.fmt, block=block)
+            else:
+                x = x + attend_sharded_cache(layer.attn, h, cos, sin, cache, index, positions, lengths,
+                                             absorb=absorb, block=block)
             return layer.feed_forward(x, moe_impl), cache
 
         carry = (self.embed_tokens(tokens, dtype), cache)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from .errors import KtjaxError
 
@@ -44,6 +45,9 @@ SETTINGS = {
     "ignore_eos": (False, "keep generating past end-of-sequence tokens (for benchmarks)"),
     "truncate_left": (False, "drop the oldest prompt tokens when prompt + max_new_tokens exceed the cache, "
                              "instead of refusing"),
+    "mesh": (None, "devices to shard over: N (N devices on one axis: heads, experts, MLP, vocabulary and the "
+                   "cache's sequence) or AxB (A over the batch x B as with N); default: all local devices on one "
+                   "axis"),
 }
 
 
@@ -64,6 +68,7 @@ class RuntimeConfig:
     seed: int = SETTINGS["seed"][0]
     ignore_eos: bool = SETTINGS["ignore_eos"][0]
     truncate_left: bool = SETTINGS["truncate_left"][0]
+    mesh: str | None = SETTINGS["mesh"][0]
 
     @classmethod
     def from_overrides(cls, base: "RuntimeConfig | None" = None, **overrides) -> "RuntimeConfig":
@@ -93,8 +98,10 @@ class RuntimeConfig:
             raise KtjaxError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k is not None and int(self.top_k) < 0:
             raise KtjaxError(f"top_k={self.top_k} must be >= 0")
+        shape = parse_mesh(self.mesh)
         return dataclasses.replace(
-            self, cache_dtype=cache_dtype, absorb_for_prefill=absorb, cache_lens=cache_lens, memory_budget=budget,
+            self, mesh=None if shape is None else "x".join(map(str, shape)), cache_dtype=cache_dtype,
+            absorb_for_prefill=absorb, cache_lens=cache_lens, memory_budget=budget,
             chunk_size=_positive_int("chunk_size", self.chunk_size),
             max_new_tokens=_positive_int("max_new_tokens", self.max_new_tokens),
             ignore_eos=_as_bool_or_auto("ignore_eos", self.ignore_eos, auto=False),
@@ -115,6 +122,17 @@ class RuntimeConfig:
         absorbed = 2 * r + rope
         naive = cfg.qk_head_dim + cfg.v_head_dim + r * (cfg.qk_nope_head_dim + cfg.v_head_dim) / q_len
         return absorbed <= naive
+
+
+def parse_mesh(spec) -> tuple[int, ...] | None:
+    """'8' -> (8,), '2x4' -> (2, 4), None or 'auto' -> None (all local devices on one axis)."""
+    if spec is None or str(spec).strip().lower() in ("", "auto", "none"):
+        return None
+    text = str(spec).strip().lower()
+    if not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)?", text):
+        raise KtjaxError(f"mesh={spec!r} is not understood; write N (N devices on one axis) or AxB "
+                         "(A devices over the batch x B over the model and the cache's sequence)")
+    return tuple(int(n) for n in text.split("x"))
 
 
 def cache_dtype_name(name) -> str:

@@ -115,13 +115,23 @@ def train(args):
 
     rng = np.random.default_rng(args.seed)
     text = load_corpus(args.text_dir)
-    tok = train_tokenizer(text, args.vocab_size)
+    if args.init:  # continue training an exported model, with its tokenizer
+        from tokenizers import Tokenizer
+
+        from .loader import load_hf_model
+        tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
+        with open(os.path.join(args.init, "config.json")) as f:
+            raw = {k: v for k, v in json.load(f).items() if k != "torch_dtype"}
+        cfg = ModelConfig.from_hf_dict(raw)
+        model = load_hf_model(args.init, cfg)
+    else:
+        tok = train_tokenizer(text, args.vocab_size)
+        raw = model_config(tok.get_vocab_size(), args.seq_len * 4)
+        cfg = ModelConfig.from_hf_dict(raw)
+        model = DeepseekModel(cfg, rngs=nnx.Rngs(args.seed))
     corpus_ids = np.array(tok.encode(text).ids, np.int32)
     print(f"corpus: {len(text) / 1e6:.1f}M characters, {len(corpus_ids) / 1e6:.2f}M tokens; "
           f"vocab {tok.get_vocab_size()}", flush=True)
-    raw = model_config(tok.get_vocab_size(), args.seq_len * 4)
-    cfg = ModelConfig.from_hf_dict(raw)
-    model = DeepseekModel(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
@@ -269,6 +279,7 @@ def main(argv=None):
     p.add_argument("--passkey-fraction", type=float, default=0.3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue from an exported model folder (its tokenizer and config)")
     train(p.parse_args(argv))
 
 
