@@ -173,10 +173,14 @@ def print_stats(s: dict, file=None):
     print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "
           f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, "
           f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)
-    print(f"cache {s['cache_dtype']} x {s['cache_lens']} tokens = {format_bytes(s['cache_bytes'])} "
+    per_device = (f", {format_bytes(s['cache_bytes_per_device'])} per device"
+                  if s.get("cache_bytes_per_device", s["cache_bytes"]) != s["cache_bytes"] else "")
+    print(f"cache {s['cache_dtype']} x {s['cache_lens']} tokens = {format_bytes(s['cache_bytes'])}{per_device} "
           f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])} | "
           f"peak memory {format_bytes(s['peak_memory_bytes'])} | {s['devices']} {s['backend']} device(s)",
           file=file)
+    for note in s.get("sharding_notes") or []:
+        print(f"note: {note}", file=file)
 
 
 if __name__ == "__main__":

@@ -61,24 +61,38 @@ class MLA(nnx.Module):
         o = attend(q_nope, q_pe, c_kv, k_pe, self.w_uk[...], self.w_uv[...], mask, self.cfg.softmax_scale)
         return self.o_proj(o.reshape(*x.shape[:-1], -1))
 
-    def attend_cache(self, x, cos, sin, layer_cache, q_positions, lengths, *, absorb: bool, impl: str,
-                     fmt, block: int):
-        """Attention of x [b,s,d] at q_positions [b,s] over one layer's cache (which already holds x's own
-        latents), keys [0, lengths[b]). Absorbed: in latent space; naive: each key block expanded per head."""
+    def attend_latents(self, x, cos, sin, *, absorb: bool, latent_attention, naive_attention):
+        """Attention of x [b,s,d] over cached latents, through one of two functions of the cache:
+        latent_attention(q_lat, q_pe) -> o_lat [b,s,h,R] (absorbed), or
+        naive_attention(q_nope, q_pe, w_uk, w_uv) -> o [b,s,h,d_v] (each key block expanded per head).
+        The caller decides where the cache lives (one device, or sharded along the sequence)."""
         q_nope, q_pe = self.queries(x, cos, sin)
-        c_kv, scales, k_pe = layer_cache
-        kw = dict(fmt=fmt, scale=self.cfg.softmax_scale, block=block)
         w_uk, w_uv = self.w_uk[...], self.w_uv[...]
         if not absorb:
-            o = naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, **kw)
+            o = naive_attention(q_nope, q_pe, w_uk, w_uv)
         else:
             q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
-            if x.shape[1] == 1:
-                o_lat = mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, impl=impl, **kw)[:, None]
-            else:
-                o_lat = mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, impl=impl, **kw)
+            o_lat = latent_attention(q_lat, q_pe)
             o = jnp.einsum("bshc,hdc->bshd", o_lat.astype(x.dtype), w_uv.astype(x.dtype))
         return self.o_proj(o.astype(x.dtype).reshape(*x.shape[:-1], -1))
+
+    def attend_cache(self, x, cos, sin, layer_cache, q_positions, lengths, *, absorb: bool, impl: str,
+                     fmt, block: int):
+        """Attention of x at q_positions [b,s] over one layer's cache on one device (which already holds x's
+        own latents), keys [0, lengths[b])."""
+        c_kv, scales, k_pe = layer_cache
+        kw = dict(fmt=fmt, scale=self.cfg.softmax_scale, block=block)
+
+        def latent_attention(q_lat, q_pe):
+            if x.shape[1] == 1:
+                return mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, impl=impl, **kw)[:, None]
+            return mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, impl=impl, **kw)
+
+        def naive_attention(q_nope, q_pe, w_uk, w_uv):
+            return naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, **kw)
+
+        return self.attend_latents(x, cos, sin, absorb=absorb, latent_attention=latent_attention,
+                                   naive_attention=naive_attention)
 
 
 def _softmax(scores, mask):

@@ -77,24 +77,22 @@ def attend_sharded_cache(attn, x, cos, sin, cache, index, q_positions, lengths, 
     """MLA.attend_cache over a sequence-sharded cache: each device attends all heads to its own tokens and the
     results merge by log-sum-exp (ktjax/sharding.py). Uses the XLA attention, the one that returns the
     log-sum-exp a merge needs."""
-    q_nope, q_pe = attn.queries(x, cos, sin)
     kw = dict(fmt=cache.fmt, scale=attn.cfg.softmax_scale, block=block, with_lse=True)
-    w_uk, w_uv = attn.w_uk[...], attn.w_uv[...]
     buffers = (cache.c_kv, cache.scales, cache.k_pe)
-    if absorb:
+
+    def latent_attention(q_lat, q_pe):
         def partial(queries, _, layer_cache, pos, lens):
             return mla_prefill_xla(*queries, *layer_cache, pos, lens, **kw)
+        return attend_sharded(cache.layout, partial, (q_lat, q_pe), (), buffers, index, q_positions, lengths)
 
-        q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
-        o_lat = attend_sharded(cache.layout, partial, (q_lat, q_pe), (), buffers, index, q_positions, lengths)
-        o = jnp.einsum("bshc,hdc->bshd", o_lat.astype(x.dtype), w_uv.astype(x.dtype))
-    else:
+    def naive_attention(q_nope, q_pe, w_uk, w_uv):
         def partial(queries, weights, layer_cache, pos, lens):
             return naive_prefill(*queries, *layer_cache, pos, lens, *weights, **kw)
+        return attend_sharded(cache.layout, partial, (q_nope, q_pe), (w_uk, w_uv), buffers, index, q_positions,
+                              lengths)
 
-        o = attend_sharded(cache.layout, partial, (q_nope, q_pe), (w_uk, w_uv), buffers, index, q_positions,
-                           lengths)
-    return attn.o_proj(o.astype(x.dtype).reshape(*x.shape[:-1], -1))
+    return attn.attend_latents(x, cos, sin, absorb=absorb, latent_attention=latent_attention,
+                               naive_attention=naive_attention)
 
 
 class DeepseekModel(nnx.Module):
