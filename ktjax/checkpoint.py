@@ -7,7 +7,7 @@ Layout (version 1) of a folder written by `convert/hf_to_ktjax.py`:
     params/embed           top-level parameters, named by their path in the model ("norm.weight", ...)
     params/layers/007/attn.w_uk           decoder layer 7's parameters, named relative to the layer
     params/layers/007/mlp.w_gate          routed experts [E, d, f], one chunk per expert
-    params/layers/007/mlp.w_gate_scale    FP8 block scales, beside the e4m3 values they scale
+    params/layers/007/mlp.w_gate_scale    FP8 block scales (or int8/int4 scales), beside the values they scale
     params/mtp/<hf name>   the multi-token-prediction layer, as the source names it (only with --keep-mtp)
 
 Arrays are written through tensorstore (Orbax's storage backend) in chunks of at most CHUNK_BYTES, so a
@@ -174,10 +174,14 @@ def _module_at(model, path: tuple):
     return node
 
 
-def _use_stored_fp8(model: DeepseekModel, cfg: ModelConfig, tensors: dict):
-    """Turn the abstract model's parameters that the checkpoint stores in FP8 into e4m3 + block scales."""
+_QUANTIZED_DTYPES = (*FP8_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))  # FP8, int8, packed int4
+
+
+def _use_stored_quantized(model: DeepseekModel, cfg: ModelConfig, tensors: dict):
+    """Turn the abstract model's parameters that the checkpoint stores quantized (FP8, int8, int4) into the
+    stored values + scales, shaped as stored (int4 is packed)."""
     def quantized(key):
-        return np.dtype(tensors.get(key, {}).get("dtype", "float32")) in FP8_DTYPES
+        return np.dtype(tensors.get(key, {}).get("dtype", "float32")) in _QUANTIZED_DTYPES
 
     for path in _param_paths(nnx.state(model).to_pure_dict()):
         stack = path[0] if path[0] in STACKS else None
@@ -186,7 +190,7 @@ def _use_stored_fp8(model: DeepseekModel, cfg: ModelConfig, tensors: dict):
         flags = {quantized(tensor_key(rel, i)) for i in layers}
         if flags != {True}:
             if len(flags) > 1:
-                raise KtjaxError(f"checkpoint stores {'.'.join(rel)} in FP8 in some layers only; re-convert it")
+                raise KtjaxError(f"checkpoint stores {'.'.join(rel)} quantized in some layers only; re-convert it")
             continue
         key = tensor_key(rel, layers[0])
         lead = (len(layers),) if stack else ()
@@ -228,13 +232,14 @@ def load_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Deepseek
     """Read a converted checkpoint: (config, model).
 
     Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does;
-    FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul.
+    FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul; int8
+    and int4 parameters stay narrow and are read tile by tile (weight_quant.matmul).
     """
     manifest = read_manifest(path)
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
     tensors = manifest["tensors"]
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    _use_stored_fp8(abstract, cfg, tensors)
+    _use_stored_quantized(abstract, cfg, tensors)
     graphdef, state = nnx.split(abstract)
     values = jax.tree_util.tree_map_with_path(
         lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), state.to_pure_dict())

@@ -1,7 +1,7 @@
 """Convert a Hugging Face DeepSeek folder (bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.
 
-    python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8}]
-                                  [--keep-mtp] [--dry-run] [--overwrite] [--quiet]
+    python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8,int8,int4}]
+                                  [--int4-group {64,128}] [--keep-mtp] [--dry-run] [--overwrite] [--quiet]
 
 Everything that can be checked is checked before a byte is written (config, shard headers, every tensor's
 shape, that every source tensor is used or deliberately skipped, disk space). Then each output tensor is
@@ -28,8 +28,9 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
 from .loader import Entry, TensorSource, _skipped, layer_entries, top_entries
+from . import weight_quant
 
-WEIGHTS = ("source", "float32", "bf16", "fp8")
+WEIGHTS = ("source", "float32", "bf16", "fp8", *weight_quant.FORMATS)
 _CAST = {"float32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 _FLOAT32_ROUTER = ("router", "router_bias")  # run in float32 by the model: never narrowed
 # Small files a model folder needs besides its weights (config, tokenizer, generation settings).
@@ -46,17 +47,28 @@ class Output:
     scales: list[str | None]  # each source's FP8 block-scale tensor, or None for a dense source
     dtype: np.dtype           # stored dtype of the values
     keep_fp8: bool            # the values stay e4m3 and their block scales are written beside them
-    shape: tuple              # stored shape
+    shape: tuple              # the parameter's shape ([..., in, out]; stored so unless quantized)
     bytes_in: int
+    quant: str | None = None  # "int8" or "int4": values and scales as in weight_quant.py
+    group: int = weight_quant.INT4_GROUP
 
     @property
     def bytes_out(self) -> int:
+        if self.quant:
+            return weight_quant.stored_bytes(self.quant, self.shape, self.group)
         values = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         return values + (int(np.prod(block_scale_shape(self.shape), dtype=np.int64)) * 4 if self.keep_fp8 else 0)
 
     @property
     def arrays_out(self) -> int:
-        return 2 if self.keep_fp8 else 1
+        return 2 if self.keep_fp8 or self.quant else 1
+
+    @property
+    def stored(self) -> tuple[tuple, np.dtype, tuple | None]:
+        """(values shape, values dtype, scales shape or None) as written."""
+        if self.quant:
+            return weight_quant.stored_shapes(self.quant, self.shape, self.group)
+        return self.shape, self.dtype, block_scale_shape(self.shape) if self.keep_fp8 else None
 
     @property
     def working_bytes(self) -> int:
@@ -64,7 +76,8 @@ class Output:
         three chunk bands (a converted band and tensorstore's copies). A stacked output streams one slice at
         a time."""
         parts = len(self.entry.sources) if self.entry.each else 1
-        dequantized = 0 if self.keep_fp8 or not any(self.scales) else int(np.prod(self.shape, dtype=np.int64)) * 4
+        dense = int(np.prod(self.shape, dtype=np.int64)) * 4
+        dequantized = 2 * dense if self.quant else 0 if self.keep_fp8 or not any(self.scales) else dense
         return (self.bytes_in + dequantized) // parts + 3 * min(self.bytes_out // parts, CHUNK_BYTES)
 
 
@@ -74,6 +87,7 @@ class Plan:
     out: str
     weights: str
     outputs: list[Output]
+    group: int
     source_count: int
     used: set[str]
     skipped: dict[str, list[str]]  # reason -> source tensor names
@@ -96,6 +110,13 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         return max((o.working_bytes for o in self.outputs), default=0)
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes out split into the quantized tensors and the rest (embeddings, norms, router, w_uk/w_uv)."""
+        out = {"quantized": 0, "kept": 0}
+        for o in self.outputs:
+            out["quantized" if o.quant else "kept"] += o.bytes_out
+        return out
 
 
 # ---- the plan: every check, no writes ---------------------------------------------------------------
@@ -154,13 +175,20 @@ def _is_mtp(name: str, cfg: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def _plan_output(src: TensorSource, key: str, entry: Entry, shape: tuple, weights: str) -> Output:
+def _plan_output(src: TensorSource, key: str, entry: Entry, shape: tuple, weights: str,
+                 group: int = weight_quant.INT4_GROUP) -> Output:
     scales = [src.check(n, s) for n, s in zip(entry.sources, entry.shapes)]
     dtypes = {src.file(n).dtype(n) for n in entry.sources}
     if len(dtypes) > 1 or len({s is None for s in scales}) > 1:
         raise KtjaxError(f"{entry.sources[0]} and the tensors stacked with it disagree in dtype or quantization")
-    dtype, keep_fp8 = _stored_dtype(weights, entry, dtypes.pop(), scales[0] is not None)
+    src_dtype = dtypes.pop()
     bytes_in = sum(src.file(n).nbytes(n) for n in entry.sources + [s for s in scales if s])
+    if weights in weight_quant.FORMATS and weight_quant.quantized_paths(entry.path):
+        _, dtype, _ = weight_quant.stored_shapes(weights, shape, group)
+        return Output(key, entry, scales, dtype, False, shape, bytes_in, quant=weights, group=group)
+    # Everything int8/int4 leaves alone stays in the source's precision (FP8 kv_b_proj: float32, exactly).
+    dtype, keep_fp8 = _stored_dtype("source" if weights in weight_quant.FORMATS else weights, entry, src_dtype,
+                                    scales[0] is not None)
     return Output(key, entry, scales, dtype, keep_fp8, shape, bytes_in)
 
 
@@ -188,7 +216,7 @@ def _existing_parent(out: str) -> str:
 
 
 def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = False,
-              overwrite: bool = False) -> Plan:
+              overwrite: bool = False, group: int = weight_quant.INT4_GROUP) -> Plan:
     """Check everything that can be checked without writing, and decide what each output tensor will be."""
     _check_paths(hf_dir, out, overwrite)
     cfg = ModelConfig.from_file(os.path.join(hf_dir, "config.json"))
@@ -198,7 +226,7 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
             src.shard(path)
         names = set(src.where)
         shapes = _param_shapes(cfg)
-        outputs = [_plan_output(src, key, e, shapes[e.path], weights) for key, e in _model_entries(cfg, names)]
+        outputs = [_plan_output(src, key, e, shapes[e.path], weights, group) for key, e in _model_entries(cfg, names)]
         used = {n for o in outputs for n in o.entry.sources + o.scales if n}
         skipped = _skipped_by_reason(cfg, names - used)
         if keep_mtp and skipped.get("mtp"):
@@ -218,7 +246,7 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
         src.close()
     copied = sorted(f for f in os.listdir(hf_dir) if f.endswith(_COPIED_SUFFIXES) and f != _INDEX
                     and os.path.isfile(os.path.join(hf_dir, f)))
-    return Plan(hf_dir, out, weights, outputs, len(names), used, skipped, copied, tensor_bytes)
+    return Plan(hf_dir, out, weights, outputs, group, len(names), used, skipped, copied, tensor_bytes)
 
 
 def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str]]:
@@ -242,14 +270,20 @@ def fmt_bytes(n: float) -> str:
 
 def describe(plan: Plan) -> str:
     kept = sum(o.keep_fp8 for o in plan.outputs)
+    quantized = sum(bool(o.quant) for o in plan.outputs)
     lines = [f"ktjax conversion plan: {plan.hf_dir} -> {plan.out}",
              f"  weights:        --weights {plan.weights}"
-             + (f" ({kept} FP8 tensors kept as e4m3 + {FP8_BLOCK}x{FP8_BLOCK} block scales)" if kept else ""),
+             + (f" ({kept} FP8 tensors kept as e4m3 + {FP8_BLOCK}x{FP8_BLOCK} block scales)" if kept else "")
+             + (f" ({quantized} tensors quantized{_quant_detail(plan)})" if quantized else ""),
              f"  source tensors: {plan.source_count} ({len(plan.used)} used, "
              f"{sum(len(v) for v in plan.skipped.values())} skipped)",
              f"  tensors out:    {plan.tensors_out} (+ {len(plan.copied_files)} config/tokenizer files)",
              f"  bytes in:       {fmt_bytes(plan.bytes_in)}",
              f"  bytes out:      {fmt_bytes(plan.bytes_out)}",
+             *([f"    quantized:    {fmt_bytes(plan.bytes_by_kind()['quantized'])} (attention projections, dense "
+                "MLPs, shared and routed experts)",
+                f"    kept:         {fmt_bytes(plan.bytes_by_kind()['kept'])} in source precision (embeddings, "
+                "lm_head, norms, router, w_uk/w_uv)"] if quantized else []),
              f"  peak memory:    about {fmt_bytes(plan.peak_bytes)} of arrays at once, "
              "plus about 0.25 GB for Python, JAX and tensorstore"]
     mtp = plan.skipped.get("mtp", [])
@@ -261,6 +295,12 @@ def describe(plan: Plan) -> str:
         lines.append(f"  skipping {len(plan.skipped['unused'])} tensor(s) the model does not use "
                      f"(e.g. {plan.skipped['unused'][0]})")
     return "\n".join(lines)
+
+
+def _quant_detail(plan: Plan) -> str:
+    if plan.weights == "int4":
+        return f", two per byte, one float32 scale per {plan.group} inputs and output"
+    return ", one float32 scale per output channel"
 
 
 def check_disk_space(plan: Plan):
@@ -327,6 +367,11 @@ def _write_whole(writer, reader: _StreamingReader, out: Output):
     from .checkpoint import scale_key
 
     inputs = reader.read_all(out.entry)
+    if out.quant:
+        values, scales = weight_quant.quantize(out.entry.fn(*[_dense(q, s) for q, s in inputs]), out.quant, out.group)
+        writer.write(scale_key(out.key), scales)
+        writer.write(out.key, values)
+        return
     if out.keep_fp8:
         values = out.entry.fn(*[q for q, _ in inputs])
         scales = out.entry.fn(*[s for _, s in inputs])
@@ -343,10 +388,16 @@ def _write_stacked(writer, reader: _StreamingReader, out: Output):
 
     entry = out.entry
     reader.forget()
-    values = writer.create(out.key, out.shape, out.dtype)
-    scales = writer.create(scale_key(out.key), block_scale_shape(out.shape), np.float32) if out.keep_fp8 else None
+    values_shape, dtype, scales_shape = out.stored
+    values = writer.create(out.key, values_shape, dtype)
+    scales = None if scales_shape is None else writer.create(scale_key(out.key), scales_shape, np.float32)
     for j, (name, shape) in enumerate(zip(entry.sources, entry.shapes)):
         q, s = reader.read(name, shape)
+        if out.quant:  # one expert at a time: the float32 copy is one expert's
+            part_q, part_s = weight_quant.quantize(entry.each(_dense(q, s)), out.quant, out.group)
+            scales[j].write(part_s).result()
+            values[j].write(part_q).result()
+            continue
         if out.keep_fp8:
             scales[j].write(np.ascontiguousarray(entry.each(s), np.float32)).result()
             part = entry.each(q)
@@ -379,7 +430,8 @@ def _write_checkpoint(plan: Plan, folder: str, quiet: bool):
     writer.write_manifest(
         ktjax_version=__version__, source=os.path.abspath(plan.hf_dir), weights=plan.weights,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        fp8_block=FP8_BLOCK, source_tensor_count=plan.source_count, source_tensors_used=len(plan.used),
+        fp8_block=FP8_BLOCK, **({"int4_group": plan.group} if plan.weights == "int4" else {}),
+        source_tensor_count=plan.source_count, source_tensors_used=len(plan.used),
         source_tensors_skipped={k: len(v) for k, v in plan.skipped.items()}, bytes=plan.bytes_out)
 
 
@@ -423,7 +475,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.add_argument("--weights", choices=WEIGHTS, default="source",
                    help="stored precision: source keeps what the folder has (FP8 stays FP8); float32 and bf16 "
-                        "cast (dequantizing FP8); fp8 keeps FP8 weights with their block scales")
+                        "cast (dequantizing FP8); fp8 keeps FP8 weights with their block scales; int8 (one scale "
+                        "per output channel) and int4 (group-wise scales) quantize the attention projections, "
+                        "dense MLPs and experts, and keep the rest in source precision")
+    p.add_argument("--int4-group", type=int, choices=(64, 128), default=weight_quant.INT4_GROUP,
+                   help=f"inputs per int4 scale (default {weight_quant.INT4_GROUP})")
     p.add_argument("--keep-mtp", action="store_true", help="keep the multi-token-prediction layer (skipped by "
                    "default: generation does not use it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
@@ -439,7 +495,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a bad flag already reported
         return e.code
     try:
-        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite)
+        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite, args.int4_group)
         if not args.quiet or args.dry_run:
             print(describe(plan), flush=True)
         if args.dry_run:

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from .config import RopeConfig
-from .fp8 import maybe_dequantize
+from . import weight_quant
 
 _init = nnx.initializers.normal(0.02)
 
@@ -18,17 +18,19 @@ class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out] (Hugging Face stores [out, in]; the loader transposes).
 
     An FP8 checkpoint sets `kernel` to float8_e4m3fn and `kernel_scale` to its 128 x 128 block scales
-    [ceil(in/128), ceil(out/128)]; the kernel is then dequantized on the way into the matmul.
+    [ceil(in/128), ceil(out/128)]; the kernel is then dequantized on the way into the matmul. An int8 or
+    int4 checkpoint sets them to narrow values and per-channel or group scales (ktjax/weight_quant.py),
+    which the matmul reads tile by tile.
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), dtype))
-        self.kernel_scale = nnx.data(None)  # data, not static: an FP8 checkpoint fills it in
+        self.kernel_scale = nnx.data(None)  # data, not static: a quantized checkpoint fills it in
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x):
         scale = None if self.kernel_scale is None else self.kernel_scale[...]
-        y = x @ maybe_dequantize(self.kernel[...], scale, x.dtype)
+        y = weight_quant.matmul(x, self.kernel[...], scale)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .fp8 import maybe_dequantize
+from . import weight_quant
 from .layers import MLP, _init
 from .runtime import MOE_IMPLS
 
@@ -60,7 +60,8 @@ class MoE(nnx.Module):
         self.w_gate = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_up = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_down = nnx.Param(_init(rngs.params(), (e, f, d), dtype))
-        # Block scales [E, ceil(in/128), ceil(out/128)] when an FP8 checkpoint keeps the experts in e4m3.
+        # Block scales [E, ceil(in/128), ceil(out/128)] when an FP8 checkpoint keeps the experts in e4m3;
+        # channel or group scales for int8/int4 experts (ktjax/weight_quant.py).
         self.w_gate_scale = self.w_up_scale = self.w_down_scale = nnx.data(None)
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
@@ -88,8 +89,9 @@ def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
 def routed_experts(x, weights, idx, experts, impl: str, scales=(None, None, None)):
     """x [T, d], weights/idx [T, k], experts (w_gate, w_up [E, d, f], w_down [E, f, d]) -> [T, d].
 
-    `scales` holds each stack's FP8 block scales (or None): weights are dequantized as late as each
-    implementation allows (the gathered experts, one block's expert, or the whole stack for ragged_dot).
+    `scales` holds each stack's FP8 block scales or int8/int4 scales (or None): weights are dequantized as
+    late as each implementation allows. gather and blocked multiply by one expert's stored bytes tile by tile
+    (weight_quant.matmul); ragged_dot takes the whole stack, dequantized.
     """
     experts = tuple(_ExpertStack(w, s) for w, s in zip(experts, scales))
     if impl == "gather":
@@ -109,7 +111,7 @@ def routed_experts(x, weights, idx, experts, impl: str, scales=(None, None, None
 
 
 class _ExpertStack:
-    """An expert stack and its block scales (None when dense), indexed together along the expert axis."""
+    """An expert stack and its scales (None when dense), indexed together along the expert axis."""
 
     def __init__(self, w, scale):
         self.w, self.scale = w, scale
@@ -122,7 +124,13 @@ class _ExpertStack:
         return self.w.shape
 
     def astype(self, dtype):
-        return maybe_dequantize(self.w, self.scale, dtype)
+        """The whole stack dequantized; an int4 stack keeps its zero-padded input rows (callers slice)."""
+        return weight_quant.dequantize(self.w, self.scale, dtype)
+
+
+def _matmul(a, w: _ExpertStack):
+    """a @ one expert's matrix, read in its stored format."""
+    return weight_quant.matmul(a, w.w, w.scale)
 
 
 def _swiglu(x, w_gate, w_up, w_down, matmul):
@@ -137,7 +145,7 @@ def _experts_gather(x, weights, idx, w_gate, w_up, w_down):
 
     def pair(j, acc):
         token, e = j // k, idx[j // k, j % k]
-        y = _swiglu(x[token], w_gate[e], w_up[e], w_down[e], lambda a, w: a @ w.astype(a.dtype))
+        y = _swiglu(x[token], w_gate[e], w_up[e], w_down[e], _matmul)
         return acc.at[token].add(weights[token, j % k].astype(y.dtype) * y)
 
     return jax.lax.fori_loop(0, t * k, pair, jnp.zeros_like(x))
@@ -145,7 +153,7 @@ def _experts_gather(x, weights, idx, w_gate, w_up, w_down):
 
 def _experts_ragged(rows, group_sizes, w_gate, w_up, w_down):
     def matmul(a, w):
-        return jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
+        return jax.lax.ragged_dot(a, w.astype(a.dtype)[:, :a.shape[-1]], group_sizes)
     return _swiglu(rows, w_gate, w_up, w_down, matmul)
 
 
@@ -173,7 +181,7 @@ def _experts_blocked(rows, group_sizes, w_gate, w_up, w_down, block: int = 32):
         def run(_):
             e = block_expert[i]
             xb = jax.lax.dynamic_slice_in_dim(buf, i * block, block)
-            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], lambda a, w: a @ w.astype(a.dtype))
+            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], _matmul)
         return jax.lax.cond(i < used, run, lambda _: jnp.zeros((block, d), rows.dtype), None)
 
     out = jax.lax.map(one_block, jnp.arange(n_blocks)).reshape(n_blocks * block, d)

@@ -1,0 +1,227 @@
+"""Weight-only int8 and int4 quantization of matmul weights, and matmuls that read the narrow bytes.
+
+A weight is stored [..., in, out] (the Linear layout; leading axes stack layers or experts) as values and
+scales of the same rank, so that stacks shard and index alike:
+
+    int8   values int8  [..., in, out]        scales float32 [..., 1, out]     one per output channel
+    int4   values uint8 [..., P/2, out]       scales float32 [..., P/g, out]   one per g inputs and output
+
+int4 is symmetric (-7..7, stored + 8 in a nibble), the input dimension zero-padded to P, a multiple of the
+group size g. Group k's g rows sit in packed rows [k g/2, (k+1) g/2): row k g + j in the low nibble and row
+k g + g/2 + j in the high one, so a group unpacks into two contiguous half-groups with no interleaving, and
+a tile of whole groups needs nothing from its neighbours. The group size is implied by the shapes
+(g = P / groups), and the dtype tells the formats apart (FP8 block scales are float8 values).
+
+Why tiles. On a CPU, XLA converts a narrow weight into a full-size float32 copy before a dot instead of
+fusing the conversion, and a fresh multi-megabyte buffer costs more (page faults) than the dot itself:
+`x @ q.astype(f32)` on a 2048 x 8192 int8 matrix ran ~20x slower than the float32 matvec. So `matmul`
+walks the weight in tiles of rows (a fori_loop: one small reused buffer), converts each tile, and applies
+the scales to the tile's output, never to the weight: int8's per-channel scale multiplies the finished
+[T, out] product once; int4's group scales multiply each group's partial product. Weights small enough
+for one tile are dequantized whole. (bf16 weights under float32 compute gain nothing from tiles: on this
+CPU the bf16 -> float32 conversion itself runs at ~0.3 G weights/s, against ~4 G for int8.)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .fp8 import FP8_DTYPES
+from .fp8 import dequantize as fp8_dequantize
+
+FORMATS = ("int8", "int4")
+INT4_GROUP = 128    # benchmarks/RESULTS.md: faster CPU decode than 64, ~8% more weight error
+INT8_MAX, INT4_MAX = 127, 7
+TILE_BYTES = 2 * 2**20  # float32 bytes of one converted tile: small enough to stay in cache and be reused
+
+
+# ---- shapes and bytes --------------------------------------------------------------------------------
+
+def padded_inputs(d_in: int, group: int) -> int:
+    return -(-d_in // group) * group
+
+
+def stored_shapes(fmt: str, shape: tuple, group: int = INT4_GROUP) -> tuple[tuple, np.dtype, tuple]:
+    """(values shape, values dtype, scales shape) of a weight [..., in, out] stored as `fmt`."""
+    *lead, d_in, d_out = shape
+    if fmt == "int8":
+        return (*lead, d_in, d_out), np.dtype(np.int8), (*lead, 1, d_out)
+    if fmt == "int4":
+        p = padded_inputs(d_in, group)
+        return (*lead, p // 2, d_out), np.dtype(np.uint8), (*lead, p // group, d_out)
+    raise ValueError(f"unknown weight format {fmt!r}; one of {FORMATS}")
+
+
+def stored_bytes(fmt: str, shape: tuple, group: int = INT4_GROUP) -> int:
+    """Bytes of values and float32 scales: the formula the tests hold actual arrays to."""
+    values, dtype, scales = stored_shapes(fmt, shape, group)
+    return int(np.prod(values, dtype=np.int64)) * dtype.itemsize + int(np.prod(scales, dtype=np.int64)) * 4
+
+
+# ---- numpy: quantize and dequantize (the converter, and the reference for the jnp matmuls) -------------
+
+def quantize(w: np.ndarray, fmt: str, group: int = INT4_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """A float weight [..., in, out] -> (values, float32 scales), as laid out in the module docstring."""
+    w = np.asarray(w, np.float32)
+    if fmt == "int8":
+        scale = _symmetric_scale(np.abs(w).max(axis=-2, keepdims=True), INT8_MAX)
+        return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+    if fmt == "int4":
+        *lead, d_in, d_out = w.shape
+        p = padded_inputs(d_in, group)
+        grouped = np.zeros((*lead, p, d_out), np.float32)
+        grouped[..., :d_in, :] = w
+        grouped = grouped.reshape(*lead, p // group, group, d_out)
+        scale = _symmetric_scale(np.abs(grouped).max(axis=-2, keepdims=True), INT4_MAX)
+        q = np.clip(np.rint(grouped / scale), -INT4_MAX, INT4_MAX).astype(np.int8) + 8
+        return pack_int4(q.reshape(*lead, p, d_out), group), scale[..., 0, :]
+    raise ValueError(f"unknown weight format {fmt!r}; one of {FORMATS}")
+
+
+def _symmetric_scale(absmax: np.ndarray, qmax: int) -> np.ndarray:
+    return np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)  # an all-zero channel stays zero
+
+
+def pack_int4(nibbles: np.ndarray, group: int) -> np.ndarray:
+    """Values 0..15 [..., P, out] -> bytes [..., P/2, out]: each group's first half low, second half high."""
+    *lead, p, d_out = nibbles.shape
+    halves = nibbles.astype(np.uint8).reshape(*lead, p // group, 2, group // 2, d_out)
+    return (halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)).reshape(*lead, p // 2, d_out)
+
+
+def unpack_int4(packed: np.ndarray, group: int) -> np.ndarray:
+    """The inverse of pack_int4: bytes [..., P/2, out] -> values 0..15 [..., P, out]."""
+    *lead, half, d_out = packed.shape
+    g = packed.reshape(*lead, 2 * half // group, group // 2, d_out)
+    return np.stack([g & 15, g >> 4], axis=-3).reshape(*lead, 2 * half, d_out)
+
+
+def int4_group(values_shape: tuple, scales_shape: tuple) -> int:
+    return 2 * values_shape[-2] // scales_shape[-2]
+
+
+def dequantize_np(values: np.ndarray, scales: np.ndarray, d_in: int) -> np.ndarray:
+    """float32 [..., d_in, out] from either format (the reference the tests compare against)."""
+    if values.dtype == np.int8:
+        return values.astype(np.float32) * scales
+    group = int4_group(values.shape, scales.shape)
+    q = unpack_int4(values, group).astype(np.float32) - 8
+    return (q * np.repeat(scales, group, axis=-2))[..., :d_in, :]
+
+
+# ---- jnp: matmuls on the stored bytes ------------------------------------------------------------------
+
+
+def matmul(x, w, scale):
+    """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
+    if scale is None:  # bf16 weights under float32 compute: tiles did not help (the bf16 convert is slow)
+        return x @ w.astype(x.dtype)
+    if np.dtype(w.dtype) in FP8_DTYPES:
+        return x @ fp8_dequantize(w, scale, x.dtype)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d_in)
+    if w.dtype == jnp.uint8:
+        y = _int4_matmul(rows, w, scale)
+    else:
+        y = _tiled_matmul(rows, w) * scale.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, w.shape[-1])
+
+
+def dequantize(w, scale, dtype):
+    """The whole weight in `dtype` (jnp): for ragged_dot, which takes the stack at once."""
+    if scale is None:
+        return w.astype(dtype)
+    if np.dtype(w.dtype) in FP8_DTYPES:
+        return fp8_dequantize(w, scale, dtype)
+    if w.dtype == jnp.int8:
+        return (w.astype(jnp.float32) * scale).astype(dtype)
+    group = int4_group(w.shape, scale.shape)
+    *lead, half, d_out = w.shape
+    g = w.reshape(*lead, 2 * half // group, group // 2, d_out)
+    q = jnp.stack([g & 15, g >> 4], axis=-3).astype(jnp.float32) - 8  # [..., groups, 2, g/2, out]
+    full = q * scale[..., :, None, None, :]
+    return full.reshape(*lead, 2 * half, d_out).astype(dtype)  # padded rows are zero: callers slice to `in`
+
+
+def _fits_one_tile(w) -> bool:
+    """Small weights (tiny models, narrow projections) are dequantized whole: one small buffer, no loop."""
+    return 2 * w.shape[-2] * w.shape[-1] * 4 <= TILE_BYTES if w.dtype == jnp.uint8 else w.size * 4 <= TILE_BYTES
+
+
+def _rows_per_tile(d_in: int, d_out: int) -> int:
+    """The most rows per int8 tile within TILE_BYTES of float32, a divisor of d_in."""
+    most = max(1, TILE_BYTES // (4 * d_out))
+    return max(r for r in range(1, min(d_in, most) + 1) if d_in % r == 0)
+
+
+def _tiled_matmul(x, q):
+    """x [T, in] @ q [in, out] converted to x.dtype a tile of rows at a time, accumulated in float32."""
+    d_in, d_out = q.shape
+    dtype = x.dtype
+
+    def tile(xt, qt):
+        return jnp.matmul(xt, qt.astype(dtype), preferred_element_type=jnp.float32)
+
+    rows = d_in if _fits_one_tile(q) else _rows_per_tile(d_in, d_out)
+    n = d_in // rows
+    if n == 1:
+        y = tile(x, q)
+    else:
+        xs, qs = x.reshape(-1, n, rows), q.reshape(n, rows, d_out)
+        y = jax.lax.fori_loop(0, n, lambda i, acc: acc + tile(xs[:, i], qs[i]),
+                              jnp.zeros((x.shape[0], d_out), jnp.float32))
+    return y
+
+
+def _int4_matmul(x, packed, scale):
+    """x [T, in] @ int4 weight, one group per step: (x_lo @ lo + x_hi @ hi) * the group's scales.
+
+    One group per step, as two plain 2-D matmuls: a batched einsum over several groups per step ran 2-14x
+    slower on the CPU (XLA then converted the whole weight outside the loop at g = 128).
+    """
+    half, d_out = packed.shape
+    groups = scale.shape[0]
+    g = 2 * half // groups
+    x = jnp.pad(x, ((0, 0), (0, 2 * half - x.shape[1])))  # the padded inputs meet zero weights
+    if _fits_one_tile(packed):
+        return jnp.matmul(x, dequantize(packed, scale, x.dtype), preferred_element_type=jnp.float32)
+    xs = x.reshape(-1, groups, 2, g // 2)
+    ps = packed.reshape(groups, g // 2, d_out)
+
+    def group(i, acc):
+        lo = (ps[i] & 15).astype(x.dtype) - 8
+        hi = (ps[i] >> 4).astype(x.dtype) - 8
+        y = (jnp.matmul(xs[:, i, 0], lo, preferred_element_type=jnp.float32)
+             + jnp.matmul(xs[:, i, 1], hi, preferred_element_type=jnp.float32))
+        return acc + y * scale[i].astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, groups, group, jnp.zeros((x.shape[0], d_out), jnp.float32))
+
+
+# ---- a loaded model, quantized in memory (tests and benchmarks; the converter writes the same arrays) -----
+
+def quantized_paths(path: tuple) -> bool:
+    """Whether a parameter (its path in the model state) is quantized: attention projections, dense MLPs,
+    shared and routed experts. Embeddings, lm_head, norms, the router and w_uk/w_uv stay as they are."""
+    if path and path[0] == "lm_head":
+        return False
+    return path[-1] == "kernel" or path[-1] in ("w_gate", "w_up", "w_down")
+
+
+def quantize_model(model, fmt: str, group: int = INT4_GROUP):
+    """Replace each quantized parameter of an nnx model by its `fmt` values and scales, in place."""
+    from flax import nnx
+
+    targets = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            for name in ("kernel", "w_gate", "w_up", "w_down"):
+                if hasattr(node, name) and quantized_paths(tuple(map(str, path)) + (name,)):
+                    targets.append((node, name))
+    for module, name in targets:
+        values, scales = quantize(np.asarray(getattr(module, name)[...], np.float32), fmt, group)
+        setattr(module, name, nnx.Param(jnp.asarray(values)))
+        setattr(module, name + "_scale", nnx.Param(jnp.asarray(scales)))
+    return model
+
