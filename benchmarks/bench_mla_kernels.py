@@ -14,29 +14,18 @@ measured first with a large array copy ((read + write) / time). `max err` is |pa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
+from timing import time_median  # benchmarks/timing.py
 from ktjax import attention
 from ktjax import cache_format as cf
 from ktjax import pallas
 from ktjax.pallas import platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
-
-
-def time_median(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(megabytes: int, repeats: int) -> float:

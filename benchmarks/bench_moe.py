@@ -9,24 +9,13 @@ makes on this backend. Times exclude compilation.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import time_median  # benchmarks/timing.py
 from ktjax.moe import pick_impl, routed_experts
-
-
-def _time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -61,7 +50,7 @@ def main(argv=None):
                 row.append("skip")
                 continue
             fn = jax.jit(lambda x, w, idx, experts, impl=impl: routed_experts(x, w, idx, experts, impl))
-            row.append(f"{1e3 * _time(fn, x, w, idx, experts, repeats=a.repeats):.1f}")
+            row.append(f"{1e3 * time_median(fn, x, w, idx, experts, repeats=a.repeats):.1f}")
         print(f"| {t} | " + " | ".join(row) + f" | {pick_impl('auto', t, a.top_k, a.experts)} |", flush=True)
 
 

@@ -46,7 +46,3 @@ def dequantize(q, scale, dtype, block: int = FP8_BLOCK):
     s = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), block, axis=-2)[..., :rows, :], block, axis=-1)[..., :cols]
     return (q.astype(jnp.float32) * s).astype(dtype)
 
-
-def maybe_dequantize(w, scale, dtype):
-    """w cast to dtype, dequantized first when it carries block scales (scale is None for dense weights)."""
-    return w.astype(dtype) if scale is None else dequantize(w, scale, dtype)

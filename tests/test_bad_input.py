@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ktjax
+from folder_edits import corrupt_header, edit_json, shards, truncate_shard
 from ktjax.errors import KtjaxError
 
 
@@ -19,20 +20,11 @@ def folder(hf_folder, tmp_path):
 
 
 def _edit_config(folder, **changes):
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        raw = json.load(f)
-    raw.update(changes)
-    with open(path, "w") as f:
-        json.dump(raw, f)
-
-
-def _shards(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    edit_json(os.path.join(folder, "config.json"), **changes)
 
 
 def test_missing_shard(folder):
-    victim = _shards(folder)[1]
+    victim = shards(folder)[1]
     os.remove(os.path.join(folder, victim))
     with pytest.raises(KtjaxError, match=victim):
         ktjax.load(folder)
@@ -57,20 +49,12 @@ def test_unsupported_field_value(folder):
 
 
 def test_truncated_shard(folder):
-    victim = os.path.join(folder, _shards(folder)[0])
-    size = os.path.getsize(victim)
-    with open(victim, "r+b") as f:
-        f.truncate(size - 100)
-    with pytest.raises(KtjaxError, match=f"{_shards(folder)[0]}.*truncated"):
+    with pytest.raises(KtjaxError, match=truncate_shard(folder)):
         ktjax.load(folder)
 
 
 def test_corrupt_header(folder):
-    victim = os.path.join(folder, _shards(folder)[0])
-    with open(victim, "r+b") as f:
-        f.seek(8)
-        f.write(b"\xff\xfe garbage")
-    with pytest.raises(KtjaxError, match=f"{_shards(folder)[0]}.*corrupt"):
+    with pytest.raises(KtjaxError, match=corrupt_header(folder)):
         ktjax.load(folder)
 
 

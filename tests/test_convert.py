@@ -13,6 +13,7 @@ import pytest
 
 from hf_models import _COMMON, hf_logits
 import ktjax
+from folder_edits import corrupt_header, edit_json, shards, truncate_shard
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.convert import main
 from ktjax.errors import KtjaxError
@@ -345,45 +346,19 @@ def test_mtp_layer_skipped_and_said_so_unless_kept(fp8_folder, tmp_path, capsys)
 
 # ---- bad input: exit code 2, one clear message, nothing at --out ----------------------------------------
 
-def _shards(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def _edit_json(path, **changes):
-    with open(path) as f:
-        raw = json.load(f)
-    raw.update(changes)
-    with open(path, "w") as f:
-        json.dump(raw, f)
-
-
-def _truncate_shard(folder):
-    victim = os.path.join(folder, _shards(folder)[0])
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) - 100)
-    return rf"{_shards(folder)[0]}.*truncated"
-
-
-def _corrupt_header(folder):
-    with open(os.path.join(folder, _shards(folder)[0]), "r+b") as f:
-        f.seek(8)
-        f.write(b"\xff\xfe garbage")
-    return rf"{_shards(folder)[0]}.*corrupt safetensors header"
-
-
 def _index_names_missing_file(folder):
-    victim = _shards(folder)[2]
+    victim = shards(folder)[2]
     os.remove(os.path.join(folder, victim))
     return rf"index.json names shard\(s\) that are not in .*{victim}"
 
 
 def _shape_disagrees(folder):
-    _edit_json(os.path.join(folder, "config.json"), intermediate_size=72)
+    edit_json(os.path.join(folder, "config.json"), intermediate_size=72)
     return r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape \(64, 48\).*\(72, 48\)"
 
 
 def _unsupported_architecture(folder):
-    _edit_json(os.path.join(folder, "config.json"), architectures=["MixtralForCausalLM"])
+    edit_json(os.path.join(folder, "config.json"), architectures=["MixtralForCausalLM"])
     return r"config\.json.*MixtralForCausalLM.*not supported"
 
 
@@ -406,7 +381,7 @@ def _missing_tensor(folder):
     return r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight.*missing"
 
 
-BAD_INPUTS = {"truncated shard": _truncate_shard, "corrupt header": _corrupt_header,
+BAD_INPUTS = {"truncated shard": truncate_shard, "corrupt header": corrupt_header,
               "index names a missing file": _index_names_missing_file, "shape disagrees": _shape_disagrees,
               "unsupported architecture": _unsupported_architecture, "unexpected tensor": _unexpected_tensor,
               "missing tensor": _missing_tensor}
@@ -569,7 +544,7 @@ def test_peak_memory_stays_far_below_the_model_size(tmp_path):
     hf, out = str(tmp_path / "hf"), str(tmp_path / "ckpt")
     model_bytes = make_synthetic_folder(hf)
     largest = 64 * 256 * 256 * 4  # one layer's w_gate stack, float32
-    assert model_bytes > 20 * largest and len(_shards(hf)) > 5
+    assert model_bytes > 20 * largest and len(shards(hf)) > 5
     run = subprocess.run([sys.executable, "-c", _MEASURE.format(root=ROOT), hf, out], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr
