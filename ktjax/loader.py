@@ -206,36 +206,40 @@ def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32) -> DeepseekM
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = state.to_pure_dict()
-    src = TensorSource(folder)
+    # Owned reads (no memory map) and each parameter placed as soon as it is built: peak host memory stays
+    # near the model's own size rather than a multiple of it.
+    src = TensorSource(folder, owned=True)
     names = set(src.where)
     try:
-        values = {}
         for e in top_entries(cfg):
-            values[e.path] = _build(src, e)
+            _place(target, e.path, _build(src, e))
         stacks = (("dense_layers", range(cfg.num_dense_layers), False),
                   ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers), True))
         for stack, layers, moe in stacks:
             per_layer = [layer_entries(cfg, i, moe, names) for i in layers]
             for k in range(len(per_layer[0]) if per_layer else 0):
-                values[(stack,) + per_layer[0][k].path] = np.stack([_build(src, ents[k]) for ents in per_layer])
+                _place(target, (stack,) + per_layer[0][k].path,
+                       np.stack([_build(src, ents[k]) for ents in per_layer]))
         unused = sorted(n for n in names - src.used if not _skipped(n, cfg))
         if unused:
             raise KtjaxError(f"{folder}: {len(unused)} tensor(s) that config.json does not account for, e.g. "
                              f"{', '.join(unused[:5])}; the config does not match the weights")
     finally:
         src.close()
-    for path, value in values.items():
-        node = target
-        for key in path[:-1]:
-            node = node[key]
-        want = node[path[-1]]
-        assert want.shape == value.shape, (path, want.shape, value.shape)  # a bug in the entries, not bad input
-        node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
     missing = [p for p, leaf in jax.tree_util.tree_leaves_with_path(target)
                if isinstance(leaf, jax.ShapeDtypeStruct)]
     assert not missing, f"parameters left unloaded: {missing}"
     nnx.replace_by_pure_dict(state, target)
     return nnx.merge(graphdef, state)
+
+
+def _place(target: dict, path: tuple, value: np.ndarray):
+    node = target
+    for key in path[:-1]:
+        node = node[key]
+    want = node[path[-1]]
+    assert want.shape == value.shape, (path, want.shape, value.shape)  # a bug in the entries, not bad input
+    node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
 
 
 def _build(src: TensorSource, e: Entry) -> np.ndarray:
