@@ -21,9 +21,9 @@ def load(path: str, **overrides):
     runtime = RuntimeConfig.from_overrides(**overrides)
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
-    make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
+    mesh = make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
     if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
-        cfg, model = load_checkpoint(path, runtime.jnp_dtype)
+        cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh)  # straight into the sharded layout
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
         model = load_hf_model(path, cfg, runtime.jnp_dtype)

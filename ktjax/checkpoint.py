@@ -228,12 +228,37 @@ def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeS
     return out
 
 
-def load_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, DeepseekModel]:
+def _load_leaf_sharded(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict,
+                       sharding):
+    """One parameter built straight into its sharded layout: each device's shard is read from the stored
+    per-layer arrays (only the slice it holds), so the whole model never sits on one device or host."""
+    stack = path[0] if path[0] in STACKS else None
+    rel = path[1:] if stack else path
+    keys = [tensor_key(rel, i) for i in (_stack_layers(cfg, stack) if stack else [None])]
+    for key in keys:
+        if key not in tensors or tuple(tensors[key]["shape"]) != want.shape[1 if stack else 0:]:
+            return jax.device_put(_load_leaf(folder, cfg, path, want, tensors), sharding)  # names the problem
+
+    def read(key, index):
+        store = ts.open(_spec(folder, key), open=True, context=_CONTEXT).result()
+        return store[tuple(index)].read().result()
+
+    def shard(index):
+        if not stack:
+            return np.asarray(read(keys[0], index), want.dtype)
+        layers = range(len(keys))[index[0]]
+        return np.stack([np.asarray(read(keys[j], index[1:]), want.dtype) for j in layers])
+
+    return jax.make_array_from_callback(want.shape, sharding, shard)
+
+
+def load_checkpoint(path: str, dtype=jnp.float32, mesh=None) -> tuple[ModelConfig, DeepseekModel]:
     """Read a converted checkpoint: (config, model).
 
     Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does;
     FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul; int8
-    and int4 parameters stay narrow and are read tile by tile (weight_quant.matmul).
+    and int4 parameters stay narrow and are read tile by tile (weight_quant.matmul). With a `mesh` of
+    several devices every parameter is read straight into the layout of ktjax/sharding.py's rules.
     """
     manifest = read_manifest(path)
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
@@ -241,8 +266,17 @@ def load_checkpoint(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Deepseek
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     _use_stored_quantized(abstract, cfg, tensors)
     graphdef, state = nnx.split(abstract)
-    values = jax.tree_util.tree_map_with_path(
-        lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), state.to_pure_dict())
+    pure = state.to_pure_dict()
+    if mesh is not None and mesh.size > 1:
+        from .sharding import param_shardings
+
+        shardings = param_shardings(cfg, pure, mesh)
+        values = jax.tree_util.tree_map_with_path(
+            lambda p, want, sh: _load_leaf_sharded(path, cfg, tuple(k.key for k in p), want, tensors, sh),
+            pure, shardings)
+    else:
+        values = jax.tree_util.tree_map_with_path(
+            lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), pure)
     nnx.replace_by_pure_dict(state, values)
     return cfg, nnx.merge(graphdef, state)
 

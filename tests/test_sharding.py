@@ -151,3 +151,17 @@ def test_two_processes_share_one_mesh(hf_folder, tmp_path):
     for r in results:
         assert r["devices"] == 8 and r["local_devices"] == 4 and r["tokens"] == single.tokens
         assert r["stats"]["cache_bytes_per_device"] * 8 == r["stats"]["cache_bytes"]
+
+
+def test_converted_checkpoint_loads_straight_into_the_sharded_layout(hf_folder, tmp_path):
+    folder, _ = hf_folder("v3")
+    out = str(tmp_path / "report.json")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_load_check.py"), folder, str(tmp_path), out],
+                          env=_forced_cpu_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        r = json.load(f)
+    assert r["devices"] == 8 and r["logits_error"] <= FLOAT32_BOUND
+    experts = r["w_gate_shape"][1]  # [layers, experts, d, f]: experts split over the 8 devices
+    assert r["w_gate_devices"] == 8 and r["w_gate_shard_shapes"] == [[r["w_gate_shape"][0], experts // 8,
+                                                                       *r["w_gate_shape"][2:]]]
