@@ -103,7 +103,10 @@ def measure(kind, folder, length, a, fmt=None):
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{kind} {fmt} {length} failed:\n{proc.stderr[-3000:]}")
+    # A run that dies (the kernel's OOM killer leaves no traceback) is a result too: report it, go on.
+    print(f"<!-- {kind} {fmt or ''} {length} failed with exit code {proc.returncode}: {proc.stderr[-300:]!r} -->",
+          flush=True)
+    return {"failed": proc.returncode}
 
 
 def main(argv=None):
@@ -128,7 +131,14 @@ def main(argv=None):
             hf = None if a.no_hf else measure("hf", folder, length, a)
             rows = ([("transformers (sdpa)", "bf16 latents*", hf)] if hf else []) + [
                 ("ktjax", fmt, measure("ktjax", folder, length, a, fmt)) for fmt in a.formats]
+            if hf and "failed" in hf:
+                print(f"| {length} | transformers (sdpa) | bf16 latents* | failed (exit code {hf['failed']}: killed, "
+                      "out of memory) | | | | |", flush=True)
+                rows, hf = rows[1:], None
             for engine, fmt, r in rows:
+                if "failed" in r:
+                    print(f"| {length} | {engine} | {fmt} | failed (exit code {r['failed']}) | | | | |", flush=True)
+                    continue
                 ratio = f"{r['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.1f}x" if hf else "-"
                 print(f"| {length} | {engine} | {fmt} | {r['prefill_tokens_per_s']:.1f} | "
                       f"{r['decode_tokens_per_s']:.2f} | {r['cache_bytes_per_token']:.0f} | "

@@ -28,3 +28,25 @@ def corrupt_header(folder):
         f.seek(8)
         f.write(b"\xff\xfe garbage")
     return rf"{shards(folder)[0]}.*corrupt safetensors header"
+
+
+def unexpected_tensor(folder):
+    """A shard with a tensor no config accounts for (the index removed, so the files are scanned)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)},
+              os.path.join(folder, "extra.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors.index.json"))
+    return r"model\.layers\.0\.self_attn\.extra\.weight"
+
+
+def missing_tensor(folder):
+    """The index forgets one expert's tensor."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index) as f:
+        raw = json.load(f)
+    del raw["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
+    with open(index, "w") as f:
+        json.dump(raw, f)
+    return r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight.*missing"

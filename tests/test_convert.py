@@ -13,7 +13,7 @@ import pytest
 
 from hf_models import _COMMON, hf_logits
 import ktjax
-from folder_edits import corrupt_header, edit_json, shards, truncate_shard
+from folder_edits import corrupt_header, edit_json, missing_tensor, shards, truncate_shard, unexpected_tensor
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.convert import main
 from ktjax.errors import KtjaxError
@@ -362,29 +362,10 @@ def _unsupported_architecture(folder):
     return r"config\.json.*MixtralForCausalLM.*not supported"
 
 
-def _unexpected_tensor(folder):
-    from safetensors.numpy import save_file
-
-    save_file({"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)},
-              os.path.join(folder, "extra.safetensors"))
-    os.remove(os.path.join(folder, "model.safetensors.index.json"))
-    return r"model\.layers\.0\.self_attn\.extra\.weight"
-
-
-def _missing_tensor(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    with open(index) as f:
-        raw = json.load(f)
-    del raw["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
-    with open(index, "w") as f:
-        json.dump(raw, f)
-    return r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight.*missing"
-
-
 BAD_INPUTS = {"truncated shard": truncate_shard, "corrupt header": corrupt_header,
               "index names a missing file": _index_names_missing_file, "shape disagrees": _shape_disagrees,
-              "unsupported architecture": _unsupported_architecture, "unexpected tensor": _unexpected_tensor,
-              "missing tensor": _missing_tensor}
+              "unsupported architecture": _unsupported_architecture, "unexpected tensor": unexpected_tensor,
+              "missing tensor": missing_tensor}
 
 
 def _assert_refused(rc, capsys, pattern):
