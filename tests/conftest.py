@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 
@@ -22,3 +24,12 @@ def hf_folder(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def v2_lite_copy(hf_folder, tmp_path):
+    """A private copy of the v2_lite test model's folder, for tests that break it."""
+    src, _ = hf_folder("v2_lite")
+    dst = tmp_path / "hf"
+    shutil.copytree(src, dst)
+    return str(dst)

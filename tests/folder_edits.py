@@ -50,3 +50,26 @@ def missing_tensor(folder):
     with open(index, "w") as f:
         json.dump(raw, f)
     return r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight.*missing"
+
+
+def index_names_missing_file(folder):
+    victim = shards(folder)[2]
+    os.remove(os.path.join(folder, victim))
+    return rf"index.json names shard\(s\) that are not in .*{victim}"
+
+
+def shape_disagrees(folder):
+    """For the v2_lite test model (hidden 48, intermediate 64)."""
+    edit_json(os.path.join(folder, "config.json"), intermediate_size=72)
+    return r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape \(64, 48\).*\(72, 48\)"
+
+
+def unsupported_architecture(folder):
+    edit_json(os.path.join(folder, "config.json"), architectures=["MixtralForCausalLM"])
+    return r"config\.json.*MixtralForCausalLM.*not supported"
+
+
+BAD_INPUTS = {"truncated shard": truncate_shard, "corrupt header": corrupt_header,
+              "index names a missing file": index_names_missing_file, "shape disagrees": shape_disagrees,
+              "unsupported architecture": unsupported_architecture, "unexpected tensor": unexpected_tensor,
+              "missing tensor": missing_tensor}

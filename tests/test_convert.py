@@ -13,7 +13,7 @@ import pytest
 
 from hf_models import _COMMON, hf_logits
 import ktjax
-from folder_edits import corrupt_header, edit_json, missing_tensor, shards, truncate_shard, unexpected_tensor
+from folder_edits import BAD_INPUTS, shards
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.convert import main
 from ktjax.errors import KtjaxError
@@ -346,41 +346,11 @@ def test_mtp_layer_skipped_and_said_so_unless_kept(fp8_folder, tmp_path, capsys)
 
 # ---- bad input: exit code 2, one clear message, nothing at --out ----------------------------------------
 
-def _index_names_missing_file(folder):
-    victim = shards(folder)[2]
-    os.remove(os.path.join(folder, victim))
-    return rf"index.json names shard\(s\) that are not in .*{victim}"
-
-
-def _shape_disagrees(folder):
-    edit_json(os.path.join(folder, "config.json"), intermediate_size=72)
-    return r"model\.layers\.0\.mlp\.\w+_proj\.weight.*shape \(64, 48\).*\(72, 48\)"
-
-
-def _unsupported_architecture(folder):
-    edit_json(os.path.join(folder, "config.json"), architectures=["MixtralForCausalLM"])
-    return r"config\.json.*MixtralForCausalLM.*not supported"
-
-
-BAD_INPUTS = {"truncated shard": truncate_shard, "corrupt header": corrupt_header,
-              "index names a missing file": _index_names_missing_file, "shape disagrees": _shape_disagrees,
-              "unsupported architecture": _unsupported_architecture, "unexpected tensor": unexpected_tensor,
-              "missing tensor": missing_tensor}
-
-
 def _assert_refused(rc, capsys, pattern):
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(pattern, err), err
-
-
-@pytest.fixture
-def v2_lite_copy(hf_folder, tmp_path):
-    src, _ = hf_folder("v2_lite")
-    dst = tmp_path / "hf"
-    shutil.copytree(src, dst)
-    return str(dst)
 
 
 @pytest.mark.parametrize("damage", BAD_INPUTS)
