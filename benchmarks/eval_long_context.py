@@ -4,8 +4,8 @@ change in logits and perplexity against the bf16 cache.
     python benchmarks/eval_long_context.py                         # the built-in demo model
     python benchmarks/eval_long_context.py --lengths 128 256 --trials 8 --heatmap benchmarks/retrieval.png
 
-A trial hides a random 5-digit key at a given depth of real text, asks for it at the end, and greedy-decodes
-the answer: chance is ~0%. Prints markdown tables; --markdown FILE appends them with the command.
+A trial hides a random 5-digit key at a given depth of held-out text (ktjax/passkey.py), asks for it at the end,
+and greedy-decodes the answer: chance is 1 in 90,000. Prints markdown tables; --markdown FILE appends them with the command.
 """
 from __future__ import annotations
 
@@ -20,19 +20,11 @@ FORMATS = ["bf16", "fp8", "int8", "int4"]
 
 def retrieval(model_dir, tok, filler, fmt, length, depths, trials, seed):
     import ktjax
-    from ktjax.train import passkey_example
+    from ktjax.passkey import passkey_prompts, retrieval_hits
 
-    rng = np.random.default_rng(seed)
-    prompts, keys = [], []
-    for depth in depths:
-        for _ in range(trials):
-            ids, answer_at, key = passkey_example(rng, tok.tok, filler, length, depth)
-            prompts.append(ids[:answer_at])
-            keys.append(key)
+    prompts, keys = passkey_prompts(np.random.default_rng(seed), tok.tok, filler, length, depths, trials)
     engine = ktjax.load(model_dir, cache_dtype=fmt, max_new_tokens=6, temperature=0.0)
-    out = engine.generate(prompts).tokens
-    hits = np.array([tok.decode(o).strip().startswith(k) for o, k in zip(out, keys)], float)
-    return hits.reshape(len(depths), trials).mean(1)
+    return retrieval_hits(engine, tok, prompts, keys).reshape(len(depths), trials).mean(1)
 
 
 def logit_drift(model_dir, corpus_ids, length, windows, seed):
@@ -57,8 +49,8 @@ def logit_drift(model_dir, corpus_ids, length, windows, seed):
 
 def main(argv=None):
     from ktjax.demo import DEMO_MODEL_DIR
+    from ktjax.passkey import heldout_filler
     from ktjax.tokenizer import Tokenizer
-    from ktjax.train import load_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEMO_MODEL_DIR)
@@ -67,13 +59,18 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--formats", nargs="+", default=FORMATS)
     p.add_argument("--windows", type=int, default=8, help="text windows for the perplexity comparison")
-    p.add_argument("--text-dir", help="filler text (default: the Python docs, as in training)")
+    p.add_argument("--text-dir", help="a folder of .txt files as filler (default: ktjax/data/stdlib_docstrings.txt, "
+                                      "text the demo model was not trained on)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--heatmap", help="write a retrieval heat-map PNG here")
     p.add_argument("--markdown", help="append the tables to this file")
     a = p.parse_args(argv)
     tok = Tokenizer.from_folder(a.model)
-    filler = np.array(tok.tok.encode(load_corpus(a.text_dir)[:2_000_000]).ids, np.int32)
+    if a.text_dir:
+        from ktjax.train import load_corpus
+        filler = np.array(tok.tok.encode(load_corpus(a.text_dir)[:2_000_000]).ids, np.int32)
+    else:
+        filler = heldout_filler(tok.tok)
     acc = {fmt: np.stack([retrieval(a.model, tok, filler, fmt, n, a.depths, a.trials, a.seed)
                           for n in a.lengths]) for fmt in a.formats}
     lines = [f"Command: `python benchmarks/eval_long_context.py {' '.join(argv or sys.argv[1:])}`", "",
@@ -111,8 +108,8 @@ def plot(acc, lengths, depths, path):
         ax.set_xlabel("context (tokens)")
     np.atleast_1d(axes)[0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes, label="retrieval accuracy (%)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

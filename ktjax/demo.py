@@ -14,8 +14,8 @@ from flax import nnx
 from .config import ModelConfig
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
-TRAINED_NOTICE = ("demo model: a 3.6M-parameter DeepSeek-V3-style model trained for half an hour on the Python "
-                  "documentation (pass --model DIR to run a real model)")
+TRAINED_NOTICE = ("demo model: a 3.6M-parameter DeepSeek-V3-style model trained for an hour on a CPU on the Python "
+                  "documentation and a pass-key task (pass --model DIR to run a real model)")
 RANDOM_WEIGHTS_NOTICE = ("demo model with random weights: the text below is noise, not a bug "
                          "(pass --model DIR to run a real model)")
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]

@@ -66,14 +66,16 @@ class MoE(nnx.Module):
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
-    def __call__(self, x, impl: str = "auto"):
+    def __call__(self, x, impl: str = "auto", run_experts=None):
+        """`run_experts` (default routed_experts, same signature) runs the routed part: ktjax.sharding passes
+        an expert-parallel one."""
         flat = x.reshape(-1, x.shape[-1])
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
         scales = tuple(None if s is None else s[...] for s in (self.w_gate_scale, self.w_up_scale, self.w_down_scale))
-        y = routed_experts(flat, weights, idx, experts, pick_impl(impl, *idx.shape, self.cfg.n_routed_experts),
-                           scales=scales)
+        y = (run_experts or routed_experts)(flat, weights, idx, experts,
+                                            pick_impl(impl, *idx.shape, self.cfg.n_routed_experts), scales=scales)
         y = y.reshape(x.shape)
         return y if self.shared is None else y + self.shared(x)
 

@@ -277,17 +277,13 @@ def moe_forward(moe, x, impl: str):
     """MoE.__call__, expert-parallel when the experts are sharded: every device routes all tokens (the router
     is replicated), runs only the assignments to its own experts (the others weigh 0), and a psum adds the
     devices' outputs. Indexing a sharded expert stack in plain jit would make the partitioner gather it."""
-    from .moe import pick_impl, route, routed_experts
-
-    cfg = moe.cfg
-    if not _context_model_axis(cfg.n_routed_experts):
+    if not _context_model_axis(moe.cfg.n_routed_experts):
         return moe(x, impl)
-    flat = x.reshape(-1, x.shape[-1])
-    bias = None if moe.router_bias is None else moe.router_bias[...]
-    weights, idx = route(cfg, flat.astype(jnp.float32) @ moe.router[...], bias)
-    impl = pick_impl(impl, *idx.shape, cfg.n_routed_experts)
-    experts = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
-    scales = tuple(None if s is None else s[...] for s in (moe.w_gate_scale, moe.w_up_scale, moe.w_down_scale))
+    return moe(x, impl, run_experts=_expert_parallel)
+
+
+def _expert_parallel(flat, weights, idx, experts, impl, scales):
+    from .moe import routed_experts
 
     def local(flat, weights, idx, experts, scales):
         n_local = experts[0].shape[0]
@@ -298,8 +294,6 @@ def moe_forward(moe, x, impl: str):
         return jax.lax.psum(y, MODEL)
 
     stacks = P(MODEL)
-    y = jax.shard_map(local, in_specs=(P(), P(), P(), (stacks,) * 3, tuple(None if s is None else stacks
-                                                                             for s in scales)),
-                      out_specs=P(), check_vma=False)(flat, weights, idx, experts, scales)
-    y = y.reshape(x.shape)
-    return y if moe.shared is None else y + moe.shared(x)
+    scale_specs = tuple(None if s is None else stacks for s in scales)
+    return jax.shard_map(local, in_specs=(P(), P(), P(), (stacks,) * 3, scale_specs), out_specs=P(),
+                         check_vma=False)(flat, weights, idx, experts, scales)

@@ -1,10 +1,15 @@
 """Train ktjax's small demo model on this CPU: a DeepSeek-V3-architecture model (MLA, MoE with a shared
-expert, sigmoid routing) on English text mixed with a synthetic pass-key retrieval task, then export it in
-Hugging Face format (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+expert, sigmoid routing) on English text mixed with a synthetic pass-key retrieval task (ktjax/passkey.py),
+then export it in Hugging Face format (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json) so that transformers, the converter and ktjax all read it.
 
     apt-get install python3.11-doc          # the text: the Python documentation's reST sources (PSF licence)
-    python -m ktjax.train --out ktjax/demo_model --minutes 25
+    python -m ktjax.train --out /tmp/demo_model                       # every stage of DEFAULT_STAGES
+    python -m ktjax.train --init /tmp/demo_model --out /tmp/more --stages 256:16:300:0.7 --lr 1.5e-3
+
+Training runs in stages (--stages): language at the full length first, then pass keys in short contexts,
+where a model finds the key most easily and learns to copy it, growing back to the full length. Every
+--eval-every steps a check on fresh pass-key examples prints the share of keys the model would copy.
 
 Text: /usr/share/doc/python3*/html/_sources/**/*.rst.txt (Debian's python3.11-doc; the Python documentation
 is under the PSF licence, which permits redistribution of derived works with the licence notice).
@@ -19,10 +24,13 @@ import time
 
 import numpy as np
 
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+from .passkey import BOS, passkey_example, teacher_forced_accuracy
+
+EOS = "<｜end▁of▁sentence｜>"
 SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
-KEY_INTRO = " The pass key is {key}. Remember it. {key} is the pass key."
-KEY_QUESTION = " What is the pass key? The pass key is"
+# The shipped demo model's stages (it was trained in three runs of these, see benchmarks/RESULTS.md).
+DEFAULT_STAGES = "256:16:472:0.3,64:64:350:0.8,128:32:200:0.7,256:16:150:0.6,256:16:300:0.7"
+MIN_PASSKEY_LEN = 32  # shortest pass-key example
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
                  "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
@@ -69,28 +77,14 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
-def passkey_example(rng, tok, filler: np.ndarray, length: int, depth: float | None = None):
-    """BOS, filler, the key at `depth` of the filler, more filler, the question and the answer: `length`
-    tokens. Returns (ids, index where the answer starts)."""
-    key = str(rng.integers(10000, 100000))
-    intro = tok.encode(KEY_INTRO.format(key=key)).ids
-    question = tok.encode(KEY_QUESTION).ids
-    answer = tok.encode(" " + key + ".").ids
-    n_fill = max(length - 1 - len(intro) - len(question) - len(answer), 2)
-    start = rng.integers(0, len(filler) - n_fill)
-    fill = filler[start:start + n_fill].tolist()
-    at = int(round((rng.random() if depth is None else depth) * n_fill))
-    ids = [tok.token_to_id(BOS)] + fill[:at] + intro + fill[at:] + question
-    return ids + answer, len(ids), key
-
-
 def batches(rng, tok, corpus_ids: np.ndarray, batch: int, seq_len: int, passkey_fraction: float):
     bos = tok.token_to_id(BOS)
     while True:
         rows, weights = [], []
         for _ in range(batch):
             if rng.random() < passkey_fraction:
-                ids, answer_at, _ = passkey_example(rng, tok, corpus_ids, int(rng.integers(64, seq_len + 1)))
+                length = int(rng.integers(min(MIN_PASSKEY_LEN, seq_len), seq_len + 1))
+                ids, answer_at, _ = passkey_example(rng, tok, corpus_ids, length)
                 w = np.ones(len(ids) - 1, np.float32)
                 w[answer_at - 1:] = 4.0  # the answer is what the task is about
             else:
@@ -102,6 +96,26 @@ def batches(rng, tok, corpus_ids: np.ndarray, batch: int, seq_len: int, passkey_
             rows.append(ids + [0] * pad)
             weights.append(np.concatenate([w, np.zeros(pad, np.float32)]))
         yield np.array(rows, np.int32), np.stack(weights)
+
+
+def parse_stages(spec: str) -> list[tuple[int, int, int, float]]:
+    """"SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION,..." -> [(seq_len, batch, steps, fraction), ...]."""
+    stages = []
+    for part in spec.split(","):
+        fields = part.strip().split(":")
+        if len(fields) != 4:
+            raise SystemExit(f"--stages: {part!r} is not SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION")
+        stages.append((int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])))
+    return stages
+
+
+def learning_rate(peak: float, step: int, total: int) -> float:
+    """Linear warm-up over 30 steps, then cosine decay to 10% of the peak at `total`."""
+    warmup = min(30, max(1, total // 10))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
 def train(args):
@@ -126,17 +140,17 @@ def train(args):
         model = load_hf_model(args.init, cfg)
     else:
         tok = train_tokenizer(text, args.vocab_size)
-        raw = model_config(tok.get_vocab_size(), args.seq_len * 4)
+        raw = model_config(tok.get_vocab_size(), 4 * max(s[0] for s in parse_stages(args.stages)))
         cfg = ModelConfig.from_hf_dict(raw)
         model = DeepseekModel(cfg, rngs=nnx.Rngs(args.seed))
     corpus_ids = np.array(tok.encode(text).ids, np.int32)
     print(f"corpus: {len(text) / 1e6:.1f}M characters, {len(corpus_ids) / 1e6:.2f}M tokens; "
           f"vocab {tok.get_vocab_size()}", flush=True)
     graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # an --init folder may hold bf16
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    # The learning rate is set from the host at each step: training stops on a time budget, so the cosine
-    # decay is stretched over the number of steps the first ones say will fit.
+    # The learning rate is set from the host at each step (one compiled step serves the whole schedule).
     opt = optax.inject_hyperparams(lambda learning_rate: optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=0.01)))(learning_rate=0.0)
     opt_state = opt.init(params)
@@ -152,27 +166,33 @@ def train(args):
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
-    data = batches(rng, tok, corpus_ids, args.batch, args.seq_len, args.passkey_fraction)
-    t0, losses, total, t_warm = time.time(), [], args.max_steps, time.time()
-    for i in range(args.max_steps):
-        if i == 5:  # compiled and warm: how many steps fit the budget?
-            per_step = (time.time() - t_warm) / 3
-            total = int(min(args.max_steps, args.minutes * 60 / per_step))
-            print(f"{per_step:.2f} s/step: planning {total} steps", flush=True)
-        if i == 2:
-            t_warm = time.time()
-        warmup = max(1, min(50, total // 10))
-        progress = min(1.0, max(0.0, (i - warmup) / max(1, total - warmup)))
-        lr = args.lr * (i + 1) / warmup if i < warmup else args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        tokens, weights = next(data)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(weights))
-        losses.append(float(loss))
-        if i % 20 == 0:
-            print(f"step {i} loss {np.mean(losses[-20:]):.3f} {time.time() - t0:.0f}s", flush=True)
-        if time.time() - t0 > args.minutes * 60:
-            break
-    print(f"trained {i + 1} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-20:]):.3f}")
+    @jax.jit
+    def predict(p, tokens):
+        return nnx.merge(graphdef, p)(tokens, absorb=False, moe_impl="ragged").argmax(-1)
+
+    stages = parse_stages(args.stages)
+    total, i, losses, t0 = sum(s[2] for s in stages), 0, [], time.time()
+    eval_rng = np.random.default_rng(args.seed + 1)
+    for seq_len, batch, steps, fraction in stages:
+        print(f"stage: {steps} steps of {batch} x {seq_len} tokens, {fraction:.0%} pass-key rows", flush=True)
+        data = batches(rng, tok, corpus_ids, batch, seq_len, fraction)
+        for _ in range(steps):
+            opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate(args.lr, i, total), jnp.float32)
+            tokens, weights = next(data)
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(weights))
+            losses.append(float(loss))
+            i += 1
+            if i % args.eval_every == 0 or i == total:
+                acc = teacher_forced_accuracy(lambda t: predict(params, jnp.asarray(t)), eval_rng, tok, corpus_ids, seq_len)
+                print(f"step {i}/{total} loss {np.mean(losses[-args.eval_every:]):.3f} pass-key@{seq_len} "
+                      f"{acc:.0%} {time.time() - t0:.0f}s", flush=True)
+            if time.time() - t0 > args.minutes * 60:
+                print(f"stopping early: the {args.minutes:g}-minute budget is spent", flush=True)
+                break
+        else:
+            continue
+        break
+    print(f"trained {i} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-20:]):.3f}")
     export_hf(nnx.merge(graphdef, params), raw, tok, args.out, args.dtype)
 
 
@@ -268,17 +288,18 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="ktjax/demo_model")
+    p.add_argument("--out", default="ktjax/demo_model", help="the Hugging Face folder to write (replaced)")
     p.add_argument("--text-dir", help="a folder of .txt files (default: the Python docs' reST sources)")
-    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--passkey-fraction", type=float, default=0.3)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default=DEFAULT_STAGES,
+                   help="SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION,... trained in order; pass-key examples are "
+                        f"{MIN_PASSKEY_LEN}..SEQ_LEN tokens long (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=60.0, help="stop early (and still export) after this long")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between pass-key checks on fresh examples")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of a new tokenizer")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="peak AdamW learning rate: 30 warm-up steps, then cosine decay to 10%% over all stages")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="exported weights")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--init", help="continue from an exported model folder (its tokenizer and config)")
     train(p.parse_args(argv))
 

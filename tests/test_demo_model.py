@@ -37,3 +37,45 @@ def test_generates_readable_text(tok):
     words = re.findall(r"[A-Za-z]{3,}", text)
     printable = sum(c.isascii() and (c.isprintable() or c in "\n\t") for c in text) / max(len(text), 1)
     assert printable >= 0.95 and len(words) >= 5, text
+
+
+# Pass-key retrieval at the demo model's trained context (256 tokens), on held-out filler. Chance is 1 in
+# 90,000; the bounds were set before measuring: bf16 retrieves at least half the keys, int8 loses at most one
+# point (one prompt in 100), fp8 at most 5 and int4 at most 15 (its round trip moves each value ~11%).
+RETRIEVAL_LENGTH, RETRIEVAL_DEPTHS, RETRIEVAL_TRIALS = 256, (0.0, 0.25, 0.5, 0.75, 1.0), 20
+MAX_DROP_POINTS = {"int8": 1, "fp8": 5, "int4": 15}
+
+
+@pytest.fixture(scope="module")
+def retrieval(tok):
+    from ktjax.passkey import heldout_filler, passkey_prompts, retrieval_hits
+
+    prompts, keys = passkey_prompts(np.random.default_rng(0), tok.tok, heldout_filler(tok.tok), RETRIEVAL_LENGTH,
+                                    RETRIEVAL_DEPTHS, RETRIEVAL_TRIALS)
+    return {fmt: retrieval_hits(ktjax.load(DEMO_MODEL_DIR, cache_dtype=fmt, max_new_tokens=6), tok, prompts, keys)
+            for fmt in ("bf16", *MAX_DROP_POINTS)}
+
+
+def test_retrieves_pass_keys_at_trained_context(retrieval):
+    accuracy = 100 * retrieval["bf16"].mean()
+    assert accuracy >= 50, f"bf16 cache: {accuracy:.0f}% of pass keys retrieved"
+
+
+@pytest.mark.parametrize("fmt", sorted(MAX_DROP_POINTS))
+def test_quantized_cache_keeps_retrieval(retrieval, fmt):
+    drop = 100 * (retrieval["bf16"].mean() - retrieval[fmt].mean())
+    assert drop <= MAX_DROP_POINTS[fmt], f"{fmt}: {drop:.0f} points below bf16"
+
+
+@pytest.mark.parametrize("length,depth", [(64, 0.0), (100, 0.5), (256, 1.0)])
+def test_passkey_example_layout(tok, length, depth):
+    from ktjax.passkey import KEY_INTRO, KEY_QUESTION, heldout_filler, passkey_example
+
+    ids, answer_at, key = passkey_example(np.random.default_rng(length), tok.tok, heldout_filler(tok.tok), length,
+                                          depth)
+    text = tok.decode(ids[1:])
+    assert len(ids) == length and ids[0] == tok.bos_id
+    assert tok.decode(ids[answer_at:]) == f" {key}."
+    assert text.endswith(KEY_QUESTION + f" {key}.") and KEY_INTRO.format(key=key) in text
+    if depth == 0.0:
+        assert text.startswith(KEY_INTRO.format(key=key))
