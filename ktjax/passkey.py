@@ -53,9 +53,10 @@ def retrieval_hits(engine, tok, prompts, keys) -> np.ndarray:
 
 def teacher_forced_accuracy(predict, rng, tok, filler: np.ndarray, length: int, n: int = 48) -> float:
     """Share of `n` fresh examples whose five digits are each the argmax of the logits before them (one
-    forward pass, no decoding). `predict(tokens[n, length]) -> argmax ids[n, length]`."""
+    forward pass, no decoding). `predict(tokens[n, width]) -> argmax ids[n, width]`."""
     examples = [passkey_example(rng, tok, filler, length) for _ in range(n)]
-    tokens = np.array([ids[:length] + [0] * (length - len(ids[:length])) for ids, _, _ in examples], np.int32)
+    width = max(len(ids) for ids, _, _ in examples)  # longer than `length` where the task alone is
+    tokens = np.array([ids + [0] * (width - len(ids)) for ids, _, _ in examples], np.int32)
     guess = np.asarray(predict(tokens))
     hits = [all(guess[i, j - 1] == ids[j] for j in range(at, len(ids) - 1))  # the digits, not the last "."
             for i, (ids, at, _) in enumerate(examples)]

@@ -103,9 +103,14 @@ def parse_stages(spec: str) -> list[tuple[int, int, int, float]]:
     stages = []
     for part in spec.split(","):
         fields = part.strip().split(":")
-        if len(fields) != 4:
-            raise SystemExit(f"--stages: {part!r} is not SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION")
-        stages.append((int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])))
+        try:
+            seq_len, batch, steps, fraction = int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])
+        except (ValueError, IndexError):
+            raise SystemExit(f"--stages: {part!r} is not SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION") from None
+        if len(fields) != 4 or min(seq_len, batch, steps) < 1 or not 0 <= fraction <= 1:
+            raise SystemExit(f"--stages: {part!r} is not SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION (positive "
+                             "integers and a fraction in [0, 1])")
+        stages.append((seq_len, batch, steps, fraction))
     return stages
 
 
@@ -118,16 +123,15 @@ def learning_rate(peak: float, step: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
-def train(args):
+def prepare(args):
+    """(tokenizer, raw HF config, model, corpus token ids): fresh, or continued from --init."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     from .config import ModelConfig
     from .model import DeepseekModel
 
-    rng = np.random.default_rng(args.seed)
     text = load_corpus(args.text_dir)
     if args.init:  # continue training an exported model, with its tokenizer
         from tokenizers import Tokenizer
@@ -136,28 +140,38 @@ def train(args):
         tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
         with open(os.path.join(args.init, "config.json")) as f:
             raw = {k: v for k, v in json.load(f).items() if k != "torch_dtype"}
-        cfg = ModelConfig.from_hf_dict(raw)
-        model = load_hf_model(args.init, cfg)
+        model = load_hf_model(args.init, ModelConfig.from_hf_dict(raw))
     else:
         tok = train_tokenizer(text, args.vocab_size)
         raw = model_config(tok.get_vocab_size(), 4 * max(s[0] for s in parse_stages(args.stages)))
-        cfg = ModelConfig.from_hf_dict(raw)
-        model = DeepseekModel(cfg, rngs=nnx.Rngs(args.seed))
+        model = DeepseekModel(ModelConfig.from_hf_dict(raw), rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), params))  # --init may hold bf16
     corpus_ids = np.array(tok.encode(text).ids, np.int32)
     print(f"corpus: {len(text) / 1e6:.1f}M characters, {len(corpus_ids) / 1e6:.2f}M tokens; "
           f"vocab {tok.get_vocab_size()}", flush=True)
+    return tok, raw, model, corpus_ids
+
+
+def fit(model, tok, corpus_ids: np.ndarray, args):
+    """Train `model` through the stages of args.stages (or until args.minutes); returns the trained model."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
     graphdef, params = nnx.split(model)
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # an --init folder may hold bf16
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+    print(f"model: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M parameters", flush=True)
     # The learning rate is set from the host at each step (one compiled step serves the whole schedule).
     opt = optax.inject_hyperparams(lambda learning_rate: optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=0.01)))(learning_rate=0.0)
     opt_state = opt.init(params)
 
+    def forward(p, tokens):
+        return nnx.merge(graphdef, p)(tokens, absorb=False, moe_impl="ragged")
+
     def loss_fn(p, tokens, weights):
-        logits = nnx.merge(graphdef, p)(tokens[:, :-1], absorb=False, moe_impl="ragged")
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        nll = optax.softmax_cross_entropy_with_integer_labels(forward(p, tokens[:, :-1]), tokens[:, 1:])
         return (nll * weights).sum() / weights.sum()
 
     @jax.jit
@@ -166,34 +180,41 @@ def train(args):
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
-    @jax.jit
-    def predict(p, tokens):
-        return nnx.merge(graphdef, p)(tokens, absorb=False, moe_impl="ragged").argmax(-1)
-
+    predict = jax.jit(lambda p, tokens: forward(p, tokens).argmax(-1))
     stages = parse_stages(args.stages)
     total, i, losses, t0 = sum(s[2] for s in stages), 0, [], time.time()
-    eval_rng = np.random.default_rng(args.seed + 1)
+    eval_rng, rng = np.random.default_rng(args.seed + 1), np.random.default_rng(args.seed)
     for seq_len, batch, steps, fraction in stages:
         print(f"stage: {steps} steps of {batch} x {seq_len} tokens, {fraction:.0%} pass-key rows", flush=True)
+        shortest = len(passkey_example(eval_rng, tok, corpus_ids, 0)[0])
+        if fraction and shortest > seq_len + 1:
+            print(f"warning: the pass-key task takes {shortest} tokens with this tokenizer; {seq_len}-token rows "
+                  "cut its answer off", flush=True)
         data = batches(rng, tok, corpus_ids, batch, seq_len, fraction)
         for _ in range(steps):
+            if time.time() - t0 > args.minutes * 60:
+                print(f"stopping early after {i} steps: the {args.minutes:g}-minute budget is spent", flush=True)
+                return nnx.merge(graphdef, params)
             opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate(args.lr, i, total), jnp.float32)
             tokens, weights = next(data)
             params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(weights))
             losses.append(float(loss))
             i += 1
             if i % args.eval_every == 0 or i == total:
-                acc = teacher_forced_accuracy(lambda t: predict(params, jnp.asarray(t)), eval_rng, tok, corpus_ids, seq_len)
+                acc = teacher_forced_accuracy(lambda t: predict(params, jnp.asarray(t)), eval_rng, tok,
+                                              corpus_ids, seq_len)
                 print(f"step {i}/{total} loss {np.mean(losses[-args.eval_every:]):.3f} pass-key@{seq_len} "
                       f"{acc:.0%} {time.time() - t0:.0f}s", flush=True)
-            if time.time() - t0 > args.minutes * 60:
-                print(f"stopping early: the {args.minutes:g}-minute budget is spent", flush=True)
-                break
-        else:
-            continue
-        break
     print(f"trained {i} steps in {(time.time() - t0) / 60:.1f} min, final loss {np.mean(losses[-20:]):.3f}")
-    export_hf(nnx.merge(graphdef, params), raw, tok, args.out, args.dtype)
+    return nnx.merge(graphdef, params)
+
+
+def train(args):
+    """prepare, fit, export to args.out; returns the trained model and its raw config."""
+    tok, raw, model, corpus_ids = prepare(args)
+    model = fit(model, tok, corpus_ids, args)
+    export_hf(model, raw, tok, args.out, args.dtype)
+    return model, raw
 
 
 def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
@@ -301,7 +322,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="exported weights")
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--init", help="continue from an exported model folder (its tokenizer and config)")
-    train(p.parse_args(argv))
+    return train(p.parse_args(argv))
 
 
 if __name__ == "__main__":
