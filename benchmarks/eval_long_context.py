@@ -4,8 +4,9 @@ change in logits and perplexity against the bf16 cache.
     python benchmarks/eval_long_context.py                         # the built-in demo model
     python benchmarks/eval_long_context.py --lengths 128 256 --trials 8 --heatmap benchmarks/retrieval.png
 
-A trial hides a random 5-digit key at a given depth of held-out text (ktjax/passkey.py), asks for it at the end,
-and greedy-decodes the answer: chance is 1 in 90,000. Prints markdown tables; --markdown FILE appends them with the command.
+A trial hides a random 5-digit key at a given depth of held-out text (ktjax/passkey.py), asks for it at the
+end, and greedy-decodes the answer: chance is 1 in 90,000. Prints markdown tables; --markdown FILE appends
+them with the command.
 """
 from __future__ import annotations
 
