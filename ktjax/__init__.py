@@ -26,7 +26,7 @@ def load(path: str, **overrides):
         cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh)  # straight into the sharded layout
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-        model = load_hf_model(path, cfg, runtime.jnp_dtype)
+        model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh)  # placed tensor by tensor
     return Engine(cfg, model, runtime, read_generation_config(path))
 
 

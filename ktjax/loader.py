@@ -201,25 +201,31 @@ class TensorSource:
             self.close_shard(path)
 
 
-def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32) -> DeepseekModel:
-    """Build a DeepseekModel from a Hugging Face folder; parameters are cast to `dtype` (router: float32)."""
+def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None) -> DeepseekModel:
+    """Build a DeepseekModel from a Hugging Face folder; parameters are cast to `dtype` (router: float32).
+    With a `mesh` of several devices each parameter goes straight to its sharded layout (ktjax/sharding.py's
+    rules) as it is built: no device ever holds the whole model."""
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = state.to_pure_dict()
+    shardings = None
+    if mesh is not None and mesh.size > 1:
+        from .sharding import param_shardings
+        shardings = param_shardings(cfg, target, mesh)
     # Owned reads (no memory map) and each parameter placed as soon as it is built: peak host memory stays
     # near the model's own size rather than a multiple of it.
     src = TensorSource(folder, owned=True)
     names = set(src.where)
     try:
         for e in top_entries(cfg):
-            _place(target, e.path, _build(src, e))
+            _place(target, e.path, _build(src, e), shardings)
         stacks = (("dense_layers", range(cfg.num_dense_layers), False),
                   ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers), True))
         for stack, layers, moe in stacks:
             per_layer = [layer_entries(cfg, i, moe, names) for i in layers]
             for k in range(len(per_layer[0]) if per_layer else 0):
                 _place(target, (stack,) + per_layer[0][k].path,
-                       np.stack([_build(src, ents[k]) for ents in per_layer]))
+                       np.stack([_build(src, ents[k]) for ents in per_layer]), shardings)
         unused = sorted(n for n in names - src.used if not _skipped(n, cfg))
         if unused:
             raise KtjaxError(f"{folder}: {len(unused)} tensor(s) that config.json does not account for, e.g. "
@@ -233,13 +239,19 @@ def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32) -> DeepseekM
     return nnx.merge(graphdef, state)
 
 
-def _place(target: dict, path: tuple, value: np.ndarray):
+def _place(target: dict, path: tuple, value: np.ndarray, shardings: dict | None = None):
     node = target
     for key in path[:-1]:
         node = node[key]
     want = node[path[-1]]
     assert want.shape == value.shape, (path, want.shape, value.shape)  # a bug in the entries, not bad input
-    node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
+    if shardings is None:
+        node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
+        return
+    for key in path:
+        shardings = shardings[key]
+    # Cast on the host, then each device receives only its own slice.
+    node[path[-1]] = jax.device_put(np.asarray(value).astype(want.dtype), shardings)
 
 
 def _build(src: TensorSource, e: Entry) -> np.ndarray:

@@ -14,21 +14,43 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ktjax  # noqa: E402
+from ktjax.config import ModelConfig  # noqa: E402
 from ktjax.convert import main as convert  # noqa: E402
+from ktjax.loader import load_hf_model  # noqa: E402
+from ktjax.sharding import make_mesh  # noqa: E402
 
 hf, work, out = sys.argv[1:4]
+ids = np.random.default_rng(0).integers(0, 97, size=(2, 11))
+
+
+def error(logits, ref):
+    return float(np.abs(logits - ref).max() / np.abs(ref).max())
+
+
+def shard_shapes(array):
+    return sorted({tuple(s.data.shape) for s in array.addressable_shards})
+
+
 ckpt = os.path.join(work, "ckpt")
 assert convert(["--hf-dir", hf, "--out", ckpt, "--quiet"]) == 0
-ids = np.random.default_rng(0).integers(0, 97, size=(2, 11))
 one = ktjax.load(ckpt, mesh="1").logits(ids)
 sharded = ktjax.load(ckpt, mesh="8")
 w_gate = sharded.state["moe_layers"]["mlp"]["w_gate"][...]
 report = {
-    "logits_error": float(np.abs(sharded.logits(ids) - one).max() / np.abs(one).max()),
+    "logits_error": error(sharded.logits(ids), one),
     "w_gate_shape": list(w_gate.shape),
-    "w_gate_shard_shapes": sorted({tuple(s.data.shape) for s in w_gate.addressable_shards}),
+    "w_gate_shard_shapes": shard_shapes(w_gate),
     "w_gate_devices": len({s.device for s in w_gate.addressable_shards}),
     "devices": jax.device_count(),
 }
+for weights in ("int8", "int4"):
+    path = os.path.join(work, weights)
+    assert convert(["--hf-dir", hf, "--out", path, "--quiet", "--weights", weights]) == 0
+    report[f"{weights}_logits_error"] = error(ktjax.load(path, mesh="8").logits(ids),
+                                              ktjax.load(path, mesh="1").logits(ids))
+# The Hugging Face loader itself returns sharded parameters (not only the Engine after placing them).
+hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh("8"))
+report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])
+report["hf_logits_error"] = error(ktjax.load(hf, mesh="8").logits(ids), one)
 with open(out, "w") as f:
     json.dump(report, f)

@@ -162,6 +162,8 @@ def test_converted_checkpoint_loads_straight_into_the_sharded_layout(hf_folder, 
     with open(out) as f:
         r = json.load(f)
     assert r["devices"] == 8 and r["logits_error"] <= FLOAT32_BOUND
+    assert r["int8_logits_error"] <= FLOAT32_BOUND and r["int4_logits_error"] <= FLOAT32_BOUND
+    assert r["hf_logits_error"] <= FLOAT32_BOUND and r["hf_w_gate_shard_shapes"] == r["w_gate_shard_shapes"]
     experts = r["w_gate_shape"][1]  # [layers, experts, d, f]: experts split over the 8 devices
     assert r["w_gate_devices"] == 8 and r["w_gate_shard_shapes"] == [[r["w_gate_shape"][0], experts // 8,
                                                                        *r["w_gate_shape"][2:]]]
