@@ -78,6 +78,8 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def batches(rng, tok, corpus_ids: np.ndarray, batch: int, seq_len: int, passkey_fraction: float):
+    """Endless (tokens [batch, seq_len + 1], loss weights [batch, seq_len]): text windows, and pass-key
+    examples of MIN_PASSKEY_LEN..seq_len tokens (padding weighs 0, the answer 4)."""
     bos = tok.token_to_id(BOS)
     while True:
         rows, weights = [], []
