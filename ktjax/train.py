@@ -4,11 +4,11 @@ then export it in Hugging Face format (config.json, model.safetensors, tokenizer
 generation_config.json) so that transformers, the converter and ktjax all read it.
 
     apt-get install python3.11-doc          # the text: the Python documentation's reST sources (PSF licence)
-    python -m ktjax.train --out /tmp/demo_model                       # every stage of DEFAULT_STAGES
+    python -m ktjax.train --out /tmp/demo_model                       # DEFAULT_STAGES, ~25 min
     python -m ktjax.train --init /tmp/demo_model --out /tmp/more --stages 256:16:300:0.7 --lr 1.5e-3
 
-Training runs in stages (--stages): language at the full length first, then pass keys in short contexts,
-where a model finds the key most easily and learns to copy it, growing back to the full length. Every
+Training runs in stages (--stages): language first, then many pass keys in short contexts, where a model
+finds the key most easily and learns to copy it, then the full length. Every
 --eval-every steps a check on fresh pass-key examples prints the share of keys the model would copy.
 
 Text: /usr/share/doc/python3*/html/_sources/**/*.rst.txt (Debian's python3.11-doc; the Python documentation
@@ -28,8 +28,9 @@ from .passkey import BOS, passkey_example, teacher_forced_accuracy
 
 EOS = "<｜end▁of▁sentence｜>"
 SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
-# The shipped demo model's stages (it was trained in three runs of these, see benchmarks/RESULTS.md).
-DEFAULT_STAGES = "256:16:472:0.3,64:64:350:0.8,128:32:200:0.7,256:16:150:0.6,256:16:300:0.7"
+# One run of ~25 minutes on a 2-core CPU that learns retrieval (54% of keys at 256 tokens). The shipped demo
+# model trained about an hour, in three runs (94%; benchmarks/RESULTS.md has both recipes).
+DEFAULT_STAGES = "128:32:200:0.2,64:64:500:0.85,256:16:250:0.7"
 MIN_PASSKEY_LEN = 32  # shortest pass-key example
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
                  "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
