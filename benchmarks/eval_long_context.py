@@ -29,6 +29,8 @@ def retrieval(model_dir, tok, filler, fmt, length, depths, trials, seed):
 
 
 def logit_drift(model_dir, corpus_ids, length, windows, seed):
+    import jax
+
     import ktjax
 
     rng = np.random.default_rng(seed)
@@ -38,8 +40,7 @@ def logit_drift(model_dir, corpus_ids, length, windows, seed):
     base = None
     for fmt in FORMATS:
         logits = ktjax.load(model_dir, cache_dtype=fmt, chunk_size=64).cached_logits(ids[:, :-1])
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-            logits.max(-1, keepdims=True)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
         nll = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
         if base is None:
             base = logits

@@ -11,9 +11,11 @@ import os
 
 import numpy as np
 
+from .demo import SPECIALS
+
 KEY_INTRO = " The pass key is {key}. Remember it. {key} is the pass key."
 KEY_QUESTION = " What is the pass key? The pass key is"
-BOS = "<｜begin▁of▁sentence｜>"
+BOS = SPECIALS[0]
 HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib_docstrings.txt")
 
 

@@ -24,18 +24,14 @@ import time
 
 import numpy as np
 
-from .passkey import BOS, passkey_example, teacher_forced_accuracy
+from .demo import CHAT_TEMPLATE, SPECIALS
+from .passkey import passkey_example, teacher_forced_accuracy
 
-EOS = "<｜end▁of▁sentence｜>"
-SPECIALS = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>"]
+BOS, EOS = SPECIALS[:2]
 # One run of ~25 minutes on a 2-core CPU that learns retrieval (54% of keys at 256 tokens). The shipped demo
 # model trained about an hour, in three runs (94%; benchmarks/RESULTS.md has both recipes).
 DEFAULT_STAGES = "128:32:200:0.2,64:64:500:0.85,256:16:250:0.7"
 MIN_PASSKEY_LEN = 32  # shortest pass-key example
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-                 "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
-
 
 def model_config(vocab_size: int, max_len: int) -> dict:
     """The demo model: ~3.6M parameters, V3 layout (q_lora, noaux_tc routing over 4 groups, 1 dense layer)."""
@@ -187,9 +183,9 @@ def fit(model, tok, corpus_ids: np.ndarray, args):
     stages = parse_stages(args.stages)
     total, i, losses, t0 = sum(s[2] for s in stages), 0, [], time.time()
     eval_rng, rng = np.random.default_rng(args.seed + 1), np.random.default_rng(args.seed)
+    shortest = len(passkey_example(eval_rng, tok, corpus_ids, 0)[0])  # the task's own tokens
     for seq_len, batch, steps, fraction in stages:
         print(f"stage: {steps} steps of {batch} x {seq_len} tokens, {fraction:.0%} pass-key rows", flush=True)
-        shortest = len(passkey_example(eval_rng, tok, corpus_ids, 0)[0])
         if fraction and shortest > seq_len + 1:
             print(f"warning: the pass-key task takes {shortest} tokens with this tokenizer; {seq_len}-token rows "
                   "cut its answer off", flush=True)
@@ -223,6 +219,7 @@ def train(args):
 def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
     """Our parameters under Hugging Face names and layouts ([out, in] kernels, per-expert tensors)."""
     from flax import nnx
+    from flax.traverse_util import flatten_dict
 
     state = nnx.state(model).to_pure_dict()
     out = {"model.embed_tokens.weight": state["embed"], "model.norm.weight": state["norm"]["weight"]}
@@ -231,20 +228,10 @@ def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
     stacks = [("dense_layers", range(cfg.num_dense_layers)),
               ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers))]
     for stack, layers in stacks:
+        stacked = {k: np.asarray(v) for k, v in flatten_dict(state[stack]).items() if v is not None}
         for j, i in enumerate(layers):
-            layer = {k: v for k, v in _flatten(state[stack]).items()}
-            out.update(_hf_layer({k: np.asarray(v)[j] for k, v in layer.items()}, i, cfg))
+            out.update(_hf_layer({k: v[j] for k, v in stacked.items()}, i, cfg))
     return {k: np.ascontiguousarray(np.asarray(v)) for k, v in out.items()}
-
-
-def _flatten(tree, prefix=()):
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, prefix + (k,)))
-        elif v is not None:
-            flat[prefix + (k,)] = v
-    return flat
 
 
 def _hf_layer(p: dict, i: int, cfg) -> dict:
