@@ -119,11 +119,11 @@ class CheckpointWriter:
             os.fsync(f.fileno())  # tensorstore syncs each array it writes; the manifest, written last, too
 
 
-def read_tensor(folder: str, key: str) -> np.ndarray:
-    """One stored array, read whole into host memory."""
+def read_tensor(folder: str, key: str, index: tuple | None = None) -> np.ndarray:
+    """One stored array, or its slice `index` (a tuple of slices), read into host memory."""
     try:
         store = ts.open(_spec(folder, key), open=True, context=_CONTEXT).result()
-        return store.read().result()
+        return (store if index is None else store[tuple(index)]).read().result()
     except ValueError as e:  # tensorstore reports a missing or unreadable array as ValueError
         raise KtjaxError(f"{folder}: cannot read tensor {key!r} ({e}); the checkpoint is damaged, re-convert it") \
             from None
@@ -206,12 +206,12 @@ def _set_layer(stack, i, layer):
     return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
 
 
-def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):
-    """One parameter on the default device; a stacked one is filled one layer at a time."""
+def _leaf_keys(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):
+    """(stack name or None, the stored keys of one parameter: one per layer of a stack), or one clear error
+    where the checkpoint lacks a key or a shape disagrees with config.json."""
     stack = path[0] if path[0] in STACKS else None
     rel = path[1:] if stack else path
-    layers = _stack_layers(cfg, stack) if stack else [None]
-    keys = [tensor_key(rel, i) for i in layers]
+    keys = [tensor_key(rel, i) for i in (_stack_layers(cfg, stack) if stack else [None])]
     for key in keys:
         if key not in tensors:
             raise KtjaxError(f"{folder}: checkpoint has no tensor {key!r}; it was converted for another config "
@@ -220,6 +220,12 @@ def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeS
         if shape != want.shape[1 if stack else 0:]:
             raise KtjaxError(f"{folder}: tensor {key!r} has shape {shape} but config.json implies "
                              f"{want.shape[1 if stack else 0:]}; re-convert the model")
+    return stack, keys
+
+
+def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):
+    """One parameter on the default device; a stacked one is filled one layer at a time."""
+    stack, keys = _leaf_keys(folder, cfg, path, want, tensors)
     if not stack:
         return jnp.asarray(read_tensor(folder, keys[0]), dtype=want.dtype)
     out = jnp.zeros(want.shape, want.dtype)
@@ -232,22 +238,13 @@ def _load_leaf_sharded(folder: str, cfg: ModelConfig, path: tuple, want: jax.Sha
                        sharding):
     """One parameter built straight into its sharded layout: each device's shard is read from the stored
     per-layer arrays (only the slice it holds), so the whole model never sits on one device or host."""
-    stack = path[0] if path[0] in STACKS else None
-    rel = path[1:] if stack else path
-    keys = [tensor_key(rel, i) for i in (_stack_layers(cfg, stack) if stack else [None])]
-    for key in keys:
-        if key not in tensors or tuple(tensors[key]["shape"]) != want.shape[1 if stack else 0:]:
-            return jax.device_put(_load_leaf(folder, cfg, path, want, tensors), sharding)  # names the problem
-
-    def read(key, index):
-        store = ts.open(_spec(folder, key), open=True, context=_CONTEXT).result()
-        return store[tuple(index)].read().result()
+    stack, keys = _leaf_keys(folder, cfg, path, want, tensors)
 
     def shard(index):
         if not stack:
-            return np.asarray(read(keys[0], index), want.dtype)
+            return np.asarray(read_tensor(folder, keys[0], index), want.dtype)
         layers = range(len(keys))[index[0]]
-        return np.stack([np.asarray(read(keys[j], index[1:]), want.dtype) for j in layers])
+        return np.stack([np.asarray(read_tensor(folder, keys[j], index[1:]), want.dtype) for j in layers])
 
     return jax.make_array_from_callback(want.shape, sharding, shard)
 
@@ -270,10 +267,9 @@ def load_checkpoint(path: str, dtype=jnp.float32, mesh=None) -> tuple[ModelConfi
     if mesh is not None and mesh.size > 1:
         from .sharding import param_shardings
 
-        shardings = param_shardings(cfg, pure, mesh)
         values = jax.tree_util.tree_map_with_path(
             lambda p, want, sh: _load_leaf_sharded(path, cfg, tuple(k.key for k in p), want, tensors, sh),
-            pure, shardings)
+            pure, param_shardings(cfg, pure, mesh))
     else:
         values = jax.tree_util.tree_map_with_path(
             lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), pure)

@@ -164,9 +164,7 @@ class Engine:
     # -- full forward -------------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
         """Full-forward logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or one sequence [seq])."""
-        tokens = self._token_batch(token_ids, allow_single=True)
-        if tokens.ndim == 1:
-            return self.logits(tokens[None])[0]
+        tokens, single = self._token_batch(token_ids, allow_single=True)
         b, s = tokens.shape
         padded = np.zeros((b, seq_bucket(s)), np.int32)
         padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
@@ -174,23 +172,22 @@ class Engine:
             out = _forward(self.graphdef, self.state, jnp.asarray(padded),
                            absorb=self.runtime.absorb(self.cfg, padded.shape[1]),
                            moe_impl=self.runtime.moe_impl, dtype=self.runtime.jnp_dtype)
-        return np.asarray(out[:, :s])
+        return np.asarray(out[0, :s] if single else out[:, :s])
 
-    def _token_batch(self, token_ids, allow_single: bool = False) -> np.ndarray:
-        """token_ids as an integer array [batch, seq >= 1] (or [seq] if allow_single) of valid ids, or one clear
-        error."""
+    def _token_batch(self, token_ids, allow_single: bool = False):
+        """(token_ids as an integer array [batch, seq >= 1] of valid ids, whether it was one sequence [seq]
+        taken as a batch of one: only with allow_single), or one clear error."""
         try:
             tokens = np.asarray(token_ids)
         except ValueError:
             raise KtjaxError("token_ids must be rectangular: every sequence of the batch the same length") from None
-        if allow_single and tokens.ndim == 1 and tokens.size and np.issubdtype(tokens.dtype, np.integer):
-            self._check_ids([tokens])
-            return tokens
+        single = allow_single and tokens.ndim == 1
+        tokens = tokens[None] if single else tokens
         if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise KtjaxError(f"token_ids must be integers of shape [batch, seq] with seq >= 1, got {tokens.shape} "
-                             f"{tokens.dtype}")
+            raise KtjaxError(f"token_ids must be integers of shape [batch, seq] with seq >= 1, got "
+                             f"{np.shape(token_ids)} {tokens.dtype}")
         self._check_ids(tokens)
-        return tokens
+        return tokens, single
 
     def _check_ids(self, tokens):
         lo, hi = min(int(np.min(t)) for t in tokens), max(int(np.max(t)) for t in tokens)
@@ -201,7 +198,7 @@ class Engine:
         """Logits at every position [batch, seq, vocab], computed through the latent cache chunk by chunk
         (chunk_size, cache_dtype and absorb_for_prefill as set): what decoding sees, for checking it against
         the full forward and for teacher-forced comparisons of cache formats."""
-        tokens = self._token_batch(token_ids)
+        tokens, _ = self._token_batch(token_ids)
         b, s = tokens.shape
         rt = self.runtime
         cache_lens, block = plan_cache_lens(s if rt.cache_lens in (None, "auto") else rt.cache_lens,

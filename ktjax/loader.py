@@ -240,18 +240,15 @@ def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None) -
 
 
 def _place(target: dict, path: tuple, value: np.ndarray, shardings: dict | None = None):
-    node = target
+    node, sharding = target, shardings
     for key in path[:-1]:
-        node = node[key]
+        node, sharding = node[key], None if sharding is None else sharding[key]
     want = node[path[-1]]
     assert want.shape == value.shape, (path, want.shape, value.shape)  # a bug in the entries, not bad input
-    if shardings is None:
+    if sharding is None:
         node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
-        return
-    for key in path:
-        shardings = shardings[key]
-    # Cast on the host, then each device receives only its own slice.
-    node[path[-1]] = jax.device_put(np.asarray(value).astype(want.dtype), shardings)
+    else:  # cast on the host, then each device receives only its own slice
+        node[path[-1]] = jax.device_put(np.asarray(value).astype(want.dtype, copy=False), sharding[path[-1]])
 
 
 def _build(src: TensorSource, e: Entry) -> np.ndarray:

@@ -187,10 +187,6 @@ class CacheLayout:
         return NamedSharding(self.mesh, self.spec)
 
     @property
-    def seq_shards(self) -> int:
-        return mesh_size(self.mesh, self.seq_axis) if self.seq_axis else 1
-
-    @property
     def rows(self) -> P:
         """Spec of per-sequence inputs ([b, ...]): split like the cache's batch axis."""
         return P(self.batch_axis)
