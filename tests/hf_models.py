@@ -40,6 +40,12 @@ CONFIGS = {
 OLD_ROPE_SPELLING = {"v2_lite"}
 
 
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 def build_hf_model(name: str, seed: int = 0):
     import torch
     from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,

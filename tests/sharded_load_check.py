@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ktjax  # noqa: E402
+from hf_models import rel_err  # noqa: E402  (tests/, this script's folder)
 from ktjax.config import ModelConfig  # noqa: E402
 from ktjax.convert import main as convert  # noqa: E402
 from ktjax.loader import load_hf_model  # noqa: E402
@@ -21,10 +22,6 @@ from ktjax.sharding import make_mesh  # noqa: E402
 
 hf, work, out = sys.argv[1:4]
 ids = np.random.default_rng(0).integers(0, 97, size=(2, 11))
-
-
-def error(logits, ref):
-    return float(np.abs(logits - ref).max() / np.abs(ref).max())
 
 
 def shard_shapes(array):
@@ -37,7 +34,7 @@ one = ktjax.load(ckpt, mesh="1").logits(ids)
 sharded = ktjax.load(ckpt, mesh="8")
 w_gate = sharded.state["moe_layers"]["mlp"]["w_gate"][...]
 report = {
-    "logits_error": error(sharded.logits(ids), one),
+    "logits_error": rel_err(sharded.logits(ids), one),
     "w_gate_shape": list(w_gate.shape),
     "w_gate_shard_shapes": shard_shapes(w_gate),
     "w_gate_devices": len({s.device for s in w_gate.addressable_shards}),
@@ -46,11 +43,11 @@ report = {
 for weights in ("int8", "int4"):
     path = os.path.join(work, weights)
     assert convert(["--hf-dir", hf, "--out", path, "--quiet", "--weights", weights]) == 0
-    report[f"{weights}_logits_error"] = error(ktjax.load(path, mesh="8").logits(ids),
+    report[f"{weights}_logits_error"] = rel_err(ktjax.load(path, mesh="8").logits(ids),
                                               ktjax.load(path, mesh="1").logits(ids))
 # The Hugging Face loader itself returns sharded parameters (not only the Engine after placing them).
 hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh("8"))
 report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])
-report["hf_logits_error"] = error(ktjax.load(hf, mesh="8").logits(ids), one)
+report["hf_logits_error"] = rel_err(ktjax.load(hf, mesh="8").logits(ids), one)
 with open(out, "w") as f:
     json.dump(report, f)

@@ -15,6 +15,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ktjax  # noqa: E402
+from hf_models import rel_err  # noqa: E402  (tests/, this script's folder)
 
 CACHE_LENS = 256  # no other dimension of the tiny model is 256: a collective of that size would move the cache
 # bf16 prefill absorbed, int8 prefill naive: both attention paths over the sharded cache.
@@ -24,10 +25,6 @@ RUNS = {"bf16": dict(cache_dtype="bf16", absorb_for_prefill=True),
 MESHES = {"1": ("bf16", "int8"), "2": ("bf16", "int8"), "4": ("bf16", "int8"), "8": ("bf16", "int8"),
           "2x4": ("int8",)}
 COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
-
-
-def relative_error(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def collectives(hlo_text):
@@ -76,9 +73,9 @@ def main(folder, out_path):
     base = runs["1"]
     report = {"meshes": {}}
     for mesh, r in runs.items():
-        entry = {"logits_error": relative_error(r["logits"], base["logits"])}
+        entry = {"logits_error": rel_err(r["logits"], base["logits"])}
         for fmt in MESHES[mesh]:
-            entry[f"cached_error_{fmt}"] = relative_error(r[f"cached_{fmt}"], base[f"cached_{fmt}"])
+            entry[f"cached_error_{fmt}"] = rel_err(r[f"cached_{fmt}"], base[f"cached_{fmt}"])
             entry[f"tokens_equal_{fmt}"] = r[f"tokens_{fmt}"] == base[f"tokens_{fmt}"]
             entry[f"stats_{fmt}"] = r[f"stats_{fmt}"]
         entry["decode_collectives"] = r["decode_collectives"]

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from hf_models import _COMMON, hf_logits
+from hf_models import _COMMON, hf_logits, rel_err
 import ktjax
 from folder_edits import BAD_INPUTS, shards
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
@@ -24,10 +24,6 @@ E4M3 = ml_dtypes.float8_e4m3fn
 BLOCK = 128
 PARITY = 1e-4        # the model issue's bound against transformers: max|ktjax - hf| <= 1e-4 * max|hf|
 FP8_VS_DEQUANT = 1e-5  # fp8 kept vs dequantized: identical weights, so only float32 summation order differs
-
-
-def _rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _engine(folder, **runtime):
@@ -61,7 +57,7 @@ def test_converted_model_matches_transformers(hf_folder, tmp_path, rng, name):
     ids = rng.integers(0, oracle.config.vocab_size, size=(2, 13))
     ref = hf_logits(oracle, ids)
     for absorb in (False, True):
-        assert _rel_err(_engine(str(out), absorb_for_prefill=absorb).logits(ids), ref) <= PARITY
+        assert rel_err(_engine(str(out), absorb_for_prefill=absorb).logits(ids), ref) <= PARITY
     assert _leftovers(tmp_path) == []
 
 
@@ -294,11 +290,11 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
     dequantized = _engine(fp8_converted("float32"), moe_impl=moe_impl, absorb_for_prefill=True)
     ids = rng.integers(0, FP8_CONFIG["vocab_size"], size=(2, 13))
     ref = dequantized.logits(ids)
-    err = _rel_err(kept.logits(ids), ref)
+    err = rel_err(kept.logits(ids), ref)
     print(f"fp8 kept vs dequantized ({moe_impl}): max relative error {err:.2e}")
     assert err <= FP8_VS_DEQUANT
     if moe_impl == "gather":  # the decode path too: chunked prefill through the latent cache
-        assert _rel_err(kept.cached_logits(ids), dequantized.cached_logits(ids)) <= FP8_VS_DEQUANT
+        assert rel_err(kept.cached_logits(ids), dequantized.cached_logits(ids)) <= FP8_VS_DEQUANT
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -319,7 +315,7 @@ def test_fp8_to_int8_int4_quantizes_the_dequantized_weights(fp8_folder, fp8_conv
     engine = _engine(out, moe_impl="gather")
     dequantized = _engine(fp8_converted("float32"), moe_impl="gather")
     ids = np.arange(2, 15)[None]
-    err = _rel_err(engine.logits(ids), dequantized.logits(ids))
+    err = rel_err(engine.logits(ids), dequantized.logits(ids))
     print(f"fp8 -> {weights} vs fp8 dequantized: max relative logits error {err:.3f}")
     assert err <= {"int8": 0.1, "int4": 1.5}[weights]  # measured 0.032 and 0.82 on this tiny random model
 

@@ -3,17 +3,13 @@ import numpy as np
 import pytest
 
 import ktjax
-from hf_models import CONFIGS, hf_logits
+from hf_models import CONFIGS, hf_logits, rel_err
 
 SEQ = 13  # not a bucket size: padding is exercised too
 
 
 def _ids(vocab, rng, batch=2, seq=SEQ):
     return rng.integers(0, vocab, size=(batch, seq))
-
-
-def _rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -25,7 +21,7 @@ def test_logits_match_transformers(hf_folder, rng, name, absorb):
     ref = hf_logits(oracle, ids)
     out = ktjax.load(folder, absorb_for_prefill=absorb).logits(ids)
     assert out.shape == ref.shape == (2, SEQ, oracle.config.vocab_size)
-    assert _rel_err(out, ref) <= 1e-4
+    assert rel_err(out, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("moe_impl", ["gather", "ragged", "blocked"])
@@ -33,7 +29,7 @@ def test_each_expert_implementation_matches_transformers(hf_folder, rng, moe_imp
     folder, oracle = hf_folder("v3")
     ids = _ids(oracle.config.vocab_size, rng)
     out = ktjax.load(folder, absorb_for_prefill=True, moe_impl=moe_impl).logits(ids)
-    assert _rel_err(out, hf_logits(oracle, ids)) <= 1e-4
+    assert rel_err(out, hf_logits(oracle, ids)) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["v3", "v2_lite"])
