@@ -16,11 +16,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import time_median  # noqa: E402  (benchmarks/timing.py)
 
 V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048,
                intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
@@ -126,14 +126,7 @@ def matvec(args):
     print(f"| formulation ({d} x {f}, one token) | ms | stored GB/s |")
     print("|---|---|---|")
     for name, (fn, weights) in cases.items():
-        run = jax.jit(fn)
-        jax.block_until_ready(run(x, *weights))
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(x, *weights))
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
+        t = time_median(jax.jit(fn), x, *weights, repeats=args.repeats)
         stored = sum(a.nbytes for a in weights)
         print(f"| {name} | {t * 1e3:.2f} | {stored / t / 1e9:.1f} |", flush=True)
 
