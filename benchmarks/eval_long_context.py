@@ -28,7 +28,7 @@ def retrieval(model_dir, tok, filler, fmt, length, depths, trials, seed):
     return retrieval_hits(engine, tok, prompts, keys).reshape(len(depths), trials).mean(1)
 
 
-def logit_drift(model_dir, corpus_ids, length, windows, seed):
+def logit_drift(model_dir, corpus_ids, length, windows, seed, formats):
     import jax
 
     import ktjax
@@ -38,7 +38,7 @@ def logit_drift(model_dir, corpus_ids, length, windows, seed):
     ids = np.stack([corpus_ids[s:s + length + 1] for s in starts])
     rows = {}
     base = None
-    for fmt in FORMATS:
+    for fmt in ["bf16"] + [f for f in formats if f != "bf16"]:  # bf16 first: the baseline
         logits = ktjax.load(model_dir, cache_dtype=fmt, chunk_size=64).cached_logits(ids[:, :-1])
         logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
         nll = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
@@ -81,7 +81,7 @@ def main(argv=None):
              "| format | " + " | ".join(f"{n} tok" for n in a.lengths) + " |", "|---" * (len(a.lengths) + 1) + "|"]
     for fmt, m in acc.items():
         lines.append(f"| {fmt} | " + " | ".join(f"{100 * v:.0f}" for v in m.mean(1)) + " |")
-    drift = logit_drift(a.model, filler, max(a.lengths), a.windows, a.seed)
+    drift = logit_drift(a.model, filler, max(a.lengths), a.windows, a.seed, a.formats)
     lines += ["", f"Against the bf16 cache on {a.windows} text windows of {max(a.lengths)} tokens:", "",
               "| format | perplexity | max logit change (relative) | top-1 agreement |", "|---|---|---|---|"]
     for fmt, (ppl, rel, agree) in drift.items():
