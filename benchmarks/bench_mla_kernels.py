@@ -7,7 +7,7 @@
 
 One decode step of one layer with DeepSeek-V3 attention dims (128 heads, kv_lora_rank 512, rope 64), every
 sequence at the full context. Columns: median kernel and reference times (ms, compilation excluded), the
-cache bytes the step must read (c_kv + scales + k_pe, from cache_format.bytes_per_token_per_layer), the
+cache bytes the step must read (c_kv + scales + k_pe, from CacheFormat.bytes_per_token_per_layer), the
 kernel's achieved bandwidth (those bytes / kernel time) and its share of this device's copy bandwidth,
 measured first with a large array copy ((read + write) / time). `max err` is |pallas - xla| on the output.
 """
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from timing import time_median  # benchmarks/timing.py
-from ktjax import attention
-from ktjax import cache_format as cf
-from ktjax import pallas
-from ktjax.pallas import platform
+from ktjax.kv import attention
+from ktjax.kv import formats as cf
+from ktjax.kv import pallas
+from ktjax.kv.pallas import platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
 
@@ -54,7 +54,7 @@ def random_cache(key, fmt, batch, context, rank, rope):
 
 
 def bench_one(a, fmt, batch, context, copy_bw, key):
-    cache_bytes = batch * context * cf.bytes_per_token_per_layer(fmt, a.rank, a.rope)
+    cache_bytes = batch * context * fmt.bytes_per_token_per_layer(a.rank, a.rope)
     if cache_bytes > a.max_cache_gb * 1e9:
         return None
     cache = random_cache(key, fmt, batch, context, a.rank, a.rope)
@@ -125,7 +125,7 @@ def main(argv=None):
     for name in a.formats:
         for context in a.contexts:
             for batch in a.batches:
-                row = bench_one(a, cf.get_format(name), batch, context, copy_bw, jax.random.fold_in(key, len(rows)))
+                row = bench_one(a, cf.resolve(name), batch, context, copy_bw, jax.random.fold_in(key, len(rows)))
                 if row is not None:
                     print(row, flush=True)
                     rows.append(row)
