@@ -99,8 +99,8 @@ def markdown_row(r) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--contexts", type=int, nargs="+", help="default: 4096 8192 16384 32768 65536 131072")
+    p.add_argument("--batches", type=int, nargs="+", help="default: 1 4 16 64")
     p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     p.add_argument("--heads", type=int, default=128, help="128 for V3/R1, 16 for V2-Lite")
     p.add_argument("--rank", type=int, default=512, help="kv_lora_rank")
@@ -121,9 +121,11 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny sweep (interpret mode on a CPU): context 128, batches 1 2, 4 heads, rank 64")
     a = p.parse_args(argv)
-    if a.smoke:
-        a.contexts, a.batches, a.heads, a.rank, a.rope = [128], [1, 2], 4, 64, 16
-        a.dtype, a.repeats, a.copy_mb = "float32", 2, 64
+    if a.smoke:  # explicit --contexts / --batches still win
+        a.contexts, a.batches = a.contexts or [128], a.batches or [1, 2]
+        a.heads, a.rank, a.rope, a.dtype, a.repeats, a.copy_mb = 4, 64, 16, "float32", 2, 64
+    a.contexts = a.contexts or [4096, 8192, 16384, 32768, 65536, 131072]
+    a.batches = a.batches or [1, 4, 16, 64]
     a.interpret = not platform.on_gpu()
     return a
 
