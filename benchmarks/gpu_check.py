@@ -45,7 +45,9 @@ GENERATE = [sys.executable, "-m", "ktjax.generate"]
 # -----------------------------------------------------------------------------------------
 
 SCHEMA = 1
-FORMATS = [name for name in ("bf16", "fp8", "int8", "int4", "float32") if name in CACHE_FORMATS]
+PREFERRED_ORDER = ("bf16", "fp8", "int8", "int4", "float32")
+FORMATS = ([name for name in PREFERRED_ORDER if name in CACHE_FORMATS]
+           + [name for name in CACHE_FORMATS if name not in PREFERRED_ORDER])
 ATTENTIONS = ("pallas", "xla")
 STEPS = ("env", "pallas_tests", "kernel_bench", "generate")
 TAIL_CHARS = 4000
