@@ -99,3 +99,12 @@ def test_junit_counts(tmp_path, junit, expected):
     path.write_text(junit)
     counts = gpu_check.junit_counts(path)
     assert {k: counts[k] for k in expected} == expected
+
+
+def test_counts_from_a_log_cut_short():
+    log = ("tests/test_pallas.py::test_a[bf16-1] PASSED    [  2%]\n"
+           "tests/test_pallas.py::test_b FAILED    [  4%]\n"
+           "tests/test_pallas.py::test_c SKIPPED (no GPU)    [  6%]\n")
+    counts = gpu_check.verbose_counts(log)
+    assert (counts["tests"], counts["passed"], counts["failures"], counts["skipped"]) == (3, 1, 1, 1)
+    assert counts["failing"] == [dict(test="tests/test_pallas.py::test_b", message="FAILED")]
