@@ -194,9 +194,7 @@ class Check:
     def env(self, budget: float) -> dict:
         result = run_command([sys.executable, "-c", ENV_PROBE], timeout=budget, log=self.logs / "env.log",
                              env=self.child_env)
-        info = None
-        if result["returncode"] == 0:
-            info = json.loads(result["output"].strip().splitlines()[-1])
+        info = last_json_line(result["output"]) if result["returncode"] == 0 else None
         rec = step_record(result, info is not None)
         rec.update(command=f"{sys.executable} -c <ENV_PROBE in benchmarks/gpu_check.py>", info=info)
         if shutil.which("nvidia-smi"):
