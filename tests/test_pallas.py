@@ -1,8 +1,13 @@
 """Pallas MLA kernels (interpret mode on the CPU) against their jnp references, on every cache format.
 
+KTJAX_PALLAS_COMPILED=1 runs the same tests with the kernels compiled for the GPU (interpret=False; skipped
+without one), with float32 XLA dots at full precision so that the references stay float32
+(benchmarks/gpu_check.sh sets it).
+
 Outputs are poisoned: the kernel writes into NaN-filled buffers (input_output_aliases), so an element it
 never writes turns the merged result into NaN and fails the comparison.
 """
+import os
 import warnings
 
 import jax
@@ -25,11 +30,16 @@ FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 ROPE = 8
 BLOCK = 16          # the XLA reference's tile; cache lengths are multiples of it
+COMPILED = os.environ.get("KTJAX_PALLAS_COMPILED") == "1"
+INTERPRET = not COMPILED
+if COMPILED:
+    pytestmark = pytest.mark.skipif(not platform.on_gpu(), reason="KTJAX_PALLAS_COMPILED=1 needs a GPU")
 
 
 @pytest.fixture(autouse=True)
 def _quiet_interpret_notice():
-    with warnings.catch_warnings():
+    # Compiled: XLA's float32 dots on a GPU default to TF32; the references must stay float32.
+    with warnings.catch_warnings(), jax.default_matmul_precision("highest" if COMPILED else None):
         warnings.simplefilter("ignore", platform.InterpretModeWarning)
         yield
 
@@ -50,7 +60,7 @@ def make_queries(rng, lead, rank, rope=ROPE, dtype=jnp.float32):
 
 def run_jitted(fn, *args):
     """jit and run; interpret-mode kernels spend their time in XLA's CPU backend, so skip its optimisation."""
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+    return jax.jit(fn).lower(*args).compile({} if COMPILED else {"xla_backend_optimization_level": 0})(*args)
 
 
 def softmax_scale(rank, rope=ROPE):
@@ -62,7 +72,7 @@ def run_decode(fmt, q_lat, q_pe, cache, lengths, *, num_splits, block_k=16, **kw
 
     def kernel(q_lat, q_pe, c_kv, scales, k_pe, lengths):
         return pallas.mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=softmax_scale(q_lat.shape[-1]),
-                                 block=BLOCK, config=config, interpret=True, poison_outputs=True, **kw)
+                                 block=BLOCK, config=config, interpret=INTERPRET, poison_outputs=True, **kw)
 
     return run_jitted(kernel, q_lat, q_pe, *cache, lengths)
 
@@ -96,7 +106,7 @@ def test_decode_short_last_group(rng, fmt_name):
     lengths = jnp.array([48, 17], jnp.int32)
     config = pallas.KernelConfig(block_m=16, block_k=16, num_splits=2)
     out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=softmax_scale(200), block=BLOCK, config=config,
-                                                  interpret=True, poison_outputs=True), q_lat, q_pe, *cache, lengths)
+                                                  interpret=INTERPRET, poison_outputs=True), q_lat, q_pe, *cache, lengths)
     np.testing.assert_allclose(out, reference_decode(fmt, q_lat, q_pe, cache, lengths), **F32_TOL)
 
 
@@ -106,7 +116,7 @@ def test_decode_default_config(rng):
     cache = make_cache(rng, fmt, 2, 96, 32)
     q_lat, q_pe = make_queries(rng, (2, 3), 32)
     lengths = jnp.array([96, 50], jnp.int32)
-    out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=0.2, block=BLOCK, interpret=True,
+    out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=0.2, block=BLOCK, interpret=INTERPRET,
                                                   poison_outputs=True), q_lat, q_pe, *cache, lengths)
     ref = attention.mla_decode_xla(q_lat, q_pe, *cache, lengths, fmt=fmt, scale=0.2, block=BLOCK)
     np.testing.assert_allclose(out, ref, **F32_TOL)
@@ -157,7 +167,7 @@ def test_prefill_matches_reference(rng, fmt_name, num_splits):
     config = pallas.KernelConfig(block_m=16, block_k=16, num_splits=num_splits)  # 20 rows: 2 row blocks
     scale = softmax_scale(rank)
     out = run_jitted(lambda *a: pallas.mla_prefill(*a, fmt=fmt, scale=scale, block=BLOCK, config=config,
-                                                   interpret=True, poison_outputs=True),
+                                                   interpret=INTERPRET, poison_outputs=True),
                      q_lat, q_pe, *cache, q_positions, lengths)
     ref = attention.mla_prefill_xla(q_lat, q_pe, *cache, q_positions, lengths, fmt=fmt, scale=scale, block=BLOCK)
     np.testing.assert_allclose(out, ref, **F32_TOL)
@@ -180,6 +190,7 @@ def test_cache_attends_alike_through_pallas_and_xla(rng, fmt_name):
         np.testing.assert_allclose(out["pallas"], out["xla"], **F32_TOL)
 
 
+@pytest.mark.skipif(COMPILED, reason="compiled kernels give no interpret-mode notice")
 def test_interpret_notice_once(rng):
     fmt = cf.resolve("float32")
     cache = make_cache(rng, fmt, 1, 16, 16)
