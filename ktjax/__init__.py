@@ -27,6 +27,10 @@ def open_folder(path: str, runtime, defaults):
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
+    if runtime.memory_budget is not None:
+        from .memory import check_budget_holds_weights
+        check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,
+                                   1 if mesh is None else mesh.size)
     notes: list[str] = []
     if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
         cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh, notes=notes)
