@@ -369,7 +369,7 @@ def test_not_enough_disk_space_is_refused_with_the_numbers(v2_lite_copy, tmp_pat
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     out = tmp_path / "ckpt"
-    _assert_refused(_convert(v2_lite_copy, out), capsys, r"not enough disk space.*needs [\d.]+ MB.*100\.00 KB free")
+    _assert_refused(_convert(v2_lite_copy, out), capsys, r"not enough disk space.*needs [\d.]+ MiB.*97\.7 KiB free")
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
