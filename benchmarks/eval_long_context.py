@@ -97,11 +97,12 @@ def main(argv=None):
 
 
 def plot(acc, lengths, depths, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: it needs no display and leaves the caller's backend alone (switching
+    # to Agg here blanked every later plt.show() of a notebook that called this).
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(acc), figsize=(3.2 * len(acc), 3), sharey=True)
+    fig = Figure(figsize=(3.2 * len(acc), 3))
+    axes = fig.subplots(1, len(acc), sharey=True)
     for ax, (fmt, m) in zip(np.atleast_1d(axes), acc.items()):
         im = ax.imshow(100 * m.T, vmin=0, vmax=100, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
