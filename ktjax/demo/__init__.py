@@ -17,7 +17,6 @@ TRAINED_NOTICE = ("demo model: a 3.6M-parameter DeepSeek-V3-style model trained 
 RANDOM_WEIGHTS_NOTICE = ("demo model with random weights: the text below is noise, not a bug "
                          "(pass --model DIR to run a real model)")
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
-
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
                  "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
