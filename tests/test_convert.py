@@ -17,12 +17,11 @@ from folder_edits import BAD_INPUTS, shards
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.convert import main
 from ktjax.errors import KtjaxError
+from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_quantize_blocks
 from synthetic_folders import WIDE_EXPERTS, write_synthetic_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "convert", "hf_to_ktjax.py")
-E4M3 = ml_dtypes.float8_e4m3fn
-BLOCK = 128
 PARITY = 1e-4        # the README's bound against transformers: max|ktjax - hf| <= 1e-4 * max|hf|
 FP8_VS_DEQUANT = 1e-5  # fp8 kept vs dequantized: identical weights, so only float32 summation order differs
 
@@ -116,25 +115,6 @@ FP8_CONFIG = dict(_COMMON, hidden_size=160, intermediate_size=200, qk_nope_head_
 QUANTIZED = re.compile(r"_proj(_with_mqa)?\.weight$")  # every linear layer but the router, as DeepSeek ships
 
 
-def quantize_blocks(w):
-    """e4m3 values and one float32 scale per 128 x 128 block (edge blocks partial), as DeepSeek-V3 ships."""
-    rows, cols = w.shape
-    scale = np.zeros((-(-rows // BLOCK), -(-cols // BLOCK)), np.float32)
-    q = np.zeros(w.shape, E4M3)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = np.s_[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK]
-            scale[i, j] = max(float(np.abs(w[tile]).max()), 1e-12) / 448.0
-            q[tile] = (w[tile] / scale[i, j]).astype(E4M3)
-    return q, scale
-
-
-def dequantize_ref(q, scale):
-    """DeepSeek's rule, W[i, j] = q[i, j] * s[i // 128, j // 128], written independently of ktjax."""
-    rows, cols = q.shape
-    return q.astype(np.float32) * np.repeat(np.repeat(scale, BLOCK, 0), BLOCK, 1)[:rows, :cols]
-
-
 def _fp8_tensors(folder):
     """Float32 random weights from transformers, rewritten as the official FP8 format plus an MTP layer."""
     import torch
@@ -156,7 +136,7 @@ def _fp8_tensors(folder):
     out = {}
     for name, w in tensors.items():
         if QUANTIZED.search(name):
-            out[name], out[name + "_scale_inv"] = quantize_blocks(w)
+            out[name], out[name + "_scale_inv"] = fp8_quantize_blocks(w)
         elif name.endswith("e_score_correction_bias"):
             out[name] = rng.normal(0, 0.1, w.shape).astype(np.float32)  # float32 in the official checkpoint
         else:
@@ -187,7 +167,7 @@ def fp8_folder(tmp_path_factory):
     with open(path) as f:
         raw = json.load(f)
     raw.update(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                    "weight_block_size": [BLOCK, BLOCK]}, num_nextn_predict_layers=1,
+                                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}, num_nextn_predict_layers=1,
                torch_dtype="bfloat16")
     with open(path, "w") as f:
         json.dump(raw, f)
@@ -226,9 +206,9 @@ def _reference_tensors(tensors, dtype=np.float32):
         if not m or not QUANTIZED.search(name) or int(m.group(1)) >= FP8_CONFIG["num_hidden_layers"]:
             continue
         layer, rest = f"layers/{int(m.group(1)):03d}/", m.group(2)
-        w = dequantize_ref(q, tensors[name + "_scale_inv"]).astype(dtype)
+        w = fp8_dequantize_blocks(q, tensors[name + "_scale_inv"]).astype(dtype)
         if rest == "self_attn.kv_b_proj":
-            per_head = dequantize_ref(q, tensors[name + "_scale_inv"]).reshape(h, dn + dv, -1)
+            per_head = fp8_dequantize_blocks(q, tensors[name + "_scale_inv"]).reshape(h, dn + dv, -1)
             ref[layer + "attn.w_uk"], ref[layer + "attn.w_uv"] = per_head[:, :dn], per_head[:, dn:]
         elif rest.startswith("mlp.experts."):
             _, _, j, proj = rest.split(".")
