@@ -26,7 +26,7 @@ class RopeConfig:
     original_max_position_embeddings: int = 0
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: float = 1.0  # multiplies cos and sin: mscale(f, mscale) / mscale(f, mscale_all_dim)
+    attention_factor: float = 1.0  # multiplies cos and sin: yarn_mscale(f, mscale) / yarn_mscale(f, mscale_all_dim)
     mscale_all_dim: float = 0.0
 
 
