@@ -284,6 +284,7 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
     import tempfile
 
     from ..convert import _move_into_place  # the converter's swap: an old folder stays whole until then
+    from ..units import format_bytes
 
     out = os.path.abspath(folder)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -295,7 +296,7 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {folder} ({weight_bytes / 2**20:.1f} MiB of weights)")
+    print(f"wrote {folder} ({format_bytes(weight_bytes)} of weights)")
 
 
 def _write_hf_folder(model, raw_config: dict, tok, tmp: str, dtype: str) -> int:
