@@ -12,28 +12,16 @@ dense MLPs, experts); the rest stays float32 in every row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from synthetic_folders import V2_LITE, write_synthetic_folder  # noqa: E402  (tests/synthetic_folders.py)
 from timing import time_median  # noqa: E402  (benchmarks/timing.py)
-
-V2_LITE = dict(architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048,
-               intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
-               num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
-               qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-               n_shared_experts=2, num_experts_per_tok=6, topk_method="greedy", n_group=1, topk_group=1,
-               routed_scaling_factor=1.0, first_k_dense_replace=1, norm_topk_prob=False, rms_norm_eps=1e-6,
-               max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
-               tie_word_embeddings=False, torch_dtype="bfloat16",
-               rope_theta=10000, rope_scaling={"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
-                                               "mscale": 0.707, "mscale_all_dim": 0.707,
-                                               "original_max_position_embeddings": 4096})
-
 
 # ---- decode tokens/s per format ----------------------------------------------------------------------
 
@@ -133,60 +121,13 @@ def matvec(args):
 # ---- a DeepSeek-V2-Lite-shaped folder, shard by shard ---------------------------------------------------
 
 def write_folder(args):
-    """Random bf16 weights (or, with --sparse, holes) for every tensor of the config, a shard at a time."""
-    import ml_dtypes
+    """Random bf16 weights (or, with --sparse, holes) for every tensor of the config, a tensor at a time."""
+    total = write_synthetic_folder(args.dir, dict(V2_LITE, num_hidden_layers=args.layers), args.shard_bytes,
+                                   "bfloat16", sparse=args.sparse)
+    from ktjax.units import format_bytes
 
-    from ktjax.config import ModelConfig
-    from ktjax.loader import layer_entries, top_entries
-
-    config = dict(V2_LITE, num_hidden_layers=args.layers)
-    os.makedirs(args.dir, exist_ok=True)
-    with open(os.path.join(args.dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    cfg = ModelConfig.from_hf_dict(config)
-    specs = [(n, s) for e in top_entries(cfg) for n, s in zip(e.sources, e.shapes)]
-    for i in range(cfg.num_hidden_layers):
-        entries = layer_entries(cfg, i, i >= cfg.num_dense_layers, set())
-        specs += list(dict.fromkeys((n, s) for e in entries for n, s in zip(e.sources, e.shapes)))
-    rng = np.random.default_rng(0)
-    weight_map, shard, size, total = {}, [], 0, 0
-    for name, shape in specs + [(None, None)]:
-        nbytes = 0 if name is None else int(np.prod(shape)) * 2
-        if shard and (name is None or size + nbytes > args.shard_bytes):
-            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            _write_shard(os.path.join(args.dir, file), shard, rng, args.sparse, ml_dtypes.bfloat16)
-            weight_map.update({n: file for n, _ in shard})
-            shard, size = [], 0
-        if name is not None:
-            shard.append((name, shape))
-            size += nbytes
-            total += nbytes
-    with open(os.path.join(args.dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    print(f"wrote {args.dir}: {args.layers} layers, {total / 1e9:.2f} GB of bf16 weights"
+    print(f"wrote {args.dir}: {args.layers} layers, {format_bytes(total)} of bf16 weights"
           + (" (sparse: no data written)" if args.sparse else ""))
-
-
-def _write_shard(path, tensors, rng, sparse, dtype):
-    """safetensors by hand: an 8-byte header length, the JSON header, then each tensor's bytes in order."""
-    header, offset = {}, 0
-    for name, shape in tensors:
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        if sparse:
-            f.truncate(8 + len(raw) + offset)  # a hole: the dry run reads headers only
-            return
-        for name, shape in tensors:
-            scale = 1.0 if name.endswith("norm.weight") else 0.02  # norms near one, weights like an init
-            values = rng.standard_normal(shape, dtype=np.float32) * scale
-            if name.endswith("norm.weight"):
-                values = 1.0 + values * 0.1
-            f.write(values.astype(dtype).tobytes())
 
 
 def main(argv=None):

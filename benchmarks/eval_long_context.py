@@ -4,7 +4,7 @@ change in logits and perplexity against the bf16 cache.
     python benchmarks/eval_long_context.py                         # the built-in demo model
     python benchmarks/eval_long_context.py --lengths 128 256 --trials 8 --heatmap benchmarks/retrieval.png
 
-A trial hides a random 5-digit key at a given depth of held-out text (ktjax/passkey.py), asks for it at the
+A trial hides a random 5-digit key at a given depth of held-out text (ktjax/demo/passkey.py), asks for it at the
 end, and greedy-decodes the answer: chance is 1 in 90,000. Prints markdown tables; --markdown FILE appends
 them with the command.
 """
@@ -21,7 +21,7 @@ FORMATS = ["bf16", "fp8", "int8", "int4"]
 
 def retrieval(model_dir, tok, filler, fmt, length, depths, trials, seed):
     import ktjax
-    from ktjax.passkey import passkey_prompts, retrieval_hits
+    from ktjax.demo.passkey import passkey_prompts, retrieval_hits
 
     prompts, keys = passkey_prompts(np.random.default_rng(seed), tok.tok, filler, length, depths, trials)
     engine = ktjax.load(model_dir, cache_dtype=fmt, max_new_tokens=6, temperature=0.0)
@@ -51,7 +51,7 @@ def logit_drift(model_dir, corpus_ids, length, windows, seed, formats):
 
 def main(argv=None):
     from ktjax.demo import DEMO_MODEL_DIR
-    from ktjax.passkey import heldout_filler
+    from ktjax.demo.passkey import heldout_filler
     from ktjax.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     tok = Tokenizer.from_folder(a.model)
     if a.text_dir:
-        from ktjax.train import load_corpus
+        from ktjax.demo.train import load_corpus
         filler = np.array(tok.tok.encode(load_corpus(a.text_dir)[:2_000_000]).ids, np.int32)
     else:
         filler = heldout_filler(tok.tok)
@@ -97,11 +97,12 @@ def main(argv=None):
 
 
 def plot(acc, lengths, depths, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: it needs no display and leaves the caller's backend alone (switching
+    # to Agg here blanked every later plt.show() of a notebook that called this).
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, len(acc), figsize=(3.2 * len(acc), 3), sharey=True)
+    fig = Figure(figsize=(3.2 * len(acc), 3))
+    axes = fig.subplots(1, len(acc), sharey=True)
     for ax, (fmt, m) in zip(np.atleast_1d(axes), acc.items()):
         im = ax.imshow(100 * m.T, vmin=0, vmax=100, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])

@@ -80,17 +80,14 @@ def _tokenizer(folder: str):
 
 def read_generation_config(folder: str) -> dict:
     """Sampling defaults and every end-of-sequence id from generation_config.json (empty if absent)."""
-    import json
     import os
+
+    from .jsonio import read_json
 
     path = os.path.join(folder, "generation_config.json")
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise KtjaxError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "generation config")
     eos = raw.get("eos_token_id")
     out = {k: raw[k] for k in ("temperature", "top_k", "top_p", "do_sample") if raw.get(k) is not None}
     out["eos_token_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]

@@ -133,23 +133,20 @@ def read_tensor(folder: str, key: str, index: tuple | None = None) -> np.ndarray
 
 def is_checkpoint(path: str) -> bool:
     """Whether `path` is a folder written by the converter (any layout version)."""
+    from .jsonio import read_json
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_json(os.path.join(path, MANIFEST)).get("format") == FORMAT
+    except KtjaxError:  # missing or unreadable: not a checkpoint
         return False
 
 
 def read_manifest(path: str) -> dict:
+    from .jsonio import read_json
+
     manifest_path = os.path.join(path, MANIFEST)
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise KtjaxError(f"{path}: no {MANIFEST}; not a converted ktjax checkpoint") from None
-    except ValueError as e:
-        raise KtjaxError(f"{manifest_path}: not valid JSON ({e}); re-convert the model") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json(manifest_path, "checkpoint manifest",
+                         missing_hint="not a converted ktjax checkpoint; re-convert the model")
+    if manifest.get("format") != FORMAT:
         raise KtjaxError(f"{manifest_path}: not a ktjax checkpoint manifest")
     version = manifest.get("layout_version")
     if version != LAYOUT_VERSION:

@@ -6,11 +6,10 @@ KtjaxError that names it, never a silently different model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 from .errors import KtjaxError
+from .jsonio import read_json
 
 ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -27,7 +26,7 @@ class RopeConfig:
     original_max_position_embeddings: int = 0
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: float = 1.0  # multiplies cos and sin: mscale(f, mscale) / mscale(f, mscale_all_dim)
+    attention_factor: float = 1.0  # multiplies cos and sin: yarn_mscale(f, mscale) / yarn_mscale(f, mscale_all_dim)
     mscale_all_dim: float = 0.0
 
 
@@ -91,13 +90,8 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise KtjaxError(f"{path}: no config.json here; point at a Hugging Face model folder or a converted checkpoint") from None
-        except json.JSONDecodeError as e:
-            raise KtjaxError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path, "model config",
+                        missing_hint="point at a Hugging Face model folder or a converted checkpoint")
         try:
             return cls.from_hf_dict(raw)
         except KtjaxError as e:
@@ -236,7 +230,3 @@ class _Getter:
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if required else 0):
             raise KtjaxError(f"{key}={value!r} must be a {'positive' if required else 'non-negative'} integer")
         return value
-
-
-def find_config(path: str) -> str:
-    return os.path.join(path, "config.json")

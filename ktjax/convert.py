@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
 from .loader import Entry, TensorSource, _skipped, layer_entries, top_entries
+from .units import format_bytes as fmt_bytes
 from . import weight_quant
 
 WEIGHTS = ("source", "float32", "bf16", "fp8", *weight_quant.FORMATS)
@@ -261,13 +262,6 @@ def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str
 
 # ---- reporting -------------------------------------------------------------------------------------
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
 def describe(plan: Plan) -> str:
     kept = sum(o.keep_fp8 for o in plan.outputs)
     quantized = sum(bool(o.quant) for o in plan.outputs)
@@ -285,7 +279,7 @@ def describe(plan: Plan) -> str:
                 f"    kept:         {fmt_bytes(plan.bytes_by_kind()['kept'])} in source precision (embeddings, "
                 "lm_head, norms, router, w_uk/w_uv)"] if quantized else []),
              f"  peak memory:    about {fmt_bytes(plan.peak_bytes)} of arrays at once, "
-             "plus about 0.25 GB for Python, JAX and tensorstore"]
+             "plus about 250 MiB for Python, JAX and tensorstore"]
     mtp = plan.skipped.get("mtp", [])
     if mtp:
         size = sum(plan.tensor_bytes[n] for n in mtp)

@@ -254,7 +254,3 @@ def _place(target: dict, path: tuple, value: np.ndarray, shardings: dict | None 
 
 def _build(src: TensorSource, e: Entry) -> np.ndarray:
     return e.fn(*[src.get(n, s) for n, s in zip(e.sources, e.shapes)])
-
-
-def is_hf_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))

@@ -7,6 +7,7 @@ import jax
 
 from .kv.formats import CacheFormat
 from .config import ModelConfig
+from .units import format_bytes  # noqa: F401  (engine and generate format sizes through this module)
 
 HEADROOM = 0.9  # leave 10% of the budget for what the estimate misses (fragmentation, XLA scratch)
 
@@ -91,11 +92,3 @@ def peak_memory_bytes() -> int:
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)

@@ -147,7 +147,7 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     "dtype": Setting("float32", "compute dtype (weights are cast to it at load; the router stays float32); "
                                 "aliases fp32, bf16", _choice(DTYPES), ("float32", "bfloat16")),
-    "cache_dtype": Setting("bf16", "latent cache format (docs/design.md, 'Cache formats'); aliases "
+    "cache_dtype": Setting("bf16", "latent cache format (README: 'The latent cache'); aliases "
                                    + ", ".join(f"{a}={b}" for a, b in cache_formats.ALIASES.items()),
                            _cache_format, cache_formats.NAMES),
     "cache_lens": Setting(None, "cache capacity per sequence in tokens: a number, `auto` (the largest that fits "

@@ -123,11 +123,10 @@ def list_shards(folder: str) -> dict[str, str]:
     """Map each tensor name to its shard file, from model.safetensors.index.json or the *.safetensors present."""
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise KtjaxError(f"{index_path}: not a valid safetensors index ({e})") from None
+        from .jsonio import read_json
+        weight_map = read_json(index_path, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise KtjaxError(f"{index_path}: not a valid safetensors index (no \"weight_map\" object)")
         missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(folder, s))})
         if missing:
             raise KtjaxError(f"{index_path} names shard(s) that are not in {folder}: {', '.join(missing)}; "

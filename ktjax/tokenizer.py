@@ -42,11 +42,8 @@ class Tokenizer:
         config = {}
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.exists(cfg_path):
-            try:
-                with open(cfg_path) as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise KtjaxError(f"{cfg_path}: not valid JSON ({e})") from None
+            from .jsonio import read_json
+            config = read_json(cfg_path, "tokenizer config")
         return cls(tok, config)
 
     def token_id(self, text):

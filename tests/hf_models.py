@@ -14,7 +14,7 @@ _COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermed
                qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10, max_position_embeddings=512,
                initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
 
-# Each config covers the combinations the model issue names.
+# Each config covers a different combination of the architecture's options (noted above it).
 CONFIGS = {
     # V3: q_lora, noaux_tc with a random correction bias, 4 groups, normalised top-k, YaRN with
     # mscale != mscale_all_dim, one dense layer first.

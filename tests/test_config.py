@@ -1,4 +1,5 @@
-"""config.json reading: both rope spellings, YaRN's two scales, and clear errors for what ktjax does not run."""
+"""config.json reading: both rope spellings, YaRN's two scales, and clear errors for what ktjax does not run
+or cannot read."""
 import math
 
 import pytest
@@ -51,3 +52,18 @@ def test_dense_and_moe_stacks():
 def test_unsupported_values_name_the_field(change, named):
     with pytest.raises(KtjaxError, match=named):
         ModelConfig.from_hf_dict(_raw(**change))
+
+
+@pytest.mark.parametrize("content,fault", [
+    (None, r"no such file \(the model config\); point at"),
+    (b'{"vocab_size": 10,', "not valid JSON"),
+    (b'{"name": "caf\xe9"}', "not UTF-8 text"),
+    (b"[1, 2]", "not a JSON object"),
+])
+def test_a_broken_config_file_is_one_message_naming_it(tmp_path, content, fault):
+    """Every JSON file a folder holds is read by ktjax.jsonio.read_json: these faults read alike in all."""
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(KtjaxError, match=rf"config\.json: .*{fault}"):
+        ModelConfig.from_file(str(path))

@@ -17,12 +17,12 @@ from folder_edits import BAD_INPUTS, shards
 from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.convert import main
 from ktjax.errors import KtjaxError
+from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_quantize_blocks
+from synthetic_folders import WIDE_EXPERTS, write_synthetic_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "convert", "hf_to_ktjax.py")
-E4M3 = ml_dtypes.float8_e4m3fn
-BLOCK = 128
-PARITY = 1e-4        # the model issue's bound against transformers: max|ktjax - hf| <= 1e-4 * max|hf|
+PARITY = 1e-4        # the README's bound against transformers: max|ktjax - hf| <= 1e-4 * max|hf|
 FP8_VS_DEQUANT = 1e-5  # fp8 kept vs dequantized: identical weights, so only float32 summation order differs
 
 
@@ -115,25 +115,6 @@ FP8_CONFIG = dict(_COMMON, hidden_size=160, intermediate_size=200, qk_nope_head_
 QUANTIZED = re.compile(r"_proj(_with_mqa)?\.weight$")  # every linear layer but the router, as DeepSeek ships
 
 
-def quantize_blocks(w):
-    """e4m3 values and one float32 scale per 128 x 128 block (edge blocks partial), as DeepSeek-V3 ships."""
-    rows, cols = w.shape
-    scale = np.zeros((-(-rows // BLOCK), -(-cols // BLOCK)), np.float32)
-    q = np.zeros(w.shape, E4M3)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = np.s_[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK]
-            scale[i, j] = max(float(np.abs(w[tile]).max()), 1e-12) / 448.0
-            q[tile] = (w[tile] / scale[i, j]).astype(E4M3)
-    return q, scale
-
-
-def dequantize_ref(q, scale):
-    """DeepSeek's rule, W[i, j] = q[i, j] * s[i // 128, j // 128], written independently of ktjax."""
-    rows, cols = q.shape
-    return q.astype(np.float32) * np.repeat(np.repeat(scale, BLOCK, 0), BLOCK, 1)[:rows, :cols]
-
-
 def _fp8_tensors(folder):
     """Float32 random weights from transformers, rewritten as the official FP8 format plus an MTP layer."""
     import torch
@@ -155,7 +136,7 @@ def _fp8_tensors(folder):
     out = {}
     for name, w in tensors.items():
         if QUANTIZED.search(name):
-            out[name], out[name + "_scale_inv"] = quantize_blocks(w)
+            out[name], out[name + "_scale_inv"] = fp8_quantize_blocks(w)
         elif name.endswith("e_score_correction_bias"):
             out[name] = rng.normal(0, 0.1, w.shape).astype(np.float32)  # float32 in the official checkpoint
         else:
@@ -186,7 +167,7 @@ def fp8_folder(tmp_path_factory):
     with open(path) as f:
         raw = json.load(f)
     raw.update(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                    "weight_block_size": [BLOCK, BLOCK]}, num_nextn_predict_layers=1,
+                                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}, num_nextn_predict_layers=1,
                torch_dtype="bfloat16")
     with open(path, "w") as f:
         json.dump(raw, f)
@@ -225,9 +206,9 @@ def _reference_tensors(tensors, dtype=np.float32):
         if not m or not QUANTIZED.search(name) or int(m.group(1)) >= FP8_CONFIG["num_hidden_layers"]:
             continue
         layer, rest = f"layers/{int(m.group(1)):03d}/", m.group(2)
-        w = dequantize_ref(q, tensors[name + "_scale_inv"]).astype(dtype)
+        w = fp8_dequantize_blocks(q, tensors[name + "_scale_inv"]).astype(dtype)
         if rest == "self_attn.kv_b_proj":
-            per_head = dequantize_ref(q, tensors[name + "_scale_inv"]).reshape(h, dn + dv, -1)
+            per_head = fp8_dequantize_blocks(q, tensors[name + "_scale_inv"]).reshape(h, dn + dv, -1)
             ref[layer + "attn.w_uk"], ref[layer + "attn.w_uv"] = per_head[:, :dn], per_head[:, dn:]
         elif rest.startswith("mlp.experts."):
             _, _, j, proj = rest.split(".")
@@ -369,7 +350,7 @@ def test_not_enough_disk_space_is_refused_with_the_numbers(v2_lite_copy, tmp_pat
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     out = tmp_path / "ckpt"
-    _assert_refused(_convert(v2_lite_copy, out), capsys, r"not enough disk space.*needs [\d.]+ MB.*100\.00 KB free")
+    _assert_refused(_convert(v2_lite_copy, out), capsys, r"not enough disk space.*needs [\d.]+ MiB.*97\.7 KiB free")
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -413,59 +394,6 @@ def test_script_exits_2_with_one_line(tmp_path):
 
 # ---- streaming: peak memory far below the model's size --------------------------------------------------
 
-# Wide experts and many layers, small everything else: the model is ~25 times its largest output tensor.
-BIG_CONFIG = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=512, hidden_size=256, intermediate_size=256,
-                  moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=4, q_lora_rank=None,
-                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=64,
-                  n_shared_experts=1, num_experts_per_tok=4, n_group=1, topk_group=1, first_k_dense_replace=0,
-                  rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
-
-
-# DeepSeek-V2-Lite's dimensions with 4 of its 27 layers (4.5 GB in bf16): the README's peak-RSS measurement.
-V2_LITE_4_LAYERS = dict(architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048,
-                        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4,
-                        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
-                        num_experts_per_tok=6, topk_method="greedy", n_group=1, topk_group=1,
-                        first_k_dense_replace=1, rms_norm_eps=1e-6, max_position_embeddings=4096)
-
-
-def make_synthetic_folder(folder, config=BIG_CONFIG, shard_bytes=64 * 2**20, dtype=np.float32):
-    """A model folder with constant weights (the values do not matter for memory): returns its weight bytes."""
-    from ktjax.config import ModelConfig
-    from ktjax.loader import layer_entries, top_entries
-    from safetensors.numpy import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    cfg = ModelConfig.from_hf_dict(config)
-    specs = [(n, s) for e in top_entries(cfg) for n, s in zip(e.sources, e.shapes)]
-    for i in range(cfg.num_hidden_layers):
-        entries = layer_entries(cfg, i, i >= cfg.num_dense_layers, set())
-        specs += list(dict.fromkeys((n, s) for e in entries for n, s in zip(e.sources, e.shapes)))
-    shard, size, total, weight_map = {}, 0, 0, {}
-
-    def flush():
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, os.path.join(folder, name))
-        weight_map.update({n: name for n in shard})
-        shard.clear()
-
-    for name, shape in specs:
-        shard[name] = np.full(shape, 0.01, dtype)
-        size += shard[name].nbytes
-        total += shard[name].nbytes
-        if size >= shard_bytes:
-            flush()
-            size = 0
-    if shard:
-        flush()
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"weight_map": weight_map}, f)
-    return total
-
-
 _MEASURE = textwrap.dedent("""
     import json, resource, sys
     sys.path.insert(0, {root!r})
@@ -489,7 +417,7 @@ _MEASURE = textwrap.dedent("""
 
 def test_peak_memory_stays_far_below_the_model_size(tmp_path):
     hf, out = str(tmp_path / "hf"), str(tmp_path / "ckpt")
-    model_bytes = make_synthetic_folder(hf)
+    model_bytes = write_synthetic_folder(hf, WIDE_EXPERTS, shard_bytes=64 * 2**20)
     largest = 64 * 256 * 256 * 4  # one layer's w_gate stack, float32
     assert model_bytes > 20 * largest and len(shards(hf)) > 5
     run = subprocess.run([sys.executable, "-c", _MEASURE.format(root=ROOT), hf, out], capture_output=True,
@@ -502,4 +430,4 @@ def test_peak_memory_stays_far_below_the_model_size(tmp_path):
           f"{m['before'] / 1e6:.0f} MB, peak {m['peak'] / 1e6:.0f} MB, growth {growth / 1e6:.0f} MB")
     assert growth < model_bytes / 4  # generous: streaming needs a few tensors' worth, not the model
     tensors = read_manifest(out)["tensors"]
-    assert all(f"layers/{i:03d}/mlp.w_gate" in tensors for i in range(BIG_CONFIG["num_hidden_layers"]))
+    assert all(f"layers/{i:03d}/mlp.w_gate" in tensors for i in range(WIDE_EXPERTS["num_hidden_layers"]))

@@ -1,5 +1,7 @@
-"""The shipped demo model (ktjax/demo_model, trained by ktjax/train.py): transformers and ktjax agree on it,
-it writes readable text, and its long-context behaviour per cache format is measured against stated bounds."""
+"""The shipped demo model (ktjax/demo_model, trained by ktjax/demo/train.py): transformers and ktjax agree on
+it, it writes readable text, and its long-context behaviour per cache format is measured against stated
+bounds. Without it, the demo runs random weights of the same architecture."""
+import os
 import re
 
 import numpy as np
@@ -39,6 +41,31 @@ def test_generates_readable_text(tok):
     assert printable >= 0.95 and len(words) >= 5, text
 
 
+def test_random_weights_fallback_has_the_trained_architecture():
+    """One definition of the demo architecture: only the vocabulary differs (a byte-level tokenizer)."""
+    import dataclasses
+
+    from ktjax.config import ModelConfig
+    from ktjax.demo import demo_model, demo_tokenizer
+
+    cfg, _ = demo_model()
+    shipped = ModelConfig.from_file(os.path.join(DEMO_MODEL_DIR, "config.json"))
+    assert dataclasses.replace(cfg, vocab_size=shipped.vocab_size) == shipped
+    byte_tok = demo_tokenizer()
+    assert byte_tok.tok.get_vocab_size() == cfg.vocab_size
+    assert byte_tok.bos_id == cfg.bos_token_id and byte_tok.eos_ids == list(cfg.eos_token_ids)
+    assert byte_tok.decode(byte_tok.encode("naïve café")) == "naïve café"
+
+
+def test_cli_falls_back_to_random_weights_and_says_so(tmp_path, monkeypatch, capsys):
+    import ktjax.demo
+    from ktjax.generate import main
+
+    monkeypatch.setattr(ktjax.demo, "DEMO_MODEL_DIR", str(tmp_path / "trimmed"))
+    assert main(["--max-new-tokens", "4"]) == 0
+    assert ktjax.demo.RANDOM_WEIGHTS_NOTICE in capsys.readouterr().err
+
+
 # Pass-key retrieval at the demo model's trained context (256 tokens), on held-out filler. Chance is 1 in
 # 90,000; the bounds were set before measuring: bf16 retrieves at least half the keys, int8 loses at most one
 # point (one prompt in 100), fp8 at most 5 and int4 at most 15 (its round trip moves each value ~11%).
@@ -48,7 +75,7 @@ MAX_DROP_POINTS = {"int8": 1, "fp8": 5, "int4": 15}
 
 @pytest.fixture(scope="module")
 def retrieval(tok):
-    from ktjax.passkey import heldout_filler, passkey_prompts, retrieval_hits
+    from ktjax.demo.passkey import heldout_filler, passkey_prompts, retrieval_hits
 
     prompts, keys = passkey_prompts(np.random.default_rng(0), tok.tok, heldout_filler(tok.tok), RETRIEVAL_LENGTH,
                                     RETRIEVAL_DEPTHS, RETRIEVAL_TRIALS)
@@ -69,7 +96,7 @@ def test_quantized_cache_keeps_retrieval(retrieval, fmt):
 
 @pytest.mark.parametrize("length,depth", [(64, 0.0), (100, 0.5), (256, 1.0)])
 def test_passkey_example_layout(tok, length, depth):
-    from ktjax.passkey import KEY_INTRO, KEY_QUESTION, heldout_filler, passkey_example
+    from ktjax.demo.passkey import KEY_INTRO, KEY_QUESTION, heldout_filler, passkey_example
 
     ids, answer_at, key = passkey_example(np.random.default_rng(length), tok.tok, heldout_filler(tok.tok), length,
                                           depth)

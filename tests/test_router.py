@@ -1,35 +1,12 @@
-"""The MoE router against a numpy transcription of DeepSeek's gates, for the fields transformers ignores."""
+"""The MoE router against a numpy transcription of DeepSeek's gates (tests/numpy_references.py), for the fields
+transformers ignores."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ktjax.config import ModelConfig
 from hf_models import CONFIGS
-
-
-def route_ref(logits, bias, *, arch, scoring, method, n_group, topk_group, k, norm, scale):
-    """DeepSeek-V2's MoEGate (V2) and DeepSeek-V3's gate (V3), row by row in numpy."""
-    out_w, out_i = [], []
-    for row, in zip(logits.astype(np.float64)):
-        scores = np.exp(row - row.max()) / np.exp(row - row.max()).sum() if scoring == "softmax" else 1 / (1 + np.exp(-row))
-        choice = scores + bias if method == "noaux_tc" else scores.copy()
-        if method != "greedy":
-            groups = choice.reshape(n_group, -1)
-            gscore = np.sort(groups, axis=1)[:, -2:].sum(1) if method == "noaux_tc" else groups.max(1)
-            keep = np.argsort(-gscore)[:topk_group]
-            fill = -np.inf if method == "noaux_tc" else 0.0
-            masked = np.full_like(groups, fill)
-            masked[keep] = groups[keep]
-            choice = masked.reshape(-1)
-        idx = np.argsort(-choice)[:k]
-        w = scores[idx]
-        if arch == "v2":
-            w = w / (w.sum() + 1e-20) if (k > 1 and norm) else w * scale
-        else:
-            w = (w / (w.sum() + 1e-20) if norm else w) * scale
-        order = np.argsort(idx)
-        out_w.append(w[order]), out_i.append(idx[order])
-    return np.array(out_w), np.array(out_i)
+from numpy_references import route_ref
 
 
 CASES = [  # (arch, scoring, method, n_group, topk_group, k, norm)

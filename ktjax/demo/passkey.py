@@ -1,5 +1,5 @@
 """The pass-key task: a random 5-digit key hidden at some depth of filler text, asked for at the end. The demo
-model is trained on it (ktjax/train.py), and benchmarks/eval_long_context.py and the tests measure how well
+model is trained on it (ktjax/demo/train.py), and benchmarks/eval_long_context.py and the tests measure how well
 each cache format keeps it retrievable.
 
 Held-out filler: ktjax/data/stdlib_docstrings.txt, docstrings of Python 3.11 standard-library modules (PSF
@@ -11,12 +11,13 @@ import os
 
 import numpy as np
 
-from .demo import SPECIALS
+from . import SPECIALS
 
 KEY_INTRO = " The pass key is {key}. Remember it. {key} is the pass key."
 KEY_QUESTION = " What is the pass key? The pass key is"
 BOS = SPECIALS[0]
-HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib_docstrings.txt")
+HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                            "stdlib_docstrings.txt")
 
 
 def passkey_example(rng, tok, filler: np.ndarray, length: int, depth: float | None = None):

@@ -1,11 +1,15 @@
 """Train ktjax's small demo model on this CPU: a DeepSeek-V3-architecture model (MLA, MoE with a shared
-expert, sigmoid routing) on English text mixed with a synthetic pass-key retrieval task (ktjax/passkey.py),
-then export it in Hugging Face format (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-generation_config.json) so that transformers, the converter and ktjax all read it.
+expert, sigmoid routing) on English text mixed with a synthetic pass-key retrieval task
+(ktjax/demo/passkey.py), then export it in Hugging Face format (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json, generation_config.json) so that transformers, the converter and ktjax
+all read it.
 
     apt-get install python3.11-doc          # the text: the Python documentation's reST sources (PSF licence)
     python -m ktjax.train --out /tmp/demo_model                       # DEFAULT_STAGES, ~25 min
     python -m ktjax.train --init /tmp/demo_model --out /tmp/more --stages 256:16:300:0.7 --lr 1.5e-3
+
+--out is required and an existing, non-empty --out is only replaced with --overwrite, so that no run replaces
+the shipped ktjax/demo_model by accident. The folder is written beside --out and renamed into place at the end.
 
 Training runs in stages (--stages): language first, then many pass keys in short contexts, where a model
 finds the key most easily and learns to copy it, then the full length. Every
@@ -20,11 +24,12 @@ import argparse
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-from .demo import CHAT_TEMPLATE, SPECIALS
+from . import CHAT_TEMPLATE, SPECIALS
 from .passkey import passkey_example, teacher_forced_accuracy
 
 BOS, EOS = SPECIALS[:2]
@@ -32,6 +37,7 @@ BOS, EOS = SPECIALS[:2]
 # model trained about an hour, in three runs (94%; benchmarks/RESULTS.md has both recipes).
 DEFAULT_STAGES = "128:32:200:0.2,64:64:500:0.85,256:16:250:0.7"
 MIN_PASSKEY_LEN = 32  # shortest pass-key example
+
 
 def model_config(vocab_size: int, max_len: int) -> dict:
     """The demo model: ~3.6M parameters, V3 layout (q_lora, noaux_tc routing over 4 groups, 1 dense layer)."""
@@ -45,6 +51,11 @@ def model_config(vocab_size: int, max_len: int) -> dict:
         max_position_embeddings=max_len, rope_interleave=True, attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1, initializer_range=0.02)
+
+
+def max_positions(stages: str = DEFAULT_STAGES) -> int:
+    """A model's max_position_embeddings: 4x its longest training sequence, room to generate past it."""
+    return 4 * max(seq_len for seq_len, _, _, _ in parse_stages(stages))
 
 
 def load_corpus(text_dir: str | None) -> str:
@@ -128,21 +139,22 @@ def prepare(args):
     import jax.numpy as jnp
     from flax import nnx
 
-    from .config import ModelConfig
-    from .model import DeepseekModel
+    from ..config import ModelConfig
+    from ..jsonio import read_json
+    from ..model import DeepseekModel
 
     text = load_corpus(args.text_dir)
     if args.init:  # continue training an exported model, with its tokenizer
         from tokenizers import Tokenizer
 
-        from .loader import load_hf_model
+        from ..loader import load_hf_model
         tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
-        with open(os.path.join(args.init, "config.json")) as f:
-            raw = {k: v for k, v in json.load(f).items() if k != "torch_dtype"}
+        raw = read_json(os.path.join(args.init, "config.json"), "model config")
+        raw.pop("torch_dtype", None)  # export_hf writes the dtype it is asked for
         model = load_hf_model(args.init, ModelConfig.from_hf_dict(raw))
     else:
         tok = train_tokenizer(text, args.vocab_size)
-        raw = model_config(tok.get_vocab_size(), 4 * max(s[0] for s in parse_stages(args.stages)))
+        raw = model_config(tok.get_vocab_size(), max_positions(args.stages))
         model = DeepseekModel(ModelConfig.from_hf_dict(raw), rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), params))  # --init may hold bf16
@@ -269,15 +281,34 @@ def _hf_layer(p: dict, i: int, cfg) -> dict:
 
 def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"):
     """Write a Hugging Face folder: weights in `dtype` (router and its bias in float32, as transformers
-    keeps them), tokenizer and configs. Written to a temporary folder and renamed at the end."""
+    keeps them), tokenizer and configs. Written into a hidden temporary folder beside `folder` and renamed
+    into place at the end: an interrupted export leaves `folder` as it was."""
+    import tempfile
+
+    from ..convert import _move_into_place  # the converter's swap: an old folder stays whole until then
+    from ..units import format_bytes
+
+    out = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        weight_bytes = _write_hf_folder(model, raw_config, tok, tmp, dtype)
+        _move_into_place(tmp, out)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {folder} ({format_bytes(weight_bytes)} of weights)")
+
+
+def _write_hf_folder(model, raw_config: dict, tok, tmp: str, dtype: str) -> int:
+    """export_hf's files, written into `tmp`; returns the bytes of weights written."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from .config import ModelConfig
+    from ..config import ModelConfig
 
     cfg = ModelConfig.from_hf_dict(raw_config)
-    tmp = folder.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     tensors = {k: (v.astype(np.float32) if "mlp.gate." in k else v.astype(target))
                for k, v in _hf_tensors(model, cfg).items()}
@@ -292,16 +323,14 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
                    "chat_template": CHAT_TEMPLATE, "model_max_length": raw_config["max_position_embeddings"],
                    "tokenizer_class": "TokenizersBackend", "clean_up_tokenization_spaces": False},
                   f, ensure_ascii=False, indent=2)
-    if os.path.exists(folder):
-        import shutil
-        shutil.rmtree(folder)
-    os.rename(tmp, folder)
-    print(f"wrote {folder} ({sum(v.nbytes for v in tensors.values()) / 2**20:.1f} MiB of weights)")
+    return sum(v.nbytes for v in tensors.values())
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="ktjax/demo_model", help="the Hugging Face folder to write (replaced)")
+    p = argparse.ArgumentParser(prog="python -m ktjax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--text-dir", help="a folder of .txt files (default: the Python docs' reST sources)")
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help="SEQ_LEN:BATCH:STEPS:PASSKEY_FRACTION,... trained in order; pass-key examples are "
@@ -314,7 +343,22 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="exported weights")
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--init", help="continue from an exported model folder (its tokenizer and config)")
-    return train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    refusal = _out_refusal(args.out, args.overwrite)
+    if refusal:  # before an hour of training, not after
+        print(f"error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
+    return train(args)
+
+
+def _out_refusal(out: str, overwrite: bool) -> str | None:
+    """Why --out cannot be written, or None: a non-empty folder needs --overwrite, and a file is never one."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        return f"--out {out} exists and is not a folder; remove it or choose another --out"
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        return (f"--out {out} already exists and is not empty; pass --overwrite to replace it, or choose "
+                "another --out")
+    return None
 
 
 if __name__ == "__main__":

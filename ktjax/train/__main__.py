@@ -1,0 +1,3 @@
+from ktjax.demo.train import main
+
+main()

@@ -1,0 +1,51 @@
+"""Numpy transcriptions of DeepSeek's own rules, written independently of ktjax: what the tests hold ktjax's
+implementations to."""
+import ml_dtypes
+import numpy as np
+
+E4M3 = ml_dtypes.float8_e4m3fn
+FP8_BLOCK = 128  # DeepSeek-V3's FP8 weights: one scale per 128 x 128 block
+
+
+def fp8_quantize_blocks(w):
+    """e4m3 values and one float32 scale per 128 x 128 block (edge blocks partial), as DeepSeek-V3 ships."""
+    rows, cols = w.shape
+    scale = np.zeros((-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)), np.float32)
+    q = np.zeros(w.shape, E4M3)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = np.s_[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK]
+            scale[i, j] = max(float(np.abs(w[tile]).max()), 1e-12) / 448.0
+            q[tile] = (w[tile] / scale[i, j]).astype(E4M3)
+    return q, scale
+
+
+def fp8_dequantize_blocks(q, scale):
+    """DeepSeek's rule, W[i, j] = q[i, j] * s[i // 128, j // 128], written independently of ktjax."""
+    rows, cols = q.shape
+    return q.astype(np.float32) * np.repeat(np.repeat(scale, FP8_BLOCK, 0), FP8_BLOCK, 1)[:rows, :cols]
+
+
+def route_ref(logits, bias, *, arch, scoring, method, n_group, topk_group, k, norm, scale):
+    """DeepSeek-V2's MoEGate (V2) and DeepSeek-V3's gate (V3), row by row in numpy."""
+    out_w, out_i = [], []
+    for row, in zip(logits.astype(np.float64)):
+        scores = np.exp(row - row.max()) / np.exp(row - row.max()).sum() if scoring == "softmax" else 1 / (1 + np.exp(-row))
+        choice = scores + bias if method == "noaux_tc" else scores.copy()
+        if method != "greedy":
+            groups = choice.reshape(n_group, -1)
+            gscore = np.sort(groups, axis=1)[:, -2:].sum(1) if method == "noaux_tc" else groups.max(1)
+            keep = np.argsort(-gscore)[:topk_group]
+            fill = -np.inf if method == "noaux_tc" else 0.0
+            masked = np.full_like(groups, fill)
+            masked[keep] = groups[keep]
+            choice = masked.reshape(-1)
+        idx = np.argsort(-choice)[:k]
+        w = scores[idx]
+        if arch == "v2":
+            w = w / (w.sum() + 1e-20) if (k > 1 and norm) else w * scale
+        else:
+            w = (w / (w.sum() + 1e-20) if norm else w) * scale
+        order = np.argsort(idx)
+        out_w.append(w[order]), out_i.append(idx[order])
+    return np.array(out_w), np.array(out_i)
