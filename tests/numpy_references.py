@@ -49,3 +49,36 @@ def route_ref(logits, bias, *, arch, scoring, method, n_group, topk_group, k, no
         order = np.argsort(idx)
         out_w.append(w[order]), out_i.append(idx[order])
     return np.array(out_w), np.array(out_i)
+
+
+def quantize_round_trip(fmt_name: str, x):
+    """A latent cache format's round trip (quantize then dequantize) in float64 numpy."""
+    from ktjax.kv.formats import FORMATS
+
+    fmt = FORMATS[fmt_name]
+    x = np.asarray(x, np.float64)
+    if not fmt.quantized:
+        return x.astype(fmt.store_dtype).astype(np.float64)
+    out = np.empty_like(x)
+    for start in range(0, x.shape[-1], fmt.group):
+        block = x[..., start:start + fmt.group]
+        amax = np.abs(block).max(-1, keepdims=True)
+        scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32).astype(np.float64)
+        if fmt_name == "fp8":
+            q = (block / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+        else:
+            q = np.clip(np.round(block / scale), -fmt.qmax, fmt.qmax)
+        out[..., start:start + fmt.group] = q * scale
+    return out
+
+
+def latent_attention(q_lat, q_pe, c_kv, k_pe, q_positions, lengths, scale):
+    """Absorbed attention over the whole cache at once: query i of sequence b sees key t iff t < lengths[b] and
+    t <= q_positions[b, i]. -> o_lat [b, s, h, R]."""
+    scores = (np.einsum("bshc,btc->bsht", q_lat, c_kv) + np.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
+    t = np.arange(c_kv.shape[1])
+    visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
+    scores = np.where(visible[:, :, None, :], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bsht,btc->bshc", p, c_kv)

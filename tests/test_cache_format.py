@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from references import quantize_round_trip
+from numpy_references import latent_attention, quantize_round_trip
 
 from ktjax.config import ModelConfig
 from ktjax.errors import KtjaxError
@@ -61,16 +61,6 @@ def _attention_inputs(rng, fmt_name, b=3, s=5, h=4, rank=20, rope=8, cache_lens=
     return fmt, c_kv, k_pe, stored, scales, q_lat, q_pe, lengths, q_positions
 
 
-def _exact(q_lat, q_pe, c_kv, k_pe, q_positions, lengths, scale):
-    scores = (np.einsum("bshc,btc->bsht", q_lat, c_kv) + np.einsum("bshr,btr->bsht", q_pe, k_pe)) * scale
-    t = np.arange(c_kv.shape[1])
-    visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
-    scores = np.where(visible[:, :, None, :], scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bsht,btc->bshc", p, c_kv)
-
-
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("block", [16, 48])
 def test_attention_over_quantized_cache(rng, name, block):
@@ -80,10 +70,10 @@ def test_attention_over_quantized_cache(rng, name, block):
                                      jnp.asarray(q_pos), jnp.asarray(lengths), fmt=fmt, scale=0.3, block=block))
     # Per-group scaling inside attention equals attention over the dequantized cache (float32 accuracy) ...
     deq = np.asarray(dequantize(fmt, stored, scales, c_kv.shape[-1]))
-    ref_deq = _exact(q_lat, q_pe, deq, np.asarray(k_pe_stored, np.float32), q_pos, lengths, 0.3)
+    ref_deq = latent_attention(q_lat, q_pe, deq, np.asarray(k_pe_stored, np.float32), q_pos, lengths, 0.3)
     np.testing.assert_allclose(out, ref_deq, rtol=2e-5, atol=2e-5 * np.abs(ref_deq).max())
     # ... and stays within the format's error of exact attention over the unquantized latents.
-    ref = _exact(q_lat, q_pe, c_kv, k_pe, q_pos, lengths, 0.3)
+    ref = latent_attention(q_lat, q_pe, c_kv, k_pe, q_pos, lengths, 0.3)
     bound = {"float32": 1e-5, "bf16": 0.02, "fp8": 0.1, "int8": 0.02, "int4": 0.3}[name]
     assert np.abs(out - ref).max() <= bound * np.abs(ref).max()
 
@@ -94,7 +84,7 @@ def test_decode_is_the_one_query_case(rng):
     out = mla_decode_xla(jnp.asarray(q_lat[:, 0]), jnp.asarray(q_pe[:, 0]), stored, scales, kp,
                          jnp.asarray(lengths), fmt=fmt, scale=0.3, block=16)
     deq = np.asarray(dequantize(fmt, stored, scales, c_kv.shape[-1]))
-    ref = _exact(q_lat, q_pe, deq, np.asarray(kp, np.float32), (lengths - 1)[:, None], lengths, 0.3)[:, 0]
+    ref = latent_attention(q_lat, q_pe, deq, np.asarray(kp, np.float32), (lengths - 1)[:, None], lengths, 0.3)[:, 0]
     np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
