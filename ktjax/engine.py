@@ -24,6 +24,7 @@ from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from .model import DeepseekModel, RunOptions
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
+from .units import format_bytes
 
 MIN_BUCKET = 16
 STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
@@ -222,8 +223,8 @@ class Engine:
         fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
         if fits < needed:
             raise KtjaxError(
-                f"memory budget {memory.format_bytes(budget)} holds weights "
-                f"({memory.format_bytes(self.weight_bytes)}) and activations ({memory.format_bytes(act)}) but "
+                f"memory budget {format_bytes(budget)} holds weights "
+                f"({format_bytes(self.weight_bytes)}) and activations ({format_bytes(act)}) but "
                 f"only {fits} cached tokens per sequence in {fmt.name} ({fmt.bytes_per_token(self.cfg)} "
                 f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
                 "prompt or fewer --max-new-tokens")
@@ -343,7 +344,7 @@ class Engine:
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 raise KtjaxError(f"out of memory with a {fmt.name} cache of {plan.cache_lens} tokens x {b} sequences "
-                                 f"({memory.format_bytes(cache_bytes(cfg, fmt, b, plan.cache_lens))}); use a smaller "
+                                 f"({format_bytes(cache_bytes(cfg, fmt, b, plan.cache_lens))}); use a smaller "
                                  "--cache-lens or a narrower --cache-dtype (int8, int4)") from None
             raise
         n_prompt, n_gen = sum(map(len, prompts)), sum(map(len, tokens))

@@ -168,7 +168,7 @@ def run(engine, args) -> int:
 
 
 def print_stats(s: dict, file=None):
-    from .memory import format_bytes
+    from .units import format_bytes
 
     file = file or sys.stderr
     print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "

@@ -7,7 +7,7 @@ import jax
 
 from .kv.formats import CacheFormat
 from .config import ModelConfig
-from .units import format_bytes  # noqa: F401  (engine and generate format sizes through this module)
+from .units import format_bytes
 
 HEADROOM = 0.9  # leave 10% of the budget for what the estimate misses (fragmentation, XLA scratch)
 

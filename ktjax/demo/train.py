@@ -171,7 +171,7 @@ def fit(model, tok, corpus_ids: np.ndarray, args):
     import optax
     from flax import nnx
 
-    from .model import RunOptions
+    from ..model import RunOptions
 
     graphdef, params = nnx.split(model)
     print(f"model: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M parameters", flush=True)
