@@ -43,9 +43,32 @@ def read_generation_config(folder: str) -> dict:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise KtjaxError(f"{path}: not valid JSON ({e})") from None
-    eos = raw.get("eos_token_id")
+    try:
+        return _generation_defaults(raw)
+    except KtjaxError as e:
+        raise KtjaxError(f"{path}: {e}") from None
+
+
+def _generation_defaults(raw) -> dict:
+    """generation_config.json's sampling settings, type-checked here and range-checked as the same CLI flags are."""
+    import math
+
+    from .config import json_type_name, token_ids
+    from .runtime import RuntimeConfig
+
+    if not isinstance(raw, dict):
+        raise KtjaxError(f"must hold a JSON object of settings, not a {json_type_name(raw)}")
     out = {k: raw[k] for k in ("temperature", "top_k", "top_p", "do_sample") if raw.get(k) is not None}
-    out["eos_token_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    for key in ("temperature", "top_p"):
+        value = out.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KtjaxError(f"{key}={value!r} must be a number")
+    if not isinstance(out.get("top_k", 0), int) or isinstance(out.get("top_k"), bool):
+        raise KtjaxError(f"top_k={out['top_k']!r} must be an integer")
+    if not isinstance(out.get("do_sample", False), bool):
+        raise KtjaxError(f"do_sample={out['do_sample']!r} must be true or false")
+    RuntimeConfig.from_overrides(**{k: out.get(k) for k in ("temperature", "top_k", "top_p")})
+    out["eos_token_ids"] = token_ids(raw, "eos_token_id")
     return out
 
 

@@ -106,7 +106,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict) -> "ModelConfig":
         if not isinstance(raw, dict):
-            raise KtjaxError(f"config.json must hold a JSON object of settings, not a {_json_type(raw)}")
+            raise KtjaxError(f"config.json must hold a JSON object of settings, not a {json_type_name(raw)}")
         arch = _architecture(raw)
         g = _Getter(raw)
         n_routed = g.int("n_routed_experts", 0) or 0
@@ -172,7 +172,7 @@ class ModelConfig:
             tie_word_embeddings=g.bool("tie_word_embeddings", False),
             max_position_embeddings=g.int("max_position_embeddings", 4096),
             bos_token_id=g.int("bos_token_id", None),
-            eos_token_ids=tuple(g.ints("eos_token_id")),
+            eos_token_ids=tuple(token_ids(raw, "eos_token_id")),
         )
 
 
@@ -201,7 +201,7 @@ def _rope(g: "_Getter", arch: str, dim: int) -> RopeConfig:
     spelling = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
     params = raw.get(spelling) or {}
     if not isinstance(params, dict):
-        raise KtjaxError(f"{spelling} must be a JSON object, not a {_json_type(params)}")
+        raise KtjaxError(f"{spelling} must be a JSON object, not a {json_type_name(params)}")
     p = _Getter(params, prefix=spelling + ".")
     theta = p.float("rope_theta", g.float("rope_theta", 10000.0), positive=True)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -232,7 +232,7 @@ def _rope(g: "_Getter", arch: str, dim: int) -> RopeConfig:
                       attention_factor=attention_factor, mscale_all_dim=mscale_all_dim or 0.0)
 
 
-def _json_type(value) -> str:
+def json_type_name(value) -> str:
     names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
 
@@ -273,14 +273,6 @@ class _Getter:
                              f"{'positive' if required else 'non-negative'} integer of at most {limit}")
         return value
 
-    def ints(self, key: str) -> list[int]:
-        """A token id, a list of them, or nothing."""
-        value = self.raw.get(key)
-        values = value if isinstance(value, list) else [] if value is None else [value]
-        for v in values:
-            _Getter({key: v}, self.prefix).int(key, None)
-        return values
-
     def float(self, key: str, default=_MISSING, positive: bool = False):
         value = self._get(key, default)
         if value is None or value is default:
@@ -298,6 +290,16 @@ class _Getter:
         if not isinstance(value, bool):
             raise KtjaxError(f"{self.prefix}{key}={repr(value)[:40]} must be true or false")
         return value
+
+
+def token_ids(raw: dict, key: str, prefix: str = "") -> list[int]:
+    """`raw[key]` as a list of token ids: one id, a list of them, or nothing (as config.json and
+    generation_config.json spell eos_token_id)."""
+    value = raw.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+        _Getter({key: v}, prefix).int(key, None)
+    return values
 
 
 def find_config(path: str) -> str:
