@@ -205,10 +205,10 @@ def _check_paths(hf_dir: str, out: str, overwrite: bool):
     if not out.strip():
         raise KtjaxError("--out is empty; name the checkpoint folder to create")
     real_src, real_out = os.path.realpath(hf_dir), os.path.realpath(out)
+    if _contains(real_out, os.path.realpath(os.getcwd())):  # ".", "..", "/": replacing it loses the cwd
+        raise KtjaxError(f"--out {out} is the current folder or one of its parents; choose a new folder")
     if _contains(real_out, real_src) or _contains(real_src, real_out):
         raise KtjaxError(f"--out {out} must lie outside --hf-dir {hf_dir} (and not contain it)")
-    if _contains(real_out, os.path.realpath(os.getcwd())):  # "", ".", "..", "/": replacing it loses the cwd
-        raise KtjaxError(f"--out {out} is the current folder or one of its parents; choose a new folder")
     if os.path.lexists(out):
         if not overwrite:
             raise KtjaxError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
