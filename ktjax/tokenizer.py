@@ -58,8 +58,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = os.path.join(folder, "tokenizer.json")
-        if not os.path.exists(path):
-            raise KtjaxError(f"{folder}: no tokenizer.json; pass token ids through the Python API instead")
+        if not os.path.isfile(path):  # a FIFO or a device would block the tokenizers library for ever
+            raise KtjaxError(f"{folder}: no tokenizer.json file; pass token ids through the Python API instead")
         try:
             tok = HFTokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for malformed files

@@ -263,7 +263,14 @@ GENERATION_CONFIGS = {
     "generation config not JSON": json_file_edit("generation_config.json", "not valid JSON", text="{"),
 }
 
+def tokenizer_is_a_fifo(folder):
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    os.mkfifo(os.path.join(folder, "tokenizer.json"))
+    return "no tokenizer.json file"
+
+
 TOKENIZER_CONFIGS = {
+    "tokenizer.json a FIFO": tokenizer_is_a_fifo,
     "tokenizer config a list": json_file_edit("tokenizer_config.json", "not a JSON list", text="[1]"),
     "bos token a number": json_file_edit("tokenizer_config.json", "bos_token must be a token", bos_token=5),
     "eos token an object without content": json_file_edit("tokenizer_config.json", "eos_token must be a token",
