@@ -214,12 +214,17 @@ def _check_paths(hf_dir: str, out: str, overwrite: bool):
             raise KtjaxError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
         if not os.path.isdir(out):
             raise KtjaxError(f"--out {out} exists and is not a folder; remove it or choose another --out")
-        if os.listdir(out) and not is_checkpoint(out):  # --overwrite replaces a checkpoint, never other data
+        if not _replaceable(out):
             raise KtjaxError(f"--out {out} is not a ktjax checkpoint and not empty; --overwrite replaces only a "
                              "checkpoint: remove it yourself or choose another --out")
     parent = _existing_parent(out)
     if not os.access(parent, os.W_OK):
         raise KtjaxError(f"--out {out}: cannot write into {parent} (permission denied)")
+
+
+def _replaceable(out: str) -> bool:
+    """What --overwrite may replace: a ktjax checkpoint or an empty folder, never other data."""
+    return os.path.isdir(out) and (not os.listdir(out) or is_checkpoint(out))
 
 
 def _contains(folder: str, path: str) -> bool:
@@ -510,8 +515,8 @@ def _move_into_place(tmp: str, out: str, overwrite: bool):
             raise KtjaxError(f"--out {out} appeared while converting; it was left alone and nothing was written "
                              "(pass --overwrite to replace it)") from None
         return
-    if not os.path.isdir(out):
-        raise KtjaxError(f"--out {out} is no longer a folder; it was left alone and nothing was written")
+    if not _replaceable(out):  # checked again: it may have changed since planning
+        raise KtjaxError(f"--out {out} is no longer a ktjax checkpoint; it was left alone and nothing was written")
     backup = tempfile.mkdtemp(prefix=_backup_prefix(out), dir=os.path.dirname(out))
     os.rename(out, backup)  # onto the empty folder reserved for it: atomic, and no other name is touched
     try:

@@ -280,8 +280,21 @@ def test_out_replaced_by_a_file_during_overwrite_is_left_alone(world, model, cap
         (world / "ckpt").write_text(SENTINEL)
 
     monkeypatch.setattr(conversion, "_write_checkpoint", write_then_out_becomes_a_file)
-    finish(world, capsys, convert(model, world / "ckpt", "--overwrite"), 2, "no longer a folder")
+    finish(world, capsys, convert(model, world / "ckpt", "--overwrite"), 2, "no longer a ktjax checkpoint")
     assert (world / "ckpt").read_text() == SENTINEL
+
+
+def test_user_data_put_at_out_during_overwrite_is_left_alone(world, model, capsys, monkeypatch, demo_checkpoint):
+    shutil.copytree(demo_checkpoint, world / "ckpt")
+
+    def write_then_out_becomes_user_data(plan, folder, quiet):
+        _fake_checkpoint(plan, folder, quiet)
+        shutil.rmtree(world / "ckpt")
+        _folder_with_sentinel(world / "ckpt")
+
+    monkeypatch.setattr(conversion, "_write_checkpoint", write_then_out_becomes_user_data)
+    finish(world, capsys, convert(model, world / "ckpt", "--overwrite"), 2, "no longer a ktjax checkpoint")
+    assert os.listdir(world / "ckpt") == ["keep.txt"]
 
 
 def test_a_failed_overwrite_puts_the_old_checkpoint_back(world, model, capsys, monkeypatch, demo_checkpoint):
