@@ -22,12 +22,13 @@ def load(path: str, **overrides):
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
+    generation = read_generation_config(path)  # checked before any weight is read, too
     if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
         cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh)  # straight into the sharded layout
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
         model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh)  # placed tensor by tensor
-    return Engine(cfg, model, runtime, read_generation_config(path))
+    return Engine(cfg, model, runtime, generation)
 
 
 def read_generation_config(folder: str) -> dict:
