@@ -23,7 +23,9 @@ def load(path: str, **overrides):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
     generation = read_generation_config(path)  # checked before any weight is read, too
-    if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
+    # Checked first: a converted folder holds a copy of config.json too. One whose manifest is damaged (it still
+    # has params/) goes to the checkpoint reader too, which says what is wrong with the manifest.
+    if is_checkpoint(path) or os.path.isdir(os.path.join(path, "params")):
         cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh)  # straight into the sharded layout
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))

@@ -261,14 +261,15 @@ def _fake_checkpoint(plan, folder, quiet):
         f.write("{}")
 
 
-def test_out_that_appears_while_converting_is_left_alone(world, model, capsys, monkeypatch):
+@pytest.mark.parametrize("appears", [_folder_with_sentinel, os.mkdir])  # an empty folder: rename(2) would replace it
+def test_out_that_appears_while_converting_is_left_alone(world, model, capsys, monkeypatch, appears):
     def write_then_someone_creates_out(plan, folder, quiet):
         _fake_checkpoint(plan, folder, quiet)
-        _folder_with_sentinel(world / "ckpt")
+        appears(world / "ckpt")
 
     monkeypatch.setattr(conversion, "_write_checkpoint", write_then_someone_creates_out)
     finish(world, capsys, convert(model, world / "ckpt"), 2, "appeared while converting")
-    assert os.listdir(world / "ckpt") == ["keep.txt"]
+    assert os.listdir(world / "ckpt") == (["keep.txt"] if appears is _folder_with_sentinel else [])
 
 
 def test_out_replaced_by_a_file_during_overwrite_is_left_alone(world, model, capsys, monkeypatch, demo_checkpoint):
