@@ -7,30 +7,75 @@ from .config import ModelConfig  # noqa: E402
 from .errors import KtjaxError  # noqa: E402
 
 
-def load(path: str, **overrides):
-    """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine.
-    Overrides: runtime settings (ktjax/runtime.py)."""
+def load(path: str, **settings):
+    """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine (with the
+    folder's tokenizer when it has one). `settings`: any runtime setting (ktjax/runtime.py); per-call ones
+    (temperature, max_new_tokens, ...) become the engine's defaults."""
+    from .runtime import resolve
+
+    return open_folder(path, *resolve(**settings))
+
+
+def open_folder(path: str, runtime, defaults):
+    """`load` with settings already resolved (runtime.resolve): the CLI validates its flags once, up front."""
     import os
 
     from .checkpoint import is_checkpoint, load_checkpoint
-    from .engine import Engine
     from .loader import load_hf_model
-    from .runtime import RuntimeConfig
     from .sharding import make_mesh
 
-    runtime = RuntimeConfig.from_overrides(**overrides)
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
-    mesh = make_mesh(runtime.mesh)  # a mesh larger than the machine is refused before any weight is read
-    generation = read_generation_config(path)  # checked before any weight is read, too
+    mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
+    generation, tokenizer = read_generation_config(path), _tokenizer(path)  # checked before any weight is read
+    notes: list[str] = []
     # Checked first: a converted folder holds a copy of config.json too. One whose manifest is damaged (it still
     # has params/) goes to the checkpoint reader too, which says what is wrong with the manifest.
     if is_checkpoint(path) or os.path.isdir(os.path.join(path, "params")):
-        cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh)  # straight into the sharded layout
+        cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh, notes=notes)
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-        model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh)  # placed tensor by tensor
-    return Engine(cfg, model, runtime, generation)
+        model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh, notes=notes)  # placed tensor by tensor
+    return _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer)
+
+
+def load_model(cfg: ModelConfig, model, *, tokenizer=None, generation_config: dict | None = None, **settings):
+    """An Engine for a model already in memory (a freshly built or quantized DeepseekModel): the mesh is built
+    and the weights are placed here, as `load` does for a folder."""
+    from .runtime import resolve
+
+    return engine_for(cfg, model, *resolve(**settings), tokenizer=tokenizer, generation_config=generation_config)
+
+
+def engine_for(cfg: ModelConfig, model, runtime, defaults, *, tokenizer=None, generation_config: dict | None = None):
+    """`load_model` with settings already resolved."""
+    from .sharding import make_mesh, place_state
+
+    mesh = make_mesh(runtime.mesh)
+    notes: list[str] = []
+    if mesh is not None:
+        from flax import nnx
+        graphdef, state = nnx.split(model)
+        state, notes = place_state(cfg, state, mesh)
+        model = nnx.merge(graphdef, state)
+    return _engine(cfg, model, runtime, defaults, mesh, notes, generation_config or {}, tokenizer)
+
+
+def _engine(cfg, model, runtime, defaults, mesh, notes, generation_config, tokenizer):
+    from .engine import Engine
+
+    return Engine(cfg, model, runtime, defaults=defaults, generation_config=generation_config, mesh=mesh,
+                  notes=notes, tokenizer=tokenizer)
+
+
+def _tokenizer(folder: str):
+    """The folder's tokenizer, or None when it has no tokenizer.json (token ids only)."""
+    import os
+
+    from .tokenizer import Tokenizer
+
+    # lexists, not isfile: a tokenizer.json that is a FIFO or a folder is refused by from_folder, not ignored
+    return Tokenizer.from_folder(folder) if os.path.lexists(os.path.join(folder, "tokenizer.json")) else None
 
 
 def read_generation_config(folder: str) -> dict:
@@ -57,7 +102,7 @@ def _generation_defaults(raw) -> dict:
     import math
 
     from .config import json_type_name, token_ids
-    from .runtime import RuntimeConfig
+    from .runtime import CallSettings
 
     if not isinstance(raw, dict):
         raise KtjaxError(f"must hold a JSON object of settings, not a {json_type_name(raw)}")
@@ -70,9 +115,9 @@ def _generation_defaults(raw) -> dict:
         raise KtjaxError(f"top_k={out['top_k']!r} must be an integer")
     if not isinstance(out.get("do_sample", False), bool):
         raise KtjaxError(f"do_sample={out['do_sample']!r} must be true or false")
-    RuntimeConfig.from_overrides(**{k: out.get(k) for k in ("temperature", "top_k", "top_p")})
+    CallSettings.from_overrides(**{k: out.get(k) for k in ("temperature", "top_k", "top_p")})
     out["eos_token_ids"] = token_ids(raw, "eos_token_id")
     return out
 
 
-__all__ = ["load", "ModelConfig", "KtjaxError", "__version__"]
+__all__ = ["load", "load_model", "open_folder", "engine_for", "ModelConfig", "KtjaxError", "__version__"]

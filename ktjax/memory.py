@@ -5,7 +5,7 @@ import resource
 
 import jax
 
-from .cache_format import CacheFormat, bytes_per_token
+from .kv.formats import CacheFormat
 from .config import ModelConfig
 
 HEADROOM = 0.9  # leave 10% of the budget for what the estimate misses (fragmentation, XLA scratch)
@@ -43,7 +43,7 @@ def max_cache_lens(cfg: ModelConfig, fmt: CacheFormat, batch: int, budget: int, 
                    act_bytes: int) -> int:
     """The longest per-sequence cache that fits `budget` after weights and activations (0 if none does)."""
     free = int(budget * HEADROOM) - weight_bytes - act_bytes
-    return max(free // (batch * bytes_per_token(fmt, cfg)), 0)
+    return max(free // (batch * fmt.bytes_per_token(cfg)), 0)
 
 
 def peak_memory_bytes() -> int:

@@ -250,7 +250,7 @@ def json_file_edit(file, pattern, text=None, **changes):
 
 GENERATION_CONFIGS = {
     "temperature negative": json_file_edit("generation_config.json", "temperature=-5", temperature=-5),
-    "top_p 7": json_file_edit("generation_config.json", r"top_p=7 must be in \(0, 1\]", top_p=7),
+    "top_p 7": json_file_edit("generation_config.json", r"top_p=7: must be a number in \(0, 1\]", top_p=7),
     "top_p 0": json_file_edit("generation_config.json", "top_p=0", top_p=0),
     "top_k negative": json_file_edit("generation_config.json", "top_k=-1", top_k=-1),
     "temperature a word": json_file_edit("generation_config.json", "temperature='hot' must be a number",

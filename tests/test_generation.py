@@ -68,7 +68,7 @@ def test_stop_tokens_from_generation_config(hf_folder, rng):
     free = engine.generate([prompt]).tokens[0]
     stop = free[3]
     first = free.index(stop)
-    engine.generation_defaults["eos_token_ids"] = [stop, 96]
+    engine.generation_config["eos_token_ids"] = [stop, 96]
     stopped = engine.generate([prompt], ignore_eos=False).tokens[0]
     assert stopped == free[:first + 1]
 
@@ -113,9 +113,8 @@ def test_prompt_longer_than_cache(hf_folder, rng):
 def test_cache_lens_auto_fits_the_budget(hf_folder):
     folder, _ = hf_folder("v2_lite")
     engine = ktjax.load(folder, cache_lens="auto", memory_budget="64MiB", max_new_tokens=4)
-    cache_lens, _ = engine.plan_cache(batch=2, needed=20)
-    from ktjax.cache_format import bytes_per_token, get_format
-    per_token = bytes_per_token(get_format("bf16"), engine.cfg)
+    cache_lens = engine.plan_cache(batch=2, needed=20).cache_lens
+    per_token = engine.runtime.cache_dtype.bytes_per_token(engine.cfg)
     assert 20 <= cache_lens and engine.weight_bytes + 2 * cache_lens * per_token <= 64 * 2**20
     tiny = ktjax.load(folder, cache_lens="auto", memory_budget="1MiB")
     with pytest.raises(KtjaxError, match="memory budget"):

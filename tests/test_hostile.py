@@ -343,7 +343,7 @@ def test_a_killed_conversion_s_partial_folder_is_removed_by_the_next(world, mode
     (["--model", "."], "neither a Hugging Face folder"),
     (["--prompt-file", "nowhere.txt"], "--prompt-file nowhere.txt"),
     (["--prompt", ""], "a prompt is empty"),
-    (["--cache-dtype", "int3"], "invalid choice"),
+    (["--cache-dtype", "int3"], "int3"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_cli_refuses_bad_arguments(world, capsys, argv, pattern):
