@@ -28,6 +28,10 @@ def open_folder(path: str, runtime, defaults):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
     generation, tokenizer = read_generation_config(path), _tokenizer(path)  # checked before any weight is read
+    if runtime.memory_budget is not None:
+        from .memory import check_budget_holds_weights
+        check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,
+                                   1 if mesh is None else mesh.size)
     notes: list[str] = []
     # Checked first: a converted folder holds a copy of config.json too. One whose manifest is damaged (it still
     # has params/) goes to the checkpoint reader too, which says what is wrong with the manifest.

@@ -77,11 +77,11 @@ def _decode_steps(graphdef, opts: RunOptions, state, cache, ds: DecodeState, n_s
         n_gen = ds.n_gen + emit
         done = ds.done | broken | (emit & jnp.isin(tok, stop_ids)) | (n_gen >= max_new)
 
-        def feed(cache):
-            pos = jnp.where(done, cache_lens, ds.lengths)[:, None]  # finished sequences write nothing
-            return model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32), opts)
-
-        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (ds.logits, c), feed, cache)
+        # Feed the token (finished sequences write nothing). Always, even after the last token: a lax.cond
+        # around it would copy the whole cache at every step; this costs one forward pass per call.
+        pos = jnp.where(done, cache_lens, ds.lengths)[:, None]
+        logits, cache = model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32),
+                                             opts)
         lengths = jnp.where(done, ds.lengths, ds.lengths + 1)
         return i + 1, cache, DecodeState(logits, lengths, done, n_gen, bad_step, key), out
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .formats import CacheFormat
-from .quant import dequantize, grouped, stored_values
+from .quant import dequantize, from_bits, grouped, stored_values
 
 NEG = -1e30
 
@@ -90,7 +90,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
 
     def blocks(j):
         return (stored_values(fmt, _block(c_kv, j, block, layer), rank), _block(scales, j, block, layer),
-                _block(k_pe, j, block, layer).astype(jnp.float32))
+                from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype).astype(jnp.float32))
 
     def scores_fn(j):
         c, sc, kp = blocks(j)
@@ -124,7 +124,8 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
     def scores_fn(j):
         k_nope = jnp.einsum("btc,hdc->bthd", latents(j), w_uk)
         return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, _block(k_pe, j, block, layer).astype(jnp.float32))) * scale
+                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype)
+                             .astype(jnp.float32))) * scale
 
     def values_fn(j, p):
         return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from .attention import mla_decode_xla, mla_prefill_xla, naive_prefill
-from .formats import SCALE_DTYPE, CacheFormat
+from .formats import SCALE_DTYPE, CacheFormat, container
 from .layout import CacheLayout, write_rows
-from .quant import quantize
+from .quant import from_bits, quantize, to_bits
 
 # Attention walks the cache in blocks of this many tokens; cache_lens is a multiple of the block.
 MAX_KV_BLOCK = 512
@@ -48,9 +48,9 @@ def attention_path(setting: str, layout: CacheLayout | None) -> str:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LatentCache:
-    c_kv: jax.Array            # [L, B, T, stored_width] in fmt.store_dtype
+    c_kv: jax.Array            # [L, B, T, stored_width]: fmt.store_dtype values, held as container() bits
     scales: jax.Array | None   # [L, B, T, n_groups] float32, quantized formats only
-    k_pe: jax.Array            # [L, B, T, r]
+    k_pe: jax.Array            # [L, B, T, r]: fmt.k_pe_dtype values, held as container() bits
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
@@ -65,8 +65,8 @@ class LatentCache:
 
         def zeros():
             scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
-            return (jnp.zeros(lead + (fmt.stored_width(r),), fmt.store_dtype), scales,
-                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), fmt.k_pe_dtype))
+            return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
 
         if layout is not None:  # each device allocates its own shard, never the whole cache
             zeros = jax.jit(zeros, out_shardings=layout.sharding)
@@ -90,7 +90,7 @@ class LatentCache:
         """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s]; positions >= cache_lens
         (padding) are dropped."""
         q, scales = quantize(self.fmt, c_kv)
-        new = (q, scales, k_pe)
+        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
         if self.layout is not None:
             c, sc, kp = self.layout.write(self.buffers, layer, positions, new)
         else:
@@ -109,6 +109,7 @@ class LatentCache:
         if self.attention == "pallas":
             from . import pallas
             c_kv, scales, k_pe = self.layer(layer)
+            c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
             if q_lat.shape[1] == 1:
                 return pallas.mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
             return pallas.mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)

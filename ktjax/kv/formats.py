@@ -55,6 +55,16 @@ class CacheFormat:
         return cfg.num_hidden_layers * self.bytes_per_token_per_layer(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
+def container(dtype: np.dtype) -> np.dtype:
+    """The dtype a cache array is held in: a narrow float (bf16, e4m3) as unsigned integers of its width, its
+    bit patterns. XLA on the CPU widens a bf16 or fp8 array to float32 around an in-place update, copying the
+    whole cache at every step; integer arrays are updated in place."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu" or dtype.itemsize >= 4:
+        return dtype
+    return np.dtype(f"uint{8 * dtype.itemsize}")
+
+
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 FORMATS = {
     "float32": CacheFormat("float32", np.dtype(np.float32), k_pe_dtype=np.dtype(np.float32)),

@@ -6,9 +6,21 @@ references and tests.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from .formats import SCALE_DTYPE, CacheFormat
+from .formats import SCALE_DTYPE, CacheFormat, container
+
+
+def to_bits(x):
+    """x as the cache holds it (formats.container): narrow floats as their bit patterns."""
+    bits = container(x.dtype)
+    return x if bits == x.dtype else jax.lax.bitcast_convert_type(x, bits)
+
+
+def from_bits(x, dtype):
+    """The inverse of to_bits (a no-op on an array already of `dtype`)."""
+    return x if x is None or x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
 def grouped(x, group: int):
@@ -55,10 +67,10 @@ def unpack_int4(packed, rank: int):
 
 
 def stored_values(fmt: CacheFormat, stored, rank: int, dtype=jnp.float32):
-    """The stored c_kv as numbers (int4 unpacked), without applying scales: [..., R]."""
+    """The stored c_kv (values or their bits) as numbers (int4 unpacked), without applying scales: [..., R]."""
     if fmt.packed:
         return unpack_int4(stored, rank).astype(dtype)
-    return stored.astype(dtype)
+    return from_bits(stored, fmt.store_dtype).astype(dtype)
 
 
 def dequantize(fmt: CacheFormat, stored, scales, rank: int, dtype=jnp.float32):
