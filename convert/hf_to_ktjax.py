@@ -3,18 +3,12 @@
     python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8}]
 """
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from ktjax.convert import main  # noqa: E402
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # so a killed conversion removes its temporary folder like Ctrl-C does
+from ktjax.convert import main  # noqa: E402  (main turns SIGTERM into a clean interruption, as Ctrl-C)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

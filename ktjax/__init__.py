@@ -27,17 +27,20 @@ def open_folder(path: str, runtime, defaults):
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
+    generation, tokenizer = read_generation_config(path), _tokenizer(path)  # checked before any weight is read
     if runtime.memory_budget is not None:
         from .memory import check_budget_holds_weights
         check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,
                                    1 if mesh is None else mesh.size)
     notes: list[str] = []
-    if is_checkpoint(path):  # checked first: a converted folder holds a copy of config.json too
+    # Checked first: a converted folder holds a copy of config.json too. One whose manifest is damaged (it still
+    # has params/) goes to the checkpoint reader too, which says what is wrong with the manifest.
+    if is_checkpoint(path) or os.path.isdir(os.path.join(path, "params")):
         cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh, notes=notes)
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
         model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh, notes=notes)  # placed tensor by tensor
-    return _engine(cfg, model, runtime, defaults, mesh, notes, read_generation_config(path), _tokenizer(path))
+    return _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer)
 
 
 def load_model(cfg: ModelConfig, model, *, tokenizer=None, generation_config: dict | None = None, **settings):
@@ -75,7 +78,8 @@ def _tokenizer(folder: str):
 
     from .tokenizer import Tokenizer
 
-    return Tokenizer.from_folder(folder) if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+    # lexists, not isfile: a tokenizer.json that is a FIFO or a folder is refused by from_folder, not ignored
+    return Tokenizer.from_folder(folder) if os.path.lexists(os.path.join(folder, "tokenizer.json")) else None
 
 
 def read_generation_config(folder: str) -> dict:
@@ -88,9 +92,32 @@ def read_generation_config(folder: str) -> dict:
     if not os.path.exists(path):
         return {}
     raw = read_json(path, "generation config")
-    eos = raw.get("eos_token_id")
+    try:
+        return _generation_defaults(raw)
+    except KtjaxError as e:
+        raise KtjaxError(f"{path}: {e}") from None
+
+
+def _generation_defaults(raw) -> dict:
+    """generation_config.json's sampling settings, type-checked here and range-checked as the same CLI flags are."""
+    import math
+
+    from .config import json_type_name, token_ids
+    from .runtime import CallSettings
+
+    if not isinstance(raw, dict):
+        raise KtjaxError(f"must hold a JSON object of settings, not a {json_type_name(raw)}")
     out = {k: raw[k] for k in ("temperature", "top_k", "top_p", "do_sample") if raw.get(k) is not None}
-    out["eos_token_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    for key in ("temperature", "top_p"):
+        value = out.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KtjaxError(f"{key}={value!r} must be a number")
+    if not isinstance(out.get("top_k", 0), int) or isinstance(out.get("top_k"), bool):
+        raise KtjaxError(f"top_k={out['top_k']!r} must be an integer")
+    if not isinstance(out.get("do_sample", False), bool):
+        raise KtjaxError(f"do_sample={out['do_sample']!r} must be true or false")
+    CallSettings.from_overrides(**{k: out.get(k) for k in ("temperature", "top_k", "top_p")})
+    out["eos_token_ids"] = token_ids(raw, "eos_token_id")
     return out
 
 

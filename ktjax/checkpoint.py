@@ -27,7 +27,7 @@ import tensorstore as ts
 from flax import nnx
 
 from .config import ModelConfig
-from .errors import KtjaxError
+from .errors import KtjaxError, require_finite
 from .fp8 import FP8_DTYPES
 from .model import DeepseekModel
 
@@ -73,7 +73,9 @@ def _chunk_shape(shape: tuple, itemsize: int) -> list[int]:
 
 
 def _spec(folder: str, key: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, PARAMS, key)}}
+    # Every chunk is stored, zeros included, and a missing chunk is an error when read, never the fill value.
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(folder, PARAMS, key)},
+            "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
 
 
 class CheckpointWriter:
@@ -123,10 +125,12 @@ def read_tensor(folder: str, key: str, index: tuple | None = None) -> np.ndarray
     """One stored array, or its slice `index` (a tuple of slices), read into host memory."""
     try:
         store = ts.open(_spec(folder, key), open=True, context=_CONTEXT).result()
-        return (store if index is None else store[tuple(index)]).read().result()
-    except ValueError as e:  # tensorstore reports a missing or unreadable array as ValueError
-        raise KtjaxError(f"{folder}: cannot read tensor {key!r} ({e}); the checkpoint is damaged, re-convert it") \
-            from None
+        values = (store if index is None else store[tuple(index)]).read().result()
+    except ValueError as e:  # tensorstore reports a missing or unreadable array (or chunk) as ValueError
+        raise KtjaxError(f"{folder}: cannot read tensor {key!r} ({str(e).splitlines()[0][:300]}); the checkpoint "
+                         "is damaged, re-convert it") from None
+    require_finite(values, f"{folder}: tensor {key!r}")
+    return values
 
 
 # ---- manifest --------------------------------------------------------------------------------------
@@ -153,7 +157,23 @@ def read_manifest(path: str) -> dict:
         raise KtjaxError(f"{path}: checkpoint layout version {version!r}, but this ktjax reads version "
                          f"{LAYOUT_VERSION}; re-convert the model with "
                          f"`python convert/hf_to_ktjax.py --hf-dir <hf folder> --out {path} --overwrite`")
+    _check_tensor_table(manifest.get("tensors"), manifest_path)
     return manifest
+
+
+STORED_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+
+
+def _check_tensor_table(tensors, manifest_path: str):
+    """The manifest's "tensors": {key: {"dtype": one of STORED_DTYPES, "shape": [non-negative ints]}}."""
+    if not isinstance(tensors, dict):
+        raise KtjaxError(f"{manifest_path}: \"tensors\" must be an object of tensor entries; re-convert the model")
+    for key, entry in tensors.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or entry.get("dtype") not in STORED_DTYPES or not isinstance(shape, list) \
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+            raise KtjaxError(f"{manifest_path}: tensor {key!r} has entry {str(entry)[:120]}; each needs a dtype "
+                             f"(one of {', '.join(STORED_DTYPES)}) and a shape (a list of sizes); re-convert it")
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -217,7 +237,25 @@ def _leaf_keys(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeS
         if shape != want.shape[1 if stack else 0:]:
             raise KtjaxError(f"{folder}: tensor {key!r} has shape {shape} but config.json implies "
                              f"{want.shape[1 if stack else 0:]}; re-convert the model")
+        _check_array_metadata(folder, key, tensors[key])
     return stack, keys
+
+
+def _check_array_metadata(folder: str, key: str, listed: dict):
+    """The stored array's own metadata (zarr.json) must say what the manifest says: shape and dtype."""
+    path = os.path.join(folder, PARAMS, key, "zarr.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        stored = (meta["shape"], meta["data_type"])
+    except FileNotFoundError:
+        raise KtjaxError(f"{folder}: tensor {key!r} is in the manifest but not stored; re-convert the model") \
+            from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise KtjaxError(f"{path}: unreadable array metadata ({type(e).__name__}); re-convert the model") from None
+    if stored != (listed["shape"], listed["dtype"]):
+        raise KtjaxError(f"{folder}: tensor {key!r} is stored as {stored[1]} {stored[0]} but the manifest says "
+                         f"{listed['dtype']} {listed['shape']}; re-convert the model")
 
 
 def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):

@@ -99,6 +99,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict) -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise KtjaxError(f"config.json must hold a JSON object of settings, not a {json_type_name(raw)}")
         arch = _architecture(raw)
         g = _Getter(raw)
         n_routed = g.int("n_routed_experts", 0) or 0
@@ -121,6 +123,9 @@ class ModelConfig:
         n_group = g.int("n_group", 1) or 1
         topk_group = g.int("topk_group", n_group) or n_group
         top_k = g.int("num_experts_per_tok", 0) or 0
+        if n_routed * g.int("num_hidden_layers") > _MAX_EXPERT_TENSORS:  # before any per-layer table is built
+            raise KtjaxError(f"n_routed_experts={n_routed} x num_hidden_layers={raw['num_hidden_layers']} experts is "
+                             f"more than ktjax supports ({_MAX_EXPERT_TENSORS}); the config is damaged")
         if n_routed:
             if n_routed % n_group:
                 raise KtjaxError(f"n_routed_experts={n_routed} is not divisible by n_group={n_group}")
@@ -131,7 +136,6 @@ class ModelConfig:
         heads = g.int("num_attention_heads")
         if raw.get("pretraining_tp", 1) not in (1, None):
             raise KtjaxError(f"pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
-        eos = raw.get("eos_token_id")
         return cls(
             arch=arch,
             vocab_size=g.int("vocab_size"),
@@ -145,9 +149,9 @@ class ModelConfig:
             qk_nope_head_dim=g.int("qk_nope_head_dim"),
             qk_rope_head_dim=g.int("qk_rope_head_dim"),
             v_head_dim=g.int("v_head_dim"),
-            attention_bias=bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)) if arch == "deepseek_v2" else False,
-            rope=_rope(raw, arch, g.int("qk_rope_head_dim")),
+            attention_bias=g.bool("attention_bias", False),
+            mlp_bias=g.bool("mlp_bias", False) if arch == "deepseek_v2" else False,
+            rope=_rope(g, arch, g.int("qk_rope_head_dim")),
             n_routed_experts=n_routed,
             n_shared_experts=g.int("n_shared_experts", 0) or 0,
             num_experts_per_tok=top_k,
@@ -155,14 +159,14 @@ class ModelConfig:
             topk_method=topk_method,
             n_group=n_group,
             topk_group=topk_group,
-            norm_topk_prob=bool(raw.get("norm_topk_prob", arch == "deepseek_v3")),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0) or 1.0),
+            norm_topk_prob=g.bool("norm_topk_prob", arch == "deepseek_v3"),
+            routed_scaling_factor=g.float("routed_scaling_factor", 1.0) or 1.0,
             first_k_dense_replace=g.int("first_k_dense_replace", 0) or 0,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rms_norm_eps=g.float("rms_norm_eps", 1e-6),
+            tie_word_embeddings=g.bool("tie_word_embeddings", False),
             max_position_embeddings=g.int("max_position_embeddings", 4096),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            bos_token_id=g.int("bos_token_id", None),
+            eos_token_ids=tuple(token_ids(raw, "eos_token_id")),
         )
 
 
@@ -173,6 +177,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 def _architecture(raw: dict) -> str:
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs) or \
+            not isinstance(model_type, (str, type(None))):
+        raise KtjaxError("architectures must be a list of names and model_type a name")
     if not archs and model_type in ARCHITECTURES.values():
         return model_type
     for a in archs:
@@ -182,23 +189,30 @@ def _architecture(raw: dict) -> str:
                      f"{', '.join(ARCHITECTURES)}")
 
 
-def _rope(raw: dict, arch: str, dim: int) -> RopeConfig:
+def _rope(g: "_Getter", arch: str, dim: int) -> RopeConfig:
     # Two spellings: newer `rope_parameters` (theta inside), older `rope_scaling` + top-level `rope_theta`.
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    raw = g.raw
+    spelling = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = raw.get(spelling) or {}
+    if not isinstance(params, dict):
+        raise KtjaxError(f"{spelling} must be a JSON object, not a {json_type_name(params)}")
+    p = _Getter(params, prefix=spelling + ".")
+    theta = p.float("rope_theta", g.float("rope_theta", 10000.0), positive=True)
     rope_type = params.get("rope_type", params.get("type", "default"))
     # transformers' V2 always uses the complex (interleaved) rotation; V3 reads rope_interleave.
-    interleave = True if arch == "deepseek_v2" else bool(raw.get("rope_interleave", True))
+    interleave = True if arch == "deepseek_v2" else g.bool("rope_interleave", True)
     if rope_type == "default":
         return RopeConfig(theta=theta, dim=dim, interleave=interleave)
     if rope_type not in ("yarn", "deepseek_yarn"):
-        raise KtjaxError(f"rope type {rope_type!r} is not supported (only the default rope and 'yarn')")
-    max_pos = raw.get("max_position_embeddings", 4096)
-    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_pos))
-    factor = params.get("factor")
-    factor = float(factor) if factor is not None else max_pos / original
-    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-    attention_factor = params.get("attention_factor")
+        raise KtjaxError(f"rope type {str(rope_type)[:40]!r} is not supported (only the default rope and 'yarn')")
+    max_pos = g.int("max_position_embeddings", 4096)
+    original = p.int("original_max_position_embeddings", g.int("original_max_position_embeddings", max_pos))
+    if not original:
+        raise KtjaxError(f"{spelling}.original_max_position_embeddings must be a positive integer")
+    factor = p.float("factor", None, positive=True)
+    factor = factor if factor is not None else max_pos / original
+    mscale, mscale_all_dim = p.float("mscale", None), p.float("mscale_all_dim", None)
+    attention_factor = p.float("attention_factor", None)
     if attention_factor is None:  # as transformers' _compute_yarn_parameters
         if mscale and mscale_all_dim:
             attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
@@ -207,26 +221,77 @@ def _rope(raw: dict, arch: str, dim: int) -> RopeConfig:
     if params.get("truncate", True) is not True:
         raise KtjaxError("rope_parameters.truncate=false is not supported")
     return RopeConfig(theta=theta, dim=dim, interleave=interleave, yarn=True, factor=factor,
-                      original_max_position_embeddings=int(original),
-                      beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-                      attention_factor=float(attention_factor), mscale_all_dim=float(mscale_all_dim or 0.0))
+                      original_max_position_embeddings=original,
+                      beta_fast=p.float("beta_fast", None) or 32.0, beta_slow=p.float("beta_slow", None) or 1.0,
+                      attention_factor=attention_factor, mscale_all_dim=mscale_all_dim or 0.0)
+
+
+def json_type_name(value) -> str:
+    names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+# Sizes past these are a damaged or hostile config.json, refused before anything is built (DeepSeek-V3: 61 layers,
+# 256 experts, vocabulary 129280, hidden 7168): a loop over 10**7 layers or a 10**12-row embedding never starts.
+_MAX_INT = {"num_hidden_layers": 4096, "vocab_size": 2**24, "max_position_embeddings": 2**26,
+            "original_max_position_embeddings": 2**26, "n_routed_experts": 8192}
+_MAX_SIZE = 2**20  # any other size: widths, ranks, head dims, heads, group counts
+_MAX_EXPERT_TENSORS = 2**18  # layers x routed experts: per-layer tables stay small
+_MAX_TOKEN_ID = 2**31 - 1
 
 
 class _Getter:
-    """Reads integer fields, naming the field when it is missing or of the wrong type."""
+    """Reads typed fields of one JSON object, naming the field when it is missing, of the wrong type or out of
+    range (`prefix` names a nested object, such as "rope_parameters.")."""
 
     _MISSING = object()
 
-    def __init__(self, raw: dict):
+    def __init__(self, raw: dict, prefix: str = ""):
         self.raw = raw
+        self.prefix = prefix
 
-    def int(self, key: str, default=_MISSING):
+    def _get(self, key: str, default):
         value = self.raw.get(key, default)
         if value is self._MISSING:
-            raise KtjaxError(f"config.json has no {key!r}")
+            raise KtjaxError(f"config.json has no {self.prefix + key!r}")
+        return value
+
+    def int(self, key: str, default=_MISSING):
+        value = self._get(key, default)
         required = default is self._MISSING
         if value is None and not required:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if required else 0):
-            raise KtjaxError(f"{key}={value!r} must be a {'positive' if required else 'non-negative'} integer")
+        limit = _MAX_TOKEN_ID if key.endswith("_token_id") else _MAX_INT.get(key, _MAX_SIZE)
+        if isinstance(value, bool) or not isinstance(value, int) or not (1 if required else 0) <= value <= limit:
+            raise KtjaxError(f"{self.prefix}{key}={repr(value)[:40]} must be a "
+                             f"{'positive' if required else 'non-negative'} integer of at most {limit}")
         return value
+
+    def float(self, key: str, default=_MISSING, positive: bool = False):
+        value = self._get(key, default)
+        if value is None or value is default:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                (positive and value <= 0) or abs(value) > 1e12:
+            raise KtjaxError(f"{self.prefix}{key}={repr(value)[:40]} must be a finite "
+                             f"{'positive ' if positive else ''}number")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise KtjaxError(f"{self.prefix}{key}={repr(value)[:40]} must be true or false")
+        return value
+
+
+def token_ids(raw: dict, key: str, prefix: str = "") -> list[int]:
+    """`raw[key]` as a list of token ids: one id, a list of them, or nothing (as config.json and
+    generation_config.json spell eos_token_id)."""
+    value = raw.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+        _Getter({key: v}, prefix).int(key, None)
+    return values
+

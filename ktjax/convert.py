@@ -12,18 +12,25 @@ The checkpoint is written into a hidden temporary folder beside --out and rename
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import datetime
+import errno
+import fcntl
+import functools
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import CHUNK_BYTES
+from .checkpoint import CHUNK_BYTES, is_checkpoint
 from .config import ModelConfig
 from .errors import KtjaxError
 from .fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
@@ -196,17 +203,34 @@ def _plan_output(src: TensorSource, key: str, entry: Entry, shape: tuple, weight
 def _check_paths(hf_dir: str, out: str, overwrite: bool):
     if not os.path.isdir(hf_dir):
         raise KtjaxError(f"--hf-dir {hf_dir}: no such folder")
+    if not out.strip():
+        raise KtjaxError("--out is empty; name the checkpoint folder to create")
     real_src, real_out = os.path.realpath(hf_dir), os.path.realpath(out)
-    if real_out == real_src or real_src.startswith(real_out + os.sep) or real_out.startswith(real_src + os.sep):
+    if _contains(real_out, os.path.realpath(os.getcwd())):  # ".", "..", "/": replacing it loses the cwd
+        raise KtjaxError(f"--out {out} is the current folder or one of its parents; choose a new folder")
+    if _contains(real_out, real_src) or _contains(real_src, real_out):
         raise KtjaxError(f"--out {out} must lie outside --hf-dir {hf_dir} (and not contain it)")
     if os.path.lexists(out):
         if not overwrite:
             raise KtjaxError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
         if not os.path.isdir(out):
             raise KtjaxError(f"--out {out} exists and is not a folder; remove it or choose another --out")
+        if not _replaceable(out):
+            raise KtjaxError(f"--out {out} is not a ktjax checkpoint and not empty; --overwrite replaces only a "
+                             "checkpoint: remove it yourself or choose another --out")
     parent = _existing_parent(out)
     if not os.access(parent, os.W_OK):
         raise KtjaxError(f"--out {out}: cannot write into {parent} (permission denied)")
+
+
+def _replaceable(out: str) -> bool:
+    """What --overwrite may replace: a ktjax checkpoint or an empty folder, never other data."""
+    return os.path.isdir(out) and (not os.listdir(out) or is_checkpoint(out))
+
+
+def _contains(folder: str, path: str) -> bool:
+    """Whether real path `path` is `folder` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _existing_parent(out: str) -> str:
@@ -429,28 +453,195 @@ def _write_checkpoint(plan: Plan, folder: str, quiet: bool):
         source_tensors_skipped={k: len(v) for k, v in plan.skipped.items()}, bytes=plan.bytes_out)
 
 
-def convert(plan: Plan, quiet: bool = False):
-    """Write the planned checkpoint into a temporary folder beside --out, then rename it into place."""
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """A signal that arrived while the finished checkpoint was being moved into place: it is complete."""
+
+
+def convert(plan: Plan, quiet: bool = False, overwrite: bool = False):
+    """Write the planned checkpoint into a temporary folder beside --out, then rename it into place.
+
+    Only one conversion at a time may write a given --out (a lock beside it). Leftovers of an earlier
+    conversion that was killed are recovered or named first. Whatever fails, the temporary folder is removed,
+    with SIGINT/SIGTERM held until that clean-up ends, so "nothing written" is true when it is said.
+    """
     out = os.path.abspath(plan.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
-    try:
-        _write_checkpoint(plan, tmp, quiet)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _OutputLock(out):
+        _recover_leftovers(out, overwrite)
+        tmp = tempfile.mkdtemp(prefix=_partial_prefix(out), dir=os.path.dirname(out))
+        try:
+            try:
+                _write_checkpoint(plan, tmp, quiet)
+            except ValueError as e:
+                raise _as_write_error(e) from None
+            with _signals_deferred() as received:
+                _move_into_place(tmp, out, overwrite)
+        except BaseException:
+            with _signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if received:
+            raise InterruptedAfterWriting
 
 
-def _move_into_place(tmp: str, out: str):
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
+def _partial_prefix(out: str) -> str:
+    return f".{os.path.basename(out)}.partial-"
+
+
+def _backup_prefix(out: str) -> str:
+    return f".{os.path.basename(out)}.old-"
+
+
+def _as_write_error(e: ValueError) -> Exception:
+    """tensorstore reports a failed write (disk full, permission) as ValueError("RESOURCE_EXHAUSTED: ...")."""
+    if isinstance(e, KtjaxError) or not re.match(r"[A-Z_]+: ", str(e)):
+        return e
+    return OSError(str(e).splitlines()[0][:300])
+
+
+def _move_into_place(tmp: str, out: str, overwrite: bool):
+    """Rename the finished checkpoint to --out. Never replaces what appeared at --out after planning, and with
+    --overwrite the old checkpoint stays whole (renamed aside) until the new one is in place."""
+    if not os.path.lexists(out) or not overwrite:
+        try:
+            _rename_noreplace(tmp, out)
+        except FileExistsError:
+            raise KtjaxError(f"--out {out} appeared while converting; it was left alone and nothing was written "
+                             "(pass --overwrite to replace it)") from None
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    os.rmdir(old)
-    os.rename(out, old)  # --overwrite: the old checkpoint stays whole until the new one is in place
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if not _replaceable(out):  # checked again: it may have changed since planning
+        raise KtjaxError(f"--out {out} is no longer a ktjax checkpoint; it was left alone and nothing was written")
+    backup = tempfile.mkdtemp(prefix=_backup_prefix(out), dir=os.path.dirname(out))
+    os.rename(out, backup)  # onto the empty folder reserved for it: atomic, and no other name is touched
+    try:
+        _rename_noreplace(tmp, out)
+    except BaseException:
+        os.rename(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: str, dst: str):
+    """Rename `src` to `dst`, failing with FileExistsError where `dst` exists: atomically through Linux's
+    renameat2(RENAME_NOREPLACE); where libc or the file system lacks it, a check just before the rename."""
+    renameat2 = _libc_renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+class _OutputLock:
+    """An exclusive lock on one --out (flock on a hidden file beside it): a second converter exits at once.
+    The lock file is removed on release; a locker checks that the file it locked is still the one at the path."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
+        self.fd = None
+
+    def __enter__(self):
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise KtjaxError(f"--out {self.out}: another conversion is writing it now; wait for it to end, "
+                                 "or choose another --out") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:  # the holder before us removed the file: lock the new one
+                os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        with _signals_deferred():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+def _recover_leftovers(out: str, overwrite: bool):
+    """Clean up after a conversion of `out` that was killed (SIGKILL, power loss); the lock says none runs now.
+    Its temporary folders are removed. Its backup (an --overwrite killed between its two renames) is renamed
+    back to `out` when `out` is missing, and named otherwise: it holds the user's previous checkpoint."""
+    parent = os.path.dirname(out)
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if name.startswith(_partial_prefix(out)):
+            with _signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
+            print(f"note: removed {path}, left by an interrupted conversion", file=sys.stderr)
+        elif name.startswith(_backup_prefix(out)):
+            if os.path.lexists(out):
+                print(f"note: {path} holds the checkpoint that an interrupted --overwrite replaced; remove it "
+                      "when you no longer need it", file=sys.stderr)
+                continue
+            _rename_noreplace(path, out)
+            if not overwrite:
+                raise KtjaxError(f"--out {out} was restored from {path}, left by an interrupted --overwrite; "
+                                 "pass --overwrite to replace it, or choose another --out")
+            print(f"note: restored {out} from {path}, left by an interrupted --overwrite", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, so that clean-up and renames are never cut in half; yields
+    the list of signals that arrived. Outside the main thread (no handlers there) it only yields."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops a conversion as Ctrl-C does (its temporary folder removed), also when main() is called
+    in-process from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- the command line ------------------------------------------------------------------------------
@@ -488,6 +679,11 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag already reported
         return e.code
+    with _sigterm_interrupts():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite, args.int4_group)
         if not args.quiet or args.dry_run:
@@ -496,10 +692,13 @@ def main(argv=None) -> int:
             print("dry run: nothing written")
             return 0
         check_disk_space(plan)
-        convert(plan, args.quiet)
+        convert(plan, args.quiet, args.overwrite)
     except KtjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InterruptedAfterWriting:
+        print(f"interrupted after {args.out} was written in full", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return 130

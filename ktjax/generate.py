@@ -13,6 +13,7 @@ import os
 import sys
 
 from .errors import KtjaxError
+from .files import open_regular
 from .runtime import SETTINGS, describe, load_yaml, resolve
 
 DEFAULT_PROMPT = "The key to reading a long document is"
@@ -68,11 +69,14 @@ def parse(argv) -> tuple[argparse.Namespace, tuple]:
     if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
             not os.path.isfile(os.path.join(model, "manifest.json")):
         raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
+    if model is not None and not os.path.lexists(os.path.join(model, "tokenizer.json")):
+        raise KtjaxError(f"--model {model}: no tokenizer.json, so no text in or out; copy the model's tokenizer "
+                         "files into the folder, or pass token ids through the Python API (engine.generate)")
     args.model = model
     args.prompts = list(args.prompt or [])
     for path in args.prompt_file or []:
         try:
-            with open(path, encoding="utf-8") as f:
+            with os.fdopen(open_regular(path, "--prompt-file"), encoding="utf-8") as f:
                 args.prompts.append(f.read())
         except OSError as e:
             raise KtjaxError(f"--prompt-file {path}: {e.strerror}") from None

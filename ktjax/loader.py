@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .errors import KtjaxError
+from .errors import KtjaxError, require_finite
 from .fp8 import FP8_BLOCK, FP8_DTYPES, block_scale_shape, dequantize_blocks
 from .model import DeepseekModel
 from .safetensors_io import SafetensorsFile, list_shards
@@ -189,7 +189,9 @@ class TensorSource:
 
     def _read(self, name: str) -> np.ndarray:
         f = self.file(name)
-        return f.read(name) if self.owned else f.get(name)
+        values = f.read(name) if self.owned else f.get(name)
+        require_finite(values, f"{f.path}: tensor {name!r}")
+        return values
 
     def close_shard(self, path: str):
         f = self._open.pop(path, None)

@@ -1,0 +1,429 @@
+"""Hostile inputs, as tables of case builders for tests/test_hostile.py.
+
+Each builder damages a copy of a model folder (ktjax/demo_model) or of a converted checkpoint in place and
+returns the pattern that the one-line error message must match. Safetensors headers are built byte by byte,
+since the `safetensors` package refuses to write the broken ones.
+"""
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+
+from ktjax.demo import DEMO_MODEL_DIR
+from ktjax.safetensors_io import DTYPES, SafetensorsFile
+
+SHARD = "model.safetensors"
+_DTYPE_NAMES = {np.dtype(t): name for name, t in DTYPES.items()}
+
+
+# ---- folders -----------------------------------------------------------------------------------------
+
+def model_copy(dst: str) -> str:
+    """A private copy of the demo model folder (config, tokenizer, generation config, one shard)."""
+    shutil.copytree(DEMO_MODEL_DIR, dst)
+    return dst
+
+
+def edit_json(path: str, **changes):
+    with open(path) as f:
+        raw = json.load(f)
+    raw.update(changes)
+    write_text(path, json.dumps(raw))
+
+
+def write_text(path: str, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def safetensors_bytes(header, data: bytes = b"", claimed: int | None = None) -> bytes:
+    """A safetensors file: 8-byte little-endian header length (`claimed` overrides it), header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if claimed is None else claimed) + raw + data
+
+
+def write_shard(folder: str, tensors: dict):
+    """tensors (name -> array, float32 or bfloat16) written as the folder's only shard."""
+    header, parts, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, array in tensors.items():
+        raw = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": _DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        parts.append(raw)
+        offset += len(raw)
+    with open(os.path.join(folder, SHARD), "wb") as f:
+        f.write(safetensors_bytes(header, b"".join(parts)))
+
+
+def demo_tensors(folder: str) -> dict:
+    with SafetensorsFile(os.path.join(folder, SHARD)) as f:
+        return {name: f.read(name) for name in f.keys()}
+
+
+# ---- safetensors headers: (file bytes, pattern) ----------------------------------------------------------
+
+def _one(dtype="F32", shape=(2,), offsets=(0, 8), **extra):
+    return {"a": {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets), **extra}}
+
+
+_F32x2 = bytes(8)
+CORRUPT = "corrupt safetensors"
+HEADERS = {
+    "negative offset": (safetensors_bytes(_one(offsets=(-8, 0)), _F32x2), "data_offsets"),
+    "overlapping tensors": (safetensors_bytes({**_one(), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                                              bytes(12)), "gap or an overlap"),
+    "gap between tensors": (safetensors_bytes({**_one(), "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}},
+                                              bytes(20)), "gap or an overlap"),
+    "first tensor not at 0": (safetensors_bytes(_one(offsets=(8, 16)), bytes(16)), "gap or an overlap"),
+    "trailing bytes": (safetensors_bytes(_one(), bytes(12)), "4 bytes after the last tensor"),
+    "data past the file's end": (safetensors_bytes(_one(), bytes(4)), "truncated"),
+    "float offsets": (safetensors_bytes(_one(offsets=(0.0, 8.0)), _F32x2), "data_offsets"),
+    "string offsets": (safetensors_bytes(_one(offsets=("0", "8")), _F32x2), "data_offsets"),
+    "boolean offsets": (safetensors_bytes(_one(offsets=(False, 8)), _F32x2), "data_offsets"),
+    "three offsets": (safetensors_bytes(_one(offsets=(0, 8, 16)), _F32x2), "data_offsets"),
+    "NaN offset": (safetensors_bytes(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, NaN]}}', _F32x2),
+                   "data_offsets"),
+    "duplicate tensor names": (safetensors_bytes(
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+        b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', bytes(16)), "'a' appears twice"),
+    "non-UTF-8 header": (safetensors_bytes(b'{"a\xff": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+                                           _F32x2), CORRUPT),
+    "header is a list": (safetensors_bytes([1, 2]), "not a JSON object"),
+    "header is a string": (safetensors_bytes("tensors"), "not a JSON object"),
+    "header nested 200k deep": (safetensors_bytes(b"[" * 200_000 + b"]" * 200_000), CORRUPT),
+    "header not JSON": (safetensors_bytes(b"{not json"), CORRUPT),
+    "header claims 0 bytes": (safetensors_bytes(b"", claimed=0), CORRUPT),
+    "unknown dtype": (safetensors_bytes(_one(dtype="F7"), _F32x2), "unknown dtype 'F7'"),
+    "dtype a number": (safetensors_bytes(_one(dtype=5), _F32x2), "unknown dtype"),
+    "negative dimension": (safetensors_bytes(_one(shape=(-2,)), _F32x2), "shape"),
+    "shape a string": (safetensors_bytes({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, _F32x2),
+                       "shape"),
+    "float dimension": (safetensors_bytes(_one(shape=(2.0,)), _F32x2), "shape"),
+    "size disagrees with shape": (safetensors_bytes(_one(shape=(3,)), _F32x2), "8 bytes for shape"),
+    "absurd shape": (safetensors_bytes(_one(shape=(2**40, 2**40)), _F32x2), "bytes for shape"),
+    "entry not an object": (safetensors_bytes({"a": 5}), "needs exactly"),
+    "entry without dtype": (safetensors_bytes({"a": {"shape": [2], "data_offsets": [0, 8]}}, _F32x2), "needs exactly"),
+    "entry with an extra key": (safetensors_bytes(_one(extra=1), _F32x2), "needs exactly"),
+    "metadata of numbers": (safetensors_bytes({"__metadata__": {"k": 1}, **_one()}, _F32x2), "__metadata__"),
+    "metadata a list": (safetensors_bytes({"__metadata__": ["k"], **_one()}, _F32x2), "__metadata__"),
+    "header length past the file": (safetensors_bytes(b"{}", claimed=10**6), "claims 1000000 header bytes"),
+    "header length over 100 MB": (safetensors_bytes(b"{}" + bytes(64), claimed=200_000_000), "claims 200000000"),
+    "empty file": (b"", "truncated"),
+    "seven bytes": (b"\x08" + bytes(6), "truncated"),
+}
+
+
+def header_case(name):
+    data, pattern = HEADERS[name]
+
+    def damage(folder):
+        with open(os.path.join(folder, SHARD), "wb") as f:
+            f.write(data)
+        return pattern
+    return damage
+
+
+# ---- shard files that are not files, and indexes that point elsewhere --------------------------------------
+
+def _replace_shard(folder, make):
+    os.remove(os.path.join(folder, SHARD))
+    make(os.path.join(folder, SHARD))
+
+
+def _index(folder, weight_map):
+    names = demo_tensors(folder)
+    raw = {"metadata": {}, "weight_map": weight_map if weight_map is not None else {n: SHARD for n in names}}
+    write_text(os.path.join(folder, "model.safetensors.index.json"), json.dumps(raw))
+
+
+def _index_names(folder, shard):
+    _index(folder, {n: shard for n in demo_tensors(folder)})
+
+
+NOT_A_FILE = "not a regular file"
+SHARD_FILES = {
+    "shard is a FIFO": lambda d: _replace_shard(d, os.mkfifo) or NOT_A_FILE,
+    "shard is a folder": lambda d: _replace_shard(d, os.mkdir) or NOT_A_FILE,
+    "shard is a device": lambda d: _replace_shard(d, lambda p: os.symlink("/dev/zero", p)) or NOT_A_FILE,
+    "shard is a dangling link": lambda d: _replace_shard(d, lambda p: os.symlink(p + ".gone", p)) or "not found",
+    "index names a FIFO": lambda d: (os.mkfifo(os.path.join(d, "pipe.safetensors")),
+                                     _index_names(d, "pipe.safetensors"))[-1] or NOT_A_FILE,
+    "index names a file outside": lambda d: _index_names(d, "../" + SHARD) or "weight_map must map",
+    "index names an absolute path": lambda d: _index_names(d, "/etc/passwd") or "weight_map must map",
+    "index weight_map a list": lambda d: _index(d, [SHARD]) or "weight_map must map",
+    "index shard name a number": lambda d: _index_names(d, 7) or "weight_map must map",
+    "index names a missing shard": lambda d: _index_names(d, "gone.safetensors") or "download is incomplete",
+    "index not JSON": lambda d: write_text(os.path.join(d, "model.safetensors.index.json"), "{") or
+    "not a valid safetensors index",
+}
+
+
+# ---- weights with NaN or Inf --------------------------------------------------------------------------------
+
+def non_finite(name, index, value):
+    def damage(folder):
+        tensors = demo_tensors(folder)
+        bad = tensors[name].astype(np.float32)
+        bad.reshape(-1)[index] = value
+        tensors[name] = bad.astype(tensors[name].dtype)
+        write_shard(folder, tensors)
+        return rf"{name}'? holds 1 NaN or Inf"
+    return damage
+
+
+NON_FINITE = {
+    "NaN in the embedding": non_finite("model.embed_tokens.weight", 5, np.nan),
+    "+inf in a projection": non_finite("model.layers.0.self_attn.q_a_proj.weight", 0, np.inf),
+    "-inf in an expert": non_finite("model.layers.2.mlp.experts.3.down_proj.weight", 17, -np.inf),
+    "NaN in a norm": non_finite("model.norm.weight", 0, np.nan),
+    "NaN in the router bias": non_finite("model.layers.1.mlp.gate.e_score_correction_bias", 2, np.nan),
+}
+
+
+# ---- config.json ------------------------------------------------------------------------------------------
+
+def config_edit(pattern, **changes):
+    def damage(folder):
+        edit_json(os.path.join(folder, "config.json"), **changes)
+        return pattern
+    return damage
+
+
+def config_text(text, pattern):
+    def damage(folder):
+        write_text(os.path.join(folder, "config.json"), text)
+        return pattern
+    return damage
+
+
+CONFIGS = {
+    "10 million layers": config_edit("num_hidden_layers=10000000 must be", num_hidden_layers=10_000_000),
+    "vocabulary of 10**12": config_edit("vocab_size=1000000000000 must be", vocab_size=10**12),
+    "hidden size a string": config_edit("hidden_size='192' must be", hidden_size="192"),
+    "heads a float": config_edit("num_attention_heads=6.0 must be", num_attention_heads=6.0),
+    "layers a boolean": config_edit("num_hidden_layers=True must be", num_hidden_layers=True),
+    "negative rank": config_edit("kv_lora_rank=-64 must be", kv_lora_rank=-64),
+    "zero layers": config_edit("num_hidden_layers=0 must be", num_hidden_layers=0),
+    "required size null": config_edit("hidden_size=None must be", hidden_size=None),
+    "rope parameters a list": config_edit("rope_parameters must be a JSON object", rope_parameters=[1, 2]),
+    "rope theta a string": config_edit("rope_theta='big' must be", rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": "big"}),
+    "yarn factor negative": config_edit("factor=-4 must be", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": -4, "original_max_position_embeddings": 256}),
+    "yarn original length 0": config_edit("original_max_position_embeddings", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4, "original_max_position_embeddings": 0}),
+    "unknown rope type": config_edit("rope type 'wild'", rope_parameters={"rope_type": "wild"}),
+    "eps a string": config_edit("rms_norm_eps='tiny' must be", rms_norm_eps="tiny"),
+    "eps infinite": config_edit("rms_norm_eps=inf must be", rms_norm_eps=float("inf")),
+    "scaling factor a list": config_edit("routed_scaling_factor=\\[1\\] must be", routed_scaling_factor=[1]),
+    "bias flag a string": config_edit("attention_bias='false' must be true or false", attention_bias="false"),
+    "eos id a string": config_edit("eos_token_id='</s>' must be", eos_token_id="</s>"),
+    "eos id negative in a list": config_edit("eos_token_id=-1 must be", eos_token_id=[1, -1]),
+    "architectures a string": config_edit("architectures must be a list", architectures="DeepseekV3ForCausalLM"),
+    "architectures an object": config_edit("architectures must be a list", architectures={"a": 1}),
+    "experts per token 0": config_edit("num_experts_per_tok", num_experts_per_tok=0),
+    "experts x layers absurd": config_edit("more than ktjax supports", n_routed_experts=8000, n_group=1,
+                                           topk_group=1, num_hidden_layers=4000),
+    "groups do not divide experts": config_edit("n_group=3", n_group=3),
+    "activation unsupported": config_edit("hidden_act='gelu'", hidden_act="gelu"),
+    "config a list": config_text("[1, 2, 3]", "must hold a JSON object of settings, not a JSON list"),
+    "config a number": config_text("42", "must hold a JSON object of settings, not a number"),
+    "config not JSON": config_text("{", "not valid JSON"),
+    "config empty": config_text("", "not valid JSON"),
+}
+
+
+# ---- generation_config.json and tokenizer_config.json --------------------------------------------------------
+
+def json_file_edit(file, pattern, text=None, **changes):
+    def damage(folder):
+        path = os.path.join(folder, file)
+        if text is not None:
+            write_text(path, text)
+        else:
+            edit_json(path, **changes)
+        return rf"{file}: .*{pattern}"
+    return damage
+
+
+GENERATION_CONFIGS = {
+    "temperature negative": json_file_edit("generation_config.json", "temperature=-5", temperature=-5),
+    "top_p 7": json_file_edit("generation_config.json", r"top_p=7: must be a number in \(0, 1\]", top_p=7),
+    "top_p 0": json_file_edit("generation_config.json", "top_p=0", top_p=0),
+    "top_k negative": json_file_edit("generation_config.json", "top_k=-1", top_k=-1),
+    "temperature a word": json_file_edit("generation_config.json", "temperature='hot' must be a number",
+                                         temperature="hot"),
+    "temperature NaN": json_file_edit("generation_config.json", "temperature=nan", text='{"temperature": NaN}'),
+    "top_k a float": json_file_edit("generation_config.json", "top_k=1.5 must be an integer", top_k=1.5),
+    "do_sample a string": json_file_edit("generation_config.json", "do_sample='yes'", do_sample="yes"),
+    "eos id an object": json_file_edit("generation_config.json", "eos_token_id=", eos_token_id={"id": 1}),
+    "generation config a list": json_file_edit("generation_config.json", "not a JSON list", text="[]"),
+    "generation config not JSON": json_file_edit("generation_config.json", "not valid JSON", text="{"),
+}
+
+def tokenizer_is_a_fifo(folder):
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    os.mkfifo(os.path.join(folder, "tokenizer.json"))
+    return "no tokenizer.json file"
+
+
+TOKENIZER_CONFIGS = {
+    "tokenizer.json a FIFO": tokenizer_is_a_fifo,
+    "tokenizer config a list": json_file_edit("tokenizer_config.json", "not a JSON list", text="[1]"),
+    "bos token a number": json_file_edit("tokenizer_config.json", "bos_token must be a token", bos_token=5),
+    "eos token an object without content": json_file_edit("tokenizer_config.json", "eos_token must be a token",
+                                                          eos_token={"id": 1}),
+    "add_bos_token a string": json_file_edit("tokenizer_config.json", "add_bos_token='yes'", add_bos_token="yes"),
+    "chat template a number": json_file_edit("tokenizer_config.json", "chat_template must be", chat_template=5),
+    "chat templates not objects": json_file_edit("tokenizer_config.json", "chat_template must be",
+                                                 chat_template=["{{ x }}"]),
+    "tokenizer config not JSON": json_file_edit("tokenizer_config.json", "not valid JSON", text="{"),
+}
+
+
+# ---- chat templates (run with --chat) --------------------------------------------------------------------------
+
+FAILED = "the chat template failed: "
+CHAT_TEMPLATES = {
+    "division by zero": ("{{ 1 / 0 }}", FAILED + "ZeroDivisionError"),
+    "range of 10**9": ("{% for i in range(10**9) %}x{% endfor %}", FAILED + ".*range"),
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     FAILED + ".*range"),
+    "string of a billion": ("{{ 'a' * 10**9 }}", FAILED + ".*sequence of 1000000000"),
+    "list of a billion": ("{{ ([1] * 10**9) | length }}", FAILED + ".*sequence of 1000000000"),
+    "power tower": ("{{ 10 ** (10 ** 9) }}", FAILED + ".*bits"),
+    "doubling a string": ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                          "{% endfor %}{{ ns.s }}", FAILED + ".*(output passed|ran for more than)"),
+    "endless computing": ("{% set ns = namespace(n=0) %}{% for i in range(999999) %}{% set ns.n = ns.n + i * i %}"
+                          "{% endfor %}{{ ns.n }}", FAILED + ".*ran for more than"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", FAILED + "RecursionError"),
+    "raise_exception": ("{{ raise_exception('no system role') }}", FAILED + "TemplateError: no system role"),
+    "printf width": ("{{ '%0999999999d' % 1 }}", FAILED + ".*size of over"),
+    "printf star width": ("{{ '%*d' % (999999999, 1) }}", FAILED + ".*size of over"),
+    "format width": ("{{ '{:>999999999}'.format(1) }}", FAILED + ".*size of over"),
+    "center filter": ("{{ 'a' | center(999999999) }}", FAILED + ".*size of over"),
+    "format filter": ("{{ '%0999999999d' | format(1) }}", FAILED + ".*size of over"),
+    "attribute escape": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", FAILED + "SecurityError"),
+    "list mutation": ("{% set x = [] %}{{ x.append(1) }}", FAILED + "SecurityError"),
+    "syntax error": ("{% for %}", FAILED + "TemplateSyntaxError"),
+    "undefined call": ("{{ nothing() }}", FAILED + "UndefinedError"),
+    "type error": ("{{ messages + 1 }}", FAILED + "TypeError"),
+}
+
+
+def chat_template(name):
+    template, pattern = CHAT_TEMPLATES[name]
+
+    def damage(folder):
+        edit_json(os.path.join(folder, "tokenizer_config.json"), chat_template=template)
+        return pattern
+    return damage
+
+
+# ---- converted checkpoints ------------------------------------------------------------------------------------
+
+def _manifest_path(ckpt):
+    return os.path.join(ckpt, "manifest.json")
+
+
+def manifest_edit(pattern, edit):
+    def damage(ckpt):
+        with open(_manifest_path(ckpt)) as f:
+            manifest = json.load(f)
+        edit(manifest)
+        write_text(_manifest_path(ckpt), json.dumps(manifest))
+        return pattern
+    return damage
+
+
+def _array(ckpt, key):
+    return os.path.join(ckpt, "params", key)
+
+
+def _chunk_files(ckpt, key):
+    root = os.path.join(_array(ckpt, key), "c")
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs)
+
+
+def remove_chunk(key, which=-1):
+    def damage(ckpt):
+        os.remove(_chunk_files(ckpt, key)[which])
+        return rf"{key}.*is missing"
+    return damage
+
+
+def truncate_chunk(key):
+    def damage(ckpt):
+        os.truncate(_chunk_files(ckpt, key)[0], 10)
+        return rf"cannot read tensor '{key}'"
+    return damage
+
+
+def chunk_is_a_folder(key):
+    def damage(ckpt):
+        chunk = _chunk_files(ckpt, key)[0]
+        os.remove(chunk)
+        os.mkdir(chunk)
+        return rf"cannot read tensor '{key}'"
+    return damage
+
+
+def zarr_edit(key, pattern, **changes):
+    def damage(ckpt):
+        edit_json(os.path.join(_array(ckpt, key), "zarr.json"), **changes)
+        return pattern
+    return damage
+
+
+def write_nan(key):
+    def damage(ckpt):
+        import tensorstore as ts
+
+        from ktjax.checkpoint import _spec
+        store = ts.open(_spec(ckpt, key), open=True).result()
+        store[(0,) * store.ndim].write(np.nan).result()
+        return rf"{key}'? holds 1 NaN or Inf"
+    return damage
+
+
+EMBED, EXPERTS = "embed", "layers/002/mlp.w_down"
+
+
+def _set_tensor(key, **entry):
+    return lambda m: m["tensors"][key].update(entry)
+
+
+CHECKPOINTS = {
+    "chunk of the embedding deleted": remove_chunk(EMBED),
+    "one expert's chunk deleted": remove_chunk(EXPERTS, 3),
+    "array metadata deleted": lambda c: os.remove(os.path.join(_array(c, EMBED), "zarr.json")) or "not stored",
+    "array folder deleted": lambda c: shutil.rmtree(_array(c, EXPERTS)) or "not stored",
+    "array shape disagrees with manifest": zarr_edit(EMBED, "stored as .* but the manifest says", shape=[2048, 100]),
+    "array dtype disagrees with manifest": zarr_edit(EMBED, "stored as int8", data_type="int8"),
+    "array metadata not JSON": lambda c: write_text(os.path.join(_array(c, EMBED), "zarr.json"), "{") or
+    "unreadable array metadata",
+    "chunk truncated": truncate_chunk(EMBED),
+    "chunk replaced by a folder": chunk_is_a_folder(EMBED),
+    "NaN written into a tensor": write_nan(EMBED),
+    "NaN written into an expert": write_nan(EXPERTS),
+    "manifest a list": lambda c: write_text(_manifest_path(c), "[]") or "manifest.json: not a ktjax checkpoint",
+    "manifest not JSON": lambda c: write_text(_manifest_path(c), "{") or "manifest.json: not valid JSON",
+    "manifest missing": lambda c: os.remove(_manifest_path(c)) or "no manifest.json",
+    "manifest tensors a list": manifest_edit('"tensors" must be an object', lambda m: m.update(tensors=[])),
+    "manifest tensors missing": manifest_edit('"tensors" must be an object', lambda m: m.pop("tensors")),
+    "manifest unknown dtype": manifest_edit("tensor 'embed' has entry", _set_tensor(EMBED, dtype="complex512")),
+    "manifest shape of strings": manifest_edit("tensor 'embed' has entry", _set_tensor(EMBED, shape=["2048", "192"])),
+    "manifest shape absurd": manifest_edit("tensor 'embed' has entry", _set_tensor(EMBED, shape=[2**60, 192])),
+    "manifest entry a string": manifest_edit("tensor 'embed' has entry", lambda m: m["tensors"].update(embed="x")),
+    "manifest forgets a tensor": manifest_edit("has no tensor 'layers/002/mlp.w_down'",
+                                               lambda m: m["tensors"].pop(EXPERTS)),
+    "manifest shape disagrees with config": manifest_edit(r"shape \(2048, 100\) but config.json implies",
+                                                          _set_tensor(EMBED, shape=[2048, 100])),
+    "manifest layout version 99": manifest_edit("layout version 99", lambda m: m.update(layout_version=99)),
+    "config disagrees with the arrays": lambda c: edit_json(os.path.join(c, "config.json"), vocab_size=1000) or
+    r"'embed' has shape \(2048, 192\) but config.json implies \(1000, 192\)",
+    "config of absurd size": lambda c: edit_json(os.path.join(c, "config.json"), num_hidden_layers=10**7) or
+    "num_hidden_layers=10000000",
+}
