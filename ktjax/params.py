@@ -49,6 +49,7 @@ class Param:
 
 
 def kernel(module: tuple, hf: str, axes=None, quantize=True, layer=True) -> Param:
+    """A Linear's kernel: HF's [out, in] weight transposed, read through weight_quant.matmul."""
     return Param(module + ("kernel",), hf + ".weight", axes, quantize, transpose=True, fp8=True, layer=layer)
 
 
@@ -61,6 +62,7 @@ def norm(module: tuple, hf: str, layer=True) -> Param:
 
 
 def experts(name: str, hf: str, fused: str) -> Param:
+    """A routed-expert stack [E, in, out]: one HF tensor per expert, or transformers' fused [E, out, in]."""
     return Param(("mlp", name), f"mlp.experts.{{j}}.{hf}.weight", ("experts", None, None), quantize=True,
                  transpose=True, fp8=True, fused=f"mlp.experts.{fused}")
 

@@ -3,7 +3,7 @@ cache sharded along the sequence.
 
 Mesh axes: `model` (tensor and expert parallelism, and the cache's sequence) and, for a 2-D mesh `AxB`,
 `data` (A devices over the batch) x `model` (B devices). Weights are placed with NamedSharding by RULES and
-PARAM_AXES; `jax.jit` partitions the rest of the model from there.
+the parameter table's logical axes (ktjax/params.py); `jax.jit` partitions the rest of the model from there.
 
 MLA's cache is shared by every head, so sharding it by heads would copy all of it onto each device. ktjax
 shards it by sequence instead: device k of the `model` axis holds tokens [k T/N, (k+1) T/N) of every
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import params
 from .errors import KtjaxError
 from .runtime import parse_mesh
 
@@ -40,30 +41,6 @@ RULES = {
     "ffn": MODEL,        # the intermediate dimension of dense MLPs and shared experts
     "vocab": MODEL,      # embedding rows and lm_head columns
 }
-
-# Parameter path suffix -> logical axes of its dimensions (stacked layers add a leading layer axis, never
-# sharded). Anything not listed (norms, the latent projections kv_a/q_a, the router) is replicated.
-PARAM_AXES = {
-    ("embed",): ("vocab", None),
-    ("lm_head", "kernel"): (None, "vocab"),
-    ("attn", "q_proj", "kernel"): (None, "heads"),
-    ("attn", "q_b_proj", "kernel"): (None, "heads"),
-    ("attn", "w_uk"): ("heads", None, None),
-    ("attn", "w_uv"): ("heads", None, None),
-    ("attn", "o_proj", "kernel"): ("heads", None),
-    ("gate_proj", "kernel"): (None, "ffn"),
-    ("gate_proj", "bias"): ("ffn",),
-    ("up_proj", "kernel"): (None, "ffn"),
-    ("up_proj", "bias"): ("ffn",),
-    ("down_proj", "kernel"): ("ffn", None),
-    ("mlp", "w_gate"): ("experts", None, None),
-    ("mlp", "w_up"): ("experts", None, None),
-    ("mlp", "w_down"): ("experts", None, None),
-    ("mlp", "w_gate_scale"): ("experts", None, None),
-    ("mlp", "w_up_scale"): ("experts", None, None),
-    ("mlp", "w_down_scale"): ("experts", None, None),
-}
-STACKS = ("dense_layers", "moe_layers")
 
 
 # -- the mesh -----------------------------------------------------------------------------------------------
@@ -104,13 +81,9 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def logical_axes(names: tuple[str, ...], ndim: int) -> tuple:
-    """The logical axes of a parameter from its path (None for each replicated dimension)."""
-    stacked = bool(names) and names[0] in STACKS
-    for suffix, axes in PARAM_AXES.items():
-        if names[-len(suffix):] == suffix:
-            axes = ((None,) if stacked else ()) + axes
-            return axes if len(axes) == ndim else (None,) * ndim
-    return (None,) * ndim
+    """The logical axes of a parameter from its path (None for each replicated dimension): the parameter
+    table's (ktjax/params.py); a quantized weight's scale takes its values' leading (expert) axes."""
+    return params.logical_axes(names, ndim)
 
 
 def _divisible(cfg, logical: str, size: int, n: int) -> bool:
@@ -278,18 +251,16 @@ def moe_forward(moe, x, impl: str):
     return moe(x, impl, run_experts=_expert_parallel)
 
 
-def _expert_parallel(flat, weights, idx, experts, impl, scales):
+def _expert_parallel(flat, weights, idx, experts, impl):
     from .moe import routed_experts
 
-    def local(flat, weights, idx, experts, scales):
+    def local(flat, weights, idx, experts):
         n_local = experts[0].shape[0]
         first = jax.lax.axis_index(MODEL) * n_local
         mine = (idx >= first) & (idx < first + n_local)
-        y = routed_experts(flat, jnp.where(mine, weights, 0.0), jnp.where(mine, idx - first, 0), experts, impl,
-                           scales=scales)
+        y = routed_experts(flat, jnp.where(mine, weights, 0.0), jnp.where(mine, idx - first, 0), experts, impl)
         return jax.lax.psum(y, MODEL)
 
-    stacks = P(MODEL)
-    scale_specs = tuple(None if s is None else stacks for s in scales)
-    return jax.shard_map(local, in_specs=(P(), P(), P(), (stacks,) * 3, scale_specs), out_specs=P(),
-                         check_vma=False)(flat, weights, idx, experts, scales)
+    stacks = P(MODEL)  # a prefix: a QuantizedArray's values and scales split alike
+    return jax.shard_map(local, in_specs=(P(), P(), P(), (stacks,) * 3), out_specs=P(),
+                         check_vma=False)(flat, weights, idx, experts)
