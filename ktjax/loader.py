@@ -32,8 +32,8 @@ class Entry:
     stream it one source at a time. `blockwise` says that the transform only transposes or stacks, so FP8
     values and their 128 x 128 block scales can both go through it and stay quantized; otherwise (a
     reshape or a split that cuts through blocks, like kv_b_proj's per-head split) weights are dequantized.
-    `param` is its row of the parameter table (ktjax/params.py), `shape` its shape in the model (per layer);
-    None for a tensor kept as the source has it.
+    `param` is its row of the parameter table (ktjax/params.py; None for an MTP tensor kept as the source
+    has it), `shape` its shape in the checkpoint (per layer).
     """
     path: tuple
     sources: list[str]
@@ -52,7 +52,7 @@ def _entries(cfg: ModelConfig, stack: Stack | None, layer: int | None, names: se
 
 def layer_entries(cfg: ModelConfig, i: int, moe: bool, names: set[str]) -> list[Entry]:
     """Parameters of decoder layer i, with paths relative to the layer (the table's HF map)."""
-    return _entries(cfg, STACKS[moe], i, names)
+    return _entries(cfg, next(s for s in STACKS if s.moe == moe), i, names)
 
 
 def top_entries(cfg: ModelConfig) -> list[Entry]:
