@@ -3,11 +3,17 @@ transformers (sdpa attention) on the same random weights.
 
     python benchmarks/bench_generate.py                                  # 1k, 4k, 16k prompts
     python benchmarks/bench_generate.py --lengths 1024 --formats bf16 int4 --decode-tokens 16
+    python benchmarks/bench_generate.py --sweep --plot benchmarks/context_sweep.png   # 2k-32k, ktjax only
 
 The model has DeepSeek-V2-Lite's attention dimensions (hidden 2048, 16 heads, kv_lora_rank 512, rope 64,
 nope 128, v 128, no q_lora) and MoE shape (64 experts, top-6, 2 shared, moe_intermediate 1408), with
 --layers layers (the first dense) and a --vocab vocabulary. Each measurement runs in its own subprocess so
 that peak memory (the process's peak RSS) belongs to it alone. Speeds exclude compilation.
+
+"% of roof" is decode tokens/s against the bandwidth roof: the bytes one decode step must read (the weights it
+uses: everything but the routed experts, plus the selected experts of each MoE layer, and the cache up to the
+context) at the best read bandwidth measured in the same run (a multi-threaded BLAS matrix-vector product
+over a weight-sized float32 matrix, best of several).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ def model_kwargs(a):
                 num_hidden_layers=a.layers, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
                 kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
                 n_routed_experts=a.experts, n_shared_experts=2, num_experts_per_tok=6, topk_method="greedy",
-                n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=32768,
+                n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=65536,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1)
 
 
@@ -50,7 +56,7 @@ def worker_ktjax(folder, fmt, length, a):
                         max_new_tokens=a.decode_tokens, ignore_eos=True)
     s = engine.generate([prompt_ids(length, a.vocab)]).stats
     return {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "compile_s", "cache_bytes_per_token",
-                              "cache_bytes", "absorb_for_prefill")}
+                              "cache_bytes", "absorb_for_prefill", "time_to_first_token_s")}
 
 
 def worker_hf(folder, length, a):
@@ -73,6 +79,35 @@ def worker_hf(folder, length, a):
     total = length + a.decode_tokens
     return {"prefill_tokens_per_s": length / prefill_s, "decode_tokens_per_s": a.decode_tokens / decode_s,
             "cache_bytes_per_token": cache_bytes / total, "cache_bytes": cache_bytes}
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes/s that a BLAS matrix-vector product reads (numpy, all threads): best of `repeats`."""
+    import numpy as np
+
+    rows = megabytes * 2**20 // (4 * 4096)
+    w, x = np.random.default_rng(0).standard_normal((rows, 4096), np.float32), np.ones(4096, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w @ x
+        best = min(best, time.perf_counter() - t0)
+    return w.nbytes / best
+
+
+def decode_bytes(a, context: int, cache_bytes_per_token: float) -> float:
+    """Bytes one decode step reads: weights used by one token (selected experts only) and the cache."""
+    k = model_kwargs(a)
+    d, v, layers, experts = k["hidden_size"], k["vocab_size"], k["num_hidden_layers"], k["n_routed_experts"]
+    h, r, rope, nope, dv = (k["num_attention_heads"], k["kv_lora_rank"], k["qk_rope_head_dim"],
+                            k["qk_nope_head_dim"], k["v_head_dim"])
+    attention = d * h * (nope + rope) + d * (r + rope) + h * r * (nope + dv) + h * dv * d
+    expert = 3 * d * k["moe_intermediate_size"]
+    moe_layer = d * experts + (k["num_experts_per_tok"] + k["n_shared_experts"]) * expert
+    dense_layer = 3 * d * k["intermediate_size"]
+    first_dense = k["first_k_dense_replace"]
+    weights = layers * attention + first_dense * dense_layer + (layers - first_dense) * moe_layer + 2 * v * d
+    return 4 * weights + context * cache_bytes_per_token  # float32 weights
 
 
 def run_worker(argv):
@@ -109,17 +144,75 @@ def measure(kind, folder, length, a, fmt=None):
     return {"failed": proc.returncode}
 
 
+def sweep(a):
+    """Context sweep, ktjax only: decode and prefill tokens/s, time to first token, peak memory and % of roof
+    per context and cache format; a table, and a plot with --plot."""
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth (BLAS matvec, best of 7): {bandwidth / 1e9:.1f} GB/s")
+    print("| context | cache | prefill tok/s | decode tok/s | first token s | peak RSS GiB | decode bytes/token MB "
+          "| roof tok/s | % of roof |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        build(folder, a)
+        for length in a.lengths:
+            for fmt in a.formats:
+                r = measure("ktjax", folder, length, a, fmt)
+                if "failed" in r:
+                    print(f"| {length} | {fmt} | failed (exit code {r['failed']}) | | | | | | |", flush=True)
+                    continue
+                per_token = decode_bytes(a, length, r["cache_bytes_per_token"])
+                roof = bandwidth / per_token
+                results.setdefault(fmt, []).append((length, r, roof))
+                print(f"| {length} | {fmt} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | "
+                      f"{r['time_to_first_token_s']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | {per_token / 1e6:.0f} | "
+                      f"{roof:.1f} | {100 * r['decode_tokens_per_s'] / roof:.0f}% |", flush=True)
+    if a.plot:
+        plot_sweep(results, a.plot)
+
+
+def plot_sweep(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")  # a script writing a file: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for (fmt, rows), marker in zip(results.items(), "os^vD"):
+        contexts = [c for c, _, _ in rows]
+        left.plot(contexts, [r["decode_tokens_per_s"] for _, r, _ in rows], marker=marker, label=f"ktjax {fmt}")
+        right.plot(contexts, [r["prefill_tokens_per_s"] for _, r, _ in rows], marker=marker, label=fmt)
+    first = next(iter(results.values()), [])
+    left.plot([c for c, _, _ in first], [roof for _, _, roof in first], "k--", label="bandwidth roof")
+    for ax, title in ((left, "decode tokens/s"), (right, "prefill tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--formats", nargs="+", default=["float32", "bf16", "fp8", "int8", "int4"])
+    p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default 1024 4096 16384; --sweep: 2048 "
+                                                         "8192 16384 32768)")
+    p.add_argument("--formats", nargs="+", help="cache formats (default all five; --sweep: bf16 int8 int4)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--sweep", action="store_true", help="context sweep (ktjax only; default lengths 2k 8k 16k 32k, "
+                                                        "formats bf16 int8 int4) with %% of the bandwidth roof")
+    p.add_argument("--plot", help="with --sweep: write a PNG of decode and prefill speed against context")
     a = p.parse_args(argv)
+    a.lengths = a.lengths or ([2048, 8192, 16384, 32768] if a.sweep else [1024, 4096, 16384])
+    a.formats = a.formats or (["bf16", "int8", "int4"] if a.sweep else ["float32", "bf16", "fp8", "int8", "int4"])
+    if a.sweep:
+        return sweep(a)
     import platform
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; layers={a.layers} "
           f"experts={a.experts} vocab={a.vocab} decode_tokens={a.decode_tokens} chunk={a.chunk_size}")

@@ -4,35 +4,46 @@
     python benchmarks/bench_mla_kernels.py --contexts 32768 --batches 1 8 --formats bf16 fp8
     python benchmarks/bench_mla_kernels.py --markdown benchmarks/RESULTS.md   # append the table there
     python benchmarks/bench_mla_kernels.py --smoke                  # CPU: interpret mode, tiny sizes
+    python benchmarks/bench_mla_kernels.py --jsonl rows.jsonl       # also one JSON object per line (gpu_check.py)
 
 One decode step of one layer with DeepSeek-V3 attention dims (128 heads, kv_lora_rank 512, rope 64), every
 sequence at the full context. Columns: median kernel and reference times (ms, compilation excluded), the
-cache bytes the step must read (c_kv + scales + k_pe, from cache_format.bytes_per_token_per_layer), the
+cache bytes the step must read (c_kv + scales + k_pe, from CacheFormat.bytes_per_token_per_layer), the
 kernel's achieved bandwidth (those bytes / kernel time) and its share of this device's copy bandwidth,
-measured first with a large array copy ((read + write) / time). `max err` is |pallas - xla| on the output.
+measured first with a large array copy ((read + write) / time, best of `--repeats`). `max err` is
+|pallas - xla| on the output. `--jsonl` also writes each point as it is measured (the XLA path's bandwidth too),
+so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
 from timing import time_median  # benchmarks/timing.py
-from ktjax import attention
-from ktjax import cache_format as cf
-from ktjax import pallas
-from ktjax.pallas import platform
+from ktjax.kv import attention
+from ktjax.kv import formats as cf
+from ktjax.kv import pallas
+from ktjax.kv.pallas import platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
 
 
 def copy_bandwidth(megabytes: int, repeats: int) -> float:
-    """Bytes/s of a large elementwise copy (each byte read once and written once)."""
+    """Bytes/s of a large elementwise copy (each byte read once and written once), best of `repeats`."""
     x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
-    seconds = time_median(jax.jit(lambda x: x + 1.0), x, repeats=repeats)
-    return 2 * x.nbytes / seconds
+    copy = jax.jit(lambda x: x + 1.0)
+    jax.block_until_ready(copy(x))  # compile and warm up
+    best = float("inf")
+    for _ in range(max(repeats, 3)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.nbytes / best
 
 
 def random_cache(key, fmt, batch, context, rank, rope):
@@ -54,7 +65,7 @@ def random_cache(key, fmt, batch, context, rank, rope):
 
 
 def bench_one(a, fmt, batch, context, copy_bw, key):
-    cache_bytes = batch * context * cf.bytes_per_token_per_layer(fmt, a.rank, a.rope)
+    cache_bytes = batch * context * fmt.bytes_per_token_per_layer(a.rank, a.rope)
     if cache_bytes > a.max_cache_gb * 1e9:
         return None
     cache = random_cache(key, fmt, batch, context, a.rank, a.rope)
@@ -74,16 +85,22 @@ def bench_one(a, fmt, batch, context, copy_bw, key):
     t_kernel = time_median(kernel, *args, repeats=a.repeats)
     t_ref = time_median(reference, *args, repeats=a.repeats)
     err = float(jnp.max(jnp.abs(kernel(*args) - reference(*args))))
-    bandwidth = cache_bytes / t_kernel
-    return (f"| {fmt.name} | {context} | {batch} | {1e3 * t_kernel:.3f} | {1e3 * t_ref:.3f} | "
-            f"{t_ref / t_kernel:.2f}x | {cache_bytes / 1e6:.4g} | {bandwidth / 1e9:.3g} | "
-            f"{100 * bandwidth / copy_bw:.0f}% | {err:.1e} |")
+    return dict(format=fmt.name, context=context, batch=batch, pallas_ms=1e3 * t_kernel, xla_ms=1e3 * t_ref,
+                speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_gbps=cache_bytes / t_kernel / 1e9,
+                xla_gbps=cache_bytes / t_ref / 1e9, pallas_of_copy=cache_bytes / t_kernel / copy_bw,
+                xla_of_copy=cache_bytes / t_ref / copy_bw, max_err=err)
+
+
+def markdown_row(r) -> str:
+    return (f"| {r['format']} | {r['context']} | {r['batch']} | {r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['cache_bytes'] / 1e6:.4g} | {r['pallas_gbps']:.3g} | "
+            f"{100 * r['pallas_of_copy']:.0f}% | {r['max_err']:.1e} |")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--contexts", type=int, nargs="+", help="default: 4096 8192 16384 32768 65536 131072")
+    p.add_argument("--batches", type=int, nargs="+", help="default: 1 4 16 64")
     p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
     p.add_argument("--heads", type=int, default=128, help="128 for V3/R1, 16 for V2-Lite")
     p.add_argument("--rank", type=int, default=512, help="kv_lora_rank")
@@ -98,12 +115,17 @@ def parse_args(argv=None):
     p.add_argument("--num-warps", type=int)
     p.add_argument("--num-stages", type=int)
     p.add_argument("--markdown", help="append the table, with the device name, to this file")
+    p.add_argument("--jsonl", help="write a header and then each point as one JSON object per line")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a point that fails (compile error, out of memory) is reported and the sweep goes on")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sweep (interpret mode on a CPU): context 128, batches 1 2, 4 heads, rank 64")
     a = p.parse_args(argv)
-    if a.smoke:
-        a.contexts, a.batches, a.heads, a.rank, a.rope = [128], [1, 2], 4, 64, 16
-        a.dtype, a.repeats, a.copy_mb = "float32", 2, 64
+    if a.smoke:  # explicit --contexts / --batches still win
+        a.contexts, a.batches = a.contexts or [128], a.batches or [1, 2]
+        a.heads, a.rank, a.rope, a.dtype, a.repeats, a.copy_mb = 4, 64, 16, "float32", 2, 64
+    a.contexts = a.contexts or [4096, 8192, 16384, 32768, 65536, 131072]
+    a.batches = a.batches or [1, 4, 16, 64]
     a.interpret = not platform.on_gpu()
     return a
 
@@ -120,18 +142,41 @@ def main(argv=None):
               "| format | context | batch | pallas ms | xla ms | speedup | cache MB | GB/s | of copy | max err |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
+    if a.jsonl:
+        write_jsonl(a.jsonl, dict(kind="header", device=device.device_kind, backend=jax.default_backend(),
+                                  interpret=a.interpret, jax=jax.__version__, heads=a.heads, rank=a.rank,
+                                  rope=a.rope, query_dtype=a.dtype, repeats=a.repeats,
+                                  copy_bandwidth_gbps=copy_bw / 1e9), mode="w")
     rows = []
     key = jax.random.key(0)
     for name in a.formats:
         for context in a.contexts:
             for batch in a.batches:
-                row = bench_one(a, cf.get_format(name), batch, context, copy_bw, jax.random.fold_in(key, len(rows)))
-                if row is not None:
-                    print(row, flush=True)
-                    rows.append(row)
+                try:
+                    point = bench_one(a, cf.resolve(name), batch, context, copy_bw,
+                                      jax.random.fold_in(key, len(rows)))
+                except Exception as e:  # noqa: BLE001 -- only with --keep-going
+                    if not a.keep_going:
+                        raise
+                    print(f"| {name} | {context} | {batch} | failed: {type(e).__name__}: {str(e)[:200]} |", flush=True)
+                    if a.jsonl:
+                        write_jsonl(a.jsonl, dict(kind="error", format=name, context=context, batch=batch,
+                                                  error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                    continue
+                if point is None:
+                    continue
+                rows.append(markdown_row(point))
+                print(rows[-1], flush=True)
+                if a.jsonl:
+                    write_jsonl(a.jsonl, dict(kind="point", **point))
     if a.markdown:
         with open(a.markdown, "a") as f:
             f.write("\n## MLA decode kernels\n\n" + "\n".join(header + rows) + "\n")
+
+
+def write_jsonl(path, obj, mode="a"):
+    with open(path, mode) as f:
+        f.write(json.dumps(obj) + "\n")
 
 
 if __name__ == "__main__":

@@ -56,21 +56,20 @@ def decode(args):
     import jax
     from flax import nnx
 
+    import ktjax
     from ktjax import weight_quant as wq
     from ktjax.config import ModelConfig
-    from ktjax.engine import Engine
     from ktjax.model import DeepseekModel
-    from ktjax.runtime import RuntimeConfig
+    from ktjax.runtime import resolve
 
     cfg = ModelConfig.from_hf_dict(dict(V2_LITE, num_hidden_layers=args.layers, vocab_size=args.vocab))
-    runtime = RuntimeConfig.from_overrides(cache_lens=256, max_new_tokens=args.steps, temperature=0,
-                                           ignore_eos=True, chunk_size=64)
+    settings = resolve(cache_lens=256, max_new_tokens=args.steps, temperature=0, ignore_eos=True, chunk_size=64)
     prompt = [list(range(3, 3 + args.prompt))]
     print("| weights | quantized-tensor bytes | all weight bytes | decode tokens/s | prefill tokens/s |")
     print("|---|---|---|---|---|")
     for fmt in args.formats:
         model = _as_format(DeepseekModel(cfg, rngs=nnx.Rngs(0)), fmt)
-        engine = Engine(cfg, model, runtime)
+        engine = ktjax.engine_for(cfg, model, *settings)
         engine.generate(prompt)  # compile
         runs = [engine.generate(prompt).stats for _ in range(args.repeats)]
         quantized = sum(a.nbytes for p, v in nnx.state(model).flat_state()

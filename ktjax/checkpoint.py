@@ -238,13 +238,15 @@ def _load_leaf_sharded(folder: str, cfg: ModelConfig, path: tuple, want: jax.Sha
     return jax.make_array_from_callback(want.shape, sharding, shard)
 
 
-def load_checkpoint(path: str, dtype=jnp.float32, mesh=None) -> tuple[ModelConfig, DeepseekModel]:
+def load_checkpoint(path: str, dtype=jnp.float32, mesh=None,
+                    notes: list | None = None) -> tuple[ModelConfig, DeepseekModel]:
     """Read a converted checkpoint: (config, model).
 
     Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does;
     FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul; int8
     and int4 parameters stay narrow and are read tile by tile (weight_quant.matmul). With a `mesh` of
-    several devices every parameter is read straight into the layout of ktjax/sharding.py's rules.
+    several devices every parameter is read straight into the layout of ktjax/sharding.py's rules (replication
+    notes appended to `notes`).
     """
     manifest = read_manifest(path)
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
@@ -253,12 +255,12 @@ def load_checkpoint(path: str, dtype=jnp.float32, mesh=None) -> tuple[ModelConfi
     _use_stored_quantized(abstract, cfg, tensors)
     graphdef, state = nnx.split(abstract)
     pure = state.to_pure_dict()
-    if mesh is not None and mesh.size > 1:
+    if mesh is not None:
         from .sharding import param_shardings
 
         values = jax.tree_util.tree_map_with_path(
             lambda p, want, sh: _load_leaf_sharded(path, cfg, params.key_names(p), want, tensors, sh),
-            pure, param_shardings(cfg, pure, mesh))
+            pure, param_shardings(cfg, pure, mesh, notes))
     else:
         values = jax.tree_util.tree_map_with_path(
             lambda p, want: _load_leaf(path, cfg, params.key_names(p), want, tensors), pure)

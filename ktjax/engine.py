@@ -1,11 +1,12 @@
-"""The Engine: a loaded model plus its runtime settings, with jitted entry points.
+"""The Engine: a loaded model, its load-time settings and its mesh, with compiled entry points.
 
 `logits` runs the full causal forward (no cache). `generate` prefills prompts chunk by chunk into the latent
 cache and then decodes many steps per dispatch inside a jax.lax.while_loop, the cache donated throughout.
+Programs are compiled per shape (batch, chunk, cache) and reused by every call: per-call settings
+(sampling, max_new_tokens, seed, stop handling) are traced values, never static ones.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -17,13 +18,11 @@ import numpy as np
 from flax import nnx
 
 from . import memory, sharding
-from .attention import resolve_impl
-from .cache import LatentCache, cache_bytes, plan_cache_lens
-from .cache_format import bytes_per_token, get_format
 from .config import ModelConfig
 from .errors import KtjaxError
-from .model import DeepseekModel
-from .runtime import RuntimeConfig
+from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
+from .model import DeepseekModel, RunOptions
+from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 
 MIN_BUCKET = 16
@@ -35,11 +34,6 @@ def seq_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorb", "moe_impl", "dtype"))
-def _forward(graphdef, state, tokens, *, absorb, moe_impl, dtype):
-    return nnx.merge(graphdef, state)(tokens, absorb=absorb, moe_impl=moe_impl, dtype=dtype)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
@@ -47,31 +41,23 @@ class DecodeState:
     lengths: jax.Array   # [b] tokens in the cache
     done: jax.Array      # [b]
     n_gen: jax.Array     # [b] tokens generated so far
+    bad_step: jax.Array  # [b] the generation step whose logits were not finite, -1 while all were
     key: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """Everything the compiled programs are specialised on."""
-    graphdef: object
-    absorb: bool
-    attention: str
-    moe_impl: str
-    dtype: object
-    block: int
+def _forward(graphdef, opts: RunOptions, state, tokens):
+    return nnx.merge(graphdef, state)(tokens, opts)
 
 
-def _prefill_chunk(static: Static, state, cache, tokens, positions, lengths, logits_index):
-    model = nnx.merge(static.graphdef, state)
-    return model.forward_cached(tokens, positions, cache, lengths, logits_index, absorb=static.absorb,
-                                attention=static.attention, moe_impl=static.moe_impl, dtype=static.dtype,
-                                block=static.block)
+def _prefill_chunk(graphdef, opts: RunOptions, state, cache, tokens, positions, lengths, logits_index):
+    return nnx.merge(graphdef, state).forward_cached(tokens, positions, cache, lengths, logits_index, opts)
 
 
-def _decode_steps(static: Static, state, cache, ds: DecodeState, n_steps, max_new, stop_ids, sampling: Sampling):
+def _decode_steps(graphdef, opts: RunOptions, state, cache, ds: DecodeState, n_steps, max_new, stop_ids,
+                  sampling: Sampling):
     """Up to n_steps decode steps (stopping early when every sequence is done): sample from ds.logits, record
     the token, and feed it through the model. Returns (cache, ds, tokens [b, STEPS_PER_DISPATCH] (-1 = none))."""
-    model = nnx.merge(static.graphdef, state)
+    model = nnx.merge(graphdef, state)
     b = ds.lengths.shape[0]
     cache_lens = cache.cache_lens
 
@@ -82,21 +68,22 @@ def _decode_steps(static: Static, state, cache, ds: DecodeState, n_steps, max_ne
     def body(carry):
         i, cache, ds, out = carry
         key, sub = jax.random.split(ds.key)
-        tok = sample(ds.logits, sub, sampling)
         emit = ~ds.done
+        broken = emit & ~jnp.all(jnp.isfinite(ds.logits), axis=-1)  # stop, never sample from NaN
+        bad_step = jnp.where(broken & (ds.bad_step < 0), ds.n_gen, ds.bad_step)
+        emit = emit & ~broken
+        tok = sample(ds.logits, sub, sampling)
         out = out.at[:, i].set(jnp.where(emit, tok, -1))
         n_gen = ds.n_gen + emit
-        done = ds.done | (emit & jnp.isin(tok, stop_ids)) | (n_gen >= max_new)
+        done = ds.done | broken | (emit & jnp.isin(tok, stop_ids)) | (n_gen >= max_new)
 
-        def feed(cache):
-            pos = jnp.where(done, cache_lens, ds.lengths)[:, None]  # finished sequences write nothing
-            return model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32),
-                                        absorb=True, attention=static.attention, moe_impl=static.moe_impl,
-                                        dtype=static.dtype, block=static.block)
-
-        logits, cache = jax.lax.cond(jnp.all(done), lambda c: (ds.logits, c), feed, cache)
+        # Feed the token (finished sequences write nothing). Always, even after the last token: a lax.cond
+        # around it would copy the whole cache at every step; this costs one forward pass per call.
+        pos = jnp.where(done, cache_lens, ds.lengths)[:, None]
+        logits, cache = model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32),
+                                             opts)
         lengths = jnp.where(done, ds.lengths, ds.lengths + 1)
-        return i + 1, cache, DecodeState(logits, lengths, done, n_gen, key), out
+        return i + 1, cache, DecodeState(logits, lengths, done, n_gen, bad_step, key), out
 
     out = jnp.full((b, STEPS_PER_DISPATCH), -1, jnp.int32)
     _, cache, ds, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, ds, out))
@@ -107,47 +94,36 @@ def _decode_steps(static: Static, state, cache, ds: DecodeState, n_steps, max_ne
 class Generation:
     tokens: list[list[int]]
     stats: dict
+    texts: list[str] | None = None  # decoded completions, when the engine has a tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    cache_lens: int
+    block: int
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, model: DeepseekModel, runtime: RuntimeConfig,
-                 generation_defaults: dict | None = None):
+    """Build one with ktjax.load (a folder) or ktjax.load_model (an in-memory model): they build the mesh and
+    place the weights; the Engine takes both as they are."""
+
+    def __init__(self, cfg: ModelConfig, model: DeepseekModel, runtime: RuntimeConfig, *,
+                 defaults: CallSettings | None = None, generation_config: dict | None = None, mesh=None,
+                 notes: list[str] | None = None, tokenizer=None):
         self.cfg = cfg
         self.runtime = runtime
-        self.generation_defaults = generation_defaults or {}
-        self.graphdef, self.state = nnx.split(model)  # split once; the jitted functions take the pure state
+        self.defaults = defaults or CallSettings()
+        self.generation_config = generation_config or {}
+        self.mesh = mesh
+        self.notes = list(notes or [])
+        self.tokenizer = tokenizer
+        self.graphdef, self.state = nnx.split(model)  # split once; the compiled programs take the pure state
         self._compiled: dict = {}
-        self.mesh, self.sharding_notes = self._place_on_mesh(runtime.mesh)
-
-    def _place_on_mesh(self, spec):
-        """Shard the weights over the mesh by the partition rules; (None, []) on one device (the plain path)."""
-        mesh = sharding.make_mesh(spec)
-        if mesh.size == 1:
-            return None, []
-        self.state, notes = sharding.place_state(self.cfg, self.state, mesh)
-        return mesh, notes
+        self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
     @property
     def n_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
-
-    def new_cache(self, batch: int, cache_lens: int, notes: list | None = None) -> LatentCache:
-        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
-        layout = sharding.cache_layout(self.mesh, batch, notes)
-        return LatentCache.create(self.cfg, get_format(self.runtime.cache_dtype), batch, cache_lens, layout)
-
-    def seq_shards(self) -> int:
-        """Devices that the cache's sequence is split over."""
-        return 1 if self.mesh is None else sharding.mesh_size(self.mesh, sharding.MODEL)
-
-    def _on_mesh(self):
-        """The context to trace under: the model's MoE reads the mesh from it for expert parallelism."""
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
-    def _input(self, shape, dtype):
-        """An abstract replicated input of a compiled program (on the mesh when there is one)."""
-        spec = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
 
     @property
     def model(self) -> DeepseekModel:
@@ -161,19 +137,29 @@ class Engine:
     def weight_bytes_per_device(self) -> int:
         return sharding.per_device_bytes(self.state)
 
-    # -- full forward -------------------------------------------------------------------------------------
-    def logits(self, token_ids) -> np.ndarray:
-        """Full-forward logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or one sequence [seq])."""
-        tokens, single = self._token_batch(token_ids, allow_single=True)
-        b, s = tokens.shape
-        padded = np.zeros((b, seq_bucket(s)), np.int32)
-        padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
-        with self._on_mesh():
-            out = _forward(self.graphdef, self.state, jnp.asarray(padded),
-                           absorb=self.runtime.absorb(self.cfg, padded.shape[1]),
-                           moe_impl=self.runtime.moe_impl, dtype=self.runtime.jnp_dtype)
-        return np.asarray(out[0, :s] if single else out[:, :s])
+    def run_options(self, absorb: bool) -> RunOptions:
+        expert_axis = sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
+        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, expert_axis)
 
+    def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None) -> LatentCache:
+        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
+        layout = sharding.cache_layout(self.mesh, batch, notes)
+        return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
+                                  attention=self.runtime.attention, layout=layout)
+
+    def _input(self, shape, dtype):
+        """An abstract replicated input of a compiled program (on the mesh when there is one)."""
+        spec = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
+    def _compile(self, key, build: Callable):
+        """The compiled program for `key`, built (and counted) on first use."""
+        if key not in self._compiled:
+            self._compiled[key] = build()
+            self.compile_count += 1
+        return self._compiled[key]
+
+    # -- token checks -------------------------------------------------------------------------------------
     def _token_batch(self, token_ids, allow_single: bool = False):
         """(token_ids as an integer array [batch, seq >= 1] of valid ids, whether it was one sequence [seq]
         taken as a batch of one: only with allow_single), or one clear error."""
@@ -194,166 +180,230 @@ class Engine:
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise KtjaxError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {lo}..{hi}")
 
+    # -- full forward -------------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """Full-forward logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or one sequence [seq])."""
+        tokens, single = self._token_batch(token_ids, allow_single=True)
+        b, s = tokens.shape
+        padded = np.zeros((b, seq_bucket(s)), np.int32)
+        padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
+        opts = self.run_options(self.runtime.absorb(self.cfg, padded.shape[1]))
+        forward = self._compile(("forward", opts), lambda: jax.jit(functools.partial(_forward, self.graphdef, opts)))
+        out = forward(self.state, jnp.asarray(padded))
+        return np.asarray(out[0, :s] if single else out[:, :s])
+
     def cached_logits(self, token_ids) -> np.ndarray:
         """Logits at every position [batch, seq, vocab], computed through the latent cache chunk by chunk
         (chunk_size, cache_dtype and absorb_for_prefill as set): what decoding sees, for checking it against
         the full forward and for teacher-forced comparisons of cache formats."""
         tokens, _ = self._token_batch(token_ids)
         b, s = tokens.shape
-        rt = self.runtime
-        cache_lens, block = plan_cache_lens(s if rt.cache_lens in (None, "auto") else rt.cache_lens,
-                                            self.seq_shards())
-        if s > cache_lens:
-            raise KtjaxError(f"{s} tokens exceed the cache of {cache_lens}")
-        chunk = min(rt.chunk_size, seq_bucket(s))
-        static = Static(self.graphdef, rt.absorb(self.cfg, chunk), rt.attention, rt.moe_impl, rt.jnp_dtype, block)
-        fn = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,))
-        cache = self.new_cache(b, cache_lens)
-        out = []
-        for c in range(0, s, chunk):
-            ids = np.zeros((b, chunk), np.int32)
-            ids[:, :min(chunk, s - c)] = tokens[:, c:c + chunk]
-            pos = c + np.arange(chunk)
-            positions = np.broadcast_to(np.where(pos < s, pos, cache_lens), (b, chunk)).astype(np.int32)
-            with self._on_mesh():
-                logits, cache = fn(self.state, cache, jnp.asarray(ids), jnp.asarray(positions),
-                                   jnp.full((b,), min(s, c + chunk), jnp.int32), None)
-            out.append(np.asarray(logits))
-        return np.concatenate(out, axis=1)[:, :s]
+        plan = self.plan_cache(b, s)
+        chunk = self._chunk(s)
+        cache = self.new_cache(b, plan)
+        prefill = self._prefill_program(cache, b, chunk, all_logits=True)
+        logits, _ = self._prefill(prefill, cache, [list(t) for t in tokens], chunk, all_logits=True)
+        return np.asarray(logits)[:, :s]
 
     # -- planning -----------------------------------------------------------------------------------------
-    def plan_cache(self, batch: int, needed: int) -> tuple[int, int]:
-        """(cache_lens, kv_block) for `batch` sequences that need `needed` positions each."""
+    def plan_cache(self, batch: int, needed: int) -> CachePlan:
+        """The cache for `batch` sequences that need `needed` positions each."""
         rt = self.runtime
-        fmt = get_format(rt.cache_dtype)
-        if rt.cache_lens == "auto":
-            budget = rt.memory_budget or memory.available_bytes()
-            shards = self.seq_shards()
-            block = plan_cache_lens(rt.chunk_size)[1]
-            act = memory.activation_bytes(self.cfg, batch, rt.chunk_size, block,
-                                          jnp.dtype(rt.jnp_dtype).itemsize)
-            # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
-            fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
-            if fits < needed:
-                raise KtjaxError(
-                    f"memory budget {memory.format_bytes(budget)} holds weights "
-                    f"({memory.format_bytes(self.weight_bytes)}) and activations ({memory.format_bytes(act)}) but "
-                    f"only {fits} cached tokens per sequence in {fmt.name} ({bytes_per_token(fmt, self.cfg)} "
-                    f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
-                    "prompt or fewer --max-new-tokens")
-            requested = fits
-            cache_lens, block = plan_cache_lens(requested, shards)
-            if cache_lens > requested:  # rounding up must not leave the budget
-                cache_lens = max(needed, requested // (block * shards) * block * shards)
-                cache_lens, block = plan_cache_lens(cache_lens, shards)
-            return cache_lens, block
-        # Unset: a power-of-two bucket of what is needed, so that new prompts rarely compile new programs.
-        requested = seq_bucket(needed) if rt.cache_lens is None else rt.cache_lens
-        return plan_cache_lens(requested, self.seq_shards())
+        shards = sharding.seq_shards(self.mesh)
+        if rt.cache_lens != "auto":
+            # Unset: a power-of-two bucket of what is needed, so that new prompts rarely compile new programs.
+            requested = seq_bucket(needed) if rt.cache_lens is None else rt.cache_lens
+            return CachePlan(*plan_cache_lens(requested, shards))
+        fmt = rt.cache_dtype
+        budget = rt.memory_budget or memory.available_bytes()
+        block = plan_cache_lens(rt.chunk_size)[1]
+        act = memory.activation_bytes(self.cfg, batch, rt.chunk_size, block, jnp.dtype(rt.jnp_dtype).itemsize)
+        # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
+        fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
+        if fits < needed:
+            raise KtjaxError(
+                f"memory budget {memory.format_bytes(budget)} holds weights "
+                f"({memory.format_bytes(self.weight_bytes)}) and activations ({memory.format_bytes(act)}) but "
+                f"only {fits} cached tokens per sequence in {fmt.name} ({fmt.bytes_per_token(self.cfg)} "
+                f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
+                "prompt or fewer --max-new-tokens")
+        # Never past the model's window: positions beyond it are never used.
+        requested = max(needed, min(fits, self.cfg.max_position_embeddings))
+        cache_lens, block = plan_cache_lens(requested, shards)
+        if cache_lens > fits:  # rounding up must not leave the budget
+            cache_lens = max(needed, requested // (block * shards) * block * shards)
+            cache_lens, block = plan_cache_lens(cache_lens, shards)
+        return CachePlan(cache_lens, block)
+
+    def _chunk(self, longest_prompt: int) -> int:
+        """The prefill chunk: chunk_size, or one power-of-two chunk for a shorter prompt."""
+        return min(self.runtime.chunk_size, seq_bucket(longest_prompt))
+
+    def _fit_prompts(self, prompts, call: CallSettings, cache_lens: int):
+        """Prompts that leave room for max_new_tokens in the cache and the model's window, cut from the left
+        with truncate_left, else one error with the numbers."""
+        longest, max_new = max(map(len, prompts)), call.max_new_tokens
+        window = self.cfg.max_position_embeddings
+        room = min(cache_lens, window) - max_new
+        if longest <= room:
+            return prompts
+        limit = (f"the model's window of {window} positions (max_position_embeddings)" if window <= cache_lens
+                 else f"the cache of {cache_lens} tokens")
+        if not call.truncate_left or room < 1:
+            raise KtjaxError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new} = {longest + max_new} exceeds {limit}; "
+                "use a shorter prompt, lower --max-new-tokens" + (", raise --cache-lens" if window > cache_lens
+                                                                  else "") +
+                (", or pass --truncate-left to drop the oldest tokens" if room >= 1 else ""))
+        return [p[-room:] for p in prompts]
 
     # -- generation ---------------------------------------------------------------------------------------
-    def generate(self, prompts, *, on_tokens: Callable | None = None, progress: bool = False,
-                 **overrides) -> Generation:
-        """Generate from token-id prompts (a list of lists). `overrides` are runtime settings for this call
-        (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, ...). on_tokens(list of new-token lists)
-        is called after each dispatch, for streaming."""
-        rt = RuntimeConfig.from_overrides(self.runtime, **overrides) if overrides else self.runtime
-        prompts = [list(map(int, p)) for p in prompts]
+    def generate(self, prompts, *, on_tokens: Callable | None = None, on_start: Callable | None = None,
+                 progress: bool = False, **settings) -> Generation:
+        """Generate from prompts: token-id lists, or strings when the engine has a tokenizer. `settings` are
+        per-call settings (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, truncate_left) over
+        the engine's defaults; they reuse the compiled programs. on_start() is called once the prompts have
+        passed every check, before the prefill; on_tokens(list of new-token lists) after each dispatch, for
+        streaming."""
+        call = CallSettings.from_overrides(self.defaults, **settings)
+        prompts = [self._encode(p) for p in prompts] if prompts else prompts
         if not prompts or any(len(p) == 0 for p in prompts):
             raise KtjaxError("every prompt needs at least one token")
+        prompts = [list(map(int, p)) for p in prompts]
         self._check_ids(prompts)
-        engine = self if rt == self.runtime else Engine(self.cfg, self.model, rt, self.generation_defaults)
-        engine._compiled = self._compiled
-        return engine._generate(prompts, on_tokens, progress)
+        result = self._generate(prompts, call, on_tokens, on_start, progress)
+        if self.tokenizer is not None:
+            result.texts = [self.tokenizer.decode(ids) for ids in result.tokens]
+        return result
 
-    def _sampling_and_stops(self):
-        rt, gd = self.runtime, self.generation_defaults
-        temperature = rt.temperature if rt.temperature is not None else (
+    def generate_text(self, prompts: list[str], *, chat: bool = False, **settings) -> list[str]:
+        """Text in, text out: each prompt (wrapped as a user message in the model's chat template with
+        chat=True) -> its completion."""
+        if self.tokenizer is None:
+            raise KtjaxError("this engine has no tokenizer (the model folder has no tokenizer.json); pass token ids "
+                             "to generate")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.encode_chat(p) if chat else self._encode(p) for p in prompts]
+        return self.generate(ids, **settings).texts
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+    def _encode(self, prompt):
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise KtjaxError("text prompts need a tokenizer (the model folder has no tokenizer.json); pass token "
+                             "ids")
+        return self.tokenizer.encode(prompt)
+
+    def sampling_and_stops(self, call: CallSettings) -> tuple[Sampling, list[int]]:
+        """Sampling values and stop ids: per-call settings over generation_config.json's defaults."""
+        gd = self.generation_config
+        temperature = call.temperature if call.temperature is not None else (
             gd.get("temperature", 0.0) if gd.get("do_sample", False) else 0.0)
-        top_k = rt.top_k if rt.top_k is not None else gd.get("top_k", 0)
-        top_p = rt.top_p if rt.top_p is not None else gd.get("top_p", 1.0)
-        stops = [] if rt.ignore_eos else sorted(set(gd.get("eos_token_ids", [])) | set(self.cfg.eos_token_ids))
+        top_k = call.top_k if call.top_k is not None else gd.get("top_k", 0)
+        top_p = call.top_p if call.top_p is not None else gd.get("top_p", 1.0)
+        eos = set(gd.get("eos_token_ids", [])) | set(self.cfg.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_ids)
+        stops = [] if call.ignore_eos else sorted(eos)
         return Sampling.make(float(temperature), int(top_k or 0), float(top_p or 1.0)), stops
 
-    def _generate(self, prompts, on_tokens, progress) -> Generation:
+    def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
         rt, cfg = self.runtime, self.cfg
         b = len(prompts)
-        max_new = rt.max_new_tokens
-        cache_lens, block = self.plan_cache(b, max(map(len, prompts)) + max_new)
-        room = cache_lens - max_new
-        if max(map(len, prompts)) > room:
-            if not rt.truncate_left:
-                raise KtjaxError(
-                    f"prompt of {max(map(len, prompts))} tokens + max_new_tokens {max_new} = "
-                    f"{max(map(len, prompts)) + max_new} exceeds the cache of {cache_lens} tokens; raise "
-                    "--cache-lens, lower --max-new-tokens, or pass --truncate-left to drop the oldest tokens")
-            prompts = [p[-room:] for p in prompts]
-        fmt = get_format(rt.cache_dtype)
-        chunk = min(rt.chunk_size, seq_bucket(max(map(len, prompts))))
-        static = Static(self.graphdef, rt.absorb(cfg, chunk), rt.attention, rt.moe_impl, rt.jnp_dtype, block)
-        sampling, stops = self._sampling_and_stops()
+        plan = self.plan_cache(b, max(map(len, prompts)) + call.max_new_tokens)
+        prompts = self._fit_prompts(prompts, call, plan.cache_lens)
+        chunk = self._chunk(max(map(len, prompts)))
+        sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
-        notes = list(self.sharding_notes)
+        notes = list(self.notes)
+        fmt = rt.cache_dtype
         try:
-            cache = self.new_cache(b, cache_lens, notes)
-            cache_bytes_per_device = cache.nbytes_per_device  # measured on the shards, before donation
-            if cache.layout is not None and resolve_impl(rt.attention) == "pallas":
+            cache = self.new_cache(b, plan, notes)
+            cache_bytes_per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
+            if cache.layout is not None and rt.attention == "pallas":
                 notes.append("attention over the sequence-sharded cache runs on the XLA path: the merge needs "
                              "each device's log-sum-exp, which the Pallas kernels do not return")
-            prefill, decode, compile_s = self._programs(static, cache, b, chunk, stop_ids)
             t0 = time.perf_counter()
-            logits, cache = self._prefill(prefill, cache, prompts, chunk, cache_lens, progress)
+            prefill = self._prefill_program(cache, b, chunk, all_logits=False)
+            decode = self._decode_program(cache, b, stop_ids.shape)
+            compile_s = time.perf_counter() - t0
+            if on_start is not None:
+                on_start()
+            t0 = time.perf_counter()
+            logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
             prefill_s = time.perf_counter() - t0
             ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
-                             jnp.zeros((b,), jnp.int32), jax.random.key(rt.seed))
-            tokens, ttft, decode_s = self._decode(decode, cache, ds, max_new, stop_ids, sampling, on_tokens)
+                             jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+            tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling,
+                                                         on_tokens)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-                raise KtjaxError(f"out of memory with a {fmt.name} cache of {cache_lens} tokens x {b} sequences "
-                                 f"({memory.format_bytes(cache_bytes(cfg, fmt, b, cache_lens))}); use a smaller "
+                raise KtjaxError(f"out of memory with a {fmt.name} cache of {plan.cache_lens} tokens x {b} sequences "
+                                 f"({memory.format_bytes(cache_bytes(cfg, fmt, b, plan.cache_lens))}); use a smaller "
                                  "--cache-lens or a narrower --cache-dtype (int8, int4)") from None
             raise
         n_prompt, n_gen = sum(map(len, prompts)), sum(map(len, tokens))
         stats = {
             "prompt_tokens": n_prompt, "generated_tokens": n_gen,
             "prefill_tokens_per_s": n_prompt / prefill_s if prefill_s > 0 else 0.0,
-            "decode_tokens_per_s": n_gen / decode_s if decode_s > 0 else 0.0,
+            # Tokens per decode pass: a sequence's first token comes from the prefill's logits, each later one
+            # from a forward pass inside the timed decode loop.
+            "decode_tokens_per_s": sum(max(len(t) - 1, 0) for t in tokens) / decode_s if decode_s > 0 else 0.0,
             "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
-            "cache_dtype": fmt.name, "cache_lens": cache_lens, "cache_bytes": cache.nbytes,
-            "cache_bytes_per_token": bytes_per_token(fmt, cfg), "cache_bytes_per_device": cache_bytes_per_device,
+            "cache_dtype": fmt.name, "cache_lens": plan.cache_lens, "cache_bytes": cache_bytes(cfg, fmt, b,
+                                                                                               plan.cache_lens),
+            "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_bytes_per_device,
             "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
             "peak_memory_bytes": memory.peak_memory_bytes(), "devices": self.n_devices,
-            "mesh": "1" if self.mesh is None else "x".join(str(n) for n in self.mesh.devices.shape),
+            "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
             "sharding_notes": notes, "backend": jax.default_backend(),
-            "absorb_for_prefill": static.absorb, "chunk_size": chunk, "attention": rt.attention,
+            "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
+            "attention": cache.attention,
         }
         return Generation(tokens, stats)
 
-    def _programs(self, static: Static, cache, b, chunk, stop_ids):
-        """Compile (or fetch) the prefill-chunk and decode programs, timing compilation on its own."""
-        key = (static, b, chunk, cache.cache_lens, cache.fmt.name, cache.layout, stop_ids.shape)
-        if key in self._compiled:
-            return (*self._compiled[key], 0.0)
-        t0 = time.perf_counter()
-        i32 = self._input((b,), jnp.int32)
-        tok = self._input((b, chunk), jnp.int32)
-        ds = DecodeState(self._input((b, self.cfg.vocab_size), jnp.float32), i32,
-                         self._input((b,), jnp.bool_), i32, jax.random.key(0))
-        scalar = self._input((), jnp.int32)
-        # On a mesh, outputs keep the shardings that the next call's inputs were compiled for.
-        rep = None if self.mesh is None else tok.sharding
-        cache_sh = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, cache)
-        with self._on_mesh():
-            prefill = jax.jit(functools.partial(_prefill_chunk, static), donate_argnums=(1,),
-                              out_shardings=None if rep is None else (rep, cache_sh)).lower(
-                self.state, cache, tok, tok, i32, i32).compile()
-            decode = jax.jit(functools.partial(_decode_steps, static), donate_argnums=(1,),
-                             out_shardings=None if rep is None else (cache_sh, rep, rep)).lower(
-                self.state, cache, ds, scalar, scalar, stop_ids, Sampling.make()).compile()
-        self._compiled[key] = (prefill, decode)
-        return prefill, decode, time.perf_counter() - t0
+    # -- compiled programs ----------------------------------------------------------------------------------
+    def _cache_key(self, cache: LatentCache):
+        return (cache.fmt, cache.cache_lens, cache.block, cache.attention, cache.layout, cache.c_kv.shape[1])
 
-    def _prefill(self, prefill, cache, prompts, chunk, cache_lens, progress):
+    def _prefill_program(self, cache: LatentCache, b: int, chunk: int, all_logits: bool):
+        opts = self.run_options(self.runtime.absorb(self.cfg, chunk))
+
+        def build():
+            i32, tok = self._input((b,), jnp.int32), self._input((b, chunk), jnp.int32)
+            rep = None if self.mesh is None else tok.sharding
+            out = None if self.mesh is None else (rep, jax.tree.map(lambda x: x.sharding, cache))
+            fn = jax.jit(functools.partial(_prefill_chunk, self.graphdef, opts), donate_argnums=(1,),
+                         out_shardings=out)
+            return fn.lower(self.state, cache, tok, tok, i32, None if all_logits else i32).compile()
+
+        return self._compile(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
+
+    def _decode_program(self, cache: LatentCache, b: int, stops_shape):
+        opts = self.run_options(True)
+
+        def build():
+            i32 = self._input((b,), jnp.int32)
+            ds = DecodeState(self._input((b, self.cfg.vocab_size), jnp.float32), i32, self._input((b,), jnp.bool_),
+                             i32, i32, jax.random.key(0))
+            scalar = self._input((), jnp.int32)
+            rep = None if self.mesh is None else scalar.sharding
+            out = None if self.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
+            fn = jax.jit(functools.partial(_decode_steps, self.graphdef, opts), donate_argnums=(1,),
+                         out_shardings=out)
+            return fn.lower(self.state, cache, ds, scalar, scalar, self._input(stops_shape, jnp.int32),
+                            Sampling.make()).compile()
+
+        return self._compile(("decode", opts, self._cache_key(cache), b, stops_shape), build)
+
+    # -- running them -------------------------------------------------------------------------------------
+    def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: bool = False):
+        """Prefill prompts chunk by chunk. -> (logits [b, vocab] at each prompt's last token, or every
+        position's [b, chunks * chunk, vocab] with all_logits; the cache)."""
         b = len(prompts)
         lens = np.array([len(p) for p in prompts])
         ids = np.zeros((b, -(-lens.max() // chunk) * chunk), np.int32)
@@ -364,24 +414,28 @@ class Engine:
         if progress and n_chunks > 1:
             from tqdm import tqdm
             bar = tqdm(total=int(lens.sum()), unit="tok", desc="prefill", leave=False)
-        last = None
+        outputs, last = [], None
         for c in range(n_chunks):
             pos = c * chunk + np.arange(chunk)[None, :]
             valid = pos < lens[:, None]
+            logits_index = None if all_logits else jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
             logits, cache = prefill(self.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                    jnp.asarray(np.where(valid, pos, cache_lens), jnp.int32),
-                                    jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32),
-                                    jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32))
-            ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
-            last = logits if last is None else jnp.where(ends_here, logits, last)
+                                    jnp.asarray(np.where(valid, pos, cache.cache_lens), jnp.int32),
+                                    jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32), logits_index)
+            if all_logits:
+                outputs.append(np.asarray(logits))
+            else:
+                ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
+                last = logits if last is None else jnp.where(ends_here, logits, last)
             if bar is not None:
                 jax.block_until_ready(logits)
                 bar.update(int(valid.sum()))
         if bar is not None:
             bar.close()
-        return jax.block_until_ready(last), cache
+        return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
 
     def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens):
+        """-> (tokens per sequence, time to first token after the prefill, decode seconds)."""
         tokens = [[] for _ in range(ds.lengths.shape[0])]
         t0 = time.perf_counter()
         ttft = None
@@ -396,7 +450,16 @@ class Engine:
                 acc.extend(n)
             if on_tokens is not None and any(new):
                 on_tokens(new)
+            _raise_if_broken(np.asarray(ds.bad_step))
             if bool(np.all(np.asarray(ds.done))):
                 break
             steps = STEPS_PER_DISPATCH
         return tokens, ttft, time.perf_counter() - t0
+
+
+def _raise_if_broken(bad_step: np.ndarray):
+    for i, step in enumerate(bad_step):
+        if step >= 0:
+            raise KtjaxError(f"the model produced non-finite logits (NaN or Inf) at generation step {int(step)} of "
+                             f"sequence {i}: the weights or the computation are broken; check the checkpoint "
+                             "(re-convert it) or try --dtype float32")

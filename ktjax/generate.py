@@ -1,8 +1,9 @@
 """python -m ktjax.generate: read a prompt into the latent cache and generate from it.
 
 With no --model it runs the built-in demo model. Settings come from defaults, then a --config YAML preset,
-then flags (flags win); every setting is documented in ktjax/runtime.py (SETTINGS) and README.md.
-Bad input exits with code 2 and one message; Ctrl-C stops cleanly with code 130.
+then flags (flags win); every setting is defined once in ktjax/runtime.py (SETTINGS), which also validates
+the flags, the YAML and ktjax.load's keywords alike. Bad input exits with code 2 and one message; Ctrl-C
+stops cleanly with code 130.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import sys
 
 from .errors import KtjaxError
-from .runtime import SETTINGS, RuntimeConfig, load_yaml
+from .runtime import SETTINGS, describe, load_yaml, resolve
 
 DEFAULT_PROMPT = "The key to reading a long document is"
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
@@ -33,32 +34,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat "
                                                        "template")
     p.add_argument("--config", help="a YAML preset of settings (configs/*.yaml); flags override it")
-    p.add_argument("--json", action="store_true", help="print one compact JSON object (completion, ids, stats) "
-                                                       "as the last line of stdout instead of streamed text")
+    p.add_argument("--json", action="store_true", help="print one compact JSON object {completion, "
+                                                       "completion_ids, stats} as the last line of stdout instead "
+                                                       "of streamed text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar during a long prefill")
-    flags = {"cache_lens": str, "memory_budget": str, "chunk_size": int, "max_new_tokens": int,
-             "temperature": float, "top_k": int, "top_p": float, "seed": int}
-    choices = {"dtype": ["float32", "bfloat16"], "cache_dtype": ["float32", "bf16", "fp8", "int8", "int4"],
-               "absorb_for_prefill": ["true", "false", "auto"], "attention": ["auto", "xla", "pallas"],
-               "moe_impl": ["auto", "gather", "ragged", "blocked"]}
-    for key, (default, help_text) in SETTINGS.items():
-        flag = "--" + key.replace("_", "-")
-        text = f"{help_text} (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
-        else:
-            p.add_argument(flag, type=flags.get(key, str), choices=choices.get(key), default=None, help=text)
+    add_setting_flags(p)
     return p
 
 
-def parse(argv) -> tuple[argparse.Namespace, dict]:
-    """Flags -> (args, settings), checked before JAX starts."""
+def add_setting_flags(p: argparse.ArgumentParser):
+    """One flag per setting of ktjax/runtime.py's table, its help and choices taken from there; values are
+    checked by the table's own parsers (after merging with --config), not by argparse."""
+    for key, setting in SETTINGS.items():
+        flag = "--" + key.replace("_", "-")
+        text = setting.help + ("" if setting.default is None else f" (default: {describe(setting.default)})")
+        if setting.switch:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            metavar = "{" + ",".join(setting.choices) + "}" if setting.choices else key.upper()
+            p.add_argument(flag, default=None, metavar=metavar, help=text)
+
+
+def parse(argv) -> tuple[argparse.Namespace, tuple]:
+    """Flags -> (args, (RuntimeConfig, CallSettings)), every value checked once, before JAX starts."""
     args = build_parser().parse_args(argv)
     settings = load_yaml(args.config) if args.config else {}
     model = args.model or settings.pop("model", None)
     settings.pop("model", None)
     settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
-    RuntimeConfig.from_overrides(**settings)  # validate now, before any work
+    resolved = resolve(**settings)
     if model is not None and not os.path.isdir(model):
         raise KtjaxError(f"--model {model}: no such folder")
     if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
@@ -78,7 +82,7 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
         args.prompts = [DEFAULT_PROMPT]
     if any(not p for p in args.prompts):
         raise KtjaxError("a prompt is empty")
-    return args, settings
+    return args, resolved
 
 
 def enable_compilation_cache():
@@ -90,29 +94,25 @@ def enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def load_engine(args, settings):
-    from . import load
+def load_engine(args, resolved):
+    from . import engine_for, open_folder
     from .demo import DEMO_MODEL_DIR, RANDOM_WEIGHTS_NOTICE, TRAINED_NOTICE, demo_model, demo_tokenizer
-    from .engine import Engine
-    from .tokenizer import Tokenizer
 
     if args.model:
-        return load(args.model, **settings), Tokenizer.from_folder(args.model)
+        return open_folder(args.model, *resolved)
     if os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.json")):
         print(f"ktjax: {TRAINED_NOTICE}", file=sys.stderr)
-        return load(DEMO_MODEL_DIR, **settings), Tokenizer.from_folder(DEMO_MODEL_DIR)
-    runtime = RuntimeConfig.from_overrides(**settings)
+        return open_folder(DEMO_MODEL_DIR, *resolved)
     print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
-    cfg, model = demo_model(runtime.jnp_dtype)
-    return Engine(cfg, model, runtime), demo_tokenizer()
+    cfg, model = demo_model(resolved[0].jnp_dtype)
+    return engine_for(cfg, model, *resolved, tokenizer=demo_tokenizer())
 
 
 def main(argv=None) -> int:
     try:
-        args, settings = parse(argv)
+        args, resolved = parse(argv)
         enable_compilation_cache()
-        engine, tokenizer = load_engine(args, settings)
-        return run(engine, tokenizer, args)
+        return run(load_engine(args, resolved), args)
     except KtjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -121,18 +121,21 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
-def run(engine, tokenizer, args) -> int:
+def run(engine, args) -> int:
     from .tokenizer import StreamDecoder
 
-    if args.chat:
-        prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompts]
-    else:
-        prompts = [tokenizer.encode(p) for p in args.prompts]
-    engine.generation_defaults.setdefault("eos_token_ids", [])
-    engine.generation_defaults["eos_token_ids"] = sorted(set(engine.generation_defaults["eos_token_ids"])
-                                                         | set(tokenizer.eos_ids))
+    encode = engine.encode_chat if args.chat else engine.tokenizer.encode
+    prompts = [encode(p) for p in args.prompts]
     stream = not args.json and len(prompts) == 1
-    decoder = StreamDecoder(tokenizer)
+    decoder = StreamDecoder(engine.tokenizer)
+    echoed = False
+
+    def echo():  # once the prompts passed every check: an error never glues onto the echoed prompt
+        nonlocal echoed
+        if stream:
+            sys.stdout.write(args.prompts[0])
+            sys.stdout.flush()
+            echoed = True
 
     def on_tokens(new):
         text = decoder.push(new[0])
@@ -140,17 +143,15 @@ def run(engine, tokenizer, args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    if stream:
-        sys.stdout.write(args.prompts[0])
-        sys.stdout.flush()
     try:
-        result = engine.generate(prompts, on_tokens=on_tokens if stream else None,
+        result = engine.generate(prompts, on_tokens=on_tokens if stream else None, on_start=echo,
                                  progress=not args.no_progress and sys.stderr.isatty())
-    except KeyboardInterrupt:
-        if stream:
+    except (KtjaxError, KeyboardInterrupt):
+        if echoed:
             sys.stdout.write(decoder.flush() + "\n")
+            sys.stdout.flush()
         raise
-    texts = [tokenizer.decode(ids) for ids in result.tokens]
+    texts = result.texts
     if args.json:
         one = len(prompts) == 1
         print(json.dumps({"completion": texts[0] if one else texts,

@@ -149,17 +149,18 @@ class TensorSource:
             self.close_shard(path)
 
 
-def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None) -> DeepseekModel:
+def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None,
+                  notes: list | None = None) -> DeepseekModel:
     """Build a DeepseekModel from a Hugging Face folder; parameters are cast to `dtype` (router: float32).
-    With a `mesh` of several devices each parameter goes straight to its sharded layout (ktjax/sharding.py's
-    rules) as it is built: no device ever holds the whole model."""
+    With a `mesh` (several devices) each parameter goes straight to its sharded layout (ktjax/sharding.py's
+    rules) as it is built: no device ever holds the whole model. Replication notes are appended to `notes`."""
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = state.to_pure_dict()
     shardings = None
-    if mesh is not None and mesh.size > 1:
+    if mesh is not None:
         from .sharding import param_shardings
-        shardings = param_shardings(cfg, target, mesh)
+        shardings = param_shardings(cfg, target, mesh, notes)
     # Owned reads (no memory map) and each parameter placed as soon as it is built: peak host memory stays
     # near the model's own size rather than a multiple of it.
     src = TensorSource(folder, owned=True)

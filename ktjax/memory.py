@@ -5,7 +5,7 @@ import resource
 
 import jax
 
-from .cache_format import CacheFormat, bytes_per_token
+from .kv.formats import CacheFormat
 from .config import ModelConfig
 
 HEADROOM = 0.9  # leave 10% of the budget for what the estimate misses (fragmentation, XLA scratch)
@@ -43,7 +43,45 @@ def max_cache_lens(cfg: ModelConfig, fmt: CacheFormat, batch: int, budget: int, 
                    act_bytes: int) -> int:
     """The longest per-sequence cache that fits `budget` after weights and activations (0 if none does)."""
     free = int(budget * HEADROOM) - weight_bytes - act_bytes
-    return max(free // (batch * bytes_per_token(fmt, cfg)), 0)
+    return max(free // (batch * fmt.bytes_per_token(cfg)), 0)
+
+
+def weight_bytes_on_load(folder: str, itemsize: int) -> int:
+    """What a model folder's weights take once loaded, from its headers alone (nothing read or allocated):
+    floating tensors at the compute dtype's width (a Hugging Face folder's FP8 weights are dequantized to it,
+    their block scales dropped), a converted checkpoint's int8 / int4 / FP8 tensors and scales as stored."""
+    import numpy as np
+
+    from .checkpoint import is_checkpoint, read_manifest
+
+    if is_checkpoint(folder):
+        total = 0
+        for key, t in read_manifest(folder)["tensors"].items():
+            dtype = np.dtype(t["dtype"])
+            stored = dtype.kind in "iu" or dtype.itemsize == 1 or key.endswith("_scale")  # int8, int4, FP8
+            width = dtype.itemsize if stored else itemsize
+            total += int(np.prod(t["shape"], dtype=np.int64)) * width
+        return total
+    from .safetensors_io import SafetensorsFile, list_shards
+
+    total = 0
+    for shard in sorted(set(list_shards(folder).values())):
+        with SafetensorsFile(shard) as f:
+            total += sum(int(np.prod(f.shape(n), dtype=np.int64)) * itemsize for n in f.keys()
+                         if not n.endswith("_scale_inv"))
+    return total
+
+
+def check_budget_holds_weights(folder: str, budget: int, itemsize: int, devices: int):
+    """Refuse, before anything is read, a memory budget (per device) smaller than the weights' share of one
+    device: a lower bound, since replicated parameters take their whole size on every device."""
+    weights = weight_bytes_on_load(folder, itemsize)
+    if weights / devices > budget:
+        from .errors import KtjaxError
+        per_device = f", {format_bytes(weights / devices)} per device over {devices}" if devices > 1 else ""
+        raise KtjaxError(f"memory budget {format_bytes(budget)} is smaller than the weights "
+                         f"({format_bytes(weights)}{per_device}); raise --memory-budget, use more devices (--mesh) "
+                         "or a narrower checkpoint (convert with --weights int8 or int4)")
 
 
 def peak_memory_bytes() -> int:

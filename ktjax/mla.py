@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import mla_decode, mla_prefill, naive_prefill
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, _init, apply_rope
 
@@ -61,38 +60,18 @@ class MLA(nnx.Module):
         o = attend(q_nope, q_pe, c_kv, k_pe, self.w_uk[...], self.w_uv[...], mask, self.cfg.softmax_scale)
         return self.o_proj(o.reshape(*x.shape[:-1], -1))
 
-    def attend_latents(self, x, cos, sin, *, absorb: bool, latent_attention, naive_attention):
-        """Attention of x [b,s,d] over cached latents, through one of two functions of the cache:
-        latent_attention(q_lat, q_pe) -> o_lat [b,s,h,R] (absorbed), or
-        naive_attention(q_nope, q_pe, w_uk, w_uv) -> o [b,s,h,d_v] (each key block expanded per head).
-        The caller decides where the cache lives (one device, or sharded along the sequence)."""
+    def attend_cache(self, x, cos, sin, cache, layer, q_positions, lengths, *, absorb: bool):
+        """Attention of x [b,s,d] at q_positions [b,s] over `layer` of a LatentCache (kv/cache.py), which
+        already holds x's own latents; keys [0, lengths[b]). The cache decides how and where it attends."""
         q_nope, q_pe = self.queries(x, cos, sin)
         w_uk, w_uv = self.w_uk[...], self.w_uv[...]
-        if not absorb:
-            o = naive_attention(q_nope, q_pe, w_uk, w_uv)
+        scale = self.cfg.softmax_scale
+        if absorb:
+            o_lat = cache.attend_latent(layer, absorb_query(q_nope, w_uk), q_pe, q_positions, lengths, scale=scale)
+            o = expand_output(o_lat.astype(x.dtype), w_uv)
         else:
-            q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
-            o_lat = latent_attention(q_lat, q_pe)
-            o = jnp.einsum("bshc,hdc->bshd", o_lat.astype(x.dtype), w_uv.astype(x.dtype))
+            o = cache.attend_naive(layer, q_nope, q_pe, w_uk, w_uv, q_positions, lengths, scale=scale)
         return self.o_proj(o.astype(x.dtype).reshape(*x.shape[:-1], -1))
-
-    def attend_cache(self, x, cos, sin, layer_cache, q_positions, lengths, *, absorb: bool, impl: str,
-                     fmt, block: int):
-        """Attention of x at q_positions [b,s] over one layer's cache on one device (which already holds x's
-        own latents), keys [0, lengths[b])."""
-        c_kv, scales, k_pe = layer_cache
-        kw = dict(fmt=fmt, scale=self.cfg.softmax_scale, block=block)
-
-        def latent_attention(q_lat, q_pe):
-            if x.shape[1] == 1:
-                return mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, impl=impl, **kw)[:, None]
-            return mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, impl=impl, **kw)
-
-        def naive_attention(q_nope, q_pe, w_uk, w_uv):
-            return naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, **kw)
-
-        return self.attend_latents(x, cos, sin, absorb=absorb, latent_attention=latent_attention,
-                                   naive_attention=naive_attention)
 
 
 def _softmax(scores, mask):
@@ -111,8 +90,18 @@ def naive_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
 
 def absorbed_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
     """Attend in latent space: q_lat = q_nope @ w_uk, o = (p @ c_kv) @ w_uv. No per-head K or V exists."""
-    q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+    q_lat = absorb_query(q_nope, w_uk)
     scores = jnp.einsum("bshc,btc->bsht", q_lat, c_kv) + jnp.einsum("bshr,btr->bsht", q_pe, k_pe)
     p = _softmax(scores * scale, mask)
     o_lat = jnp.einsum("bsht,btc->bshc", p.astype(c_kv.dtype), c_kv)
+    return expand_output(o_lat, w_uv)
+
+
+def absorb_query(q_nope, w_uk):
+    """q_lat [b,s,h,c] = q_nope [b,s,h,d] @ w_uk [h,d,c]: the key up-projection folded into the query."""
+    return jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+
+
+def expand_output(o_lat, w_uv):
+    """o [b,s,h,d_v] = o_lat [b,s,h,c] @ w_uv [h,d_v,c]: the value up-projection applied after attention."""
     return jnp.einsum("bshc,hdc->bshd", o_lat, w_uv.astype(o_lat.dtype))

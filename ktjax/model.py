@@ -4,16 +4,27 @@ Layers of one kind are stacked (leading axis = layer) so that a 61-layer model c
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import mla_prefill_xla, naive_prefill
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE
-from .sharding import attend_sharded, moe_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What a forward pass is specialised on (static under jax.jit)."""
+    absorb: bool                    # absorbed (latent-space) or naive attention for these queries
+    moe_impl: str = "auto"          # routed experts: auto, gather, ragged or blocked (moe.py)
+    dtype: Any = jnp.float32        # compute dtype
+    mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
+    expert_axis: str | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -24,13 +35,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if moe else
                     MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs))
 
-    def feed_forward(self, x, moe_impl: str):
+    def feed_forward(self, x, opts: RunOptions):
         h = self.post_attn_norm(x)
-        return x + (moe_forward(self.mlp, h, moe_impl) if isinstance(self.mlp, MoE) else self.mlp(h))
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, opts.moe_impl, opts.mesh, opts.expert_axis)
+        return x + self.mlp(h)
 
-    def __call__(self, x, cos, sin, mask, absorb: bool, moe_impl: str = "auto"):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, absorb)
-        return self.feed_forward(x, moe_impl)
+    def __call__(self, x, cos, sin, mask, opts: RunOptions):
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb)
+        return self.feed_forward(x, opts)
 
 
 def make_stack(cfg: ModelConfig, moe: bool, n: int, *, dtype, rngs: nnx.Rngs) -> DecoderLayer | None:
@@ -73,28 +86,6 @@ def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step
     return jax.lax.scan(body, carry, (state, first_layer + jnp.arange(n)))[0]
 
 
-def attend_sharded_cache(attn, x, cos, sin, cache, index, q_positions, lengths, *, absorb: bool, block: int):
-    """MLA.attend_cache over a sequence-sharded cache: each device attends all heads to its own tokens and the
-    results merge by log-sum-exp (ktjax/sharding.py). Uses the XLA attention, the one that returns the
-    log-sum-exp a merge needs."""
-    kw = dict(fmt=cache.fmt, scale=attn.cfg.softmax_scale, block=block, with_lse=True)
-    buffers = (cache.c_kv, cache.scales, cache.k_pe)
-
-    def latent_attention(q_lat, q_pe):
-        def partial(queries, _, layer_cache, pos, lens):
-            return mla_prefill_xla(*queries, *layer_cache, pos, lens, **kw)
-        return attend_sharded(cache.layout, partial, (q_lat, q_pe), (), buffers, index, q_positions, lengths)
-
-    def naive_attention(q_nope, q_pe, w_uk, w_uv):
-        def partial(queries, weights, layer_cache, pos, lens):
-            return naive_prefill(*queries, *layer_cache, pos, lens, *weights, **kw)
-        return attend_sharded(cache.layout, partial, (q_nope, q_pe), (w_uk, w_uv), buffers, index, q_positions,
-                              lengths)
-
-    return attn.attend_latents(x, cos, sin, absorb=absorb, latent_attention=latent_attention,
-                               naive_attention=naive_attention)
-
-
 class DeepseekModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -112,7 +103,7 @@ class DeepseekModel(nnx.Module):
         x = self.norm(x)
         return x @ self.embed[...].T.astype(x.dtype) if self.lm_head is None else self.lm_head(x)
 
-    def __call__(self, tokens, *, absorb: bool, moe_impl: str = "auto", dtype=jnp.float32):
+    def __call__(self, tokens, opts: RunOptions):
         """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32."""
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s), (b, s))
@@ -120,15 +111,14 @@ class DeepseekModel(nnx.Module):
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), jnp.bool_)), (b, s, s))
 
         def step(layer, h):
-            return layer(h, cos, sin, mask, absorb, moe_impl)
+            return layer(h, cos, sin, mask, opts)
 
-        x = self.embed_tokens(tokens, dtype)
+        x = self.embed_tokens(tokens, opts.dtype)
         x = scan_layers(self.dense_layers, x, step)
         x = scan_layers(self.moe_layers, x, step)
         return self.head(x).astype(jnp.float32)
 
-    def forward_cached(self, tokens, positions, cache, lengths, logits_index, *, absorb: bool, attention: str,
-                       moe_impl: str, dtype, block: int):
+    def forward_cached(self, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
         """One prefill chunk or decode step through the cache.
 
         tokens/positions [b, s]: the new tokens and their positions (>= cache_lens for padding, whose writes
@@ -143,15 +133,10 @@ class DeepseekModel(nnx.Module):
             h = layer.input_norm(x)
             c_kv, k_pe = layer.attn.latents(h, cos, sin)
             cache = cache.write(index, positions, c_kv, k_pe)
-            if cache.layout is None:
-                x = x + layer.attn.attend_cache(h, cos, sin, cache.layer(index), positions, lengths, absorb=absorb,
-                                                impl=attention, fmt=cache.fmt, block=block)
-            else:
-                x = x + attend_sharded_cache(layer.attn, h, cos, sin, cache, index, positions, lengths,
-                                             absorb=absorb, block=block)
-            return layer.feed_forward(x, moe_impl), cache
+            x = x + layer.attn.attend_cache(h, cos, sin, cache, index, positions, lengths, absorb=opts.absorb)
+            return layer.feed_forward(x, opts), cache
 
-        carry = (self.embed_tokens(tokens, dtype), cache)
+        carry = (self.embed_tokens(tokens, opts.dtype), cache)
         carry = scan_layers_cached(self.dense_layers, 0, carry, step)
         x, cache = scan_layers_cached(self.moe_layers, self.cfg.num_dense_layers, carry, step)
         if logits_index is not None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
 from . import weight_quant
 from .layers import MLP, _init
 from .runtime import MOE_IMPLS
-
 
 
 def route(cfg: ModelConfig, logits, bias=None):
@@ -65,17 +65,36 @@ class MoE(nnx.Module):
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
-    def __call__(self, x, impl: str = "auto", run_experts=None):
-        """`run_experts` (default routed_experts, same signature) runs the routed part: ktjax.sharding passes
-        an expert-parallel one."""
+    def __call__(self, x, impl: str = "auto", mesh=None, expert_axis: str | None = None):
+        """x [..., d] -> [..., d]. With `expert_axis` (a mesh axis that splits the expert stacks; see
+        ktjax/sharding.py expert_axis) the routed experts run expert-parallel."""
         flat = x.reshape(-1, x.shape[-1])
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        y = (run_experts or routed_experts)(flat, weights, idx, experts,
-                                            pick_impl(impl, *idx.shape, self.cfg.n_routed_experts))
+        impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts)
+        if expert_axis is None:
+            y = routed_experts(flat, weights, idx, experts, impl)
+        else:
+            y = expert_parallel(mesh, expert_axis, flat, weights, idx, experts, impl)
         y = y.reshape(x.shape)
         return y if self.shared is None else y + self.shared(x)
+
+
+def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str):
+    """routed_experts with the expert stacks split over mesh axis `axis`: every device routes all tokens (the
+    router is replicated), runs only the assignments to its own experts (the others weigh 0), and a psum adds
+    the devices' outputs. Indexing a sharded expert stack in plain jit would make the partitioner gather it."""
+    def local(flat, weights, idx, experts):
+        n_local = experts[0].shape[0]
+        first = jax.lax.axis_index(axis) * n_local
+        mine = (idx >= first) & (idx < first + n_local)
+        y = routed_experts(flat, jnp.where(mine, weights, 0.0), jnp.where(mine, idx - first, 0), experts, impl)
+        return jax.lax.psum(y, axis)
+
+    stacks = P(axis)  # a prefix: a QuantizedArray's values and scales split alike
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (stacks,) * 3), out_specs=P(),
+                         check_vma=False)(flat, weights, idx, experts)
 
 
 def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:

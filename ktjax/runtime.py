@@ -1,116 +1,237 @@
 """Runtime settings: how to run a model, not what the model is.
 
-One flat table of keys, shared by `ktjax.load(path, **overrides)`, YAML presets (configs/*.yaml) and the
-CLI flags of `python -m ktjax.generate` (a key `cache_dtype` is the flag `--cache-dtype`). SETTINGS is the
-single place where every key is documented; README.md's table is generated from the same text.
+One table, SETTINGS, defines every key once: its default, its help text, its choices and the one function
+that validates and normalises a value. `ktjax.load(path, **settings)`, YAML presets (configs/*.yaml) and the
+CLI flags of `python -m ktjax.generate` (key `cache_dtype` = flag `--cache-dtype`) all pass their values
+through it, so they accept exactly the same values and aliases; README.md's settings table is generated
+from it (benchmarks/settings_table.py; a test compares).
+
+Load-time settings (RuntimeConfig) shape the compiled programs and the memory plan; per-call settings
+(CallSettings: sampling, lengths, seed, stop handling) change from one `Engine.generate` call to the next
+without recompiling. This module imports no JAX, so the CLI checks its flags before JAX starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+from typing import Any, Callable
 
 from .errors import KtjaxError
+from .kv import formats as cache_formats
 
-# This module imports no JAX, so the CLI can check its flags before JAX starts.
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-CACHE_DTYPES = ("float32", "bf16", "fp8", "int8", "int4")
-CACHE_DTYPE_ALIASES = {"bfloat16": "bf16", "fp32": "float32", "float8": "fp8", "e4m3": "fp8"}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
-_BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False}
+_BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+MAX_INT32 = 2**31 - 1
 
-# key: (default, help). The CLI and README are built from this table.
-SETTINGS = {
-    "dtype": ("float32", "compute dtype: float32 or bfloat16 (weights are cast to it at load; the router stays "
-                         "float32)"),
-    "cache_dtype": ("bf16", "latent cache format: float32, bf16, fp8, int8 or int4 (DESIGN.md section 2)"),
-    "cache_lens": (None, "cache capacity per sequence in tokens: a number, `auto` (the largest that fits "
-                         "memory_budget) or unset (just what the prompt plus max_new_tokens need); rounded up "
-                         "to the attention block"),
-    "memory_budget": (None, "memory for weights + cache + activations, e.g. 20GB or 512MiB; default: free "
-                            "device memory on a GPU, available RAM on a CPU"),
-    "chunk_size": (512, "prefill chunk length in tokens: memory and compile count stay bounded at any prompt "
-                        "length"),
-    "absorb_for_prefill": ("auto", "true: attend in latent space; false: expand per-head K/V blockwise; auto: "
-                                   "the one with less arithmetic for the chunk, within memory"),
-    "attention": ("auto", "auto, xla or pallas (auto = pallas on a GPU, xla elsewhere; pallas on a CPU runs "
-                          "the kernels in interpret mode, slowly)"),
-    "moe_impl": ("auto", "routed experts: auto, gather, ragged or blocked (see benchmarks/RESULTS.md)"),
-    "max_new_tokens": (128, "tokens to generate per prompt"),
-    "temperature": (None, "0 = greedy; default from generation_config.json, else 0"),
-    "top_k": (None, "sample among the k most likely tokens (0 = off); default from generation_config.json"),
-    "top_p": (None, "nucleus sampling threshold (1 = off); default from generation_config.json"),
-    "seed": (0, "random seed for sampling; the same seed gives the same tokens"),
-    "ignore_eos": (False, "keep generating past end-of-sequence tokens (for benchmarks)"),
-    "truncate_left": (False, "drop the oldest prompt tokens when prompt + max_new_tokens exceed the cache, "
-                             "instead of refusing"),
-    "mesh": (None, "devices to shard over: N (N devices on one axis: heads, experts, MLP, vocabulary and the "
-                   "cache's sequence) or AxB (A over the batch x B as with N); default: all local devices on one "
-                   "axis"),
+
+# ---- value parsers: (key, raw value) -> canonical value, or one KtjaxError that names the key --------------
+
+def _fail(key, value, what):
+    raise KtjaxError(f"{key}={value!r}: {what}")
+
+
+def _int(key, value, lo: int = 1, hi: int = MAX_INT32) -> int:
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        n = int(value)
+    if n is None or not lo <= n <= hi:
+        _fail(key, value, f"must be a whole number from {lo} to {hi}")
+    return n
+
+
+def _float(key, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    x = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            pass
+    ok = x is not None and math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi
+    if not ok:
+        _fail(key, value, f"must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+    return x
+
+
+def _choice(options: dict | tuple):
+    table = options if isinstance(options, dict) else {o: o for o in options}
+
+    def parse(key, value):
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text not in table:
+            _fail(key, value, f"one of {', '.join(dict.fromkeys(table.values()))}")
+        return table[text]
+    return parse
+
+
+def _bool(key, value, auto: bool = False):
+    v = value.strip().lower() if isinstance(value, str) else value
+    if auto and v == "auto":
+        return "auto"
+    if isinstance(v, float) or v not in _BOOL:
+        _fail(key, value, "must be true or false" + (" or auto" if auto else ""))
+    return _BOOL[v]
+
+
+def _cache_lens(key, value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _int(key, value, 1, 2**40)
+
+
+def _cache_format(key, value):
+    try:
+        return cache_formats.resolve(value)
+    except KtjaxError as e:
+        raise KtjaxError(f"{key}={value!r}: {e}") from None
+
+
+def parse_mesh(spec) -> tuple[int, ...] | None:
+    """'8' -> (8,), '2x4' -> (2, 4), None or 'auto' -> None (all local devices on one axis)."""
+    if isinstance(spec, tuple):
+        spec = "x".join(map(str, spec))
+    if spec is None or str(spec).strip().lower() in ("", "auto", "none"):
+        return None
+    text = str(spec).strip().lower()
+    if isinstance(spec, bool) or not re.fullmatch(r"[1-9][0-9]{0,5}(x[1-9][0-9]{0,5})?", text):
+        raise KtjaxError(f"mesh={spec!r} is not understood; write N (N devices on one axis) or AxB "
+                         "(A devices over the batch x B over the model and the cache's sequence)")
+    return tuple(int(n) for n in text.split("x"))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+MAX_BYTES = 2**60
+
+
+def parse_bytes(value) -> int:
+    """'20GB' -> 20e9, '512MiB' -> 512 * 2**20, 1e9 -> 1e9."""
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    try:
+        n = float(num) if not isinstance(value, bool) else -1.0
+    except ValueError:
+        n = -1.0
+    if unit not in _UNITS or not math.isfinite(n) or not 0 < n * _UNITS[unit] <= MAX_BYTES:
+        raise KtjaxError(f"memory size {value!r} is not understood; write it like 20GB, 512MiB or 1e9 "
+                         "(positive, at most an exbibyte)")
+    return int(n * _UNITS[unit])
+
+
+def _optional(parse: Callable) -> Callable:
+    return lambda key, value: None if value is None else parse(key, value)
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    default: Any
+    help: str
+    parse: Callable[[str, Any], Any]
+    choices: tuple = ()       # canonical values, for --help and README
+    per_call: bool = False    # changes per Engine.generate call (no recompilation), not per loaded engine
+    switch: bool = False      # a CLI flag without a value (--ignore-eos)
+
+
+SETTINGS: dict[str, Setting] = {
+    "dtype": Setting("float32", "compute dtype (weights are cast to it at load; the router stays float32); "
+                                "aliases fp32, bf16", _choice(DTYPES), ("float32", "bfloat16")),
+    "cache_dtype": Setting("bf16", "latent cache format (docs/design.md, 'Cache formats'); aliases "
+                                   + ", ".join(f"{a}={b}" for a, b in cache_formats.ALIASES.items()),
+                           _cache_format, cache_formats.NAMES),
+    "cache_lens": Setting(None, "cache capacity per sequence in tokens: a number, `auto` (the largest that fits "
+                                "memory_budget) or unset (what the prompt plus max_new_tokens need); rounded up "
+                                "to the attention block", _optional(_cache_lens)),
+    "memory_budget": Setting(None, "memory for weights + cache + activations, e.g. 20GB or 512MiB; unset: free "
+                                   "device memory on a GPU, available RAM on a CPU",
+                             _optional(lambda k, v: parse_bytes(v))),
+    "chunk_size": Setting(512, "longest prefill chunk in tokens (a short prompt runs as one chunk of its own "
+                               "power-of-two length): memory and compile count stay bounded at any length",
+                          lambda k, v: _int(k, v, 1, 2**20)),
+    "absorb_for_prefill": Setting("auto", "true: attend in latent space; false: expand per-head K/V blockwise; "
+                                          "auto: the one with less arithmetic for the chunk",
+                                  lambda k, v: _bool(k, v, auto=True), ("true", "false", "auto")),
+    "attention": Setting("auto", "attention over the cache: auto = pallas on a GPU, xla elsewhere (pallas on a "
+                                 "CPU runs the kernels in interpret mode, slowly; a sequence-sharded cache "
+                                 "always runs xla)", _choice(ATTENTION_IMPLS), ATTENTION_IMPLS),
+    "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
+                                "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
+    "mesh": Setting(None, "devices to shard over: N (one axis: heads, experts, MLP, vocabulary and the cache's "
+                          "sequence) or AxB (A over the batch x B as with N); unset: all local devices",
+                    lambda k, v: parse_mesh(v)),
+    "max_new_tokens": Setting(128, "tokens to generate per prompt", lambda k, v: _int(k, v, 1, 2**30),
+                              per_call=True),
+    "temperature": Setting(None, "0 = greedy; unset: generation_config.json's, else 0",
+                           _optional(lambda k, v: _float(k, v, 0.0, 1e6)), per_call=True),
+    "top_k": Setting(None, "sample among the k most likely tokens (0 = off); unset: generation_config.json's",
+                     _optional(lambda k, v: _int(k, v, 0)), per_call=True),
+    "top_p": Setting(None, "nucleus sampling threshold (1 = off); unset: generation_config.json's",
+                     _optional(lambda k, v: _float(k, v, 0.0, 1.0, lo_open=True)), per_call=True),
+    "seed": Setting(0, "random seed for sampling; the same seed gives the same tokens",
+                    lambda k, v: _int(k, v, 0, 2**32 - 1), per_call=True),
+    "ignore_eos": Setting(False, "keep generating past end-of-sequence tokens (for benchmarks)", _bool,
+                          per_call=True, switch=True),
+    "truncate_left": Setting(False, "drop the oldest prompt tokens when prompt + max_new_tokens exceed the cache "
+                                    "or the model's window, instead of refusing", _bool, per_call=True,
+                             switch=True),
 }
+LOAD_KEYS = tuple(k for k, s in SETTINGS.items() if not s.per_call)
+CALL_KEYS = tuple(k for k, s in SETTINGS.items() if s.per_call)
+
+
+def _validated(cls, base, keys: tuple, values: dict):
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise KtjaxError(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    misplaced = sorted(set(values) - set(keys))
+    if misplaced:
+        where = ("a per-call setting: pass it to Engine.generate" if cls is RuntimeConfig else
+                 "a load-time setting: pass it to ktjax.load")
+        raise KtjaxError(f"{', '.join(misplaced)}: {where}")
+    # None keeps the base value of a setting whose default is not None (a CLI flag left unset).
+    values = {k: v for k, v in values.items() if v is not None or SETTINGS[k].default is None}
+    out = base or cls()
+    return dataclasses.replace(out, **{k: SETTINGS[k].parse(k, v) for k, v in values.items()})
+
+
+def _default(key):
+    setting = SETTINGS[key]
+    return None if setting.default is None else setting.parse(key, setting.default)
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-    dtype: str = SETTINGS["dtype"][0]
-    cache_dtype: str = SETTINGS["cache_dtype"][0]
-    cache_lens: int | str | None = SETTINGS["cache_lens"][0]
-    memory_budget: str | int | None = SETTINGS["memory_budget"][0]
-    chunk_size: int = SETTINGS["chunk_size"][0]
-    absorb_for_prefill: bool | str = SETTINGS["absorb_for_prefill"][0]
-    attention: str = SETTINGS["attention"][0]
-    moe_impl: str = SETTINGS["moe_impl"][0]
-    max_new_tokens: int = SETTINGS["max_new_tokens"][0]
-    temperature: float | None = SETTINGS["temperature"][0]
-    top_k: int | None = SETTINGS["top_k"][0]
-    top_p: float | None = SETTINGS["top_p"][0]
-    seed: int = SETTINGS["seed"][0]
-    ignore_eos: bool = SETTINGS["ignore_eos"][0]
-    truncate_left: bool = SETTINGS["truncate_left"][0]
-    mesh: str | None = SETTINGS["mesh"][0]
+    """Load-time settings, validated: dtype a name, cache_dtype a CacheFormat, mesh a shape tuple or None,
+    memory_budget bytes or None."""
+    dtype: str = _default("dtype")
+    cache_dtype: cache_formats.CacheFormat = _default("cache_dtype")
+    cache_lens: int | str | None = _default("cache_lens")
+    memory_budget: int | None = _default("memory_budget")
+    chunk_size: int = _default("chunk_size")
+    absorb_for_prefill: bool | str = _default("absorb_for_prefill")
+    attention: str = _default("attention")
+    moe_impl: str = _default("moe_impl")
+    mesh: tuple[int, ...] | None = _default("mesh")
 
     @classmethod
-    def from_overrides(cls, base: "RuntimeConfig | None" = None, **overrides) -> "RuntimeConfig":
-        unknown = sorted(set(overrides) - set(SETTINGS))
-        if unknown:
-            raise KtjaxError(f"unknown runtime setting(s) {unknown}; known: {sorted(SETTINGS)}")
-        overrides = {k: v for k, v in overrides.items() if v is not None or SETTINGS[k][0] is None}
-        rc = dataclasses.replace(base or cls(), **overrides)
-        return rc.validated()
-
-    def validated(self) -> "RuntimeConfig":
-        if self.dtype not in DTYPES:
-            raise KtjaxError(f"dtype={self.dtype!r} is not supported; one of {sorted(DTYPES)}")
-        cache_dtype = cache_dtype_name(self.cache_dtype)
-        absorb = _as_bool_or_auto("absorb_for_prefill", self.absorb_for_prefill)
-        if self.attention not in ATTENTION_IMPLS:
-            raise KtjaxError(f"attention={self.attention!r} is not supported; one of {ATTENTION_IMPLS}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise KtjaxError(f"moe_impl={self.moe_impl!r} is not supported; one of {MOE_IMPLS}")
-        cache_lens = self.cache_lens
-        if cache_lens is not None and cache_lens != "auto":
-            cache_lens = _positive_int("cache_lens", cache_lens, "a positive number of tokens or auto")
-        budget = None if self.memory_budget is None else parse_bytes(self.memory_budget)
-        if self.temperature is not None and float(self.temperature) < 0:
-            raise KtjaxError(f"temperature={self.temperature} must be >= 0")
-        if self.top_p is not None and not 0 < float(self.top_p) <= 1:
-            raise KtjaxError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k is not None and int(self.top_k) < 0:
-            raise KtjaxError(f"top_k={self.top_k} must be >= 0")
-        shape = parse_mesh(self.mesh)
-        return dataclasses.replace(
-            self, mesh=None if shape is None else "x".join(map(str, shape)), cache_dtype=cache_dtype,
-            absorb_for_prefill=absorb, cache_lens=cache_lens, memory_budget=budget,
-            chunk_size=_positive_int("chunk_size", self.chunk_size),
-            max_new_tokens=_positive_int("max_new_tokens", self.max_new_tokens),
-            ignore_eos=_as_bool_or_auto("ignore_eos", self.ignore_eos, auto=False),
-            truncate_left=_as_bool_or_auto("truncate_left", self.truncate_left, auto=False))
+    def from_overrides(cls, base: "RuntimeConfig | None" = None, **values) -> "RuntimeConfig":
+        return _validated(cls, base, LOAD_KEYS, values)
 
     @property
     def jnp_dtype(self):
         import jax.numpy as jnp
-        return jnp.dtype(DTYPES[self.dtype])
+        return jnp.dtype(self.dtype)
 
     def absorb(self, cfg, q_len: int) -> bool:
         """Absorbed or naive attention for q_len queries. Per query and key, absorbed costs ~(2R + r) flops per
@@ -124,79 +245,71 @@ class RuntimeConfig:
         return absorbed <= naive
 
 
-def parse_mesh(spec) -> tuple[int, ...] | None:
-    """'8' -> (8,), '2x4' -> (2, 4), None or 'auto' -> None (all local devices on one axis)."""
-    if spec is None or str(spec).strip().lower() in ("", "auto", "none"):
-        return None
-    text = str(spec).strip().lower()
-    if not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)?", text):
-        raise KtjaxError(f"mesh={spec!r} is not understood; write N (N devices on one axis) or AxB "
-                         "(A devices over the batch x B over the model and the cache's sequence)")
-    return tuple(int(n) for n in text.split("x"))
+@dataclasses.dataclass(frozen=True)
+class CallSettings:
+    """Per-call settings of Engine.generate, validated (values traced into the compiled programs)."""
+    max_new_tokens: int = _default("max_new_tokens")
+    temperature: float | None = _default("temperature")
+    top_k: int | None = _default("top_k")
+    top_p: float | None = _default("top_p")
+    seed: int = _default("seed")
+    ignore_eos: bool = _default("ignore_eos")
+    truncate_left: bool = _default("truncate_left")
+
+    @classmethod
+    def from_overrides(cls, base: "CallSettings | None" = None, **values) -> "CallSettings":
+        return _validated(cls, base, CALL_KEYS, values)
 
 
-def cache_dtype_name(name) -> str:
-    key = CACHE_DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in CACHE_DTYPES:
-        raise KtjaxError(f"unknown cache dtype {name!r}; one of {', '.join(CACHE_DTYPES)}")
-    return key
+def resolve(**values) -> tuple[RuntimeConfig, CallSettings]:
+    """Any mix of settings -> (load-time, per-call), each value checked by its one parser."""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise KtjaxError(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    load = {k: v for k, v in values.items() if k in LOAD_KEYS}
+    call = {k: v for k, v in values.items() if k in CALL_KEYS}
+    return RuntimeConfig.from_overrides(**load), CallSettings.from_overrides(**call)
 
 
-def _positive_int(key, value, what="a positive integer"):
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or (isinstance(value, float) and value != n):
-        raise KtjaxError(f"{key}={value!r} must be {what}")
-    return n
-
-
-def _as_bool_or_auto(key, value, auto=True):
-    v = value.lower() if isinstance(value, str) else value
-    if auto and v == "auto":
-        return "auto"
-    if v not in _BOOL:
-        raise KtjaxError(f"{key}={value!r} must be true or false" + (" or auto" if auto else ""))
-    return _BOOL[v]
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
-
-
-def parse_bytes(value) -> int:
-    """'20GB' -> 20e9, '512MiB' -> 512 * 2**20, 1e9 -> 1e9."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    text = str(value).strip().lower().replace(" ", "")
-    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(num):]
-    try:
-        n = float(num)
-    except ValueError:
-        n = -1
-    if unit not in _UNITS or n <= 0:
-        raise KtjaxError(f"memory size {value!r} is not understood; write it like 20GB, 512MiB or 1e9")
-    return int(n * _UNITS[unit])
+def describe(value) -> str:
+    """A setting's value as a user writes it (stats, help, README)."""
+    if isinstance(value, cache_formats.CacheFormat):
+        return value.name
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "unset" if value is None else str(value)
 
 
 def load_yaml(path: str) -> dict:
-    """A YAML preset: runtime keys plus optional `model`. Unknown keys are an error that names them."""
+    """A YAML preset: setting keys plus optional `model`, validated here. Unknown keys are an error that
+    names them."""
     import yaml
 
+    if os.path.isdir(path):
+        raise KtjaxError(f"{path}: a folder, not a YAML config file")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
     except FileNotFoundError:
         raise KtjaxError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KtjaxError(f"{path}: cannot read ({e})") from None
     except yaml.YAMLError as e:
         raise KtjaxError(f"{path}: not valid YAML ({e})") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise KtjaxError(f"{path}: expected a mapping of settings")
-    unknown = sorted(set(data) - set(SETTINGS) - {"model"})
+    unknown = sorted(set(map(str, data)) - set(SETTINGS) - {"model"})
     if unknown:
-        raise KtjaxError(f"{path}: unknown setting(s) {unknown}; known: model, {', '.join(sorted(SETTINGS))}")
-    if "model" in data and data["model"] is not None:
-        data["model"] = os.path.expanduser(str(data["model"]))
+        raise KtjaxError(f"{path}: unknown setting(s) {unknown}; known: model, {', '.join(SETTINGS)}")
+    try:
+        resolve(**{k: v for k, v in data.items() if k != "model"})
+    except KtjaxError as e:
+        raise KtjaxError(f"{path}: {e}") from None
+    if data.get("model") is not None:
+        if not isinstance(data["model"], str):
+            raise KtjaxError(f"{path}: model must be a folder path")
+        data["model"] = os.path.expanduser(data["model"])
     return data

@@ -159,6 +159,8 @@ def fit(model, tok, corpus_ids: np.ndarray, args):
     import optax
     from flax import nnx
 
+    from .model import RunOptions
+
     graphdef, params = nnx.split(model)
     print(f"model: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M parameters", flush=True)
     # The learning rate is set from the host at each step (one compiled step serves the whole schedule).
@@ -167,7 +169,7 @@ def fit(model, tok, corpus_ids: np.ndarray, args):
     opt_state = opt.init(params)
 
     def forward(p, tokens):
-        return nnx.merge(graphdef, p)(tokens, absorb=False, moe_impl="ragged")
+        return nnx.merge(graphdef, p)(tokens, RunOptions(absorb=False, moe_impl="ragged"))
 
     def loss_fn(p, tokens, weights):
         nll = optax.softmax_cross_entropy_with_integer_labels(forward(p, tokens[:, :-1]), tokens[:, 1:])

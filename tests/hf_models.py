@@ -11,7 +11,7 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 
 _COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=20,
-               qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10, max_position_embeddings=64,
+               qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10, max_position_embeddings=512,
                initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
 
 # Each config covers the combinations the model issue names.

@@ -49,7 +49,7 @@ for weights in ("int8", "int4"):
     report[f"{weights}_w_gate_shard_shapes"] = [shard_shapes(w.values), shard_shapes(w.scale)]
     report[f"{weights}_w_gate_shapes"] = [list(w.values.shape), list(w.scale.shape)]
 # The Hugging Face loader itself returns sharded parameters (not only the Engine after placing them).
-hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh("8"))
+hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh((8,)))
 report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])
 report["hf_logits_error"] = rel_err(ktjax.load(hf, mesh="8").logits(ids), one)
 with open(out, "w") as f:

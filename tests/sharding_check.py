@@ -34,7 +34,7 @@ def collectives(hlo_text):
 
 def shard_report(engine, batch):
     """Each cache array's total bytes and its shards' bytes and sequence ranges, read from the shards."""
-    cache = engine.new_cache(batch, CACHE_LENS)
+    cache = engine.new_cache(batch, engine.plan_cache(batch, CACHE_LENS))
     out = {}
     for name in ("c_kv", "scales", "k_pe"):
         leaf = getattr(cache, name)
@@ -58,7 +58,7 @@ def run_mesh(folder, mesh, ids, prompts, formats):
         result[f"stats_{fmt}"] = {k: gen.stats[k] for k in ("devices", "mesh", "cache_bytes", "cache_lens",
                                                              "cache_bytes_per_device", "sharding_notes")}
         if fmt == "int8":
-            (_, decode), = engine._compiled.values()
+            decode, = [program for key, program in engine._compiled.items() if key[0] == "decode"]
             result["decode_collectives"] = collectives(decode.as_text())
         if mesh == "8" and fmt == "int8":
             result["shards"] = shard_report(engine, len(prompts))

@@ -3,12 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax.attention import mla_decode_xla, mla_prefill_xla, naive_prefill
-from ktjax.cache import LatentCache, cache_bytes, plan_cache_lens
-from ktjax.cache_format import (FORMATS, bytes_per_token, bytes_per_token_per_layer, dequantize, get_format,
-                                numpy_quantize_reference, quantize)
+from references import quantize_round_trip
+
 from ktjax.config import ModelConfig
 from ktjax.errors import KtjaxError
+from ktjax.kv.attention import mla_decode_xla, mla_prefill_xla, naive_prefill
+from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
+from ktjax.kv.formats import FORMATS, resolve
+from ktjax.kv.quant import dequantize, quantize
 
 # Per-row relative L2 error of a round trip on Gaussian rows, (mean, max) over rows. Measured (seed 1234):
 # bf16 0.0017/0.0026, fp8 0.026/0.034, int8 0.0064/0.0089, int4 0.107/0.154. int4's ~10% is the floor of a
@@ -32,7 +34,7 @@ def test_round_trip_matches_numpy_reference(rng, name, rank):
     if fmt.quantized:
         assert scales.shape[-1] == -(-rank // fmt.group)
     got = np.asarray(dequantize(fmt, stored, scales, rank))
-    ref = numpy_quantize_reference(name, x)
+    ref = quantize_round_trip(name, x)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(x).max())
     err = _row_rel_err(x, got)
     mean_bound, max_bound = ROUND_TRIP_BOUND[name]
@@ -48,7 +50,7 @@ def test_int4_packs_two_halves(rng):
 
 
 def _attention_inputs(rng, fmt_name, b=3, s=5, h=4, rank=20, rope=8, cache_lens=48):
-    fmt = get_format(fmt_name)
+    fmt = resolve(fmt_name)
     c_kv = rng.normal(size=(b, cache_lens, rank)).astype(np.float32)
     k_pe = rng.normal(size=(b, cache_lens, rope)).astype(np.float32)
     stored, scales = quantize(fmt, jnp.asarray(c_kv))
@@ -120,10 +122,10 @@ V3_DIMS = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidde
 
 
 def test_bytes_per_token_match_design_table():
-    per_layer = {n: bytes_per_token_per_layer(FORMATS[n], 512, 64) for n in FORMATS}
+    per_layer = {n: FORMATS[n].bytes_per_token_per_layer(512, 64) for n in FORMATS}
     assert per_layer == {"float32": 2304, "bf16": 1152, "fp8": 656, "int8": 656, "int4": 416}
     cfg = ModelConfig.from_hf_dict(V3_DIMS)
-    assert bytes_per_token(FORMATS["bf16"], cfg) / bytes_per_token(FORMATS["int4"], cfg) >= 2.5
+    assert FORMATS["bf16"].bytes_per_token(cfg) / FORMATS["int4"].bytes_per_token(cfg) >= 2.5
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -131,8 +133,8 @@ def test_cache_arrays_hold_exactly_the_formula(name):
     from hf_models import CONFIGS
 
     cfg = ModelConfig.from_hf_dict(dict(CONFIGS["v3"][1], architectures=["DeepseekV3ForCausalLM"]))
-    cache = LatentCache.create(cfg, name, batch=3, cache_lens=64)
-    assert cache.nbytes == cache_bytes(cfg, name, 3, 64) == 3 * 64 * bytes_per_token(FORMATS[name], cfg)
+    cache = LatentCache.create(cfg, FORMATS[name], batch=3, cache_lens=64, block=16)
+    assert cache.nbytes == cache_bytes(cfg, FORMATS[name], 3, 64) == 3 * 64 * FORMATS[name].bytes_per_token(cfg)
 
 
 def test_cache_lens_rounding_and_unknown_format():
@@ -140,4 +142,22 @@ def test_cache_lens_rounding_and_unknown_format():
     assert plan_cache_lens(100) == (112, 112)
     assert plan_cache_lens(513) == (1024, 512)
     with pytest.raises(KtjaxError, match="int3"):
-        get_format("int3")
+        resolve("int3")
+
+
+@pytest.mark.parametrize("name", ["bf16", "int4"])
+def test_stacked_cache_with_a_layer_index_equals_that_layer(rng, name):
+    """Attention reads key blocks straight out of the stacked cache [L, b, T, ...] (no copy of a layer)."""
+    layers = [_attention_inputs(rng, name) for _ in range(3)]
+    fmt = layers[0][0]
+    def stacked(i, dtype=None):
+        return None if layers[0][i] is None else jnp.stack([jnp.asarray(inputs[i], dtype) for inputs in layers])
+
+    stack = [stacked(3), stacked(4), stacked(2, fmt.k_pe_dtype)]  # stored c_kv, scales, k_pe
+    _, _, _, _, _, q_lat, q_pe, lengths, q_pos = layers[1]
+    args = (jnp.asarray(q_lat), jnp.asarray(q_pe))
+    kw = dict(fmt=fmt, scale=0.3, block=16)
+    one = mla_prefill_xla(*args, *(x[1] if x is not None else None for x in stack), jnp.asarray(q_pos),
+                          jnp.asarray(lengths), **kw)
+    stacked = mla_prefill_xla(*args, *stack, jnp.asarray(q_pos), jnp.asarray(lengths), layer=jnp.int32(1), **kw)
+    np.testing.assert_array_equal(np.asarray(stacked), np.asarray(one))

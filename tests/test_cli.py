@@ -92,7 +92,7 @@ def test_yaml_preset_and_flags_win(capsys, model_dir, tmp_path):
 
 
 def test_shipped_presets_are_valid():
-    from ktjax.runtime import RuntimeConfig, load_yaml
+    from ktjax.runtime import load_yaml, resolve
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     names = sorted(os.listdir(root))
@@ -100,17 +100,17 @@ def test_shipped_presets_are_valid():
     for name in names:
         settings = load_yaml(os.path.join(root, name))
         settings.pop("model", None)
-        RuntimeConfig.from_overrides(**settings)
+        resolve(**settings)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--cache-dtype", "int3"], "invalid choice: 'int3'"),
+    (["--cache-dtype", "int3"], "cache_dtype='int3'"),
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "prompt.txt"),
     (["--memory-budget", "lots"], "memory size 'lots'"),
     (["--temperature", "-1"], "temperature"),
     (["--cache-lens", "zero"], "cache_lens='zero'"),
-    (["--chunk-size", "0"], "chunk_size=0"),
+    (["--chunk-size", "0"], "chunk_size='0'"),
 ])
 def test_bad_input_exits_2_with_one_message(capsys, argv, message):
     rc, out, err = _run(capsys, argv)

@@ -68,7 +68,7 @@ def test_stop_tokens_from_generation_config(hf_folder, rng):
     free = engine.generate([prompt]).tokens[0]
     stop = free[3]
     first = free.index(stop)
-    engine.generation_defaults["eos_token_ids"] = [stop, 96]
+    engine.generation_config["eos_token_ids"] = [stop, 96]
     stopped = engine.generate([prompt], ignore_eos=False).tokens[0]
     assert stopped == free[:first + 1]
 
@@ -113,10 +113,14 @@ def test_prompt_longer_than_cache(hf_folder, rng):
 def test_cache_lens_auto_fits_the_budget(hf_folder):
     folder, _ = hf_folder("v2_lite")
     engine = ktjax.load(folder, cache_lens="auto", memory_budget="64MiB", max_new_tokens=4)
-    cache_lens, _ = engine.plan_cache(batch=2, needed=20)
-    from ktjax.cache_format import bytes_per_token, get_format
-    per_token = bytes_per_token(get_format("bf16"), engine.cfg)
+    cache_lens = engine.plan_cache(batch=2, needed=20).cache_lens
+    per_token = engine.runtime.cache_dtype.bytes_per_token(engine.cfg)
     assert 20 <= cache_lens and engine.weight_bytes + 2 * cache_lens * per_token <= 64 * 2**20
     tiny = ktjax.load(folder, cache_lens="auto", memory_budget="1MiB")
     with pytest.raises(KtjaxError, match="memory budget"):
         tiny.plan_cache(batch=1, needed=20)
+    assert engine.plan_cache(batch=1, needed=20).cache_lens <= engine.cfg.max_position_embeddings  # the window
+    from ktjax.memory import weight_bytes_on_load
+    assert weight_bytes_on_load(folder, 4) == engine.weight_bytes
+    with pytest.raises(KtjaxError, match=r"memory budget 1\.0 KiB is smaller than the weights"):
+        ktjax.load(folder, memory_budget="1KiB")  # refused from the headers, before any weight is read

@@ -1,8 +1,13 @@
 """Pallas MLA kernels (interpret mode on the CPU) against their jnp references, on every cache format.
 
+KTJAX_PALLAS_COMPILED=1 runs the same tests with the kernels compiled for the GPU (interpret=False; skipped
+without one), with float32 XLA dots at full precision so that the references stay float32
+(benchmarks/gpu_check.sh sets it).
+
 Outputs are poisoned: the kernel writes into NaN-filled buffers (input_output_aliases), so an element it
 never writes turns the merged result into NaN and fails the comparison.
 """
+import os
 import warnings
 
 import jax
@@ -11,31 +16,38 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ktjax import attention
-from ktjax import cache_format as cf
-from ktjax import pallas
-from ktjax.pallas import layout as kl
-from ktjax.pallas import mla_kernels as kernels
-from ktjax.pallas import platform
+from ktjax.kv import attention
+from ktjax.kv import formats as cf
+from ktjax.kv import pallas
+from ktjax.kv import quant
+from ktjax.kv.cache import LatentCache
+from ktjax.kv.pallas import layout as kl
+from ktjax.kv.pallas import mla_kernels as kernels
+from ktjax.kv.pallas import platform
 
 FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
 # float32 kernels against the float32 reference: same math, different summation order.
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 ROPE = 8
 BLOCK = 16          # the XLA reference's tile; cache lengths are multiples of it
+COMPILED = os.environ.get("KTJAX_PALLAS_COMPILED") == "1"
+INTERPRET = not COMPILED
+if COMPILED:
+    pytestmark = pytest.mark.skipif(not platform.on_gpu(), reason="KTJAX_PALLAS_COMPILED=1 needs a GPU")
 
 
 @pytest.fixture(autouse=True)
 def _quiet_interpret_notice():
-    with warnings.catch_warnings():
+    # Compiled: XLA's float32 dots on a GPU default to TF32; the references must stay float32.
+    with warnings.catch_warnings(), jax.default_matmul_precision("highest" if COMPILED else None):
         warnings.simplefilter("ignore", platform.InterpretModeWarning)
         yield
 
 
 def make_cache(rng, fmt, batch, cache_len, rank, rope=ROPE):
-    """A random cache written through cache_format.quantize: (c_kv stored, scales or None, k_pe)."""
+    """A random cache written through kv.quant.quantize: (c_kv stored, scales or None, k_pe)."""
     c_kv = jnp.asarray(rng.normal(size=(batch, cache_len, rank)), jnp.float32)
-    stored, scales = cf.quantize(fmt, c_kv)
+    stored, scales = quant.quantize(fmt, c_kv)
     k_pe = jnp.asarray(rng.normal(size=(batch, cache_len, rope)), jnp.float32).astype(fmt.k_pe_dtype)
     return stored, scales, k_pe
 
@@ -48,7 +60,7 @@ def make_queries(rng, lead, rank, rope=ROPE, dtype=jnp.float32):
 
 def run_jitted(fn, *args):
     """jit and run; interpret-mode kernels spend their time in XLA's CPU backend, so skip its optimisation."""
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+    return jax.jit(fn).lower(*args).compile({} if COMPILED else {"xla_backend_optimization_level": 0})(*args)
 
 
 def softmax_scale(rank, rope=ROPE):
@@ -60,7 +72,7 @@ def run_decode(fmt, q_lat, q_pe, cache, lengths, *, num_splits, block_k=16, **kw
 
     def kernel(q_lat, q_pe, c_kv, scales, k_pe, lengths):
         return pallas.mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=softmax_scale(q_lat.shape[-1]),
-                                 block=BLOCK, config=config, interpret=True, poison_outputs=True, **kw)
+                                 block=BLOCK, config=config, interpret=INTERPRET, poison_outputs=True, **kw)
 
     return run_jitted(kernel, q_lat, q_pe, *cache, lengths)
 
@@ -77,7 +89,7 @@ def reference_decode(fmt, q_lat, q_pe, cache, lengths):
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_decode_matches_reference(rng, fmt_name, rank, num_splits):
     """Ragged batch, lengths off the tile grid (1, 37, full); rank 20 pads (and re-packs int4), 256 fits as is."""
-    fmt = cf.get_format(fmt_name)
+    fmt = cf.resolve(fmt_name)
     cache = make_cache(rng, fmt, 3, 64, rank)
     q_lat, q_pe = make_queries(rng, (3, 4), rank)
     lengths = jnp.array([1, 37, 64], jnp.int32)
@@ -88,23 +100,23 @@ def test_decode_matches_reference(rng, fmt_name, rank, num_splits):
 @pytest.mark.parametrize("fmt_name", ["fp8", "int8", "int4"])
 def test_decode_short_last_group(rng, fmt_name):
     """rank 200: the last scale group is shorter (72 of 128, 8 of 64); many heads span two row blocks."""
-    fmt = cf.get_format(fmt_name)
+    fmt = cf.resolve(fmt_name)
     cache = make_cache(rng, fmt, 2, 48, 200)
     q_lat, q_pe = make_queries(rng, (2, 20), 200)
     lengths = jnp.array([48, 17], jnp.int32)
     config = pallas.KernelConfig(block_m=16, block_k=16, num_splits=2)
     out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=softmax_scale(200), block=BLOCK, config=config,
-                                                  interpret=True, poison_outputs=True), q_lat, q_pe, *cache, lengths)
+                                                  interpret=INTERPRET, poison_outputs=True), q_lat, q_pe, *cache, lengths)
     np.testing.assert_allclose(out, reference_decode(fmt, q_lat, q_pe, cache, lengths), **F32_TOL)
 
 
 def test_decode_default_config(rng):
     """No KernelConfig: tiles and splits chosen by the wrapper."""
-    fmt = cf.get_format("int8")
+    fmt = cf.resolve("int8")
     cache = make_cache(rng, fmt, 2, 96, 32)
     q_lat, q_pe = make_queries(rng, (2, 3), 32)
     lengths = jnp.array([96, 50], jnp.int32)
-    out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=0.2, block=BLOCK, interpret=True,
+    out = run_jitted(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=0.2, block=BLOCK, interpret=INTERPRET,
                                                   poison_outputs=True), q_lat, q_pe, *cache, lengths)
     ref = attention.mla_decode_xla(q_lat, q_pe, *cache, lengths, fmt=fmt, scale=0.2, block=BLOCK)
     np.testing.assert_allclose(out, ref, **F32_TOL)
@@ -112,7 +124,7 @@ def test_decode_default_config(rng):
 
 def test_decode_fp8_decoded_from_bits(rng):
     """The path for GPUs before Ada: e4m3 decoded from its bits by integer arithmetic."""
-    fmt = cf.get_format("fp8")
+    fmt = cf.resolve("fp8")
     cache = make_cache(rng, fmt, 2, 64, 256)
     q_lat, q_pe = make_queries(rng, (2, 4), 256)
     lengths = jnp.array([64, 29], jnp.int32)
@@ -129,7 +141,7 @@ def test_e4m3_bit_decode_exact():
 
 def test_decode_bf16_queries_run_bf16_dots(rng):
     """bf16 queries take the tensor-core path (bf16 operands, f32 accumulation): bf16-level agreement."""
-    fmt = cf.get_format("bf16")
+    fmt = cf.resolve("bf16")
     cache = make_cache(rng, fmt, 2, 64, 64)
     q_lat, q_pe = make_queries(rng, (2, 4), 64, dtype=jnp.bfloat16)
     lengths = jnp.array([64, 23], jnp.int32)
@@ -146,7 +158,7 @@ def test_decode_bf16_queries_run_bf16_dots(rng):
 def test_prefill_matches_reference(rng, fmt_name, num_splits):
     """A chunk of 5 queries per sequence at different offsets, causal by position; one query sees nothing
     (position -1) and one sits past its sequence's length."""
-    fmt = cf.get_format(fmt_name)
+    fmt = cf.resolve(fmt_name)
     rank = 20 if num_splits == 1 else 128
     cache = make_cache(rng, fmt, 2, 64, rank)
     q_lat, q_pe = make_queries(rng, (2, 5, 4), rank)
@@ -155,34 +167,32 @@ def test_prefill_matches_reference(rng, fmt_name, num_splits):
     config = pallas.KernelConfig(block_m=16, block_k=16, num_splits=num_splits)  # 20 rows: 2 row blocks
     scale = softmax_scale(rank)
     out = run_jitted(lambda *a: pallas.mla_prefill(*a, fmt=fmt, scale=scale, block=BLOCK, config=config,
-                                                   interpret=True, poison_outputs=True),
+                                                   interpret=INTERPRET, poison_outputs=True),
                      q_lat, q_pe, *cache, q_positions, lengths)
     ref = attention.mla_prefill_xla(q_lat, q_pe, *cache, q_positions, lengths, fmt=fmt, scale=scale, block=BLOCK)
     np.testing.assert_allclose(out, ref, **F32_TOL)
     assert not np.any(np.asarray(out[0, 4]))  # the row that sees nothing is 0
 
 
-# ---------------------------------------------------------------------------------------- the dispatcher
+# ----------------------------------------------------------------------- the cache's choice of attention
 
 @pytest.mark.parametrize("fmt_name", ["bf16", "int4"])
-def test_dispatcher_pallas_equals_xla(rng, fmt_name):
-    fmt = cf.get_format(fmt_name)
-    cache = make_cache(rng, fmt, 2, 32, 24)
-    q_lat, q_pe = make_queries(rng, (2, 4), 24)
+def test_cache_attends_alike_through_pallas_and_xla(rng, fmt_name):
+    fmt = cf.resolve(fmt_name)
+    layer = make_cache(rng, fmt, 2, 32, 24)
+    caches = {path: LatentCache(*(None if x is None else x[None] for x in layer), fmt=fmt, rank=24, block=BLOCK,
+                                attention=path) for path in ("pallas", "xla")}
     lengths = jnp.array([32, 9], jnp.int32)
-    kw = dict(fmt=fmt, scale=softmax_scale(24), block=BLOCK)
-    decode = {impl: attention.mla_decode(q_lat, q_pe, *cache, lengths, impl=impl, **kw) for impl in ("pallas", "xla")}
-    np.testing.assert_allclose(decode["pallas"], decode["xla"], **F32_TOL)
-
-    q_lat, q_pe = make_queries(rng, (2, 2, 4), 24)
-    q_positions = jnp.array([[30, 31], [7, 8]], jnp.int32)
-    prefill = {impl: attention.mla_prefill(q_lat, q_pe, *cache, q_positions, lengths, impl=impl, **kw)
-               for impl in ("pallas", "xla")}
-    np.testing.assert_allclose(prefill["pallas"], prefill["xla"], **F32_TOL)
+    scale = softmax_scale(24)
+    for q_positions in (jnp.array([[31], [8]], jnp.int32), jnp.array([[30, 31], [7, 8]], jnp.int32)):  # decode, prefill
+        q_lat, q_pe = make_queries(rng, (2, q_positions.shape[1], 4), 24)
+        out = {path: c.attend_latent(0, q_lat, q_pe, q_positions, lengths, scale=scale) for path, c in caches.items()}
+        np.testing.assert_allclose(out["pallas"], out["xla"], **F32_TOL)
 
 
+@pytest.mark.skipif(COMPILED, reason="compiled kernels give no interpret-mode notice")
 def test_interpret_notice_once(rng):
-    fmt = cf.get_format("float32")
+    fmt = cf.resolve("float32")
     cache = make_cache(rng, fmt, 1, 16, 16)
     q_lat, q_pe = make_queries(rng, (1, 2), 16)
     platform.warn_interpreted_once.cache_clear()
@@ -217,11 +227,11 @@ def test_num_splits_fill_the_gpu_but_stay_long():
 def test_deepseek_rank_needs_no_copy():
     """R = 512: every format's stored layout is the kernel's layout (no padding, no int4 re-pack)."""
     for name in FORMATS:
-        fmt = cf.get_format(name)
+        fmt = cf.resolve(name)
         lay = kl.latent_layout(fmt, 512)
         assert (lay.rank_p, lay.width_p, lay.n_groups_p, lay.repack_int4) == (
             512, fmt.stored_width(512), fmt.n_groups(512), False)
-    int4 = kl.latent_layout(cf.get_format("int4"), 512)
+    int4 = kl.latent_layout(cf.resolve("int4"), 512)
     assert [(c.col, c.part, c.group, c.out) for c in int4.chunks[:4]] == [
         (0, "low", 0, 0), (0, "high", 4, 256), (64, "low", 1, 64), (64, "high", 5, 320)]
 
@@ -261,7 +271,7 @@ def test_lowers_to_valid_triton_ir(fmt_name, fp8_bits):
     """Each format lowers to Triton IR that passes MLIR verification (power-of-two tensors, dot types).
     Compiling it with Triton and running it needs a GPU; see the GPU checklist in the report."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
-    fmt = cf.get_format(fmt_name)
+    fmt = cf.resolve(fmt_name)
     config = pallas.KernelConfig(num_splits=4)
     modules = _lower_for_cuda(fmt, config=config, fp8_bits=fp8_bits)
     assert len(modules) == 1 and modules[0].operation.verify()

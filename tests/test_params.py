@@ -13,7 +13,7 @@ from ktjax import params, sharding
 from ktjax import weight_quant as wq
 from ktjax.config import ModelConfig
 from ktjax.loader import layer_entries, top_entries
-from ktjax.model import DeepseekModel
+from ktjax.model import DeepseekModel, RunOptions
 
 ARCH = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM"}
 VARIANTS = {  # beyond tests/hf_models.py: tied embeddings, MLP biases with a dense layer, no shared experts
@@ -112,5 +112,5 @@ def test_quantize_model_quantizes_exactly_the_rows_that_say_so():
         row, _, _ = params.lookup(tuple(map(str, path)))
         assert isinstance(var[...], wq.QuantizedArray) == row.quantize, path
     # the quantized model runs under jit, its stacks scanned, values and scales together
-    logits = jax.jit(lambda m, t: m(t, absorb=True))(model, jnp.zeros((1, 3), jnp.int32))
+    logits = jax.jit(lambda m, t: m(t, RunOptions(absorb=True)))(model, jnp.zeros((1, 3), jnp.int32))
     assert logits.shape == (1, 3, cfg.vocab_size) and bool(jnp.isfinite(logits).all())

@@ -106,7 +106,7 @@ def test_cli_mesh_8_reports_per_device_cache_bytes(tmp_path):
 
 def test_mesh_strings():
     assert parse_mesh("8") == (8,) and parse_mesh("2x4") == (2, 4) and parse_mesh(None) is None
-    assert RuntimeConfig.from_overrides(mesh=4).mesh == "4"
+    assert RuntimeConfig.from_overrides(mesh=4).mesh == (4,)
     for bad in ("0", "2x", "x4", "two", "2x4x2"):
         with pytest.raises(KtjaxError, match="mesh="):
             RuntimeConfig.from_overrides(mesh=bad)

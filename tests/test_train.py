@@ -8,6 +8,7 @@ import pytest
 
 import ktjax
 from ktjax import train
+from ktjax.model import RunOptions
 
 
 def test_trains_and_exports_a_folder_ktjax_reads_back(tmp_path, capsys):
@@ -24,7 +25,7 @@ def test_trains_and_exports_a_folder_ktjax_reads_back(tmp_path, capsys):
                                        "tokenizer.json", "tokenizer_config.json"]
     assert raw["max_position_embeddings"] == 4 * 64 and raw["vocab_size"] == 300
     ids = np.random.default_rng(0).integers(0, 300, (2, 16))
-    ref = np.asarray(model(ids, absorb=False))
+    ref = np.asarray(model(ids, RunOptions(absorb=False)))
     got = ktjax.load(str(out)).logits(ids)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 

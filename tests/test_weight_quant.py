@@ -11,7 +11,6 @@ import ktjax
 from ktjax import weight_quant as wq
 from ktjax.checkpoint import read_manifest, read_tensor
 from ktjax.convert import main as convert_main, make_plan
-from ktjax.engine import Engine
 from ktjax.moe import routed_experts
 
 # Logits error against the unquantized model on the tiny random "v3" model (48-wide, MoE top-3 of 8 with
@@ -116,7 +115,8 @@ def test_expert_paths_multiply_the_stored_experts(rng, fmt, impl):
 def v3_engines(hf_folder):
     folder, _ = hf_folder("v3")
     base = ktjax.load(folder)
-    quantized = {fmt: Engine(base.cfg, wq.quantize_model(base.model, fmt), base.runtime) for fmt in wq.FORMATS}
+    quantized = {fmt: ktjax.engine_for(base.cfg, wq.quantize_model(base.model, fmt), base.runtime, base.defaults)
+                 for fmt in wq.FORMATS}
     return folder, base, quantized
 
 

@@ -16,7 +16,7 @@ the probabilities are multiplied by the same scale before p @ c_chunk. The dots 
 (bf16 queries: bf16 tensor-core operands, exact for every stored format but float32; float32 queries: true
 float32 products) and always accumulate in float32.
 
-The references are ktjax.attention.mla_prefill_xla / mla_decode_xla (same signatures, same math).
+The references are ktjax.kv.attention.mla_prefill_xla / mla_decode_xla (same signatures, same math).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..cache_format import CacheFormat
+from ..formats import CacheFormat
 from . import platform
 from .layout import MIN_DOT, LatentLayout, latent_layout, next_pow2, pad_last, stored_for_kernel
 
@@ -267,7 +267,7 @@ def _kernel_with_optional_scales(*refs, has_scales: bool, n_poisoned: int, **kw)
 def mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
                 block: int, config: KernelConfig = KernelConfig(), interpret: bool | None = None,
                 fp8_bits: bool | None = None, poison_outputs: bool = False):
-    """Pallas twin of ktjax.attention.mla_prefill_xla: q_lat [b,s,h,R], q_pe [b,s,h,r] -> o_lat [b,s,h,R] f32.
+    """Pallas twin of ktjax.kv.attention.mla_prefill_xla: q_lat [b,s,h,R], q_pe [b,s,h,r] -> o_lat [b,s,h,R] f32.
     Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b, i]. (`block` is the XLA
     path's tile; the kernel picks its own, see KernelConfig.)"""
     del block
@@ -283,7 +283,7 @@ def mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: C
 def mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int,
                config: KernelConfig = KernelConfig(), interpret: bool | None = None,
                fp8_bits: bool | None = None, poison_outputs: bool = False):
-    """Pallas twin of ktjax.attention.mla_decode_xla: q_lat [b,h,R], q_pe [b,h,r] over keys
+    """Pallas twin of ktjax.kv.attention.mla_decode_xla: q_lat [b,h,R], q_pe [b,h,r] over keys
     [0, lengths[b]) -> o_lat [b,h,R] f32."""
     del block
     b, h, _ = q_lat.shape

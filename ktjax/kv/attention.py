@@ -5,27 +5,38 @@ latents), causal by position; `mla_decode` is the one-query case. Both walk the 
 `block` tokens up to the longest sequence, so no [query x context] score matrix and no per-head expansion
 of the whole prefix ever exists. Quantized formats apply each group's scale to partial scores and to the
 probabilities. `naive_prefill` is the same loop with each block expanded to per-head K and V.
-ktjax/pallas/ holds GPU kernels with the same signatures; `attention_impl` picks one.
+
+The cache arrays are one layer's ([b, T, ...]) or the whole stack ([L, b, T, ...]) with `layer` naming the
+layer: each key block is then sliced straight out of the stack, so a step reads the blocks it attends to and
+never copies a layer. These are the references of the Pallas kernels in kv/pallas/ (same signatures, one
+layer); kv/cache.py decides which one runs.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .cache_format import CacheFormat, _grouped, stored_values
+from .formats import CacheFormat
+from .quant import dequantize, from_bits, grouped, stored_values
 
 NEG = -1e30
 
 
-def _block(x, j, block):
-    return None if x is None else jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+def _block(x, j, block, layer=None):
+    """Key block j of one layer: [b, block, ...] from [b, T, ...], or from [L, b, T, ...] at `layer`."""
+    if x is None:
+        return None
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+    start = (layer, 0, j * block) + (0,) * (x.ndim - 3)
+    return jax.lax.dynamic_slice(x, start, (1, x.shape[1], block, *x.shape[3:]))[0]
 
 
 def _latent_scores(q_lat, c_vals, scales, fmt: CacheFormat):
     """q_lat [b,s,h,R] . c [b,t,R] -> [b,s,h,t]; per group then scaled when quantized."""
     if not fmt.quantized:
         return jnp.einsum("bshc,btc->bsht", q_lat, c_vals)
-    partial = jnp.einsum("bshgc,btgc->bshtg", _grouped(q_lat, fmt.group), _grouped(c_vals, fmt.group))
+    partial = jnp.einsum("bshgc,btgc->bshtg", grouped(q_lat, fmt.group), grouped(c_vals, fmt.group))
     return jnp.einsum("bshtg,btg->bsht", partial, scales)
 
 
@@ -34,7 +45,7 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     if not fmt.quantized:
         return jnp.einsum("bsht,btc->bshc", p, c_vals)
     rank = c_vals.shape[-1]
-    out = jnp.einsum("bsht,btg,btgc->bshgc", p, scales, _grouped(c_vals, fmt.group))
+    out = jnp.einsum("bsht,btg,btgc->bshgc", p, scales, grouped(c_vals, fmt.group))
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
@@ -67,18 +78,19 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
 
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int, with_lse: bool = False):
+                    block: int, with_lse: bool = False, layer=None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
+    With `layer`, each is the whole stack ([L, b, T, ...]).
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
 
     def blocks(j):
-        return (stored_values(fmt, _block(c_kv, j, block), rank), _block(scales, j, block),
-                _block(k_pe, j, block).astype(jnp.float32))
+        return (stored_values(fmt, _block(c_kv, j, block, layer), rank), _block(scales, j, block, layer),
+                from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype).astype(jnp.float32))
 
     def scores_fn(j):
         c, sc, kp = blocks(j)
@@ -88,7 +100,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         c, sc, _ = blocks(j)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, q_lat.shape, with_lse)
+    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -99,49 +111,26 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int, with_lse: bool = False):
+                  scale: float, block: int, with_lse: bool = False, layer=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
-    from .cache_format import dequantize
-
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
 
     def latents(j):
-        return dequantize(fmt, _block(c_kv, j, block), _block(scales, j, block), rank)
+        return dequantize(fmt, _block(c_kv, j, block, layer), _block(scales, j, block, layer), rank)
 
     def scores_fn(j):
         k_nope = jnp.einsum("btc,hdc->bthd", latents(j), w_uk)
         return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, _block(k_pe, j, block).astype(jnp.float32))) * scale
+                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype)
+                             .astype(jnp.float32))) * scale
 
     def values_fn(j, p):
         return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, c_kv.shape[1], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
+    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
                   with_lse)
 
-
-
-def resolve_impl(impl: str) -> str:
-    """`auto` is the Pallas kernel on a GPU and the XLA path elsewhere."""
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return impl
-
-
-def mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt, scale, block, impl="xla"):
-    if resolve_impl(impl) == "pallas":
-        from . import pallas
-        return pallas.mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, fmt=fmt, scale=scale,
-                                  block=block)
-    return mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, fmt=fmt, scale=scale, block=block)
-
-
-def mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt, scale, block, impl="xla"):
-    if resolve_impl(impl) == "pallas":
-        from . import pallas
-        return pallas.mla_decode(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=scale, block=block)
-    return mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, fmt=fmt, scale=scale, block=block)

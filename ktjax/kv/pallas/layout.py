@@ -15,7 +15,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ..cache_format import CacheFormat, pack_int4, unpack_int4
+from ..formats import CacheFormat
+from ..quant import pack_int4, unpack_int4
 
 UNQUANTIZED_CHUNK = 512   # widest single chunk of an unquantized cache
 MIN_DOT = 16              # Triton's tl.dot needs every dimension >= 16

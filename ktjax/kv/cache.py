@@ -1,0 +1,137 @@
+"""The latent KV cache: per layer, c_kv [batch, cache_lens, R] (stored in its format, with group scales)
+and k_pe [batch, cache_lens, r], all layers stacked on a leading axis, preallocated once.
+
+The model asks the cache to `write` a layer's new latents and to `attend` (absorbed or naive) over a layer;
+the cache knows its format, where it lies (one device or sequence-sharded, kv/layout.py) and which
+attention runs over it (the XLA path or the Pallas kernels): `attention_path` is the one rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .attention import mla_decode_xla, mla_prefill_xla, naive_prefill
+from .formats import SCALE_DTYPE, CacheFormat, container
+from .layout import CacheLayout, write_rows
+from .quant import from_bits, quantize, to_bits
+
+# Attention walks the cache in blocks of this many tokens; cache_lens is a multiple of the block.
+MAX_KV_BLOCK = 512
+MIN_KV_BLOCK = 16
+ATTENTION_PATHS = ("xla", "pallas")
+
+
+def plan_cache_lens(requested: int, shards: int = 1) -> tuple[int, int]:
+    """Round a requested capacity up to what attention needs; returns (cache_lens, kv_block). A cache sharded
+    along the sequence over `shards` devices gets an equal whole number of blocks on each device."""
+    local = -(-max(int(requested), 1) // shards)
+    if local >= MAX_KV_BLOCK:
+        block = MAX_KV_BLOCK
+    else:
+        block = -(-local // MIN_KV_BLOCK) * MIN_KV_BLOCK
+    return -(-local // block) * block * shards, block
+
+
+def attention_path(setting: str, layout: CacheLayout | None) -> str:
+    """The attention that runs for an `attention` setting (auto, xla or pallas): auto is the Pallas kernel on
+    a GPU and XLA elsewhere; a sequence-sharded cache always runs XLA, because the merge across devices needs
+    each device's log-sum-exp, which the kernels do not return."""
+    if layout is not None:
+        return "xla"
+    if setting == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return setting
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LatentCache:
+    c_kv: jax.Array            # [L, B, T, stored_width]: fmt.store_dtype values, held as container() bits
+    scales: jax.Array | None   # [L, B, T, n_groups] float32, quantized formats only
+    k_pe: jax.Array            # [L, B, T, r]: fmt.k_pe_dtype values, held as container() bits
+    fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
+    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
+    layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))  # None: one device
+
+    @classmethod
+    def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int, attention: str = "auto",
+               layout: CacheLayout | None = None) -> "LatentCache":
+        lead = (cfg.num_hidden_layers, batch, cache_lens)
+        r = cfg.kv_lora_rank
+
+        def zeros():
+            scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
+            return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
+
+        if layout is not None:  # each device allocates its own shard, never the whole cache
+            zeros = jax.jit(zeros, out_shardings=layout.sharding)
+        c_kv, scales, k_pe = zeros()
+        return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, fmt=fmt, rank=r, block=block,
+                   attention=attention_path(attention, layout), layout=layout)
+
+    @property
+    def cache_lens(self) -> int:
+        return self.c_kv.shape[2]
+
+    @property
+    def buffers(self) -> tuple:
+        return self.c_kv, self.scales, self.k_pe
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def write(self, layer, positions, c_kv, k_pe) -> "LatentCache":
+        """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s]; positions >= cache_lens
+        (padding) are dropped."""
+        q, scales = quantize(self.fmt, c_kv)
+        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
+        if self.layout is not None:
+            c, sc, kp = self.layout.write(self.buffers, layer, positions, new)
+        else:
+            c, sc, kp = (None if buf is None else write_rows(buf, layer, positions, x)
+                         for buf, x in zip(self.buffers, new))
+        return dataclasses.replace(self, c_kv=c, scales=sc, k_pe=kp)
+
+    def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
+        """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
+        [0, lengths[b]) (the cache already holds the queries' own latents) -> o_lat [b,s,h,R] float32."""
+        kw = dict(fmt=self.fmt, scale=scale, block=self.block)
+        if self.layout is not None:
+            def partial(queries, _, layer_cache, pos, lens):
+                return mla_prefill_xla(*queries, *layer_cache, pos, lens, with_lse=True, **kw)
+            return self.layout.attend(partial, (q_lat, q_pe), (), self.buffers, layer, q_positions, lengths)
+        if self.attention == "pallas":
+            from . import pallas
+            c_kv, scales, k_pe = self.layer(layer)
+            c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
+            if q_lat.shape[1] == 1:
+                return pallas.mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
+            return pallas.mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)
+        return mla_prefill_xla(q_lat, q_pe, *self.buffers, q_positions, lengths, layer=layer, **kw)
+
+    def attend_naive(self, layer, q_nope, q_pe, w_uk, w_uv, q_positions, lengths, *, scale: float):
+        """Naive attention over `layer`: each key block expanded to per-head K and V by w_uk/w_uv and dropped
+        after use -> o [b,s,h,d_v] float32. Always the XLA path."""
+        kw = dict(fmt=self.fmt, scale=scale, block=self.block)
+        if self.layout is not None:
+            def partial(queries, weights, layer_cache, pos, lens):
+                return naive_prefill(*queries, *layer_cache, pos, lens, *weights, with_lse=True, **kw)
+            return self.layout.attend(partial, (q_nope, q_pe), (w_uk, w_uv), self.buffers, layer, q_positions,
+                                      lengths)
+        return naive_prefill(q_nope, q_pe, *self.buffers, q_positions, lengths, w_uk, w_uv, layer=layer, **kw)
+
+    def layer(self, layer):
+        """(c_kv, scales, k_pe) of one layer: [b, T, ...] each."""
+        def take(x):
+            return None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+        return take(self.c_kv), take(self.scales), take(self.k_pe)
+
+
+def cache_bytes(cfg, fmt: CacheFormat, batch: int, cache_lens: int) -> int:
+    return batch * cache_lens * fmt.bytes_per_token(cfg)
