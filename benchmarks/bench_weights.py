@@ -34,18 +34,18 @@ def _as_format(model, fmt):
     if fmt in wq.FORMATS:
         return wq.quantize_model(model, fmt)
     if fmt == "bf16":
-        for path, node in list(nnx.iter_graph(model)):
-            if isinstance(node, nnx.Module):
-                for name in ("kernel", "w_gate", "w_up", "w_down"):
-                    if hasattr(node, name) and wq.quantized_paths(tuple(map(str, path)) + (name,)):
-                        setattr(node, name, nnx.Param(getattr(node, name)[...].astype(jnp.bfloat16)))
+        for path, var in list(nnx.state(model).flat_state()):
+            if wq.quantized_paths(tuple(map(str, path))):
+                wq.set_param(model, tuple(map(str, path)), var[...].astype(jnp.bfloat16))
     return model
 
 
 def decode(args):
+    import jax
     from flax import nnx
 
     import ktjax
+    from ktjax import weight_quant as wq
     from ktjax.config import ModelConfig
     from ktjax.model import DeepseekModel
     from ktjax.runtime import resolve
@@ -60,19 +60,12 @@ def decode(args):
         engine = ktjax.engine_for(cfg, model, *settings)
         engine.generate(prompt)  # compile
         runs = [engine.generate(prompt).stats for _ in range(args.repeats)]
-        quantized = sum(v.nbytes for p, v in nnx.state(model).flat_state()
-                        if _quantized_or_scale(tuple(map(str, p))))
+        quantized = sum(a.nbytes for p, v in nnx.state(model).flat_state()
+                        if wq.quantized_paths(tuple(map(str, p))) for a in jax.tree.leaves(v[...]))
         print(f"| {fmt} | {quantized / 1e6:.0f} MB | {engine.weight_bytes / 1e6:.0f} MB | "
               f"{statistics.median(r['decode_tokens_per_s'] for r in runs):.2f} | "
               f"{statistics.median(r['prefill_tokens_per_s'] for r in runs):.1f} |", flush=True)
         del engine, model
-
-
-def _quantized_or_scale(path):
-    from ktjax import weight_quant as wq
-
-    name = path[-1][:-len("_scale")] if path[-1].endswith("_scale") else path[-1]
-    return wq.quantized_paths(path[:-1] + (name,))
 
 
 # ---- matvec formulations -------------------------------------------------------------------------------
@@ -97,24 +90,24 @@ def matvec(args):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((d, f)).astype(np.float32)
     x = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
-    q8, s8 = map(jnp.asarray, wq.quantize(w, "int8"))
-    q4, s4 = map(jnp.asarray, wq.quantize(w, "int4"))
-    q4_128, s4_128 = map(jnp.asarray, wq.quantize(w, "int4", 128))
+    q8 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int8")))
+    q4 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int4")))
+    q4_128 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int4", 128)))
     cases = {
         "float32 x @ w": (lambda x, w: x @ w, (jnp.asarray(w),)),
         "bf16 x @ w.astype(f32)": (lambda x, w: x @ w.astype(jnp.float32), (jnp.asarray(w, jnp.bfloat16),)),
         "bf16 in 8 tiles": (_bf16_tiles, (jnp.asarray(w, jnp.bfloat16),)),
-        "int8 (x @ q.astype(f32)) * s, whole": (lambda x, q, s: (x @ q.astype(jnp.float32)) * s, (q8, s8)),
-        "int8 weight_quant.matmul (tiles)": (wq.matmul, (q8, s8)),
-        "int4 x @ dequantize(whole)": (lambda x, q, s: x @ wq.dequantize(q, s, jnp.float32), (q4, s4)),
-        "int4 weight_quant.matmul (tiles), g=64": (wq.matmul, (q4, s4)),
-        "int4 weight_quant.matmul (tiles), g=128": (wq.matmul, (q4_128, s4_128)),
+        "int8 (x @ q.astype(f32)) * s, whole": (lambda x, q: (x @ q.values.astype(jnp.float32)) * q.scale, (q8,)),
+        "int8 weight_quant.matmul (tiles)": (wq.matmul, (q8,)),
+        "int4 x @ dequantize(whole)": (lambda x, q: x @ wq.dequantize(q, jnp.float32), (q4,)),
+        "int4 weight_quant.matmul (tiles), g=64": (wq.matmul, (q4,)),
+        "int4 weight_quant.matmul (tiles), g=128": (wq.matmul, (q4_128,)),
     }
     print(f"| formulation ({d} x {f}, one token) | ms | stored GB/s |")
     print("|---|---|---|")
     for name, (fn, weights) in cases.items():
         t = time_median(jax.jit(fn), x, *weights, repeats=args.repeats)
-        stored = sum(a.nbytes for a in weights)
+        stored = sum(a.nbytes for a in jax.tree.leaves(weights))
         print(f"| {name} | {t * 1e3:.2f} | {stored / t / 1e9:.1f} |", flush=True)
 
 

@@ -26,18 +26,19 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from . import params
 from .config import ModelConfig
 from .errors import KtjaxError, require_finite
 from .fp8 import FP8_DTYPES
 from .model import DeepseekModel
+from .weight_quant import QuantizedArray, set_param
 
 FORMAT = "ktjax-checkpoint"
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS = "params"
-SCALE_SUFFIX = "_scale"  # Linear.kernel -> kernel_scale, MoE.w_gate -> w_gate_scale
+SCALE_SUFFIX = "_scale"  # a QuantizedArray's scale: kernel -> kernel_scale, w_gate -> w_gate_scale
 CHUNK_BYTES = 64 * 2**20
-STACKS = ("dense_layers", "moe_layers")
 
 # No cache: written chunks go straight to disk, so a writer holds only the slice it is writing.
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
@@ -178,44 +179,34 @@ def _check_tensor_table(tensors, manifest_path: str):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def _stack_layers(cfg: ModelConfig, stack: str) -> range:
-    if stack == "dense_layers":
-        return range(cfg.num_dense_layers)
-    return range(cfg.num_dense_layers, cfg.num_hidden_layers)
-
-
-def _module_at(model, path: tuple):
-    node = model
-    for name in path:
-        node = getattr(node, name)
-    return node
-
-
 _QUANTIZED_DTYPES = (*FP8_DTYPES, np.dtype(np.int8), np.dtype(np.uint8))  # FP8, int8, packed int4
 
 
+def _param_keys(cfg: ModelConfig, names: tuple) -> tuple[params.Stack | None, list[str]]:
+    """(stack or None, the stored keys of a state leaf: one per layer of a stack); a QuantizedArray's scale
+    is stored beside its values, under key + SCALE_SUFFIX."""
+    row, stack, part = params.lookup(names)
+    suffix = SCALE_SUFFIX if part == "scale" else ""
+    return stack, [tensor_key(row.path, i) + suffix for i in (stack.layers(cfg) if stack else [None])]
+
+
 def _use_stored_quantized(model: DeepseekModel, cfg: ModelConfig, tensors: dict):
-    """Turn the abstract model's parameters that the checkpoint stores quantized (FP8, int8, int4) into the
-    stored values + scales, shaped as stored (int4 is packed)."""
+    """Turn the abstract model's parameters that the checkpoint stores quantized (FP8, int8, int4) into
+    QuantizedArrays of the stored values and scales, shaped as stored (int4 is packed)."""
     def quantized(key):
         return np.dtype(tensors.get(key, {}).get("dtype", "float32")) in _QUANTIZED_DTYPES
 
     for path in _param_paths(nnx.state(model).to_pure_dict()):
-        stack = path[0] if path[0] in STACKS else None
-        rel = path[1:] if stack else path
-        layers = list(_stack_layers(cfg, stack)) if stack else [None]
-        flags = {quantized(tensor_key(rel, i)) for i in layers}
+        stack, keys = _param_keys(cfg, path)
+        flags = {quantized(key) for key in keys}
         if flags != {True}:
             if len(flags) > 1:
-                raise KtjaxError(f"checkpoint stores {'.'.join(rel)} quantized in some layers only; re-convert it")
+                raise KtjaxError(f"checkpoint stores {keys[0]} quantized in some layers only; re-convert it")
             continue
-        key = tensor_key(rel, layers[0])
-        lead = (len(layers),) if stack else ()
-        module = _module_at(model, path[:-1])
-        setattr(module, rel[-1], nnx.Param(jax.ShapeDtypeStruct(
-            lead + tuple(tensors[key]["shape"]), np.dtype(tensors[key]["dtype"]))))
-        setattr(module, rel[-1] + SCALE_SUFFIX, nnx.Param(jax.ShapeDtypeStruct(
-            lead + tuple(tensors[scale_key(key)]["shape"]), np.float32)))
+        lead = (len(keys),) if stack else ()
+        set_param(model, path, QuantizedArray(
+            jax.ShapeDtypeStruct(lead + tuple(tensors[keys[0]]["shape"]), np.dtype(tensors[keys[0]]["dtype"])),
+            jax.ShapeDtypeStruct(lead + tuple(tensors[scale_key(keys[0])]["shape"]), np.float32)))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -224,11 +215,9 @@ def _set_layer(stack, i, layer):
 
 
 def _leaf_keys(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, tensors: dict):
-    """(stack name or None, the stored keys of one parameter: one per layer of a stack), or one clear error
+    """(stack or None, the stored keys of one state leaf: one per layer of a stack), or one clear error
     where the checkpoint lacks a key or a shape disagrees with config.json."""
-    stack = path[0] if path[0] in STACKS else None
-    rel = path[1:] if stack else path
-    keys = [tensor_key(rel, i) for i in (_stack_layers(cfg, stack) if stack else [None])]
+    stack, keys = _param_keys(cfg, path)
     for key in keys:
         if key not in tensors:
             raise KtjaxError(f"{folder}: checkpoint has no tensor {key!r}; it was converted for another config "
@@ -305,16 +294,16 @@ def load_checkpoint(path: str, dtype=jnp.float32, mesh=None,
         from .sharding import param_shardings
 
         values = jax.tree_util.tree_map_with_path(
-            lambda p, want, sh: _load_leaf_sharded(path, cfg, tuple(k.key for k in p), want, tensors, sh),
+            lambda p, want, sh: _load_leaf_sharded(path, cfg, params.key_names(p), want, tensors, sh),
             pure, param_shardings(cfg, pure, mesh, notes))
     else:
         values = jax.tree_util.tree_map_with_path(
-            lambda p, want: _load_leaf(path, cfg, tuple(k.key for k in p), want, tensors), pure)
+            lambda p, want: _load_leaf(path, cfg, params.key_names(p), want, tensors), pure)
     nnx.replace_by_pure_dict(state, values)
     return cfg, nnx.merge(graphdef, state)
 
 
 def _param_paths(pure: dict) -> list[tuple]:
-    return [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+    return [params.key_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
 
 

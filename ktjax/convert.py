@@ -40,7 +40,6 @@ from . import weight_quant
 
 WEIGHTS = ("source", "float32", "bf16", "fp8", *weight_quant.FORMATS)
 _CAST = {"float32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-_FLOAT32_ROUTER = ("router", "router_bias")  # run in float32 by the model: never narrowed
 # Small files a model folder needs besides its weights (config, tokenizer, generation settings).
 _COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py", ".md")
 _INDEX = "model.safetensors.index.json"
@@ -139,26 +138,9 @@ def _stored_dtype(weights: str, entry: Entry, src_dtype: np.dtype, fp8_source: b
     floating = src_dtype.kind == "f" or src_dtype == _CAST["bf16"]
     if weights not in _CAST or not floating:
         return src_dtype, False
-    if weights == "bf16" and entry.path[-1] in _FLOAT32_ROUTER:
+    if weights == "bf16" and entry.param is not None and entry.param.float32:
         return src_dtype, False
     return _CAST[weights], False
-
-
-def _param_shapes(cfg: ModelConfig) -> dict[tuple, tuple]:
-    """Every parameter's shape in the model (stacks per layer), from an abstract model: no memory used."""
-    import jax
-    from flax import nnx
-
-    from .model import DeepseekModel
-
-    abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, rngs=nnx.Rngs(0)))
-    pure = nnx.state(abstract).to_pure_dict()
-    shapes = {}
-    for p, leaf in jax.tree_util.tree_leaves_with_path(pure):
-        path = tuple(k.key for k in p)
-        stacked = path[0] in ("dense_layers", "moe_layers")
-        shapes[path[1:] if stacked else path] = tuple(leaf.shape[1:] if stacked else leaf.shape)
-    return shapes
 
 
 def _model_entries(cfg: ModelConfig, names: set[str]) -> list[tuple[str, Entry]]:
@@ -175,7 +157,8 @@ def _mtp_entries(src: TensorSource, names: list[str]) -> list[tuple[str, Entry]]
     from .checkpoint import mtp_key
 
     values = [n for n in names if not (n.endswith("_scale_inv") and n[:-len("_scale_inv")] in src.where)]
-    return [(mtp_key(n), Entry(("mtp", n), [n], [src.file(n).shape(n)], blockwise=True)) for n in values]
+    return [(mtp_key(n), Entry(("mtp", n), [n], [src.file(n).shape(n)], blockwise=True, shape=src.file(n).shape(n)))
+            for n in values]
 
 
 def _is_mtp(name: str, cfg: ModelConfig) -> bool:
@@ -183,15 +166,16 @@ def _is_mtp(name: str, cfg: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def _plan_output(src: TensorSource, key: str, entry: Entry, shape: tuple, weights: str,
+def _plan_output(src: TensorSource, key: str, entry: Entry, weights: str,
                  group: int = weight_quant.INT4_GROUP) -> Output:
+    shape = tuple(entry.shape)
     scales = [src.check(n, s) for n, s in zip(entry.sources, entry.shapes)]
     dtypes = {src.file(n).dtype(n) for n in entry.sources}
     if len(dtypes) > 1 or len({s is None for s in scales}) > 1:
         raise KtjaxError(f"{entry.sources[0]} and the tensors stacked with it disagree in dtype or quantization")
     src_dtype = dtypes.pop()
     bytes_in = sum(src.file(n).nbytes(n) for n in entry.sources + [s for s in scales if s])
-    if weights in weight_quant.FORMATS and weight_quant.quantized_paths(entry.path):
+    if weights in weight_quant.FORMATS and entry.param is not None and entry.param.quantize:
         _, dtype, _ = weight_quant.stored_shapes(weights, shape, group)
         return Output(key, entry, scales, dtype, False, shape, bytes_in, quant=weights, group=group)
     # Everything int8/int4 leaves alone stays in the source's precision (FP8 kv_b_proj: float32, exactly).
@@ -250,14 +234,13 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
         for path in sorted(set(src.where.values())):  # parse every header now: a bad shard fails before writing
             src.shard(path)
         names = set(src.where)
-        shapes = _param_shapes(cfg)
-        outputs = [_plan_output(src, key, e, shapes[e.path], weights, group) for key, e in _model_entries(cfg, names)]
+        outputs = [_plan_output(src, key, e, weights, group) for key, e in _model_entries(cfg, names)]
         used = {n for o in outputs for n in o.entry.sources + o.scales if n}
         skipped = _skipped_by_reason(cfg, names - used)
         if keep_mtp and skipped.get("mtp"):
             mtp = sorted(skipped.pop("mtp"))
             for key, e in _mtp_entries(src, mtp):
-                outputs.append(_plan_output(src, key, e, tuple(e.shapes[0]), weights))
+                outputs.append(_plan_output(src, key, e, weights))
             used |= set(mtp)
         unexpected = sorted(names - used - {n for ns in skipped.values() for n in ns})
         if unexpected:

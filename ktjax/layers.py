@@ -17,20 +17,17 @@ _init = nnx.initializers.normal(0.02)
 class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out] (Hugging Face stores [out, in]; the loader transposes).
 
-    An FP8 checkpoint sets `kernel` to float8_e4m3fn and `kernel_scale` to its 128 x 128 block scales
-    [ceil(in/128), ceil(out/128)]; the kernel is then dequantized on the way into the matmul. An int8 or
-    int4 checkpoint sets them to narrow values and per-channel or group scales (ktjax/weight_quant.py),
-    which the matmul reads tile by tile.
+    A quantized checkpoint sets `kernel` to a weight_quant.QuantizedArray: FP8 values with their 128 x 128
+    block scales [ceil(in/128), ceil(out/128)], dequantized on the way into the matmul, or int8/int4 values
+    with per-channel or group scales (ktjax/weight_quant.py), which the matmul reads tile by tile.
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs.params(), (d_in, d_out), dtype))
-        self.kernel_scale = nnx.data(None)  # data, not static: a quantized checkpoint fills it in
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x):
-        scale = None if self.kernel_scale is None else self.kernel_scale[...]
-        y = weight_quant.matmul(x, self.kernel[...], scale)
+        y = weight_quant.matmul(x, self.kernel[...])
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 

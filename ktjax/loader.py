@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .errors import KtjaxError, require_finite
 from .fp8 import FP8_BLOCK, FP8_DTYPES, block_scale_shape, dequantize_blocks
 from .model import DeepseekModel
+from .params import STACKS, Param, Stack, hf_sources
 from .safetensors_io import SafetensorsFile, list_shards
 
 
@@ -31,6 +32,8 @@ class Entry:
     stream it one source at a time. `blockwise` says that the transform only transposes or stacks, so FP8
     values and their 128 x 128 block scales can both go through it and stay quantized; otherwise (a
     reshape or a split that cuts through blocks, like kv_b_proj's per-head split) weights are dequantized.
+    `param` is its row of the parameter table (ktjax/params.py; None for an MTP tensor kept as the source
+    has it), `shape` its shape in the checkpoint (per layer).
     """
     path: tuple
     sources: list[str]
@@ -38,77 +41,22 @@ class Entry:
     fn: Callable = lambda *a: a[0]
     each: Callable | None = None
     blockwise: bool = False
+    param: Param | None = None
+    shape: tuple | None = None
 
 
-def _t(a):
-    return a.T
-
-
-def _stack_of(each):
-    return lambda *ws: np.stack([each(w) for w in ws])
-
-
-def _linear(path, name, d_in, d_out, bias=False):
-    out = [Entry(path + ("kernel",), [name + ".weight"], [(d_out, d_in)], _t, blockwise=True)]
-    if bias:
-        out.append(Entry(path + ("bias",), [name + ".bias"], [(d_out,)]))
-    return out
-
-
-def _mlp(path, prefix, d, f, bias=False):
-    return (_linear(path + ("gate_proj",), prefix + "gate_proj", d, f, bias)
-            + _linear(path + ("up_proj",), prefix + "up_proj", d, f, bias)
-            + _linear(path + ("down_proj",), prefix + "down_proj", f, d, bias))
+def _entries(cfg: ModelConfig, stack: Stack | None, layer: int | None, names: set[str]) -> list[Entry]:
+    return [Entry(s.row.path, s.names, s.shapes, s.convert, s.each if s.per_expert else None, s.blockwise, s.row,
+                  s.shape) for s in hf_sources(cfg, stack, layer, names)]
 
 
 def layer_entries(cfg: ModelConfig, i: int, moe: bool, names: set[str]) -> list[Entry]:
-    """Parameters of decoder layer i, with paths relative to the layer."""
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    d, h, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
-    dn, dv, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    out = [Entry(("input_norm", "weight"), [p + "input_layernorm.weight"], [(d,)]),
-           Entry(("post_attn_norm", "weight"), [p + "post_attention_layernorm.weight"], [(d,)])]
-    if cfg.q_lora_rank:
-        out += _linear(("attn", "q_a_proj"), a + "q_a_proj", d, cfg.q_lora_rank, bias)
-        out += [Entry(("attn", "q_a_norm", "weight"), [a + "q_a_layernorm.weight"], [(cfg.q_lora_rank,)])]
-        out += _linear(("attn", "q_b_proj"), a + "q_b_proj", cfg.q_lora_rank, h * cfg.qk_head_dim)
-    else:
-        out += _linear(("attn", "q_proj"), a + "q_proj", d, h * cfg.qk_head_dim)
-    out += _linear(("attn", "kv_a_proj"), a + "kv_a_proj_with_mqa", d, r + cfg.qk_rope_head_dim, bias)
-    out += [Entry(("attn", "kv_a_norm", "weight"), [a + "kv_a_layernorm.weight"], [(r,)])]
-    kv_b = ([a + "kv_b_proj.weight"], [(h * (dn + dv), r)])
-    out += [Entry(("attn", "w_uk"), *kv_b, lambda w: w.reshape(h, dn + dv, r)[:, :dn]),
-            Entry(("attn", "w_uv"), *kv_b, lambda w: w.reshape(h, dn + dv, r)[:, dn:])]
-    out += _linear(("attn", "o_proj"), a + "o_proj", h * dv, d, bias)
-    if not moe:
-        return out + _mlp(("mlp",), p + "mlp.", d, cfg.intermediate_size, cfg.mlp_bias)
-    e, f = cfg.n_routed_experts, cfg.moe_intermediate_size
-    out += [Entry(("mlp", "router"), [p + "mlp.gate.weight"], [(e, d)], _t)]
-    if cfg.topk_method == "noaux_tc":
-        out += [Entry(("mlp", "router_bias"), [p + "mlp.gate.e_score_correction_bias"], [(e,)])]
-    x = p + "mlp.experts."
-    if x + "gate_up_proj" in names:  # fused layout, as transformers holds it in memory
-        out += [Entry(("mlp", "w_gate"), [x + "gate_up_proj"], [(e, 2 * f, d)], lambda w: w[:, :f].transpose(0, 2, 1)),
-                Entry(("mlp", "w_up"), [x + "gate_up_proj"], [(e, 2 * f, d)], lambda w: w[:, f:].transpose(0, 2, 1)),
-                Entry(("mlp", "w_down"), [x + "down_proj"], [(e, d, f)], lambda w: w.transpose(0, 2, 1))]
-    else:  # one tensor per expert, as save_pretrained and DeepSeek's checkpoints write them
-        for ours, theirs, shape in (("w_gate", "gate_proj", (f, d)), ("w_up", "up_proj", (f, d)),
-                                    ("w_down", "down_proj", (d, f))):
-            out.append(Entry(("mlp", ours), [f"{x}{j}.{theirs}.weight" for j in range(e)], [shape] * e,
-                             _stack_of(_t), each=_t, blockwise=True))
-    if cfg.n_shared_experts:
-        out += _mlp(("mlp", "shared"), p + "mlp.shared_experts.", d, f * cfg.n_shared_experts, cfg.mlp_bias)
-    return out
+    """Parameters of decoder layer i, with paths relative to the layer (the table's HF map)."""
+    return _entries(cfg, next(s for s in STACKS if s.moe == moe), i, names)
 
 
 def top_entries(cfg: ModelConfig) -> list[Entry]:
-    v, d = cfg.vocab_size, cfg.hidden_size
-    out = [Entry(("embed",), ["model.embed_tokens.weight"], [(v, d)]),
-           Entry(("norm", "weight"), ["model.norm.weight"], [(d,)])]
-    if not cfg.tie_word_embeddings:
-        out += _linear(("lm_head",), "lm_head", d, v)
-    return out
+    return _entries(cfg, None, None, set())
 
 
 def _skipped(name: str, cfg: ModelConfig) -> bool:
@@ -222,12 +170,10 @@ def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None,
     try:
         for e in top_entries(cfg):
             _place(target, e.path, _build(src, e), shardings)
-        stacks = (("dense_layers", range(cfg.num_dense_layers), False),
-                  ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers), True))
-        for stack, layers, moe in stacks:
-            per_layer = [layer_entries(cfg, i, moe, names) for i in layers]
+        for stack in STACKS:
+            per_layer = [layer_entries(cfg, i, stack.moe, names) for i in stack.layers(cfg)]
             for k in range(len(per_layer[0]) if per_layer else 0):
-                _place(target, (stack,) + per_layer[0][k].path,
+                _place(target, (stack.name,) + per_layer[0][k].path,
                        np.stack([_build(src, ents[k]) for ents in per_layer]), shardings)
         unused = sorted(n for n in names - src.used if not _skipped(n, cfg))
         if unused:

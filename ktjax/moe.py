@@ -57,12 +57,11 @@ class MoE(nnx.Module):
         # The router stays float32 whatever the compute dtype, as in the reference.
         self.router = nnx.Param(_init(rngs.params(), (d, e), jnp.float32))
         self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32)) if cfg.topk_method == "noaux_tc" else None
+        # Each a weight_quant.QuantizedArray when a checkpoint keeps the experts narrow: FP8 with block scales
+        # [E, ceil(in/128), ceil(out/128)], or int8/int4 with channel or group scales.
         self.w_gate = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_up = nnx.Param(_init(rngs.params(), (e, d, f), dtype))
         self.w_down = nnx.Param(_init(rngs.params(), (e, f, d), dtype))
-        # Block scales [E, ceil(in/128), ceil(out/128)] when an FP8 checkpoint keeps the experts in e4m3;
-        # channel or group scales for int8/int4 experts (ktjax/weight_quant.py).
-        self.w_gate_scale = self.w_up_scale = self.w_down_scale = nnx.data(None)
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
@@ -73,32 +72,29 @@ class MoE(nnx.Module):
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        scales = tuple(None if s is None else s[...] for s in (self.w_gate_scale, self.w_up_scale, self.w_down_scale))
         impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts)
         if expert_axis is None:
-            y = routed_experts(flat, weights, idx, experts, impl, scales=scales)
+            y = routed_experts(flat, weights, idx, experts, impl)
         else:
-            y = expert_parallel(mesh, expert_axis, flat, weights, idx, experts, impl, scales)
+            y = expert_parallel(mesh, expert_axis, flat, weights, idx, experts, impl)
         y = y.reshape(x.shape)
         return y if self.shared is None else y + self.shared(x)
 
 
-def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str, scales):
+def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str):
     """routed_experts with the expert stacks split over mesh axis `axis`: every device routes all tokens (the
     router is replicated), runs only the assignments to its own experts (the others weigh 0), and a psum adds
     the devices' outputs. Indexing a sharded expert stack in plain jit would make the partitioner gather it."""
-    def local(flat, weights, idx, experts, scales):
+    def local(flat, weights, idx, experts):
         n_local = experts[0].shape[0]
         first = jax.lax.axis_index(axis) * n_local
         mine = (idx >= first) & (idx < first + n_local)
-        y = routed_experts(flat, jnp.where(mine, weights, 0.0), jnp.where(mine, idx - first, 0), experts, impl,
-                           scales=scales)
+        y = routed_experts(flat, jnp.where(mine, weights, 0.0), jnp.where(mine, idx - first, 0), experts, impl)
         return jax.lax.psum(y, axis)
 
-    stacks = P(axis)
-    scale_specs = tuple(None if s is None else stacks for s in scales)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (stacks,) * 3, scale_specs), out_specs=P(),
-                         check_vma=False)(flat, weights, idx, experts, scales)
+    stacks = P(axis)  # a prefix: a QuantizedArray's values and scales split alike
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), (stacks,) * 3), out_specs=P(),
+                         check_vma=False)(flat, weights, idx, experts)
 
 
 def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
@@ -111,14 +107,13 @@ def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
-def routed_experts(x, weights, idx, experts, impl: str, scales=(None, None, None)):
+def routed_experts(x, weights, idx, experts, impl: str):
     """x [T, d], weights/idx [T, k], experts (w_gate, w_up [E, d, f], w_down [E, f, d]) -> [T, d].
 
-    `scales` holds each stack's FP8 block scales or int8/int4 scales (or None): weights are dequantized as
-    late as each implementation allows. gather and blocked multiply by one expert's stored bytes tile by tile
-    (weight_quant.matmul); ragged_dot takes the whole stack, dequantized.
+    Each stack is dense or a weight_quant.QuantizedArray (FP8 block scales, int8/int4 scales): weights are
+    dequantized as late as each implementation allows. gather and blocked multiply by one expert's stored
+    bytes tile by tile (weight_quant.matmul); ragged_dot takes the whole stack, dequantized.
     """
-    experts = tuple(_ExpertStack(w, s) for w, s in zip(experts, scales))
     if impl == "gather":
         return _experts_gather(x, weights, idx, *experts)
     t, k = idx.shape
@@ -135,29 +130,6 @@ def routed_experts(x, weights, idx, experts, impl: str, scales=(None, None, None
     return jnp.zeros_like(x).at[order // k].add(out.astype(x.dtype))
 
 
-class _ExpertStack:
-    """An expert stack and its scales (None when dense), indexed together along the expert axis."""
-
-    def __init__(self, w, scale):
-        self.w, self.scale = w, scale
-
-    def __getitem__(self, i):
-        return _ExpertStack(self.w[i], None if self.scale is None else self.scale[i])
-
-    @property
-    def shape(self):
-        return self.w.shape
-
-    def astype(self, dtype):
-        """The whole stack dequantized; an int4 stack keeps its zero-padded input rows (callers slice)."""
-        return weight_quant.dequantize(self.w, self.scale, dtype)
-
-
-def _matmul(a, w: _ExpertStack):
-    """a @ one expert's matrix, read in its stored format."""
-    return weight_quant.matmul(a, w.w, w.scale)
-
-
 def _swiglu(x, w_gate, w_up, w_down, matmul):
     return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
@@ -170,7 +142,7 @@ def _experts_gather(x, weights, idx, w_gate, w_up, w_down):
 
     def pair(j, acc):
         token, e = j // k, idx[j // k, j % k]
-        y = _swiglu(x[token], w_gate[e], w_up[e], w_down[e], _matmul)
+        y = _swiglu(x[token], w_gate[e], w_up[e], w_down[e], weight_quant.matmul)
         return acc.at[token].add(weights[token, j % k].astype(y.dtype) * y)
 
     return jax.lax.fori_loop(0, t * k, pair, jnp.zeros_like(x))
@@ -206,7 +178,7 @@ def _experts_blocked(rows, group_sizes, w_gate, w_up, w_down, block: int = 32):
         def run(_):
             e = block_expert[i]
             xb = jax.lax.dynamic_slice_in_dim(buf, i * block, block)
-            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], _matmul)
+            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], weight_quant.matmul)
         return jax.lax.cond(i < used, run, lambda _: jnp.zeros((block, d), rows.dtype), None)
 
     out = jax.lax.map(one_block, jnp.arange(n_blocks)).reshape(n_blocks * block, d)

@@ -2,9 +2,9 @@
 
 Mesh axes: `model` (tensor and expert parallelism, and the cache's sequence) and, for a 2-D mesh `AxB`,
 `data` (A devices over the batch) x `model` (B devices). Weights are placed with NamedSharding by RULES and
-each parameter's logical axes; `jax.jit` partitions the rest of the model from there. The cache's layout
-(kv/layout.py: sequence-sharded, merged by log-sum-exp) and expert parallelism (moe.py) take their mesh axes
-from here; no compute module imports this one.
+each parameter's logical axes (the parameter table, ktjax/params.py); `jax.jit` partitions the rest of the
+model from there. The cache's layout (kv/layout.py: sequence-sharded, merged by log-sum-exp) and expert
+parallelism (moe.py) take their mesh axes from here; no compute module imports this one.
 
 Several machines: call `initialize_multihost()` in every process before anything else touches JAX; the mesh
 then spans every process's devices (jax.devices()), and the same code runs unchanged.
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import params
 from .errors import KtjaxError
 from .kv.layout import CacheLayout
 
@@ -34,30 +35,6 @@ RULES = {
     "ffn": MODEL,        # the intermediate dimension of dense MLPs and shared experts
     "vocab": MODEL,      # embedding rows and lm_head columns
 }
-
-# Parameter path suffix -> logical axes of its dimensions (stacked layers add a leading layer axis, never
-# sharded). Anything not listed (norms, the latent projections kv_a/q_a, the router) is replicated.
-PARAM_AXES = {
-    ("embed",): ("vocab", None),
-    ("lm_head", "kernel"): (None, "vocab"),
-    ("attn", "q_proj", "kernel"): (None, "heads"),
-    ("attn", "q_b_proj", "kernel"): (None, "heads"),
-    ("attn", "w_uk"): ("heads", None, None),
-    ("attn", "w_uv"): ("heads", None, None),
-    ("attn", "o_proj", "kernel"): ("heads", None),
-    ("gate_proj", "kernel"): (None, "ffn"),
-    ("gate_proj", "bias"): ("ffn",),
-    ("up_proj", "kernel"): (None, "ffn"),
-    ("up_proj", "bias"): ("ffn",),
-    ("down_proj", "kernel"): ("ffn", None),
-    ("mlp", "w_gate"): ("experts", None, None),
-    ("mlp", "w_up"): ("experts", None, None),
-    ("mlp", "w_down"): ("experts", None, None),
-    ("mlp", "w_gate_scale"): ("experts", None, None),
-    ("mlp", "w_up_scale"): ("experts", None, None),
-    ("mlp", "w_down_scale"): ("experts", None, None),
-}
-STACKS = ("dense_layers", "moe_layers")
 
 
 # -- the mesh -----------------------------------------------------------------------------------------------
@@ -102,13 +79,9 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def logical_axes(names: tuple[str, ...], ndim: int) -> tuple:
-    """The logical axes of a parameter from its path (None for each replicated dimension)."""
-    stacked = bool(names) and names[0] in STACKS
-    for suffix, axes in PARAM_AXES.items():
-        if names[-len(suffix):] == suffix:
-            axes = ((None,) if stacked else ()) + axes
-            return axes if len(axes) == ndim else (None,) * ndim
-    return (None,) * ndim
+    """The logical axes of a parameter from its path (None for each replicated dimension): the parameter
+    table's (ktjax/params.py); a quantized weight's scale takes its values' leading (expert) axes."""
+    return params.logical_axes(names, ndim)
 
 
 def _divisible(cfg, logical: str, size: int, n: int) -> bool:

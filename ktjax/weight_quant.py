@@ -1,7 +1,7 @@
 """Weight-only int8 and int4 quantization of matmul weights, and matmuls that read the narrow bytes.
 
 A weight is stored [..., in, out] (the Linear layout; leading axes stack layers or experts) as values and
-scales of the same rank, so that stacks shard and index alike:
+scales of the same rank, so that stacks shard and index alike; in memory the two are one QuantizedArray:
 
     int8   values int8  [..., in, out]        scales float32 [..., 1, out]     one per output channel
     int4   values uint8 [..., P/2, out]       scales float32 [..., P/g, out]   one per g inputs and output
@@ -23,10 +23,13 @@ CPU the bf16 -> float32 conversion itself runs at ~0.3 G weights/s, against ~4 G
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import params
 from .fp8 import FP8_DTYPES
 from .fp8 import dequantize as fp8_dequantize
 
@@ -110,35 +113,59 @@ def dequantize_np(values: np.ndarray, scales: np.ndarray, d_in: int) -> np.ndarr
     return (q * np.repeat(scales, group, axis=-2))[..., :d_in, :]
 
 
-# ---- jnp: matmuls on the stored bytes ------------------------------------------------------------------
+# ---- jnp: one quantized weight, and matmuls on the stored bytes ------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A weight held narrow: its values and their scales, one pytree value (one nnx.Param), so that jit, scan
+    and sharding carry and slice them together. The values' dtype names the format: float8 (128 x 128 block
+    scales, ktjax/fp8.py), int8 (per-channel scales) or uint8 (packed int4, group scales)."""
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple:
+        """The stored values' shape (int4 packs two inputs per byte); leading axes are those of the weight."""
+        return self.values.shape
+
+    def __getitem__(self, index):
+        """Index the leading (layer or expert) axes of values and scales together."""
+        return QuantizedArray(self.values[index], self.scale[index])
+
+    def astype(self, dtype):
+        """The whole weight dequantized; an int4 weight keeps its zero-padded input rows (callers slice)."""
+        return dequantize(self, dtype)
 
 
-def matmul(x, w, scale):
+def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
-    if scale is None:  # bf16 weights under float32 compute: tiles did not help (the bf16 convert is slow)
+    if not isinstance(w, QuantizedArray):  # bf16 weights under float32 compute: tiles did not help
         return x @ w.astype(x.dtype)
-    if np.dtype(w.dtype) in FP8_DTYPES:
-        return x @ fp8_dequantize(w, scale, x.dtype)
+    values, scale = w.values, w.scale
+    if np.dtype(values.dtype) in FP8_DTYPES:
+        return x @ fp8_dequantize(values, scale, x.dtype)
     lead, d_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, d_in)
-    if w.dtype == jnp.uint8:
-        y = _int4_matmul(rows, w, scale)
+    if values.dtype == jnp.uint8:
+        y = _int4_matmul(rows, values, scale)
     else:
-        y = _tiled_matmul(rows, w) * scale.astype(jnp.float32)
-    return y.astype(x.dtype).reshape(*lead, w.shape[-1])
+        y = _tiled_matmul(rows, values) * scale.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, values.shape[-1])
 
 
-def dequantize(w, scale, dtype):
+def dequantize(w, dtype):
     """The whole weight in `dtype` (jnp): for ragged_dot, which takes the stack at once."""
-    if scale is None:
+    if not isinstance(w, QuantizedArray):
         return w.astype(dtype)
-    if np.dtype(w.dtype) in FP8_DTYPES:
-        return fp8_dequantize(w, scale, dtype)
-    if w.dtype == jnp.int8:
-        return (w.astype(jnp.float32) * scale).astype(dtype)
-    group = int4_group(w.shape, scale.shape)
-    *lead, half, d_out = w.shape
-    g = w.reshape(*lead, 2 * half // group, group // 2, d_out)
+    values, scale = w.values, w.scale
+    if np.dtype(values.dtype) in FP8_DTYPES:
+        return fp8_dequantize(values, scale, dtype)
+    if values.dtype == jnp.int8:
+        return (values.astype(jnp.float32) * scale).astype(dtype)
+    group = int4_group(values.shape, scale.shape)
+    *lead, half, d_out = values.shape
+    g = values.reshape(*lead, 2 * half // group, group // 2, d_out)
     q = jnp.stack([g & 15, g >> 4], axis=-3).astype(jnp.float32) - 8  # [..., groups, 2, g/2, out]
     full = q * scale[..., :, None, None, :]
     return full.reshape(*lead, 2 * half, d_out).astype(dtype)  # padded rows are zero: callers slice to `in`
@@ -185,7 +212,7 @@ def _int4_matmul(x, packed, scale):
     g = 2 * half // groups
     x = jnp.pad(x, ((0, 0), (0, 2 * half - x.shape[1])))  # the padded inputs meet zero weights
     if _fits_one_tile(packed):
-        return jnp.matmul(x, dequantize(packed, scale, x.dtype), preferred_element_type=jnp.float32)
+        return jnp.matmul(x, dequantize(QuantizedArray(packed, scale), x.dtype), preferred_element_type=jnp.float32)
     xs = x.reshape(-1, groups, 2, g // 2)
     ps = packed.reshape(groups, g // 2, d_out)
 
@@ -202,26 +229,29 @@ def _int4_matmul(x, packed, scale):
 # ---- a loaded model, quantized in memory (tests and benchmarks; the converter writes the same arrays) -----
 
 def quantized_paths(path: tuple) -> bool:
-    """Whether a parameter (its path in the model state) is quantized: attention projections, dense MLPs,
-    shared and routed experts. Embeddings, lm_head, norms, the router and w_uk/w_uv stay as they are."""
-    if path and path[0] == "lm_head":
-        return False
-    return path[-1] == "kernel" or path[-1] in ("w_gate", "w_up", "w_down")
+    """Whether a parameter (its path in the model state) is quantized: the parameter table's `quantize`
+    (attention projections, dense MLPs, shared and routed experts; not embeddings, lm_head, norms, the router
+    or w_uk/w_uv)."""
+    return params.lookup(path)[0].quantize
 
 
 def quantize_model(model, fmt: str, group: int = INT4_GROUP):
-    """Replace each quantized parameter of an nnx model by its `fmt` values and scales, in place."""
+    """Replace each quantized parameter of an nnx model by a QuantizedArray in `fmt`, in place."""
     from flax import nnx
 
-    targets = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module):
-            for name in ("kernel", "w_gate", "w_up", "w_down"):
-                if hasattr(node, name) and quantized_paths(tuple(map(str, path)) + (name,)):
-                    targets.append((node, name))
-    for module, name in targets:
-        values, scales = quantize(np.asarray(getattr(module, name)[...], np.float32), fmt, group)
-        setattr(module, name, nnx.Param(jnp.asarray(values)))
-        setattr(module, name + "_scale", nnx.Param(jnp.asarray(scales)))
+    for path, var in list(nnx.state(model).flat_state()):
+        path = tuple(map(str, path))
+        if quantized_paths(path):
+            values, scales = quantize(np.asarray(var[...], np.float32), fmt, group)
+            set_param(model, path, QuantizedArray(jnp.asarray(values), jnp.asarray(scales)))
     return model
 
+
+def set_param(model, path: tuple, value):
+    """Replace the parameter at `path` (in the model state) by nnx.Param(value): a QuantizedArray, say."""
+    from flax import nnx
+
+    module = model
+    for name in path[:-1]:
+        module = getattr(module, name)
+    setattr(module, path[-1], nnx.Param(value))

@@ -43,8 +43,11 @@ report = {
 for weights in ("int8", "int4"):
     path = os.path.join(work, weights)
     assert convert(["--hf-dir", hf, "--out", path, "--quiet", "--weights", weights]) == 0
-    report[f"{weights}_logits_error"] = rel_err(ktjax.load(path, mesh="8").logits(ids),
-                                              ktjax.load(path, mesh="1").logits(ids))
+    quantized = ktjax.load(path, mesh="8")
+    report[f"{weights}_logits_error"] = rel_err(quantized.logits(ids), ktjax.load(path, mesh="1").logits(ids))
+    w = quantized.state["moe_layers"]["mlp"]["w_gate"][...]  # a QuantizedArray: values and scales
+    report[f"{weights}_w_gate_shard_shapes"] = [shard_shapes(w.values), shard_shapes(w.scale)]
+    report[f"{weights}_w_gate_shapes"] = [list(w.values.shape), list(w.scale.shape)]
 # The Hugging Face loader itself returns sharded parameters (not only the Engine after placing them).
 hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh((8,)))
 report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])

@@ -86,9 +86,10 @@ def test_tiled_matmul_equals_the_dequantized_weight(rng, monkeypatch, fmt, token
     x = rng.standard_normal((tokens, 200)).astype(np.float32)
     values, scales = wq.quantize(w, fmt, group)
     want = x @ wq.dequantize_np(values, scales, 200)
-    got = np.asarray(wq.matmul(jnp.asarray(x), jnp.asarray(values), jnp.asarray(scales)))
+    weight = wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
+    got = np.asarray(wq.matmul(jnp.asarray(x), weight))
     assert np.abs(got - want).max() <= MATMUL_EXACT * np.abs(want).max()
-    whole = np.asarray(wq.dequantize(jnp.asarray(values), jnp.asarray(scales), jnp.float32))[:200]
+    whole = np.asarray(wq.dequantize(weight, jnp.float32))[:200]
     np.testing.assert_allclose(whole, wq.dequantize_np(values, scales, 200), rtol=1e-6, atol=1e-7)
 
 
@@ -103,8 +104,8 @@ def test_expert_paths_multiply_the_stored_experts(rng, fmt, impl):
     weights = jnp.asarray(rng.random((t, k)), jnp.float32)
     deq = tuple(jnp.asarray(wq.dequantize_np(v, s, w.shape[-2])) for (v, s), w in zip(quantized, dense))
     want = routed_experts(x, weights, idx, deq, "gather")
-    got = routed_experts(x, weights, idx, tuple(jnp.asarray(v) for v, _ in quantized), impl,
-                         scales=tuple(jnp.asarray(s) for _, s in quantized))
+    got = routed_experts(x, weights, idx, tuple(wq.QuantizedArray(jnp.asarray(v), jnp.asarray(s))
+                                                for v, s in quantized), impl)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

@@ -231,52 +231,12 @@ def train(args):
 
 
 def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
-    """Our parameters under Hugging Face names and layouts ([out, in] kernels, per-expert tensors)."""
+    """Our parameters under Hugging Face names and layouts: the parameter table's inverse (ktjax/params.py)."""
     from flax import nnx
-    from flax.traverse_util import flatten_dict
 
-    state = nnx.state(model).to_pure_dict()
-    out = {"model.embed_tokens.weight": state["embed"], "model.norm.weight": state["norm"]["weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = np.asarray(state["lm_head"]["kernel"]).T
-    stacks = [("dense_layers", range(cfg.num_dense_layers)),
-              ("moe_layers", range(cfg.num_dense_layers, cfg.num_hidden_layers))]
-    for stack, layers in stacks:
-        stacked = {k: np.asarray(v) for k, v in flatten_dict(state[stack]).items() if v is not None}
-        for j, i in enumerate(layers):
-            out.update(_hf_layer({k: v[j] for k, v in stacked.items()}, i, cfg))
-    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in out.items()}
+    from .params import hf_tensors
 
-
-def _hf_layer(p: dict, i: int, cfg) -> dict:
-    pre, att = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-    out = {pre + "input_layernorm.weight": p[("input_norm", "weight")],
-           pre + "post_attention_layernorm.weight": p[("post_attn_norm", "weight")],
-           att + "kv_a_proj_with_mqa.weight": p[("attn", "kv_a_proj", "kernel")].T,
-           att + "kv_a_layernorm.weight": p[("attn", "kv_a_norm", "weight")],
-           att + "o_proj.weight": p[("attn", "o_proj", "kernel")].T}
-    if cfg.q_lora_rank:
-        out[att + "q_a_proj.weight"] = p[("attn", "q_a_proj", "kernel")].T
-        out[att + "q_a_layernorm.weight"] = p[("attn", "q_a_norm", "weight")]
-        out[att + "q_b_proj.weight"] = p[("attn", "q_b_proj", "kernel")].T
-    else:
-        out[att + "q_proj.weight"] = p[("attn", "q_proj", "kernel")].T
-    kv_b = np.concatenate([p[("attn", "w_uk")], p[("attn", "w_uv")]], axis=1)  # [h, d_nope + d_v, R]
-    out[att + "kv_b_proj.weight"] = kv_b.reshape(-1, cfg.kv_lora_rank)
-    if ("mlp", "router") not in p:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[pre + f"mlp.{name}.weight"] = p[("mlp", name, "kernel")].T
-        return out
-    out[pre + "mlp.gate.weight"] = p[("mlp", "router")].T
-    out[pre + "mlp.gate.e_score_correction_bias"] = p.get(("mlp", "router_bias"),
-                                                          np.zeros(cfg.n_routed_experts, np.float32))
-    for e in range(cfg.n_routed_experts):
-        for ours, name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-            out[pre + f"mlp.experts.{e}.{name}.weight"] = p[("mlp", ours)][e].T
-    if cfg.n_shared_experts:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[pre + f"mlp.shared_experts.{name}.weight"] = p[("mlp", "shared", name, "kernel")].T
-    return out
+    return hf_tensors(cfg, nnx.state(model).to_pure_dict())
 
 
 def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"):
