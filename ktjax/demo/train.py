@@ -234,7 +234,7 @@ def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
     """Our parameters under Hugging Face names and layouts: the parameter table's inverse (ktjax/params.py)."""
     from flax import nnx
 
-    from .params import hf_tensors
+    from ..params import hf_tensors
 
     return hf_tensors(cfg, nnx.state(model).to_pure_dict())
 
