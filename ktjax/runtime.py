@@ -296,8 +296,11 @@ def load_yaml(path: str) -> dict:
         raise KtjaxError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise KtjaxError(f"{path}: cannot read ({e})") from None
-    except yaml.YAMLError as e:
-        raise KtjaxError(f"{path}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:  # its own text spans lines: one line, where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KtjaxError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{where})") \
+            from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise KtjaxError(f"{path}: expected a mapping of settings")

@@ -156,7 +156,7 @@ SHARD_FILES = {
     "index shard name a number": lambda d: _index_names(d, 7) or "weight_map must map",
     "index names a missing shard": lambda d: _index_names(d, "gone.safetensors") or "download is incomplete",
     "index not JSON": lambda d: write_text(os.path.join(d, "model.safetensors.index.json"), "{") or
-    "not a valid safetensors index",
+    "safetensors index is not valid JSON",
 }
 
 

@@ -124,3 +124,15 @@ def test_cache_lens_auto_fits_the_budget(hf_folder):
     assert weight_bytes_on_load(folder, 4) == engine.weight_bytes
     with pytest.raises(KtjaxError, match=r"memory budget 1\.0 KiB is smaller than the weights"):
         ktjax.load(folder, memory_budget="1KiB")  # refused from the headers, before any weight is read
+
+
+def test_non_finite_logits_stop_generation_with_a_message(hf_folder):
+    """A model already in memory (no load-time check) whose embedding of one token is NaN: generation stops at
+    that token's step, naming it, instead of sampling from NaN or returning an empty completion."""
+    folder, _ = hf_folder("v2_lite")
+    base = ktjax.load(folder)
+    model = base.model
+    model.embed[...] = model.embed[...].at[7].set(jnp.nan)
+    engine = ktjax.load_model(base.cfg, model, max_new_tokens=6, ignore_eos=True)
+    with pytest.raises(KtjaxError, match="non-finite logits .* at generation step 0 of sequence 1"):
+        engine.generate([[3, 4, 5], [3, 4, 7]])

@@ -348,3 +348,52 @@ def test_a_killed_conversion_s_partial_folder_is_removed_by_the_next(world, mode
 ])
 def test_cli_refuses_bad_arguments(world, capsys, argv, pattern):
     finish(world, capsys, generate_main(argv), 2, pattern)
+
+
+def _yaml(text):
+    def make(world):
+        (world / "preset.yaml").write_text(text)
+        return ["--config", str(world / "preset.yaml")]
+    return make
+
+
+def _fifo(world):
+    os.mkfifo(world / "prompt.fifo")
+    return ["--prompt-file", str(world / "prompt.fifo")]
+
+
+def _no_tokenizer(world):
+    folder = hc.model_copy(str(world / "model"))
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    return ["--model", folder]
+
+
+SETTING_CASES = {  # each: world -> argv, and the message's pattern
+    "temperature nan": (lambda w: ["--temperature", "nan"], "temperature='nan'"),
+    "temperature inf": (lambda w: ["--temperature", "inf"], "temperature='inf'"),
+    "top-k 1e12": (lambda w: ["--top-k", "1000000000000"], "top_k="),
+    "seed 10**23": (lambda w: ["--seed", str(10**23)], "seed="),
+    "memory budget 1e999": (lambda w: ["--memory-budget", "1e999"], "memory size '1e999'"),
+    "memory budget 0": (lambda w: ["--memory-budget", "0GB"], "memory size '0GB'"),
+    "cache lens -1": (lambda w: ["--cache-lens", "-1"], "cache_lens='-1'"),
+    "mesh 0x2": (lambda w: ["--mesh", "0x2"], "mesh='0x2'"),
+    "config is a folder": (lambda w: ["--config", str(w)], "a folder, not a YAML config file"),
+    "config missing": (lambda w: ["--config", str(w / "none.yaml")], "config file not found"),
+    "yaml temperature hot": (_yaml("temperature: hot\n"), "temperature='hot'"),
+    "yaml cache_lens true": (_yaml("cache_lens: true\n"), "cache_lens=True"),
+    "yaml a list": (_yaml("- 1\n- 2\n"), "expected a mapping"),
+    "yaml unknown key": (_yaml("flash: true\n"), "unknown setting"),
+    "yaml broken": (_yaml("a: [1,\n"), "not valid YAML"),
+    "yaml model a number": (_yaml("model: 3\n"), "model must be a folder path"),
+    "prompt file a FIFO": (_fifo, "not a regular file"),
+    "model without tokenizer.json": (_no_tokenizer, "no tokenizer.json"),
+    "prompt past the window": (lambda w: ["--prompt", "ab " * 2000, "--max-new-tokens", "1"],
+                               r"exceeds the model's window of 1024 positions"),
+}
+
+
+@pytest.mark.parametrize("case", SETTING_CASES)
+def test_cli_refuses_bad_settings_and_prompts(world, capsys, case):
+    """Settings are refused by their one parser (flags and YAML alike), prompts before any prefill."""
+    make, pattern = SETTING_CASES[case]
+    finish(world, capsys, generate_main(make(world)), 2, pattern)
