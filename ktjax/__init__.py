@@ -102,7 +102,8 @@ def _generation_defaults(raw) -> dict:
     """generation_config.json's sampling settings, type-checked here and range-checked as the same CLI flags are."""
     import math
 
-    from .config import json_type_name, token_ids
+    from .config import token_ids
+    from .jsonio import json_type_name
     from .runtime import CallSettings
 
     if not isinstance(raw, dict):

@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 from .errors import KtjaxError
-from .jsonio import read_json
+from .jsonio import json_type_name, read_json
 
 ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -224,11 +224,6 @@ def _rope(g: "_Getter", arch: str, dim: int) -> RopeConfig:
                       original_max_position_embeddings=original,
                       beta_fast=p.float("beta_fast", None) or 32.0, beta_slow=p.float("beta_slow", None) or 1.0,
                       attention_factor=attention_factor, mscale_all_dim=mscale_all_dim or 0.0)
-
-
-def json_type_name(value) -> str:
-    names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
 
 
 # Sizes past these are a damaged or hostile config.json, refused before anything is built (DeepSeek-V3: 61 layers,

@@ -11,6 +11,11 @@ from .files import open_regular
 MAX_JSON_BYTES = 256 * 2**20  # model folders' JSON files are kilobytes (a large index: a few megabytes)
 
 
+def json_type_name(value) -> str:
+    names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def read_json(path: str, what: str = "JSON file", missing_hint: str = "") -> dict:
     """The JSON object in `path`. A missing or unreadable file, bytes that are not UTF-8, text that is not
     JSON and JSON that is not an object are each a KtjaxError naming `path` and `what` the file should hold
@@ -32,5 +37,5 @@ def read_json(path: str, what: str = "JSON file", missing_hint: str = "") -> dic
     except OSError as e:  # a directory, no permission
         raise KtjaxError(f"{path}: cannot read the {what} ({e.strerror})") from None
     if not isinstance(raw, dict):
-        raise KtjaxError(f"{path}: the {what} is not a JSON object (it holds a {type(raw).__name__})")
+        raise KtjaxError(f"{path}: the {what} must hold a JSON object, not a {json_type_name(raw)}")
     return raw

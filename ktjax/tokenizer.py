@@ -22,7 +22,7 @@ def _token_text(value):
 
 def _check_tokenizer_config(config):
     """tokenizer_config.json's fields that ktjax reads, type-checked (a KtjaxError naming the field)."""
-    from .config import json_type_name
+    from .jsonio import json_type_name
 
     if not isinstance(config, dict):
         raise KtjaxError(f"must hold a JSON object of settings, not a {json_type_name(config)}")

@@ -245,7 +245,6 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
     into place at the end: an interrupted export leaves `folder` as it was."""
     import tempfile
 
-    from ..convert import _move_into_place  # the converter's swap: an old folder stays whole until then
     from ..units import format_bytes
 
     out = os.path.abspath(folder)
@@ -253,7 +252,7 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
     try:
         weight_bytes = _write_hf_folder(model, raw_config, tok, tmp, dtype)
-        _move_into_place(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +308,25 @@ def main(argv=None):
         print(f"error: {refusal}", file=sys.stderr)
         raise SystemExit(2)
     return train(args)
+
+
+def _swap_in(tmp: str, out: str):
+    """Rename the finished folder `tmp` to `out`. An existing `out` (main has checked that --overwrite allows it)
+    is renamed aside first and deleted only once the new folder is in place."""
+    import shutil
+    import tempfile
+
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.rename(out, backup)  # onto the empty folder reserved for it
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _out_refusal(out: str, overwrite: bool) -> str | None:
