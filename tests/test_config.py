@@ -58,7 +58,7 @@ def test_unsupported_values_name_the_field(change, named):
     (None, r"no such file \(the model config\); point at"),
     (b'{"vocab_size": 10,', "not valid JSON"),
     (b'{"name": "caf\xe9"}', "not UTF-8 text"),
-    (b"[1, 2]", "not a JSON object"),
+    (b"[1, 2]", "must hold a JSON object, not a JSON list"),
 ])
 def test_a_broken_config_file_is_one_message_naming_it(tmp_path, content, fault):
     """Every JSON file a folder holds is read by ktjax.jsonio.read_json: these faults read alike in all."""
