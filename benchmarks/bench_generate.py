@@ -96,7 +96,8 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
 
 
 def decode_bytes(a, context: int, cache_bytes_per_token: float) -> float:
-    """Bytes one decode step reads: weights used by one token (selected experts only) and the cache."""
+    """Bytes one decode step reads: weights used by one token (selected experts only, one embedding row) and the
+    cache."""
     k = model_kwargs(a)
     d, v, layers, experts = k["hidden_size"], k["vocab_size"], k["num_hidden_layers"], k["n_routed_experts"]
     h, r, rope, nope, dv = (k["num_attention_heads"], k["kv_lora_rank"], k["qk_rope_head_dim"],
@@ -106,7 +107,8 @@ def decode_bytes(a, context: int, cache_bytes_per_token: float) -> float:
     moe_layer = d * experts + (k["num_experts_per_tok"] + k["n_shared_experts"]) * expert
     dense_layer = 3 * d * k["intermediate_size"]
     first_dense = k["first_k_dense_replace"]
-    weights = layers * attention + first_dense * dense_layer + (layers - first_dense) * moe_layer + 2 * v * d
+    # lm_head reads all of its weights; the embedding only the token's row
+    weights = layers * attention + first_dense * dense_layer + (layers - first_dense) * moe_layer + v * d + d
     return 4 * weights + context * cache_bytes_per_token  # float32 weights
 
 

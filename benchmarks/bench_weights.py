@@ -95,6 +95,8 @@ def matvec(args):
     q4_128 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int4", 128)))
     cases = {
         "float32 x @ w": (lambda x, w: x @ w, (jnp.asarray(w),)),
+        # The same weight kept [out, in] (Hugging Face's layout): the contraction runs along contiguous memory.
+        "float32 [out, in] layout, w_t @ x": (lambda x, w_t: (w_t @ x[0])[None], (jnp.asarray(w.T.copy()),)),
         "bf16 x @ w.astype(f32)": (lambda x, w: x @ w.astype(jnp.float32), (jnp.asarray(w, jnp.bfloat16),)),
         "bf16 in 8 tiles": (_bf16_tiles, (jnp.asarray(w, jnp.bfloat16),)),
         "int8 (x @ q.astype(f32)) * s, whole": (lambda x, q: (x @ q.values.astype(jnp.float32)) * q.scale, (q8,)),
@@ -109,6 +111,16 @@ def matvec(args):
         t = time_median(jax.jit(fn), x, *weights, repeats=args.repeats)
         stored = sum(a.nbytes for a in jax.tree.leaves(weights))
         print(f"| {name} | {t * 1e3:.2f} | {stored / t / 1e9:.1f} |", flush=True)
+    x_np = np.asarray(x)
+    t = min(_seconds(lambda: x_np @ w) for _ in range(args.repeats))
+    print(f"| numpy BLAS x @ w (all threads, best) | {t * 1e3:.2f} | {w.nbytes / t / 1e9:.1f} |", flush=True)
+
+
+def _seconds(fn) -> float:
+    import time
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # ---- a DeepSeek-V2-Lite-shaped folder, shard by shard ---------------------------------------------------

@@ -267,8 +267,8 @@ class Engine:
         passed every check, before the prefill; on_tokens(list of new-token lists) after each dispatch, for
         streaming."""
         call = CallSettings.from_overrides(self.defaults, **settings)
-        prompts = [self._encode(p) for p in prompts] if prompts else prompts
-        if not prompts or any(len(p) == 0 for p in prompts):
+        prompts = [self._encode(p) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+        if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
             raise KtjaxError("every prompt needs at least one token")
         prompts = [list(map(int, p)) for p in prompts]
         self._check_ids(prompts)
@@ -315,7 +315,8 @@ class Engine:
     def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
         rt, cfg = self.runtime, self.cfg
         b = len(prompts)
-        plan = self.plan_cache(b, max(map(len, prompts)) + call.max_new_tokens)
+        # Never plan past the model's window: a longer request is cut or refused by _fit_prompts.
+        plan = self.plan_cache(b, min(max(map(len, prompts)) + call.max_new_tokens, self.cfg.max_position_embeddings))
         prompts = self._fit_prompts(prompts, call, plan.cache_lens)
         chunk = self._chunk(max(map(len, prompts)))
         sampling, stops = self.sampling_and_stops(call)

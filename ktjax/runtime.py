@@ -4,7 +4,7 @@ One table, SETTINGS, defines every key once: its default, its help text, its cho
 that validates and normalises a value. `ktjax.load(path, **settings)`, YAML presets (configs/*.yaml) and the
 CLI flags of `python -m ktjax.generate` (key `cache_dtype` = flag `--cache-dtype`) all pass their values
 through it, so they accept exactly the same values and aliases; README.md's settings table is generated
-from it (benchmarks/settings_table.py; a test compares).
+from it (docs/settings_table.py; a test compares).
 
 Load-time settings (RuntimeConfig) shape the compiled programs and the memory plan; per-call settings
 (CallSettings: sampling, lengths, seed, stop handling) change from one `Engine.generate` call to the next
@@ -77,7 +77,7 @@ def _bool(key, value, auto: bool = False):
     v = value.strip().lower() if isinstance(value, str) else value
     if auto and v == "auto":
         return "auto"
-    if isinstance(v, float) or v not in _BOOL:
+    if not isinstance(v, (bool, int, str)) or v not in _BOOL:
         _fail(key, value, "must be true or false" + (" or auto" if auto else ""))
     return _BOOL[v]
 

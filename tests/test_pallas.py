@@ -176,12 +176,13 @@ def test_prefill_matches_reference(rng, fmt_name, num_splits):
 
 # ----------------------------------------------------------------------- the cache's choice of attention
 
-@pytest.mark.parametrize("fmt_name", ["bf16", "int4"])
+@pytest.mark.parametrize("fmt_name", ["bf16", "fp8", "int4"])
 def test_cache_attends_alike_through_pallas_and_xla(rng, fmt_name):
+    """The cache holds narrow floats as their bits (formats.container): both paths read them back."""
     fmt = cf.resolve(fmt_name)
     layer = make_cache(rng, fmt, 2, 32, 24)
-    caches = {path: LatentCache(*(None if x is None else x[None] for x in layer), fmt=fmt, rank=24, block=BLOCK,
-                                attention=path) for path in ("pallas", "xla")}
+    caches = {path: LatentCache(*(None if x is None else quant.to_bits(x)[None] for x in layer), fmt=fmt, rank=24,
+                                block=BLOCK, attention=path) for path in ("pallas", "xla")}
     lengths = jnp.array([32, 9], jnp.int32)
     scale = softmax_scale(24)
     for q_positions in (jnp.array([[31], [8]], jnp.int32), jnp.array([[30, 31], [7, 8]], jnp.int32)):  # decode, prefill

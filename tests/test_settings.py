@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import jax
+import numpy as np
 import pytest
 
 import ktjax
@@ -31,6 +32,7 @@ CASES = [
     ("temperature", "-1", None), ("top_k", "5", 5), ("top_k", "1000000000000", None),
     ("top_p", "0.9", 0.9), ("top_p", "7", None), ("top_p", "0", None),
     ("seed", "3", 3), ("seed", str(10**23), None),
+    ("ignore_eos", "[1]", None), ("absorb_for_prefill", "{}", None),
 ]
 
 
@@ -129,6 +131,10 @@ def test_generate_text_round_trip():
     assert texts == [engine.tokenizer.decode(t) for t in engine.generate(ids).tokens]
     assert engine.generate_text(["Hello"], chat=True)[0] == engine.generate(
         [engine.encode_chat("Hello")]).texts[0]
+    # One string is one prompt; a numpy batch of ids is a batch.
+    assert engine.generate("The for statement").texts == texts[:1]
+    batch = np.array([ids[0][:3], ids[1][:3]])
+    assert engine.generate(batch).tokens == engine.generate(batch.tolist()).tokens
 
 
 def test_prompt_past_the_model_window_is_refused_before_prefill(hf_folder):

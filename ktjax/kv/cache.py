@@ -20,7 +20,6 @@ from .quant import from_bits, quantize, to_bits
 # Attention walks the cache in blocks of this many tokens; cache_lens is a multiple of the block.
 MAX_KV_BLOCK = 512
 MIN_KV_BLOCK = 16
-ATTENTION_PATHS = ("xla", "pallas")
 
 
 def plan_cache_lens(requested: int, shards: int = 1) -> tuple[int, int]:
