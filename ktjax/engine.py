@@ -326,9 +326,10 @@ class Engine:
         try:
             cache = self.new_cache(b, plan, notes)
             cache_bytes_per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
-            if cache.layout is not None and rt.attention == "pallas":
-                notes.append("attention over the sequence-sharded cache runs on the XLA path: the merge needs "
-                             "each device's log-sum-exp, which the Pallas kernels do not return")
+            if rt.attention not in ("auto", cache.attention):  # kv/cache.py attention_path overrode the setting
+                notes.append(f"attention runs on the {cache.attention} path, not {rt.attention}: over a "
+                             "sequence-sharded cache the merge needs each device's log-sum-exp, which only the "
+                             "XLA path returns")
             t0 = time.perf_counter()
             prefill = self._prefill_program(cache, b, chunk, all_logits=False)
             decode = self._decode_program(cache, b, stop_ids.shape)
