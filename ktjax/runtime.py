@@ -263,10 +263,7 @@ class CallSettings:
 
 def resolve(**values) -> tuple[RuntimeConfig, CallSettings]:
     """Any mix of settings -> (load-time, per-call), each value checked by its one parser."""
-    unknown = sorted(set(values) - set(SETTINGS))
-    if unknown:
-        raise KtjaxError(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
-    load = {k: v for k, v in values.items() if k in LOAD_KEYS}
+    load = {k: v for k, v in values.items() if k not in CALL_KEYS}  # an unknown key is refused there, by name
     call = {k: v for k, v in values.items() if k in CALL_KEYS}
     return RuntimeConfig.from_overrides(**load), CallSettings.from_overrides(**call)
 

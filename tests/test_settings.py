@@ -40,21 +40,23 @@ def _seen(key, value):
     return value.name if key == "cache_dtype" else value
 
 
-def _via_cli(key, value):
-    _, (load, call) = parse(["--" + key.replace("_", "-"), value])
+def _value(key, resolved):
+    load, call = resolved
     return getattr(load if key in runtime.LOAD_KEYS else call, key)
+
+
+def _via_cli(key, value):
+    return _value(key, parse(["--" + key.replace("_", "-"), value])[1])
 
 
 def _via_yaml(key, value, tmp_path):
     path = tmp_path / "preset.yaml"
     path.write_text(f"{key}: {value}\n")
-    _, (load, call) = parse(["--config", str(path)])
-    return getattr(load if key in runtime.LOAD_KEYS else call, key)
+    return _value(key, parse(["--config", str(path)])[1])
 
 
 def _via_api(key, value):
-    load, call = runtime.resolve(**{key: value})
-    return getattr(load if key in runtime.LOAD_KEYS else call, key)
+    return _value(key, runtime.resolve(**{key: value}))
 
 
 @pytest.mark.parametrize("key,value,expected", CASES)
