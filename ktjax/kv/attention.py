@@ -77,20 +77,29 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
     return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
 
 
+def _taker(take, block, layer):
+    """take(x, j) -> key block j of x, None for None: a paged cache's gather (kv/paged.py), else a slice."""
+    if take is None:
+        return lambda x, j: _block(x, j, block, layer)
+    return lambda x, j: None if x is None else take(x, j)
+
+
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int, with_lse: bool = False, layer=None):
+                    block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
-    With `layer`, each is the whole stack ([L, b, T, ...]).
+    With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, j)` (a paged cache), the arrays are
+    whatever take reads key block j [b, block, ...] from, and n_keys the keys it can address.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
+    take = _taker(take, block, layer)
 
     def blocks(j):
-        return (stored_values(fmt, _block(c_kv, j, block, layer), rank), _block(scales, j, block, layer),
-                from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype).astype(jnp.float32))
+        return (stored_values(fmt, take(c_kv, j), rank), take(scales, j),
+                from_bits(take(k_pe, j), fmt.k_pe_dtype).astype(jnp.float32))
 
     def scores_fn(j):
         c, sc, kp = blocks(j)
@@ -100,7 +109,8 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         c, sc, _ = blocks(j)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
+                  with_lse)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -111,26 +121,29 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int, with_lse: bool = False, layer=None):
+                  scale: float, block: int, with_lse: bool = False, layer=None, take=None,
+                  n_keys: int | None = None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
-    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
+    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
+    `take` and n_keys as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
+    take = _taker(take, block, layer)
 
     def latents(j):
-        return dequantize(fmt, _block(c_kv, j, block, layer), _block(scales, j, block, layer), rank)
+        return dequantize(fmt, take(c_kv, j), take(scales, j), rank)
 
     def scores_fn(j):
         k_nope = jnp.einsum("btc,hdc->bthd", latents(j), w_uk)
         return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype)
+                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(take(k_pe, j), fmt.k_pe_dtype)
                              .astype(jnp.float32))) * scale
 
     def values_fn(j, p):
         return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
-                  with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
+                  (b, s, h, w_uv.shape[1]), with_lse)
 
