@@ -19,13 +19,24 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..errors import KtjaxError
 from .attention import mla_prefill_xla, naive_prefill
 from .cache import MAX_KV_BLOCK, attention_path
 from .formats import SCALE_DTYPE, CacheFormat, container
+from .layout import CacheLayout, merge_partials
 from .quant import quantize, to_bits
 
 DEFAULT_PAGE_SIZE = 64
-_HAVE_KERNEL = False
+
+
+def paged_attention_path(setting: str, page_size: int) -> str:
+    """attention_path's rule, and the XLA path for pages the kernel cannot tile (not a power of two >= 16)."""
+    from .pallas.paged import kernel_fits
+    path = attention_path(setting, None)
+    return path if path == "xla" or kernel_fits(page_size) else "xla"
 
 
 def pages_per_block(page_size: int, table_width: int) -> int:
@@ -46,18 +57,34 @@ class PagedLatentCache:
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
+    # None: one device. Else the pool's pages are split over layout.seq_axis (device k holds pages
+    # [k n_pages/N, (k+1) n_pages/N)), everything else replicated; attention merges the devices' partials.
+    layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, n_pages: int, page_size: int = DEFAULT_PAGE_SIZE, *,
-               batch: int = 1, max_pages: int = 1, attention: str = "auto") -> "PagedLatentCache":
+               batch: int = 1, max_pages: int = 1, attention: str = "auto",
+               layout: CacheLayout | None = None) -> "PagedLatentCache":
         lead = (cfg.num_hidden_layers, n_pages, page_size)
         r = cfg.kv_lora_rank
-        scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
-        return cls(c_kv=jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales=scales,
-                   k_pe=jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)),
-                   page_table=jnp.zeros((batch, max_pages), jnp.int32), fmt=fmt, rank=r,
-                   attention="xla" if attention_path(attention, None) == "pallas" and not _HAVE_KERNEL
-                   else attention_path(attention, None))
+        if layout is not None and layout.seq_axis is None:
+            layout = None
+        if layout is not None and n_pages % layout.mesh.shape[layout.seq_axis]:
+            raise KtjaxError(f"{n_pages} pages do not split evenly over the {layout.mesh.shape[layout.seq_axis]} "
+                             f"devices of mesh axis '{layout.seq_axis}'")
+
+        def zeros():
+            scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
+            return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
+
+        if layout is not None:  # each device allocates its own pages, never the whole pool
+            zeros = jax.jit(zeros, out_shardings=NamedSharding(layout.mesh, pool_spec(layout)))
+        c_kv, scales, k_pe = zeros()
+        return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, page_table=jnp.zeros((batch, max_pages), jnp.int32),
+                   fmt=fmt, rank=r, attention="xla" if layout is not None else paged_attention_path(attention,
+                                                                                                   page_size),
+                   layout=layout)
 
     @property
     def n_pages(self) -> int:
@@ -98,22 +125,65 @@ class PagedLatentCache:
         q, scales = quantize(self.fmt, c_kv)
         page, slot = self.locate(positions)
         new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
-        c, sc, kp = (None if buf is None else buf.at[layer, page, slot].set(x.astype(buf.dtype), mode="drop")
-                     for buf, x in zip(self.buffers, new))
+
+        def store(buffers, layer, page, slot, new):
+            page, _ = self._local(page, buffers[0].shape[1])  # another device's page: dropped
+            return tuple(None if buf is None else buf.at[layer, page, slot].set(x.astype(buf.dtype), mode="drop")
+                         for buf, x in zip(buffers, new))
+
+        if self.layout is None:
+            c, sc, kp = store(self.buffers, layer, page, slot, new)
+        else:
+            specs = self._specs()
+            c, sc, kp = jax.shard_map(store, mesh=self.layout.mesh, in_specs=(specs, P(), P(), P(), P()),
+                                      out_specs=specs, check_vma=False)(self.buffers, layer, page, slot, new)
         return dataclasses.replace(self, c_kv=c, scales=sc, k_pe=kp)
 
-    def _paged(self, layer):
+    def _local(self, pages, n_local: int):
+        """Global page ids -> (ids in this device's shard of the pool, n_local where not held; held mask)."""
+        if self.layout is None:
+            return pages, jnp.ones(pages.shape, jnp.bool_)
+        local = pages - jax.lax.axis_index(self.layout.seq_axis) * n_local
+        held = (local >= 0) & (local < n_local)
+        return jnp.where(held, local, n_local), held
+
+    def _specs(self):
+        return tuple(None if b is None else pool_spec(self.layout) for b in self.buffers)
+
+    def _paged(self, layer, table, held):
         """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table."""
-        width = self.page_table.shape[1]
-        k = pages_per_block(self.page_size, width)
-        table = self.page_table
+        width, ps = table.shape[1], self.page_size
+        k = pages_per_block(ps, width)
 
         def take(x, j):
             pages = jax.lax.dynamic_slice_in_dim(table, j * k, k, axis=1)   # [b, k]
             blk = x[layer, pages]                                             # [b, k, page_size, ...]
             return blk.reshape(blk.shape[0], k * blk.shape[2], *blk.shape[3:])
 
-        return dict(block=k * self.page_size, take=take, n_keys=width * self.page_size)
+        def key_valid(j):
+            return jnp.repeat(jax.lax.dynamic_slice_in_dim(held, j * k, k, axis=1), ps, axis=1)
+
+        return dict(block=k * ps, take=take, n_keys=width * ps, key_valid=None if self.layout is None else key_valid)
+
+    def _attend(self, partial_fn, queries, weights, layer, q_positions, lengths):
+        """partial_fn(queries, weights, buffers, paged kwargs, with_lse) over this device's pages; on a mesh the
+        devices' partial results merge by log-sum-exp (kv/layout.py)."""
+        def local(queries, weights, buffers, table, layer, q_positions, lengths):
+            n_local = buffers[0].shape[1]
+            table, held = self._local(table, n_local)
+            kw = self._paged(layer, jnp.where(held, table, 0), held)
+            if self.layout is None:
+                return partial_fn(queries, weights, buffers, q_positions, lengths, kw, False)
+            o, lse = partial_fn(queries, weights, buffers, q_positions, lengths, kw, True)
+            return merge_partials(o, lse, self.layout.seq_axis)
+
+        if self.layout is None:
+            return local(queries, weights, self.buffers, self.page_table, layer, q_positions, lengths)
+        rep = lambda xs: tuple(P() for _ in xs)  # noqa: E731
+        return jax.shard_map(local, mesh=self.layout.mesh,
+                             in_specs=(rep(queries), rep(weights), self._specs(), P(), P(), P(), P()),
+                             out_specs=P(), check_vma=False)(queries, weights, self.buffers, self.page_table, layer,
+                                                             q_positions, lengths)
 
     def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
@@ -121,10 +191,20 @@ class PagedLatentCache:
         if self.attention == "pallas":
             from .pallas.paged import paged_attention
             return paged_attention(q_lat, q_pe, self, layer, q_positions, lengths, scale=scale)
-        return mla_prefill_xla(q_lat, q_pe, *self.buffers, q_positions, lengths, fmt=self.fmt, scale=scale,
-                               **self._paged(layer))
+
+        def partial(queries, _, buffers, pos, lens, kw, with_lse):
+            return mla_prefill_xla(*queries, *buffers, pos, lens, fmt=self.fmt, scale=scale, with_lse=with_lse,
+                                   **kw)
+        return self._attend(partial, (q_lat, q_pe), (), layer, q_positions, lengths)
 
     def attend_naive(self, layer, q_nope, q_pe, w_uk, w_uv, q_positions, lengths, *, scale: float):
         """Naive attention over `layer` (the XLA path) -> o [b,s,h,d_v] float32."""
-        return naive_prefill(q_nope, q_pe, *self.buffers, q_positions, lengths, w_uk, w_uv, fmt=self.fmt,
-                             scale=scale, **self._paged(layer))
+        def partial(queries, weights, buffers, pos, lens, kw, with_lse):
+            return naive_prefill(*queries, *buffers, pos, lens, *weights, fmt=self.fmt, scale=scale,
+                                 with_lse=with_lse, **kw)
+        return self._attend(partial, (q_nope, q_pe), (w_uk, w_uv), layer, q_positions, lengths)
+
+
+def pool_spec(layout: CacheLayout) -> P:
+    """A pool [L, n_pages, page_size, W] split by pages over the layout's sequence axis."""
+    return P(None, layout.seq_axis, None, None)

@@ -31,12 +31,15 @@ class PageStats:
 
 
 class PageAllocator:
-    def __init__(self, n_pages: int, page_size: int):
+    def __init__(self, n_pages: int, page_size: int, order: list[int] | None = None):
+        """order: the free list's initial order (all pages once), e.g. round-robin over devices."""
         if n_pages < 1 or page_size < 1:
             raise KtjaxError(f"the page pool needs at least one page of at least one token; got {n_pages} pages "
                              f"of {page_size}")
+        if order is not None and sorted(order) != list(range(n_pages)):
+            raise KtjaxError("order must list every page once")
         self.n_pages, self.page_size = n_pages, page_size
-        self._free = collections.deque(range(n_pages))
+        self._free = collections.deque(range(n_pages) if order is None else order)
         self._refs = [0] * n_pages
         self._key_of: dict[int, int] = {}            # page -> its key, for published pages
         self._page_of: dict[int, int] = {}           # key -> page

@@ -112,7 +112,11 @@ class Programs:
             f32 = lambda *shape: engine._input(shape, jnp.float32)  # noqa: E731
             cache = dataclasses.replace(self._pool_shapes, page_table=i32(b, width))
             rows = RowSampling(f32(b), i32(b), f32(b), engine._input((b,), jnp.uint32), i32(b))
-            fn = jax.jit(functools.partial(step, engine.graphdef, opts), donate_argnums=(1,))
+            out = None
+            if engine.mesh is not None:  # the pool keeps its layout; the outputs are replicated
+                rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+                out = (jax.tree.map(lambda x: x.sharding, cache), rep)
+            fn = jax.jit(functools.partial(step, engine.graphdef, opts), donate_argnums=(1,), out_shardings=out)
             return fn.lower(engine.state, cache, i32(b, s), i32(b, s), i32(b), i32(b), rows).compile()
 
         return engine._compile(("serve-step", opts, self.pool_key, b, s, width), build)

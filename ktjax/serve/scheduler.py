@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import sharding
 from ..errors import KtjaxError
+from ..kv.layout import CacheLayout
 from ..kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
 from ..runtime import CallSettings
 from .pages import ROOT, PageAllocator
@@ -118,10 +120,12 @@ class Scheduler:
         if n_pages is None:
             plan = engine.plan_cache(max_batch, min(DEFAULT_CONTEXT, engine.cfg.max_position_embeddings))
             n_pages = max_batch * -(-plan.cache_lens // page_size)
+        shards = sharding.seq_shards(engine.mesh)
+        n_pages = -(-n_pages // shards) * shards  # whole pages on every device
         self.max_context = min(engine.cfg.max_position_embeddings, n_pages * page_size)
         max_width = pow2_at_least(-(-self.max_context // page_size))
         self.pool = self._new_pool(n_pages)
-        self.allocator = PageAllocator(n_pages, page_size)
+        self.allocator = PageAllocator(n_pages, page_size, order=self._spread_order(n_pages, shards))
         self.programs = Programs(engine, self.pool, max_batch, max_width)
 
         self._lock = threading.Condition()
@@ -134,13 +138,27 @@ class Scheduler:
         self._counts = dict(prefill_tokens_total=0, decode_tokens_total=0, steps_total=0)
 
     def _new_pool(self, n_pages: int) -> PagedLatentCache:
+        """The page pool: on a mesh, its pages split over the cache's sequence axis (N devices, N times the
+        pages), the page table replicated."""
         eng = self.engine
+        layout = None
+        if sharding.seq_shards(eng.mesh) > 1:
+            layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
         pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
-                                       attention=eng.runtime.attention)
+                                       attention=eng.runtime.attention, layout=layout)
         if eng.mesh is not None:
-            spec = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
-            pool = jax.device_put(pool, spec)
+            rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
+            pool = pool.with_table(jax.device_put(pool.page_table, rep))
+            if layout is None:
+                pool = jax.device_put(pool, rep)
         return pool
+
+    @staticmethod
+    def _spread_order(n_pages: int, shards: int) -> list[int]:
+        """Free-list order that hands out pages round-robin over the devices holding the pool, so that a long
+        sequence's pages (and its attention work) spread over all of them."""
+        per = n_pages // shards
+        return [d * per + i for i in range(per) for d in range(shards)]
 
     # -- public interface ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -317,7 +335,9 @@ class Scheduler:
                 self._finish(req, "error", message)
             # A failed step may have consumed the donated pool: start from an empty one.
             self.pool = self._new_pool(self.allocator.n_pages)
-            self.allocator = PageAllocator(self.allocator.n_pages, self.page_size)
+            n = self.allocator.n_pages
+            self.allocator = PageAllocator(n, self.page_size,
+                                           order=self._spread_order(n, sharding.seq_shards(self.engine.mesh)))
 
     def _step(self) -> None:
         with self._lock:
