@@ -57,16 +57,19 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
-def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False):
+def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
+           key_valid=None, tail: int | None = None):
     """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
-    tail_block(block), so that the keys read follow the fill. scores_fn(start, size) -> [b,s,h,size] (scaled);
-    values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and
-    t <= q_positions[b,i]. with_lse also returns the log-sum-exp of the visible scores [b,s,h] (NEG where none
-    is visible), so that results over disjoint key sets (the shards of a sequence-sharded cache) can be merged."""
+    `tail` keys (default tail_block(block)), so that the keys read follow the fill. scores_fn(start, size) ->
+    [b,s,h,size] (scaled); values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
+    t < lengths[b] and t <= q_positions[b,i]; key_valid(start, size) -> [b, size] hides further keys (a paged
+    cache's pages held by another device). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
+    (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
+    cache) can be merged."""
     b, s, h, _ = out_shape
     longest = jnp.minimum(jnp.max(lengths), n_keys)
     n_full = longest // block
-    tail = tail_block(block)
+    tail = tail or tail_block(block)
 
     def walk(start_of, size):
         def body(j, carry):
@@ -74,6 +77,8 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
             start = start_of(j)
             t = start + jnp.arange(size)
             visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
+            if key_valid is not None:
+                visible = visible & key_valid(start, size)[:, None, :]
             visible = visible[:, :, None, :]  # [b, s, 1, size]
             scores = jnp.where(visible, scores_fn(start, size), NEG)
             m_new = jnp.maximum(m, scores.max(-1))
@@ -93,20 +98,32 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
     return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
 
 
+def _taker(take, layer):
+    """take(x, start, size) -> keys [start, start + size) of x, None for None: a paged cache's gather
+    (kv/paged.py), else a slice of the (stacked) cache."""
+    if take is None:
+        return lambda x, start, size: _block(x, start, size, layer)
+    return lambda x, start, size: None if x is None else take(x, start, size)
+
+
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int, with_lse: bool = False, layer=None):
+                    block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None,
+                    key_valid=None, tail: int | None = None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
-    With `layer`, each is the whole stack ([L, b, T, ...]).
+    With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, start, size)` (a paged cache), the
+    arrays are whatever take reads keys [start, start + size) from, n_keys the keys it can address, and `tail`
+    a key block it can read (whole pages); key_valid as in _flash.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
+    take = _taker(take, layer)
 
     def blocks(start, size):
-        return (stored_values(fmt, _block(c_kv, start, size, layer), rank), _block(scales, start, size, layer),
-                from_bits(_block(k_pe, start, size, layer), fmt.k_pe_dtype).astype(jnp.float32))
+        return (stored_values(fmt, take(c_kv, start, size), rank), take(scales, start, size),
+                from_bits(take(k_pe, start, size), fmt.k_pe_dtype).astype(jnp.float32))
 
     def scores_fn(start, size):
         c, sc, kp = blocks(start, size)
@@ -116,7 +133,8 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         c, sc, _ = blocks(start, size)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
+                  with_lse, key_valid, tail)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -127,26 +145,29 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int, with_lse: bool = False, layer=None):
+                  scale: float, block: int, with_lse: bool = False, layer=None, take=None,
+                  n_keys: int | None = None, key_valid=None, tail: int | None = None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
-    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
+    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
+    `take`, n_keys, key_valid and tail as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
+    take = _taker(take, layer)
 
     def latents(start, size):
-        return dequantize(fmt, _block(c_kv, start, size, layer), _block(scales, start, size, layer), rank)
+        return dequantize(fmt, take(c_kv, start, size), take(scales, start, size), rank)
 
     def scores_fn(start, size):
         k_nope = jnp.einsum("btc,hdc->bthd", latents(start, size), w_uk)
         return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(_block(k_pe, start, size, layer), fmt.k_pe_dtype)
+                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(take(k_pe, start, size), fmt.k_pe_dtype)
                              .astype(jnp.float32))) * scale
 
     def values_fn(start, size, p):
         return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(start, size), w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
-                  with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
+                  (b, s, h, w_uv.shape[1]), with_lse, key_valid, tail)
 
