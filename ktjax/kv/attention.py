@@ -49,9 +49,11 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
-def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False):
+def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
+           selected=None):
     """Online softmax over key blocks [0, max(lengths)). scores_fn(j) -> [b,s,h,blk] (scaled);
-    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i].
+    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i]
+    (and, with `selected` [b,s,n_keys] from sparse attention's top-k, iff selected[b,i,t]).
     with_lse also returns the log-sum-exp of the visible scores [b,s,h] (NEG where none is visible), so that
     results over disjoint key sets (the shards of a sequence-sharded cache) can be merged."""
     b, s, h, _ = out_shape
@@ -61,6 +63,8 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
         m, l, acc = carry
         t = j * block + jnp.arange(block)
         visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
+        if selected is not None:
+            visible = visible & jax.lax.dynamic_slice_in_dim(selected, j * block, block, axis=2)
         visible = visible[:, :, None, :]  # [b, s, 1, blk]
         scores = jnp.where(visible, scores_fn(j), NEG)
         m_new = jnp.maximum(m, scores.max(-1))
@@ -78,12 +82,12 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
 
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int, with_lse: bool = False, layer=None):
+                    block: int, with_lse: bool = False, layer=None, selected=None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
-    With `layer`, each is the whole stack ([L, b, T, ...]).
+    With `layer`, each is the whole stack ([L, b, T, ...]). `selected` [b,s,T]: sparse attention's keys.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
@@ -100,7 +104,8 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         c, sc, _ = blocks(j)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse)
+    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse,
+                  selected)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -111,7 +116,7 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int, with_lse: bool = False, layer=None):
+                  scale: float, block: int, with_lse: bool = False, layer=None, selected=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
     rank = w_uk.shape[-1]
@@ -132,5 +137,5 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
 
     b, s, h, _ = q_nope.shape
     return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
-                  with_lse)
+                  with_lse, selected)
 
