@@ -134,20 +134,14 @@ class LatentCache:
 
         def attend(queries, weights, latent_cache, index_cache, pos, lens, layer_at, axis):
             q_lat, q_pe, q_idx, w = queries
-            indices, valid = self._select(index_cache, q_idx, w, pos, lens, topk, layer_at, axis)
             lse = axis is not None
+            if gathered and self.attention == "pallas":  # one device: layer_at is the layer
+                return self._sparse_decode_pallas(layer_at, q_lat[:, 0], q_pe[:, 0], q_idx[:, 0], w[:, 0], lens,
+                                                  topk, scale)[:, None]
+            indices, valid = self._select(index_cache, q_idx, w, pos, lens, topk, layer_at, axis)
             if gathered:
-                if self.attention == "pallas":
-                    from . import pallas
-                    c_kv, scales, k_pe = (None if x is None else
-                                          jax.lax.dynamic_index_in_dim(x, layer_at, 0, keepdims=False)
-                                          for x in latent_cache)
-                    c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
-                    out = pallas.sparse_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, indices[:, 0],
-                                               valid[:, 0], **kw)
-                else:
-                    out = sparse_attend_gathered(q_lat[:, 0], q_pe[:, 0], *latent_cache, indices[:, 0],
-                                                 valid[:, 0], with_lse=lse, layer=layer_at, **kw)
+                out = sparse_attend_gathered(q_lat[:, 0], q_pe[:, 0], *latent_cache, indices[:, 0], valid[:, 0],
+                                             with_lse=lse, layer=layer_at, **kw)
                 return jax.tree.map(lambda x: x[:, None], out)
             selected = selection_mask(indices, valid, latent_cache[0].shape[-2])
             kw_flash = dict(kw, block=self.block, with_lse=lse, layer=layer_at, selected=selected)
@@ -164,6 +158,18 @@ class LatentCache:
             return self.layout.attend(partial, queries, weights, self.all_buffers, layer, q_positions, lengths)
         return attend(queries, weights, self.buffers, (self.k_idx, self.k_idx_scale), q_positions, lengths, layer,
                       None)
+
+    def _sparse_decode_pallas(self, layer, q_lat, q_pe, q_idx, weights, lengths, topk: int, scale: float):
+        """A decode step's sparse attention with the Pallas kernels (kv/pallas/sparse_kernels.py): index
+        scores, XLA's top-k, attention over the gathered rows -> o_lat [b,h,R] float32."""
+        from . import pallas
+        c_kv, scales, k_pe = self.layer(layer)
+        k_idx, k_scale = (None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+                          for x in (self.k_idx, self.k_idx_scale))
+        scores = pallas.index_scores_decode(q_idx, weights, k_idx, k_scale, lengths, fmt=self.fmt)
+        indices, valid = select_topk(scores, topk)
+        c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
+        return pallas.sparse_decode(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, fmt=self.fmt, scale=scale)
 
     def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
