@@ -216,3 +216,27 @@ def test_v32_config_fields():
     assert (cfg.arch, cfg.index_topk, cfg.index_head_dim, cfg.index_n_heads) == ("deepseek_v32", 16, 16, 32)
     assert cfg.has_indexer and cfg.rope.interleave and cfg.normalizes_then_scales
     assert not ModelConfig.from_hf_dict(dict(CONFIGS["v3"][1], architectures=["DeepseekV3ForCausalLM"])).has_indexer
+
+
+def test_sequence_sharded_cache_merges_the_global_topk(v32, tmp_path):
+    """8 forced CPU devices, 16 cached tokens each: every device scores its own tokens, the global top-k is
+    merged across them, and cached logits and greedy tokens equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(here, ".."), here, env.get("PYTHONPATH", "")])
+    out = str(tmp_path / "report.json")
+    proc = subprocess.run([sys.executable, os.path.join(here, "dsa_sharding_check.py"), v32[0], out], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        report = json.load(f)
+    for name, r in report.items():
+        assert r["devices"] == [1, 8], name
+        assert r["tokens_equal"], name
+        assert r["cached_error"] <= 1e-4, (name, r["cached_error"])
+        assert r["fraction"][0] == r["fraction"][1] < 1.0, name

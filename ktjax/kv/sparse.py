@@ -86,10 +86,12 @@ def select_topk(scores, k: int):
 
 
 def selection_mask(indices, valid, n_keys: int):
-    """indices/valid [b,s,k] -> [b,s,n_keys] True at the selected visible tokens."""
+    """indices/valid [b,s,k] -> [b,s,n_keys] True at the selected visible tokens. An index may repeat (a
+    sharded selection's entries of other devices point anywhere, invalid): a max, so no invalid entry
+    overwrites a valid one."""
     b, s, _ = indices.shape
     rows = (jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None], indices)
-    return jnp.zeros((b, s, n_keys), jnp.bool_).at[rows].set(valid)
+    return jnp.zeros((b, s, n_keys), jnp.int8).at[rows].max(valid.astype(jnp.int8)) > 0
 
 
 def topk_mask(scores, mask, k: int):
