@@ -240,3 +240,39 @@ def test_sequence_sharded_cache_merges_the_global_topk(v32, tmp_path):
         assert r["tokens_equal"], name
         assert r["cached_error"] <= 1e-4, (name, r["cached_error"])
         assert r["fraction"][0] == r["fraction"][1] < 1.0, name
+
+
+def _convert(folder, out, weights):
+    from ktjax.convert import main
+
+    assert main(["--hf-dir", folder, "--out", str(out), "--quiet", "--weights", weights]) == 0
+    return str(out)
+
+
+def test_converted_checkpoint_matches_transformers(v32, tmp_path, rng):
+    """The converter and the checkpoint know the indexer's parameters (the parameter table's rows)."""
+    ids = _ids(rng, LONG)
+    engine = ktjax.load(_convert(v32[0], tmp_path / "ckpt", "float32"), absorb_for_prefill=True)
+    assert rel_err(engine.logits(ids), hf_logits(v32[1], ids)) <= 1e-4
+
+
+def test_int8_weights_quantize_the_indexer_projections(v32, tmp_path):
+    """--weights int8 quantizes wq_b and wk like every other kernel and keeps weights_proj float32."""
+    from safetensors.numpy import load_file
+    import glob
+
+    from ktjax import weight_quant
+    from ktjax.checkpoint import read_manifest, read_tensor, scale_key
+
+    out = _convert(v32[0], tmp_path / "ckpt", "int8")
+    hf = {}
+    for f in glob.glob(f"{v32[0]}/*.safetensors"):
+        hf.update(load_file(f))
+    manifest = read_manifest(out)["tensors"]
+    for i in range(3):
+        for name in ("wq_b", "wk"):
+            key = f"layers/{i:03d}/attn.indexer.{name}.kernel"
+            values, scales = weight_quant.quantize(hf[f"model.layers.{i}.self_attn.indexer.{name}.weight"].T, "int8")
+            assert np.array_equal(read_tensor(out, key), values), key
+            assert np.array_equal(read_tensor(out, scale_key(key)), scales), key
+        assert manifest[f"layers/{i:03d}/attn.indexer.weights_proj.kernel"]["dtype"] == "float32"
