@@ -17,7 +17,7 @@ import ktjax  # noqa: E402
 from hf_models import rel_err  # noqa: E402  (tests/, this script's folder)
 
 CACHE_LENS = 128
-# bf16 with absorbed prefill, int8 (fp8 index keys) with naive prefill: both sparse prefill paths.
+# bf16 with absorbed prefill, int8 (e4m3 index keys) with naive prefill: both sparse prefill paths; int8 decodes.
 RUNS = {"bf16": dict(cache_dtype="bf16", absorb_for_prefill=True),
         "int8": dict(cache_dtype="int8", absorb_for_prefill=False)}
 
@@ -28,6 +28,8 @@ def run(folder, mesh, ids, prompts):
         engine = ktjax.load(folder, mesh=mesh, chunk_size=16, cache_lens=CACHE_LENS, max_new_tokens=12,
                             ignore_eos=True, **settings)
         out[f"cached_{name}"] = engine.cached_logits(ids)
+        if name == "bf16":  # the decode loop once, with the e4m3 index cache (int8)
+            continue
         gen = engine.generate(prompts)
         out[f"tokens_{name}"] = gen.tokens
         out[f"fraction_{name}"] = gen.stats["sparse_selected_fraction"]
@@ -42,10 +44,8 @@ def main(folder, out_path):
     one, eight = run(folder, "1", ids, prompts), run(folder, "8", ids, prompts)
     report = {}
     for name in RUNS:
-        report[name] = {"cached_error": rel_err(eight[f"cached_{name}"], one[f"cached_{name}"]),
-                        "tokens_equal": eight[f"tokens_{name}"] == one[f"tokens_{name}"],
-                        "fraction": [one[f"fraction_{name}"], eight[f"fraction_{name}"]],
-                        "devices": [one[f"devices_{name}"], eight[f"devices_{name}"]]}
+        report[name] = {"cached_error": rel_err(eight[f"cached_{name}"], one[f"cached_{name}"])}
+    report["int8"].update({key: [one[f"{key}_int8"], eight[f"{key}_int8"]] for key in ("tokens", "fraction", "devices")})
     with open(out_path, "w") as f:
         json.dump(report, f)
 
