@@ -99,3 +99,31 @@ def test_selection_mask_and_topk():
     indices, valid = sparse.select_topk(scores, 5)
     assert valid.tolist() == [[[True, True, True, True, False]]]  # the invisible token comes last, invalid
     assert sparse.selected_fraction(np.array([1, 2, 10]), 4) == pytest.approx(7 / 13)
+
+
+@pytest.mark.parametrize("fmt_name", ["bf16", "int4"])
+def test_cache_decodes_alike_through_pallas_and_xla(rng, fmt_name):
+    """LatentCache.attend_sparse for a decode step: the Pallas path (kernel scores, XLA top-k, kernel attention
+    over the gathered rows) against the XLA path, over the same written cache (bf16 and e4m3 index keys)."""
+    from hf_models import CONFIGS
+    from ktjax.config import ModelConfig
+    from ktjax.kv.cache import LatentCache
+
+    cfg = ModelConfig.from_hf_dict(dict(CONFIGS["v32"][1], architectures=["DeepseekV32ForCausalLM"]))
+    fmt = cf.resolve(fmt_name)
+    b, rank, heads = 2, cfg.kv_lora_rank, cfg.num_attention_heads
+    positions = jnp.broadcast_to(jnp.arange(T), (b, T))
+    new = (jnp.asarray(rng.normal(size=(b, T, rank)), jnp.float32),
+           jnp.asarray(rng.normal(size=(b, T, cfg.qk_rope_head_dim)), jnp.float32),
+           jnp.asarray(rng.normal(size=(b, T, cfg.index_head_dim)), jnp.float32))
+    q = (jnp.asarray(rng.normal(size=(b, 1, heads, rank)), jnp.float32),
+         jnp.asarray(rng.normal(size=(b, 1, heads, cfg.qk_rope_head_dim)), jnp.float32),
+         (jnp.asarray(rng.normal(size=(b, 1, cfg.index_n_heads, cfg.index_head_dim)), jnp.float32),
+          jnp.asarray(rng.normal(size=(b, 1, cfg.index_n_heads)), jnp.float32)))
+    lengths = jnp.asarray([11, 57], jnp.int32)  # 11 < index_topk 16 < 57
+    outs = {}
+    for path in ("xla", "pallas"):
+        cache = LatentCache.create(cfg, fmt, b, T, block=16, attention=path).write(1, positions, *new)
+        outs[path] = run_jitted(lambda c, *a: c.attend_sparse(1, *a, (lengths - 1)[:, None], lengths, scale=0.2,
+                                                              topk=16), cache, *q)
+    np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), rtol=1e-5, atol=1e-5)
