@@ -67,7 +67,6 @@ class LatentCache:
                layout: CacheLayout | None = None) -> "LatentCache":
         lead = (cfg.num_hidden_layers, batch, cache_lens)
         r = cfg.kv_lora_rank
-
         indexed = getattr(cfg, "has_indexer", False)
 
         def zeros():
@@ -81,8 +80,7 @@ class LatentCache:
             zeros = jax.jit(zeros, out_shardings=layout.sharding)
         c_kv, scales, k_pe, k_idx, k_idx_scale = zeros()
         return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, k_idx=k_idx, k_idx_scale=k_idx_scale, fmt=fmt, rank=r,
-                   block=block,
-                   attention=attention_path(attention, layout), layout=layout)
+                   block=block, attention=attention_path(attention, layout), layout=layout)
 
     @property
     def cache_lens(self) -> int:
