@@ -278,3 +278,47 @@ def test_int8_weights_quantize_the_indexer_projections(v32, tmp_path):
             assert np.array_equal(read_tensor(out, key), values), key
             assert np.array_equal(read_tensor(out, scale_key(key)), scales), key
         assert manifest[f"layers/{i:03d}/attn.indexer.weights_proj.kernel"]["dtype"] == "float32"
+
+
+def test_index_topk_setting():
+    from ktjax.runtime import resolve
+
+    assert resolve(index_topk="64")[0].index_topk == 64
+    assert resolve()[0].index_topk is None  # the config's
+    for bad in (0, -3, "many", 1.5, True):
+        with pytest.raises(KtjaxError, match="index_topk"):
+            resolve(index_topk=bad)
+
+
+def test_cli_index_topk_flag_is_validated(capsys):
+    from ktjax.generate import main
+
+    assert main(["--index-topk", "0", "--prompt", "hi"]) == 2
+    assert "index_topk" in capsys.readouterr().err
+
+
+def test_sparse_steps_never_copy_the_cache(v32):
+    """The compiled sparse prefill and decode programs read the index cache block by block and gather only the
+    selected latent rows: no op outside a fusion makes a [.., batch, cache_lens, width] array (a layer's or
+    the stack's copy). Inside a fusion, a layer's slice feeding the gather is never materialised: the fusion
+    computes only the gathered rows. (Scores and the selection mask are [batch, queries, cache_lens]:
+    context-sized, not cache-sized.)"""
+    import re
+
+    capacity = 4096
+    engine = ktjax.load(v32[0], cache_dtype="fp8", cache_lens=capacity, max_new_tokens=2, ignore_eos=True,
+                        chunk_size=16)
+    out = engine.generate([list(range(5, 25))])  # 20 tokens: past index_topk, so selection is real
+    assert out.stats["sparse_selected_fraction"] < 1.0
+    copy = re.compile(r"= \S+\[(\d+,)?1," + str(capacity) + r",\d+\]\S* (copy|convert|transpose|concatenate|pad|"
+                      r"broadcast|gather|dynamic-slice|slice)\(")
+    programs = {key[0]: program for key, program in engine._compiled.items()}
+    assert set(programs) == {"prefill", "decode"}
+    for name, program in programs.items():
+        found, fused = [], False
+        for line in program.as_text().splitlines():
+            if line.startswith(("%", "ENTRY")):  # a computation's header
+                fused = line.startswith("%fused")
+            elif not fused and copy.search(line):
+                found.append(line.strip()[:160])
+        assert found == [], name

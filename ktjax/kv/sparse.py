@@ -108,7 +108,12 @@ def gather_rows(buf, indices, layer=None):
     if buf is None:
         return None
     rows = jnp.arange(indices.shape[0])[:, None]
-    return buf[rows, indices] if layer is None else buf[layer, rows, indices]
+    if layer is not None:
+        # Slice the layer, then gather (XLA fuses both: only the rows are read). Gathering from the stack
+        # straight away let XLA fuse the step's in-place write into the gather and copy the float32 scales
+        # buffer at every step (tests/test_dsa.py checks the compiled programs).
+        buf = jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
+    return buf[rows, indices]
 
 
 def sparse_attend_gathered(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, *, fmt: CacheFormat, scale: float,
