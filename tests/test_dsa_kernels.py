@@ -127,3 +127,36 @@ def test_cache_decodes_alike_through_pallas_and_xla(rng, fmt_name):
         outs[path] = run_jitted(lambda c, *a: c.attend_sparse(1, *a, (lengths - 1)[:, None], lengths, scale=0.2,
                                                               topk=16), cache, *q)
     np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt_name, fp8_bits", [("bf16", False), ("fp8", False), ("fp8", True)])
+def test_index_kernel_lowers_to_valid_triton_ir(fmt_name, fp8_bits):
+    """At V3.2's index shape (64 heads of 128) the scoring kernel lowers to Triton IR that passes MLIR
+    verification, e4m3 keys natively or decoded from bits (pre-Ada). Running it needs a GPU."""
+    pytest.importorskip("jax._src.pallas.triton.lowering")
+    from jax import export
+    from jax._src.pallas.triton import lowering
+
+    fmt = cf.resolve(fmt_name)
+    modules, original = [], lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        modules.append(result.module)
+        return result
+
+    b, n_keys, heads, dim = 2, 1024, 64, 128
+    shapes = [jax.ShapeDtypeStruct((b, heads, dim), jnp.float32), jax.ShapeDtypeStruct((b, heads), jnp.float32),
+              jax.ShapeDtypeStruct((b, n_keys, dim), cf.container(cf.index_store_dtype(fmt))),
+              jax.ShapeDtypeStruct((b, n_keys, 1), jnp.float32) if cf.index_scaled(fmt) else None,
+              jax.ShapeDtypeStruct((b,), jnp.int32)]
+    fn = jax.jit(lambda *a: pallas.index_scores_decode(*a, fmt=fmt, interpret=False, fp8_bits=fp8_bits))
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        export.export(fn, platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    assert len(modules) == 1 and modules[0].operation.verify()
+    if fmt_name == "fp8":
+        assert ("f8E4M3FN" in str(modules[0])) != fp8_bits
