@@ -54,13 +54,13 @@ class LatentCache:
     c_kv: jax.Array            # [L, B, T, stored_width]: fmt.store_dtype values, held as container() bits
     scales: jax.Array | None   # [L, B, T, n_groups] float32, quantized formats only
     k_pe: jax.Array            # [L, B, T, r]: fmt.k_pe_dtype values, held as container() bits
-    k_idx: jax.Array | None    # [L, B, T, D]: index keys (index_store_dtype bits), models with an indexer only
-    k_idx_scale: jax.Array | None  # [L, B, T, 1] float32, e4m3 index keys only
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
     attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))  # None: one device
+    k_idx: jax.Array | None = None  # [L, B, T, D]: index keys (index_store_dtype bits), models with an indexer
+    k_idx_scale: jax.Array | None = None  # [L, B, T, 1] float32, e4m3 index keys only
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int, attention: str = "auto",
