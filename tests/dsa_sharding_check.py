@@ -45,7 +45,8 @@ def main(folder, out_path):
     report = {}
     for name in RUNS:
         report[name] = {"cached_error": rel_err(eight[f"cached_{name}"], one[f"cached_{name}"])}
-    report["int8"].update({key: [one[f"{key}_int8"], eight[f"{key}_int8"]] for key in ("tokens", "fraction", "devices")})
+    report["int8"].update({key: [one[f"{key}_int8"], eight[f"{key}_int8"]]
+                           for key in ("tokens", "fraction", "devices")})
     with open(out_path, "w") as f:
         json.dump(report, f)
 
