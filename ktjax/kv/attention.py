@@ -58,12 +58,12 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
 
 
 def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
-           key_valid=None, tail: int | None = None):
+           key_valid=None, tail: int | None = None, selected=None):
     """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
     `tail` keys (default tail_block(block)), so that the keys read follow the fill. scores_fn(start, size) ->
     [b,s,h,size] (scaled); values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
     t < lengths[b] and t <= q_positions[b,i]; key_valid(start, size) -> [b, size] hides further keys (a paged
-    cache's pages held by another device). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
+    cache's pages held by another device), and so does `selected` [b,s,n_keys] (sparse attention's top-k). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
     (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
     cache) can be merged."""
     b, s, h, _ = out_shape
@@ -79,6 +79,8 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
             visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
             if key_valid is not None:
                 visible = visible & key_valid(start, size)[:, None, :]
+            if selected is not None:
+                visible = visible & jax.lax.dynamic_slice_in_dim(selected, start, size, axis=2)
             visible = visible[:, :, None, :]  # [b, s, 1, size]
             scores = jnp.where(visible, scores_fn(start, size), NEG)
             m_new = jnp.maximum(m, scores.max(-1))
@@ -108,14 +110,14 @@ def _taker(take, layer):
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
                     block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None,
-                    key_valid=None, tail: int | None = None):
+                    key_valid=None, tail: int | None = None, selected=None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
     With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, start, size)` (a paged cache), the
     arrays are whatever take reads keys [start, start + size) from, n_keys the keys it can address, and `tail`
-    a key block it can read (whole pages); key_valid as in _flash.
+    a key block it can read (whole pages); key_valid as in _flash. `selected` [b,s,T]: sparse attention's keys.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
@@ -134,7 +136,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         return _latent_values(p, c, sc, fmt)
 
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
-                  with_lse, key_valid, tail)
+                  with_lse, key_valid, tail, selected)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -146,10 +148,10 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
                   scale: float, block: int, with_lse: bool = False, layer=None, take=None,
-                  n_keys: int | None = None, key_valid=None, tail: int | None = None):
+                  n_keys: int | None = None, key_valid=None, tail: int | None = None, selected=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
-    `take`, n_keys, key_valid and tail as in mla_prefill_xla."""
+    `take`, n_keys, key_valid, tail and selected as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
@@ -169,5 +171,5 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
 
     b, s, h, _ = q_nope.shape
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
-                  (b, s, h, w_uv.shape[1]), with_lse, key_valid, tail)
+                  (b, s, h, w_uv.shape[1]), with_lse, key_valid, tail, selected)
 
