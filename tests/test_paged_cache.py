@@ -54,7 +54,8 @@ SLOW = pytest.mark.slow  # each case compiles the model twice: the fast run keep
 def test_paged_logits_equal_dense(engine, fmt, absorb):
     cfg, f = engine.cfg, resolve(fmt)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, SEQ))
-    dense = LatentCache.create(cfg, f, 2, 32, block=16, attention="xla")
+    # The same key blocks on both sides (4 pages of 8 = the dense block of 32), so both sum in the same order.
+    dense = LatentCache.create(cfg, f, 2, 32, block=32, attention="xla")
     width = 4  # 32 positions per sequence
     paged = PagedLatentCache.create(cfg, f, 11, PAGE, attention="xla").with_table(
         jnp.asarray(scattered_table(2, width, 11)))

@@ -101,6 +101,22 @@ def test_prefix_cache_prefills_only_the_rest(engine, sched):
     assert first.tokens == reference(engine, a) and second.tokens == reference(engine, b)
 
 
+def test_next_turn_reuses_the_completion_pages(engine, sched):
+    """Full pages that hold generated tokens are cached when the request ends: a follow-up prompt (prompt +
+    completion + more) finds them."""
+    prompt = np.random.default_rng(5).integers(0, 97, size=4 * PAGE + 3).tolist()
+    first = Stream()
+    sched.submit(prompt, greedy(), first)
+    first.wait()
+    follow = prompt + first.tokens + [4, 2]
+    second = Stream()
+    sched.submit(follow, greedy(), second)
+    second.wait()
+    # The cache held the prompt and all but the last generated token: 4 * PAGE + 3 + 5 = 5 full pages.
+    assert second.finished.cached_tokens == 5 * PAGE
+    assert second.tokens == reference(engine, follow)
+
+
 def test_logprobs_match_the_full_forward(engine, sched):
     prompt = np.random.default_rng(2).integers(0, 97, size=11).tolist()
     st = Stream()

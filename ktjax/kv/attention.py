@@ -50,21 +50,22 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
 
 
 def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
-           key_valid=None):
+           key_positions=None, n_blocks=None):
     """Online softmax over key blocks [0, max(lengths)). scores_fn(j) -> [b,s,h,blk] (scaled);
     values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i].
     with_lse also returns the log-sum-exp of the visible scores [b,s,h] (NEG where none is visible), so that
-    results over disjoint key sets (the shards of a sequence-sharded cache) can be merged. key_valid(j) ->
-    [b, blk] hides further keys (a paged cache's pages held by another device)."""
+    results over disjoint key sets (the shards of a sequence-sharded cache) can be merged. A paged cache whose
+    blocks are not in position order (a device's own pages of a sequence) passes key_positions(j) -> [b, blk]
+    (a key never visible: a position past every length) and the n_blocks to walk."""
     b, s, h, _ = out_shape
-    n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
+    if n_blocks is None:
+        n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
 
     def body(j, carry):
         m, l, acc = carry
-        t = j * block + jnp.arange(block)
-        visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
-        if key_valid is not None:
-            visible = visible & key_valid(j)[:, None, :]
+        t = j * block + jnp.arange(block) if key_positions is None else key_positions(j)
+        t = jnp.broadcast_to(t, (b, block))[:, None, :]
+        visible = (t < lengths[:, None, None]) & (t <= q_positions[:, :, None])
         visible = visible[:, :, None, :]  # [b, s, 1, blk]
         scores = jnp.where(visible, scores_fn(j), NEG)
         m_new = jnp.maximum(m, scores.max(-1))
@@ -90,14 +91,14 @@ def _taker(take, block, layer):
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
                     block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None,
-                    key_valid=None):
+                    key_positions=None, n_blocks=None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
     With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, j)` (a paged cache), the arrays are
-    whatever take reads key block j [b, block, ...] from, and n_keys the keys it can address; key_valid as in
-    _flash.
+    whatever take reads key block j [b, block, ...] from, and n_keys the keys it can address; key_positions
+    and n_blocks as in _flash.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
@@ -116,7 +117,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         return _latent_values(p, c, sc, fmt)
 
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
-                  with_lse, key_valid)
+                  with_lse, key_positions, n_blocks)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -128,10 +129,10 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
                   scale: float, block: int, with_lse: bool = False, layer=None, take=None,
-                  n_keys: int | None = None, key_valid=None):
+                  n_keys: int | None = None, key_positions=None, n_blocks=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
-    `take`, n_keys and key_valid as in mla_prefill_xla."""
+    `take`, n_keys, key_positions and n_blocks as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
@@ -151,5 +152,5 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
 
     b, s, h, _ = q_nope.shape
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
-                  (b, s, h, w_uv.shape[1]), with_lse, key_valid)
+                  (b, s, h, w_uv.shape[1]), with_lse, key_positions, n_blocks)
 

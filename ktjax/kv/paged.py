@@ -150,30 +150,45 @@ class PagedLatentCache:
     def _specs(self):
         return tuple(None if b is None else pool_spec(self.layout) for b in self.buffers)
 
-    def _paged(self, layer, table, held):
-        """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table."""
+    def _paged(self, layer, table, held=None, lengths=None):
+        """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table. With
+        `held` (on a mesh: which of the table's pages this device holds), the device walks only its own pages:
+        they are moved to the front of each row, with their positions, and the walk stops after the most
+        any row needs."""
         width, ps = table.shape[1], self.page_size
         k = pages_per_block(ps, width)
+        kw = dict(block=k * ps, n_keys=width * ps)
+        if held is not None:
+            order = jnp.argsort(~held, axis=1, stable=True)                  # held pages first, in order
+            table = jnp.take_along_axis(table, order, axis=1)
+            held_sorted = jnp.take_along_axis(held, order, axis=1)
+            needed = held & (jnp.arange(width)[None, :] * ps < lengths[:, None])
+            never = jnp.int32(2**30)                                          # past every length
+
+            def key_positions(j):
+                index = jax.lax.dynamic_slice_in_dim(order, j * k, k, axis=1)
+                mine = jax.lax.dynamic_slice_in_dim(held_sorted, j * k, k, axis=1)
+                pos = index[:, :, None] * ps + jnp.arange(ps)
+                return jnp.where(mine[:, :, None], pos, never).reshape(pos.shape[0], k * ps)
+
+            kw.update(key_positions=key_positions, n_blocks=(jnp.max(jnp.sum(needed, axis=1)) + k - 1) // k)
 
         def take(x, j):
             pages = jax.lax.dynamic_slice_in_dim(table, j * k, k, axis=1)   # [b, k]
             blk = x[layer, pages]                                             # [b, k, page_size, ...]
             return blk.reshape(blk.shape[0], k * blk.shape[2], *blk.shape[3:])
 
-        def key_valid(j):
-            return jnp.repeat(jax.lax.dynamic_slice_in_dim(held, j * k, k, axis=1), ps, axis=1)
-
-        return dict(block=k * ps, take=take, n_keys=width * ps, key_valid=None if self.layout is None else key_valid)
+        return dict(kw, take=take)
 
     def _attend(self, partial_fn, queries, weights, layer, q_positions, lengths):
         """partial_fn(queries, weights, buffers, paged kwargs, with_lse) over this device's pages; on a mesh the
         devices' partial results merge by log-sum-exp (kv/layout.py)."""
         def local(queries, weights, buffers, table, layer, q_positions, lengths):
-            n_local = buffers[0].shape[1]
-            table, held = self._local(table, n_local)
-            kw = self._paged(layer, jnp.where(held, table, 0), held)
             if self.layout is None:
+                kw = self._paged(layer, table)
                 return partial_fn(queries, weights, buffers, q_positions, lengths, kw, False)
+            table, held = self._local(table, buffers[0].shape[1])
+            kw = self._paged(layer, jnp.where(held, table, 0), held, lengths)
             o, lse = partial_fn(queries, weights, buffers, q_positions, lengths, kw, True)
             return merge_partials(o, lse, self.layout.seq_axis)
 

@@ -99,13 +99,17 @@ class _Request:
     cached_tokens: int = 0
     length: int = 0           # tokens in the cache
     pending: int | None = None  # sampled token not yet fed through the model
-    n_gen: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
     ttft: float = 0.0
     cancelled: bool = False
 
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.prompt)
+
+    @property
+    def n_gen(self) -> int:
+        return len(self.generated)
 
 
 class Scheduler:
@@ -246,7 +250,7 @@ class Scheduler:
         return _Request(handle, prompt, params, on_event,
                         (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed,
                         frozenset(stops) | frozenset(map(int, params.stop_token_ids)), time.perf_counter(),
-                        pages=[], keys=[], cached_tokens=0, length=0)
+                        pages=[], keys=[], cached_tokens=0, length=0, generated=[])
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -304,6 +308,8 @@ class Scheduler:
         with self._lock:
             if req in self._running:
                 self._running.remove(req)
+                if reason != "error":  # a next turn (prompt + this completion + more) reuses the full pages
+                    self._publish_full_pages(req)
                 self.allocator.release(req.pages)
             elif req in self._waiting:
                 self._waiting.remove(req)
@@ -399,12 +405,14 @@ class Scheduler:
             self._emit(req, out, 0)
 
     def _publish_full_pages(self, req: _Request) -> None:
+        """Offer the request's pages that the cache now holds in full to the prefix cache."""
         ps = self.page_size
         with self._lock:
-            while len(req.keys) < min(req.length, len(req.prompt)) // ps:
+            while len(req.keys) < req.length // ps:
                 i = len(req.keys)
+                tokens = (req.prompt + req.generated)[i * ps:(i + 1) * ps]
                 parent = req.keys[-1] if req.keys else ROOT
-                req.keys.append(self.allocator.publish(req.pages[i], parent, req.prompt[i * ps:(i + 1) * ps]))
+                req.keys.append(self.allocator.publish(req.pages[i], parent, tokens))
 
     def _decode(self, reqs: list[_Request]) -> None:
         lengths = np.array([r.length for r in reqs], np.int32)
@@ -425,7 +433,7 @@ class Scheduler:
         token = int(out.token[i])
         if req.n_gen == 0:
             req.ttft = time.perf_counter() - req.submitted
-        req.n_gen += 1
+        req.generated.append(token)
         k = req.params.logprobs
         event = TokenEvent(token)
         if k:
