@@ -39,7 +39,8 @@ class Stream:
 @pytest.fixture(scope="module")
 def engine(hf_folder):
     folder, _ = hf_folder("v2_lite")
-    return ktjax.load(folder, cache_dtype="float32", chunk_size=16, ignore_eos=True, max_new_tokens=MAX_NEW)
+    # chunk_size 32: prefill chunks of 16 (two rows per step) and 32 (one row)
+    return ktjax.load(folder, cache_dtype="float32", chunk_size=32, ignore_eos=True, max_new_tokens=MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,24 @@ def test_admission_errors(engine, sched):
         sched.submit([1, 500], greedy(), Stream())
     with pytest.raises(KtjaxError, match="non-empty"):
         sched.submit([], greedy(), Stream())
+
+
+def test_short_prompts_prefill_together(engine, sched):
+    """Two prompts of <= 16 tokens fill one step's 32-token budget: the first step prefills both (their first
+    tokens) and decodes their second ones, each later step one more: MAX_NEW - 1 steps (one at a time would
+    take MAX_NEW). Same tokens as generate."""
+    s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
+    compiled = engine.compile_count
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]]
+    streams = [Stream(), Stream()]
+    for p, st in zip(prompts, streams):
+        s.submit(p, greedy(), st)
+    s.start()  # both are waiting: the first step admits and prefills them together
+    for p, st in zip(prompts, streams):
+        assert st.wait().tokens == reference(engine, p)
+    s.shutdown(5)
+    assert s.stats()["steps_total"] == MAX_NEW - 1 and s.stats()["prefill_tokens_total"] == 17
+    assert engine.compile_count == compiled
 
 
 def test_queue_full_and_shutdown(engine):

@@ -1,8 +1,8 @@
 """Continuous batching over the paged latent cache: requests join and leave the running batch between steps.
 
-Each step runs at most one prefill chunk (of the oldest request still prefilling) and one decode step of every
-request that has a token to feed, so a long prompt delays the running streams by one chunk per step, never by
-its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
+Each step runs at most one prefill chunk (of the oldest request still prefilling, with chunks of the next ones
+while the step's budget of chunk_size tokens lasts) and one decode step of every request that has a token to
+feed, so a long prompt delays the running streams by one chunk per step, never by its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
 full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as they are written, and a request
 whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
 so steady traffic compiles nothing after warmup().
@@ -348,9 +348,9 @@ class Scheduler:
     def _step(self) -> None:
         with self._lock:
             running = list(self._running)
-        prefilling = [r for r in running if r.prefilling]
+        prefilling = [r for r in running if r.prefilling and not r.cancelled]
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._prefill(prefilling)
         decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
         if decoding:
             self._decode(decoding)
@@ -371,7 +371,7 @@ class Scheduler:
                            col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32))
 
     def _run(self, reqs, tokens, positions, lengths, logits_index, chunk: int, needed_pages: int):
-        b = bucket_of(len(reqs), self.programs.batches) if chunk == 1 else 1
+        b = bucket_of(len(reqs), self.programs.batches)
         width = bucket_of(needed_pages, self.programs.widths)
         program = self.programs.get(b, chunk, width)
         pad_pos = width * self.page_size  # past the table: the write is dropped
@@ -387,22 +387,27 @@ class Scheduler:
         self.pool = cache
         return jax.device_get(out)
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        start = req.length
-        n_left = len(req.prompt) - start
-        chunk = bucket_of(min(n_left, self.programs.chunks[-1]), self.programs.chunks)
-        n = min(n_left, chunk)
-        pos = np.full((1, chunk), -1, np.int32)
-        pos[0, :n] = start + np.arange(n)
-        tok = np.zeros((1, chunk), np.int32)
-        tok[0, :n] = req.prompt[start:start + n]
-        out = self._run([req], tok, pos, [start + n], [n - 1], chunk,
-                        -(-(start + n) // self.page_size))
-        req.length = start + n
-        self._counts["prefill_tokens_total"] += n
-        self._publish_full_pages(req)
-        if not req.prefilling:
-            self._emit(req, out, 0)
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One prefill chunk of the oldest prefilling request, sized to what it has left (a bucket), plus chunks
+        of that size for the next ones while the step's budget of chunk_size tokens lasts."""
+        left = len(reqs[0].prompt) - reqs[0].length
+        chunk = bucket_of(min(left, self.programs.chunks[-1]), self.programs.chunks)
+        rows = reqs[:self.programs.prefill_rows(chunk)]
+        starts = [r.length for r in rows]
+        counts = [min(len(r.prompt) - r.length, chunk) for r in rows]
+        tok = np.zeros((len(rows), chunk), np.int32)
+        pos = np.full((len(rows), chunk), -1, np.int32)
+        for i, (r, start, n) in enumerate(zip(rows, starts, counts)):
+            tok[i, :n] = r.prompt[start:start + n]
+            pos[i, :n] = start + np.arange(n)
+        ends = np.add(starts, counts)
+        out = self._run(rows, tok, pos, ends, np.subtract(counts, 1), chunk, -(-int(ends.max()) // self.page_size))
+        for i, (r, end) in enumerate(zip(rows, ends)):
+            r.length = int(end)
+            self._publish_full_pages(r)
+            if not r.prefilling:
+                self._emit(r, out, i)
+        self._counts["prefill_tokens_total"] += sum(counts)
 
     def _publish_full_pages(self, req: _Request) -> None:
         """Offer the request's pages that the cache now holds in full to the prefix cache."""
