@@ -39,8 +39,10 @@ class Stream:
 @pytest.fixture(scope="module")
 def engine(hf_folder):
     folder, _ = hf_folder("v2_lite")
-    # chunk_size 32: prefill chunks of 16 (two rows per step) and 32 (one row)
-    return ktjax.load(folder, cache_dtype="float32", chunk_size=32, ignore_eos=True, max_new_tokens=MAX_NEW)
+    # chunk_size 32: prefill chunks of 16 (two rows per step) and 32 (one row). cache_lens only sizes the
+    # references' (generate's) cache: one size for all of them keeps their compiled programs few.
+    return ktjax.load(folder, cache_dtype="float32", chunk_size=32, cache_lens=64, ignore_eos=True,
+                      max_new_tokens=MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,10 @@ def test_admission_errors(engine, sched):
         sched.submit([1, 500], greedy(), Stream())
     with pytest.raises(KtjaxError, match="non-empty"):
         sched.submit([], greedy(), Stream())
+    with pytest.raises(KtjaxError, match="stop_token_ids"):
+        sched.submit([1], greedy(stop_token_ids=("x",)), Stream())
+    with pytest.raises(KtjaxError, match="max_new_tokens"):
+        sched.submit([1], greedy(0), Stream())
 
 
 def test_short_prompts_prefill_together(engine, sched):

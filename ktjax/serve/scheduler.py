@@ -90,6 +90,7 @@ class _Request:
     prompt: list[int]
     params: RequestParams
     on_event: Callable
+    max_tokens: int                      # validated
     sampling: tuple[float, int, float]   # temperature, top_k, top_p
     seed: int
     stops: frozenset
@@ -226,7 +227,10 @@ class Scheduler:
             raise KtjaxError("the prompt must be a non-empty list of token ids")
         prompt = [int(t) for t in prompt]
         vocab = eng.cfg.vocab_size
-        bad = [t for t in prompt + list(params.stop_token_ids) if not 0 <= int(t) < vocab]
+        stop_ids = list(params.stop_token_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_ids):
+            raise KtjaxError(f"stop_token_ids must be token ids (integers), got {params.stop_token_ids!r}")
+        bad = [t for t in prompt + stop_ids if not 0 <= int(t) < vocab]
         if bad:
             raise KtjaxError(f"token ids must lie in [0, {vocab}); got {bad[:5]}")
         if not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= TOP_LOGPROBS:
@@ -247,9 +251,9 @@ class Scheduler:
         sampling, stops = eng.sampling_and_stops(call)
         seed = params.seed % 2**32 if params.seed is not None else random.getrandbits(32)
         handle = Handle(f"req-{next(self._ids)}", len(prompt))
-        return _Request(handle, prompt, params, on_event,
+        return _Request(handle, prompt, params, on_event, call.max_new_tokens,
                         (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed,
-                        frozenset(stops) | frozenset(map(int, params.stop_token_ids)), time.perf_counter(),
+                        frozenset(stops) | frozenset(map(int, stop_ids)), time.perf_counter(),
                         pages=[], keys=[], cached_tokens=0, length=0, generated=[])
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ class Scheduler:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
             alloc = self.allocator
-            total = alloc.pages_for(len(req.prompt) + req.params.max_tokens)
+            total = alloc.pages_for(len(req.prompt) + req.max_tokens)
             # Leave at least the last prompt token to prefill: its logits give the first token.
             hits, keys = alloc.lookup(req.prompt, max_pages=(len(req.prompt) - 1) // self.page_size, count=False)
             if total - len(hits) > alloc.available:
@@ -448,7 +452,7 @@ class Scheduler:
             self._finish(req, "cancelled")
         elif token in req.stops:
             self._finish(req, "stop")
-        elif req.n_gen >= req.params.max_tokens:
+        elif req.n_gen >= req.max_tokens:
             self._finish(req, "length")
         else:
             req.pending = token
