@@ -49,6 +49,7 @@ class RequestParams:
     logprobs: int = 0                  # 0: none; k: top-k logprobs per generated token (k <= 20)
 
 
+# Log-probabilities are the model's: log_softmax of its logits, before temperature, top-k and top-p.
 @dataclasses.dataclass
 class TokenEvent:
     token_id: int
