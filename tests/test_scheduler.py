@@ -165,6 +165,37 @@ def test_cancel_frees_the_pages(sched):
     assert sched.stats()["pages_used"] == 0
 
 
+def test_a_raising_callback_cancels_only_its_request(engine, sched):
+    class Broken(Stream):
+        def __call__(self, event):
+            super().__call__(event)
+            if isinstance(event, TokenEvent):
+                raise RuntimeError("client went away")
+
+    broken, fine = Broken(), Stream()
+    sched.submit([6, 6, 6], greedy(), broken)
+    sched.submit([6, 6, 7], greedy(), fine)
+    assert broken.wait().finished.reason == "cancelled" and len(broken.tokens) == 1
+    assert fine.wait().tokens == reference(engine, [6, 6, 7])
+    assert sched.stats()["pages_used"] == 0
+
+
+def test_shutdown_cancels_what_outlives_the_timeout(engine, sched):
+    s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
+    s.start()
+    st = Stream()
+    s.submit([1, 2, 3], RequestParams(max_tokens=370, ignore_eos=True), st)
+    s.shutdown(0)
+    assert st.done.is_set() and st.finished.reason == "cancelled" and len(st.tokens) < 370
+    assert not s._thread.is_alive() and s.stats()["pages_used"] == 0
+    patient = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)
+    patient.start()
+    short = Stream()
+    patient.submit([1, 2, 3], greedy(), short)
+    patient.shutdown(120)  # running requests finish within the timeout
+    assert short.finished.reason == "length" and len(short.tokens) == MAX_NEW
+
+
 def test_admission_errors(engine, sched):
     with pytest.raises(PromptTooLong, match="48 pages of 8 tokens"):
         sched.submit([1] * 300, greedy(200), Stream())
