@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from .kv.sparse import is_sparse, selected_fraction
-from .model import DeepseekModel, RunOptions, unstack_layers
+from .model import DeepseekModel, RunOptions, stack_layers, unstack_layers
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
@@ -134,7 +134,9 @@ class Engine:
 
     @property
     def model(self) -> DeepseekModel:
-        return nnx.merge(self.graphdef, self.state)
+        """The model with its layer stacks stacked again, as the loaders build it: a copy of the layer weights
+        (the engine runs on its per-layer arrays)."""
+        return nnx.merge(self.graphdef, stack_layers(self.state))
 
     @property
     def weight_bytes(self) -> int:

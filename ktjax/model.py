@@ -104,6 +104,11 @@ def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool =
     return state
 
 
+def stack_layers(state):
+    """The inverse of unstack_layers: each PerLayer parameter stacked again along a leading layer axis (a copy)."""
+    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_per_layer(x) else x, state, is_leaf=_is_per_layer)
+
+
 def _layer_states(state):
     """Per-layer states of a stack's state whose leaves are PerLayer, or None for a stacked one."""
     leaves = jax.tree.leaves(state, is_leaf=_is_per_layer)
