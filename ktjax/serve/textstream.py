@@ -16,11 +16,12 @@ class TextStream:
         self.prefix = self.read = 0
         self.pending = ""       # text decoded but held back: its end may begin a stop string
         self.stopped = False    # a stop id or stop string was seen; later tokens are ignored
+        self.ended = False      # finish() was called
         self.tokens = 0         # tokens consumed, the stopping one included
 
     def push(self, token_id: int) -> str:
         """One generated token -> the text it releases (often "", while a character or a stop is incomplete)."""
-        if self.stopped:
+        if self.stopped or self.ended:
             return ""
         self.tokens += 1
         if token_id in self.stop_ids:  # a stop token's own text is never part of the completion
@@ -35,13 +36,16 @@ class TextStream:
 
     def finish(self) -> str:
         """The generation ended: what is left (an incomplete character's replacement included)."""
-        return "" if self.stopped else self._finish_text()
+        if self.stopped or self.ended:
+            return ""
+        self.ended = True
+        return self._finish_text(by_stop=False)
 
-    def _finish_text(self) -> str:
+    def _finish_text(self, by_stop: bool = True) -> str:
         before = self.decode(self.ids[self.prefix:self.read])
         out = self._release(self.decode(self.ids[self.prefix:])[len(before):], final=True)
         self.prefix = self.read = len(self.ids)
-        self.stopped = True
+        self.stopped = self.stopped or by_stop
         return out
 
     def _release(self, new: str, final: bool = False) -> str:
