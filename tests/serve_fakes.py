@@ -163,3 +163,19 @@ def install():
     except ImportError:
         sys.modules["ktjax.serve.scheduler"] = sys.modules[__name__]
         return True
+
+
+class RefusingScheduler:
+    """A scheduler whose submit always raises `error` (the HTTP status mapping of the scheduler's refusals)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def submit(self, prompt_ids, params, on_event):
+        raise self.error
+
+    def cancel(self, handle):
+        pass
+
+    def stats(self):
+        return {"page_size": 16, "running": 0, "waiting": 0}

@@ -57,3 +57,17 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+MODEL = "demo_model"
+
+
+def start_stack(**app_options):
+    from ktjax.serve.app import create_app
+
+    engine = demo_engine()
+    scheduler = scheduler_class()(engine, max_batch=4, page_size=16, max_queue=8)
+    scheduler.warmup()
+    scheduler.start()
+    server = ServerThread(create_app(engine, scheduler, model_name=MODEL, **app_options))
+    return engine, scheduler, server

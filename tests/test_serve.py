@@ -1,5 +1,5 @@
 """The HTTP server through the official openai client: chat and completions, streaming or not, stop strings,
-seeds, logprobs; greedy outputs equal engine.generate's. One server (and its compiled programs) for the module."""
+seeds, logprobs; greedy outputs equal engine.generate's. One server (conftest serve_stack) for all server tests."""
 from __future__ import annotations
 
 import json
@@ -9,26 +9,15 @@ import numpy as np
 import openai
 import pytest
 
-from serve_harness import ServerThread, demo_engine, scheduler_class, wait_until
+from serve_harness import MODEL, wait_until
 
-MODEL = "demo_model"
 PROMPT = "The key to reading a long document is"
 N = 12
 
 
 @pytest.fixture(scope="module")
-def stack():
-    from ktjax.serve.app import create_app
-
-    engine = demo_engine()
-    scheduler = scheduler_class()(engine, max_batch=4, page_size=16, max_queue=8)
-    scheduler.warmup()
-    scheduler.start()
-    app = create_app(engine, scheduler, model_name=MODEL)
-    server = ServerThread(app)
-    yield engine, scheduler, server
-    server.stop()
-    scheduler.shutdown(timeout=10)
+def stack(serve_stack):
+    return serve_stack
 
 
 @pytest.fixture(scope="module")
