@@ -112,8 +112,9 @@ def serve(args, resolved) -> int:
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     server.on_exit = lambda: setattr(app.state, "draining", True)
-    # uvicorn re-raises the signal it caught once it has stopped; ignore that one so that we exit 0
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn handles SIGTERM/SIGINT while it runs, then re-raises the one it caught: ignore that, exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:
