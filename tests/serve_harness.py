@@ -66,8 +66,8 @@ def start_stack(**app_options):
     from ktjax.serve.app import create_app
 
     engine = demo_engine()
+    # No warmup(): compiling every bucket takes minutes on a small CPU; the tests compile the shapes they use.
     scheduler = scheduler_class()(engine, max_batch=4, page_size=16, max_queue=64)
-    scheduler.warmup()
     scheduler.start()
     server = ServerThread(create_app(engine, scheduler, model_name=MODEL, **app_options))
     return engine, scheduler, server

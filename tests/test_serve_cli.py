@@ -87,8 +87,8 @@ def test_sigterm_lets_the_stream_finish_and_exits_0():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "ktjax.serve", "--port", str(port), "--max-batch", "2",
-                             "--page-size", "16", "--shutdown-timeout", "60", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "ktjax.serve", "--port", str(port), "--max-batch", "1",
+                             "--page-size", "64", "--chunk-size", "32", "--shutdown-timeout", "60", "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

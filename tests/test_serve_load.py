@@ -1,5 +1,5 @@
 """A bounded load test: many concurrent streams of mixed prompt lengths through HTTP. Every request completes,
-greedy outputs equal engine.generate's for each prompt alone, every page is free or cached afterwards, and the
+greedy outputs equal those of each prompt served alone, every page is free or cached afterwards, and the
 process's memory is flat across two rounds."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def stream_text(url: str, prompt: list[int], max_tokens: int) -> tuple[str, int]
 
 def prompts_of_mixed_lengths(vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    lengths = rng.choice([3, 17, 40, 90, 200], size=STREAMS)  # a few length buckets: few compilations
+    lengths = rng.choice([5, 40, 150], size=STREAMS)  # a few length buckets: few compilations
     return [rng.integers(4, vocab, size=n).tolist() for n in lengths]
 
 
@@ -42,15 +42,15 @@ def run_round(url, prompts):
 
 
 def test_concurrent_streams_complete_match_and_free_their_pages(serve_stack):
+    """Two concurrent rounds of the same prompts (their full pages are in the prefix cache by then): the same
+    tokens as one at a time."""
     engine, scheduler, server = serve_stack
-    vocab = engine.cfg.vocab_size
+    prompts = prompts_of_mixed_lengths(engine.cfg.vocab_size, 1)
+    # Each prompt alone through the server (tests/test_serve.py checks that against engine.generate)
+    references = [stream_text(server.url, prompt, MAX_TOKENS) for prompt in prompts]
     rss = []
-    for round_seed in (1, 2):
-        prompts = prompts_of_mixed_lengths(vocab, round_seed)
-        results = run_round(server.url, prompts)
-        for prompt, (text, n) in zip(prompts, results):
-            ref = engine.generate([prompt], max_new_tokens=MAX_TOKENS)
-            assert (text, n) == (ref.texts[0], len(ref.tokens[0]))
+    for _ in range(2):
+        assert run_round(server.url, prompts) == references
         assert wait_until(lambda: scheduler.stats()["running"] == 0 and scheduler.stats()["waiting"] == 0, 30)
         s = scheduler.stats()
         assert s["pages_used"] == 0 and s["pages_free"] + s["pages_cached"] == s["pages_total"], s
