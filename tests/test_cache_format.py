@@ -7,7 +7,7 @@ from numpy_references import latent_attention, quantize_round_trip
 
 from ktjax.config import ModelConfig
 from ktjax.errors import KtjaxError
-from ktjax.kv.attention import mla_decode_xla, mla_prefill_xla, naive_prefill
+from ktjax.kv.attention import mla_decode_xla, mla_prefill_xla, naive_prefill, tail_block
 from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from ktjax.kv.formats import FORMATS, resolve
 from ktjax.kv.quant import dequantize, quantize
@@ -76,6 +76,22 @@ def test_attention_over_quantized_cache(rng, name, block):
     ref = latent_attention(q_lat, q_pe, c_kv, k_pe, q_pos, lengths, 0.3)
     bound = {"float32": 1e-5, "bf16": 0.02, "fp8": 0.1, "int8": 0.02, "int4": 0.3}[name]
     assert np.abs(out - ref).max() <= bound * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8"])
+def test_key_loop_walks_full_blocks_then_tail_blocks(rng, name):
+    """block 128 over 384 keys: lengths that end inside the first, second and third block read full blocks and
+    then 64-key tail blocks (kv/attention.tail_block); the result is exact attention over the visible keys."""
+    fmt, c_kv, k_pe, stored, scales, q_lat, q_pe, _, _ = _attention_inputs(rng, name, cache_lens=384)
+    lengths = np.array([300, 70, 129], np.int32)
+    q_pos = (lengths[:, None] - q_lat.shape[1] + np.arange(q_lat.shape[1])).astype(np.int32)
+    assert tail_block(128) == 64 and tail_block(48) == 16
+    kp = jnp.asarray(k_pe).astype(fmt.k_pe_dtype)
+    out = np.asarray(mla_prefill_xla(jnp.asarray(q_lat), jnp.asarray(q_pe), stored, scales, kp, jnp.asarray(q_pos),
+                                     jnp.asarray(lengths), fmt=fmt, scale=0.3, block=128))
+    deq = np.asarray(dequantize(fmt, stored, scales, c_kv.shape[-1]))
+    ref = latent_attention(q_lat, q_pe, deq, np.asarray(kp, np.float32), q_pos, lengths, 0.3)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_decode_is_the_one_query_case(rng):

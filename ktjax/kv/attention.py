@@ -2,9 +2,9 @@
 
 `mla_prefill` attends a chunk of absorbed queries to the cache (which already holds the chunk's own
 latents), causal by position; `mla_decode` is the one-query case. Both walk the cache in blocks of
-`block` tokens up to the longest sequence, so no [query x context] score matrix and no per-head expansion
-of the whole prefix ever exists. Quantized formats apply each group's scale to partial scores and to the
-probabilities. `naive_prefill` is the same loop with each block expanded to per-head K and V.
+`block` tokens up to the longest sequence (what is left after the last full block in smaller ones), so no
+[query x context] score matrix and no per-head expansion of the whole prefix ever exists. Quantized formats
+apply each group's scale to partial scores and to the probabilities. `naive_prefill` is the same loop with each block expanded to per-head K and V.
 
 The cache arrays are one layer's ([b, T, ...]) or the whole stack ([L, b, T, ...]) with `layer` naming the
 layer: each key block is then sliced straight out of the stack, so a step reads the blocks it attends to and
@@ -20,16 +20,24 @@ from .formats import CacheFormat
 from .quant import dequantize, from_bits, grouped, stored_values
 
 NEG = -1e30
+TAIL_BLOCK = 64
 
 
-def _block(x, j, block, layer=None):
-    """Key block j of one layer: [b, block, ...] from [b, T, ...], or from [L, b, T, ...] at `layer`."""
+def _block(x, start, size, layer=None):
+    """Keys [start, start + size) of one layer: [b, size, ...] from [b, T, ...], or from [L, b, T, ...] at
+    `layer`."""
     if x is None:
         return None
     if layer is None:
-        return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
-    start = (layer, 0, j * block) + (0,) * (x.ndim - 3)
-    return jax.lax.dynamic_slice(x, start, (1, x.shape[1], block, *x.shape[3:]))[0]
+        return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    return jax.lax.dynamic_slice(x, (layer, 0, start) + (0,) * (x.ndim - 3), (1, x.shape[1], size, *x.shape[3:]))[0]
+
+
+def tail_block(block: int) -> int:
+    """The small key block that walks what is left after the last full `block`, so that the keys read follow
+    the fill rounded up to it, not to `block` (a 64k cache holding 80 tokens reads 128 keys, not 512). It
+    divides `block` (a multiple of 16, kv/cache.py), so tail blocks never run past the cache."""
+    return next(t for t in (TAIL_BLOCK, 32, 16, block) if block % t == 0)
 
 
 def _latent_scores(q_lat, c_vals, scales, fmt: CacheFormat):
@@ -49,58 +57,84 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
-def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False):
-    """Online softmax over key blocks [0, max(lengths)). scores_fn(j) -> [b,s,h,blk] (scaled);
-    values_fn(j, p) -> [b,s,h,D]. Query i of sequence b sees key t iff t < lengths[b] and t <= q_positions[b,i].
-    with_lse also returns the log-sum-exp of the visible scores [b,s,h] (NEG where none is visible), so that
-    results over disjoint key sets (the shards of a sequence-sharded cache) can be merged."""
+def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
+           key_valid=None, tail: int | None = None):
+    """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
+    `tail` keys (default tail_block(block)), so that the keys read follow the fill. scores_fn(start, size) ->
+    [b,s,h,size] (scaled); values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
+    t < lengths[b] and t <= q_positions[b,i]; key_valid(start, size) -> [b, size] hides further keys (a paged
+    cache's pages held by another device). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
+    (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
+    cache) can be merged."""
     b, s, h, _ = out_shape
-    n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
+    longest = jnp.minimum(jnp.max(lengths), n_keys)
+    n_full = longest // block
+    tail = tail or tail_block(block)
 
-    def body(j, carry):
-        m, l, acc = carry
-        t = j * block + jnp.arange(block)
-        visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
-        visible = visible[:, :, None, :]  # [b, s, 1, blk]
-        scores = jnp.where(visible, scores_fn(j), NEG)
-        m_new = jnp.maximum(m, scores.max(-1))
-        p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(j, p)
+    def walk(start_of, size):
+        def body(j, carry):
+            m, l, acc = carry
+            start = start_of(j)
+            t = start + jnp.arange(size)
+            visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
+            if key_valid is not None:
+                visible = visible & key_valid(start, size)[:, None, :]
+            visible = visible[:, :, None, :]  # [b, s, 1, size]
+            scores = jnp.where(visible, scores_fn(start, size), NEG)
+            m_new = jnp.maximum(m, scores.max(-1))
+            p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(start, size, p)
+        return body
 
-    init = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
-            jnp.zeros(out_shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    carry = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
+             jnp.zeros(out_shape, jnp.float32))
+    carry = jax.lax.fori_loop(0, n_full, walk(lambda j: j * block, block), carry)
+    n_tail = (longest - n_full * block + tail - 1) // tail
+    m, l, acc = jax.lax.fori_loop(0, n_tail, walk(lambda j: n_full * block + j * tail, tail), carry)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     if not with_lse:
         return out
     return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
 
 
+def _taker(take, layer):
+    """take(x, start, size) -> keys [start, start + size) of x, None for None: a paged cache's gather
+    (kv/paged.py), else a slice of the (stacked) cache."""
+    if take is None:
+        return lambda x, start, size: _block(x, start, size, layer)
+    return lambda x, start, size: None if x is None else take(x, start, size)
+
+
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
-                    block: int, with_lse: bool = False, layer=None):
+                    block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None,
+                    key_valid=None, tail: int | None = None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
-    With `layer`, each is the whole stack ([L, b, T, ...]).
+    With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, start, size)` (a paged cache), the
+    arrays are whatever take reads keys [start, start + size) from, n_keys the keys it can address, and `tail`
+    a key block it can read (whole pages); key_valid as in _flash.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
+    take = _taker(take, layer)
 
-    def blocks(j):
-        return (stored_values(fmt, _block(c_kv, j, block, layer), rank), _block(scales, j, block, layer),
-                from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype).astype(jnp.float32))
+    def blocks(start, size):
+        return (stored_values(fmt, take(c_kv, start, size), rank), take(scales, start, size),
+                from_bits(take(k_pe, start, size), fmt.k_pe_dtype).astype(jnp.float32))
 
-    def scores_fn(j):
-        c, sc, kp = blocks(j)
+    def scores_fn(start, size):
+        c, sc, kp = blocks(start, size)
         return (_latent_scores(q_lat, c, sc, fmt) + jnp.einsum("bshr,btr->bsht", q_pe, kp)) * scale
 
-    def values_fn(j, p):
-        c, sc, _ = blocks(j)
+    def values_fn(start, size, p):
+        c, sc, _ = blocks(start, size)
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape, with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
+                  with_lse, key_valid, tail)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -111,26 +145,29 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
-                  scale: float, block: int, with_lse: bool = False, layer=None):
+                  scale: float, block: int, with_lse: bool = False, layer=None, take=None,
+                  n_keys: int | None = None, key_valid=None, tail: int | None = None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
-    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v]."""
+    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
+    `take`, n_keys, key_valid and tail as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
+    take = _taker(take, layer)
 
-    def latents(j):
-        return dequantize(fmt, _block(c_kv, j, block, layer), _block(scales, j, block, layer), rank)
+    def latents(start, size):
+        return dequantize(fmt, take(c_kv, start, size), take(scales, start, size), rank)
 
-    def scores_fn(j):
-        k_nope = jnp.einsum("btc,hdc->bthd", latents(j), w_uk)
+    def scores_fn(start, size):
+        k_nope = jnp.einsum("btc,hdc->bthd", latents(start, size), w_uk)
         return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(_block(k_pe, j, block, layer), fmt.k_pe_dtype)
+                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(take(k_pe, start, size), fmt.k_pe_dtype)
                              .astype(jnp.float32))) * scale
 
-    def values_fn(j, p):
-        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(j), w_uv))
+    def values_fn(start, size, p):
+        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(start, size), w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, c_kv.shape[-2], block, scores_fn, values_fn, (b, s, h, w_uv.shape[1]),
-                  with_lse)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
+                  (b, s, h, w_uv.shape[1]), with_lse, key_valid, tail)
 

@@ -70,9 +70,11 @@ def _dot(a, b, *, trans_b=False):
 
 def mla_kernel(last_key_ref, q_lat_ref, q_pe_ref, c_kv_ref, scales_ref, k_pe_ref, o_ref, m_ref, l_ref, *,
                layout: LatentLayout, softmax_scale: float, block_k: int, num_splits: int, dot_dtype,
-               fp8_bits: bool):
+               fp8_bits: bool, tile_index=None):
     """One (row block, split, sequence) program. Refs: last_key [bm], q_lat [bm, Rp], q_pe [bm, rp],
-    c_kv [T, Wp], scales [T, Gp] or None, k_pe [T, rp]; out: o [bm, Rp] (unnormalised), m [bm], l [bm]."""
+    c_kv [T, Wp], scales [T, Gp] or None, k_pe [T, rp]; out: o [bm, Rp] (unnormalised), m [bm], l [bm].
+    tile_index(tile) -> the leading indices of key tile `tile` in the cache refs (default: rows
+    [tile * block_k, +block_k)); the paged kernel (paged.py) points them at a page of the pool instead."""
     split = pl.program_id(1)
     last_key = last_key_ref[...]
     q_pe = q_pe_ref[...].astype(dot_dtype)
@@ -87,18 +89,18 @@ def mla_kernel(last_key_ref, q_lat_ref, q_pe_ref, c_kv_ref, scales_ref, k_pe_ref
     def body(tile, carry):
         m, l, accs = carry
         start = pl.multiple_of(tile * block_k, block_k)
-        keys = pl.ds(start, block_k)
+        keys = (pl.ds(start, block_k),) if tile_index is None else tile_index(tile)
         raw_tiles = {}  # an int4 byte tile feeds its low and its high chunk
 
         def values(c):
             if c.col not in raw_tiles:
-                raw_tiles[c.col] = c_kv_ref[keys, pl.ds(c.col, c.width)]
+                raw_tiles[c.col] = c_kv_ref[(*keys, pl.ds(c.col, c.width))]
             return _chunk_values(raw_tiles[c.col], c.part, fp8_bits).astype(dot_dtype)
 
         chunk_values = [values(c) for c in layout.chunks]
-        chunk_scales = [None if scales_ref is None else scales_ref[keys, c.group] for c in layout.chunks]
+        chunk_scales = [None if scales_ref is None else scales_ref[(*keys, c.group)] for c in layout.chunks]
 
-        scores = _dot(q_pe, k_pe_ref[keys, :].astype(dot_dtype), trans_b=True)
+        scores = _dot(q_pe, k_pe_ref[(*keys, slice(None))].astype(dot_dtype), trans_b=True)
         for q_c, v_c, s_c in zip(q_chunks, chunk_values, chunk_scales):
             partial = _dot(q_c, v_c, trans_b=True)
             scores += partial if s_c is None else partial * s_c[None, :]

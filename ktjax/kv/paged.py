@@ -1,0 +1,211 @@
+"""The paged latent cache: one pool of fixed-size pages per layer stack, and a page table per sequence.
+
+Pools are c_kv [L, n_pages, page_size, W] (stored in the cache format, with group scales) and k_pe
+[L, n_pages, page_size, r], like LatentCache's [L, B, T, ...] with (B, T) replaced by (page, slot). Sequence b's
+position p lives in page page_table[b, p // page_size] at slot p % page_size, so sequences of any lengths
+share one pool and a page full of a common prefix can be shared between sequences (ktjax/serve/pages.py
+decides which page goes where). The page table is a traced field: one compiled program serves every
+assignment of pages, and its width (pages per sequence) bounds what attention reads.
+
+PagedLatentCache has LatentCache's methods (write, attend_latent, attend_naive), so the model runs over it
+unchanged. Attention walks each sequence's pages in key blocks of whole pages (gathered per block, never the
+whole prefix at once) with kv/attention.py's online softmax, or the Pallas kernel that reads the page table
+(kv/pallas/paged.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..errors import KtjaxError
+from .attention import mla_prefill_xla, naive_prefill
+from .cache import MAX_KV_BLOCK, attention_path
+from .formats import SCALE_DTYPE, CacheFormat, container
+from .layout import CacheLayout, merge_partials
+from .quant import quantize, to_bits
+
+DEFAULT_PAGE_SIZE = 64
+
+
+def paged_attention_path(setting: str, page_size: int) -> str:
+    """attention_path's rule, and the XLA path for pages the kernel cannot tile (not a power of two >= 16)."""
+    from .pallas.paged import kernel_fits
+    path = attention_path(setting, None)
+    return path if path == "xla" or kernel_fits(page_size) else "xla"
+
+
+def pages_per_block(page_size: int, table_width: int) -> int:
+    """Pages gathered per attention key block: up to MAX_KV_BLOCK tokens, dividing the table width."""
+    k = max(1, MAX_KV_BLOCK // page_size)
+    while table_width % k:
+        k //= 2
+    return max(k, 1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedLatentCache:
+    c_kv: jax.Array            # [L, n_pages, page_size, stored_width]: container() bits of fmt.store_dtype
+    scales: jax.Array | None   # [L, n_pages, page_size, n_groups] float32, quantized formats only
+    k_pe: jax.Array            # [L, n_pages, page_size, r]
+    page_table: jax.Array      # [B, max_pages] int32: page of each sequence's p // page_size-th page
+    fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
+    # None: one device. Else the pool's pages are split over layout.seq_axis (device k holds pages
+    # [k n_pages/N, (k+1) n_pages/N)), everything else replicated; attention merges the devices' partials.
+    layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, cfg, fmt: CacheFormat, n_pages: int, page_size: int = DEFAULT_PAGE_SIZE, *,
+               batch: int = 1, max_pages: int = 1, attention: str = "auto",
+               layout: CacheLayout | None = None) -> "PagedLatentCache":
+        lead = (cfg.num_hidden_layers, n_pages, page_size)
+        r = cfg.kv_lora_rank
+        if layout is not None and layout.seq_axis is None:
+            layout = None
+        if layout is not None and n_pages % layout.mesh.shape[layout.seq_axis]:
+            raise KtjaxError(f"{n_pages} pages do not split evenly over the {layout.mesh.shape[layout.seq_axis]} "
+                             f"devices of mesh axis '{layout.seq_axis}'")
+
+        def zeros():
+            scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
+            return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
+
+        if layout is not None:  # each device allocates its own pages, never the whole pool
+            zeros = jax.jit(zeros, out_shardings=NamedSharding(layout.mesh, pool_spec(layout)))
+        c_kv, scales, k_pe = zeros()
+        return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, page_table=jnp.zeros((batch, max_pages), jnp.int32),
+                   fmt=fmt, rank=r, attention="xla" if layout is not None else paged_attention_path(attention,
+                                                                                                   page_size),
+                   layout=layout)
+
+    @property
+    def n_pages(self) -> int:
+        return self.c_kv.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.c_kv.shape[2]
+
+    @property
+    def cache_lens(self) -> int:
+        """Positions one sequence can address through its page table (padding positions are >= this)."""
+        return self.page_table.shape[1] * self.page_size
+
+    @property
+    def buffers(self) -> tuple:
+        return self.c_kv, self.scales, self.k_pe
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(x.nbytes for x in self.buffers if x is not None)
+
+    def with_table(self, page_table) -> "PagedLatentCache":
+        return dataclasses.replace(self, page_table=page_table)
+
+    def locate(self, positions):
+        """positions [b, s] -> (page [b, s], slot [b, s]); a position past the table (padding) gets page
+        n_pages, which a write with mode='drop' skips."""
+        ps, width = self.page_size, self.page_table.shape[1]
+        index = jnp.clip(positions // ps, 0, width - 1)
+        page = jnp.take_along_axis(self.page_table, index, axis=1)
+        valid = (positions >= 0) & (positions < width * ps)
+        return jnp.where(valid, page, self.n_pages), positions % ps
+
+    def write(self, layer, positions, c_kv, k_pe) -> "PagedLatentCache":
+        """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s] through the page table;
+        positions >= cache_lens (padding) are dropped."""
+        q, scales = quantize(self.fmt, c_kv)
+        page, slot = self.locate(positions)
+        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
+
+        def store(buffers, layer, page, slot, new):
+            page, _ = self._local(page, buffers[0].shape[1])  # another device's page: dropped
+            return tuple(None if buf is None else buf.at[layer, page, slot].set(x.astype(buf.dtype), mode="drop")
+                         for buf, x in zip(buffers, new))
+
+        if self.layout is None:
+            c, sc, kp = store(self.buffers, layer, page, slot, new)
+        else:
+            specs = self._specs()
+            c, sc, kp = jax.shard_map(store, mesh=self.layout.mesh, in_specs=(specs, P(), P(), P(), P()),
+                                      out_specs=specs, check_vma=False)(self.buffers, layer, page, slot, new)
+        return dataclasses.replace(self, c_kv=c, scales=sc, k_pe=kp)
+
+    def _local(self, pages, n_local: int):
+        """Global page ids -> (ids in this device's shard of the pool, n_local where not held; held mask)."""
+        if self.layout is None:
+            return pages, jnp.ones(pages.shape, jnp.bool_)
+        local = pages - jax.lax.axis_index(self.layout.seq_axis) * n_local
+        held = (local >= 0) & (local < n_local)
+        return jnp.where(held, local, n_local), held
+
+    def _specs(self):
+        return tuple(None if b is None else pool_spec(self.layout) for b in self.buffers)
+
+    def _paged(self, layer, table, held):
+        """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table."""
+        width, ps = table.shape[1], self.page_size
+        k = pages_per_block(ps, width)
+
+        def take(x, start, size):  # whole pages: start and size are multiples of page_size
+            pages = jax.lax.dynamic_slice_in_dim(table, start // ps, size // ps, axis=1)   # [b, n]
+            blk = x[layer, pages]                                                          # [b, n, page_size, ...]
+            return blk.reshape(blk.shape[0], size, *blk.shape[3:])
+
+        def key_valid(start, size):
+            return jnp.repeat(jax.lax.dynamic_slice_in_dim(held, start // ps, size // ps, axis=1), ps, axis=1)
+
+        return dict(block=k * ps, tail=ps, take=take, n_keys=width * ps,
+                    key_valid=None if self.layout is None else key_valid)
+
+    def _attend(self, partial_fn, queries, weights, layer, q_positions, lengths):
+        """partial_fn(queries, weights, buffers, paged kwargs, with_lse) over this device's pages; on a mesh the
+        devices' partial results merge by log-sum-exp (kv/layout.py)."""
+        def local(queries, weights, buffers, table, layer, q_positions, lengths):
+            n_local = buffers[0].shape[1]
+            table, held = self._local(table, n_local)
+            kw = self._paged(layer, jnp.where(held, table, 0), held)
+            if self.layout is None:
+                return partial_fn(queries, weights, buffers, q_positions, lengths, kw, False)
+            o, lse = partial_fn(queries, weights, buffers, q_positions, lengths, kw, True)
+            return merge_partials(o, lse, self.layout.seq_axis)
+
+        if self.layout is None:
+            return local(queries, weights, self.buffers, self.page_table, layer, q_positions, lengths)
+        rep = lambda xs: tuple(P() for _ in xs)  # noqa: E731
+        return jax.shard_map(local, mesh=self.layout.mesh,
+                             in_specs=(rep(queries), rep(weights), self._specs(), P(), P(), P(), P()),
+                             out_specs=P(), check_vma=False)(queries, weights, self.buffers, self.page_table, layer,
+                                                             q_positions, lengths)
+
+    def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
+        """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
+        [0, lengths[b]) -> o_lat [b,s,h,R] float32."""
+        if self.attention == "pallas":
+            from .pallas.paged import paged_attention
+            return paged_attention(q_lat, q_pe, self, layer, q_positions, lengths, scale=scale)
+
+        def partial(queries, _, buffers, pos, lens, kw, with_lse):
+            return mla_prefill_xla(*queries, *buffers, pos, lens, fmt=self.fmt, scale=scale, with_lse=with_lse,
+                                   **kw)
+        return self._attend(partial, (q_lat, q_pe), (), layer, q_positions, lengths)
+
+    def attend_naive(self, layer, q_nope, q_pe, w_uk, w_uv, q_positions, lengths, *, scale: float):
+        """Naive attention over `layer` (the XLA path) -> o [b,s,h,d_v] float32."""
+        def partial(queries, weights, buffers, pos, lens, kw, with_lse):
+            return naive_prefill(*queries, *buffers, pos, lens, *weights, fmt=self.fmt, scale=scale,
+                                 with_lse=with_lse, **kw)
+        return self._attend(partial, (q_nope, q_pe), (w_uk, w_uv), layer, q_positions, lengths)
+
+
+def pool_spec(layout: CacheLayout) -> P:
+    """A pool [L, n_pages, page_size, W] split by pages over the layout's sequence axis."""
+    return P(None, layout.seq_axis, None, None)

@@ -1,0 +1,441 @@
+"""Continuous batching over the paged latent cache: requests join and leave the running batch between steps.
+
+Each step runs at most one prefill chunk (of the oldest request still prefilling) and one decode step of every
+request that has a token to feed, so a long prompt delays the running streams by one chunk per step, never by
+its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
+full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as they are written, and a request
+whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
+so steady traffic compiles nothing after warmup().
+
+Every callback (on_event) runs on the scheduler's thread: once per generated token, then once Finished.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import sharding
+from ..errors import KtjaxError
+from ..kv.layout import CacheLayout
+from ..kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
+from ..runtime import CallSettings
+from .pages import ROOT, PageAllocator
+from .programs import TOP_LOGPROBS, Programs, RowSampling, bucket_of, pow2_at_least
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096  # tokens per batch slot when cache_lens is unset (no prompt to size the pool from)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParams:
+    max_tokens: int
+    temperature: float | None = None   # None: generation_config / greedy, as Engine.sampling_and_stops
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()   # in addition to EOS
+    ignore_eos: bool = False
+    logprobs: int = 0                  # 0: none; k: top-k logprobs per generated token (k <= 20)
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    token_id: int
+    logprob: float | None = None                      # of the chosen token, when params.logprobs > 0
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class Finished:
+    reason: str            # "stop" (EOS/stop id), "length", "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int     # prompt tokens served from the prefix cache
+    ttft_s: float          # submit -> first token
+    error: str | None = None
+
+
+class PromptTooLong(KtjaxError):
+    """The request could never fit, even alone (HTTP 413)."""
+
+
+class QueueFull(KtjaxError):
+    """Busy, and the waiting queue is full (HTTP 429)."""
+
+
+class ShuttingDown(KtjaxError):
+    """The scheduler no longer accepts requests (HTTP 503)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Handle:
+    id: str
+    prompt_tokens: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    handle: Handle
+    prompt: list[int]
+    params: RequestParams
+    on_event: Callable
+    sampling: tuple[float, int, float]   # temperature, top_k, top_p
+    seed: int
+    stops: frozenset
+    submitted: float
+    pages: list[int] = dataclasses.field(default_factory=list)
+    keys: list[int] = dataclasses.field(default_factory=list)   # prefix-cache keys of the leading full pages
+    cached_tokens: int = 0
+    length: int = 0           # tokens in the cache
+    pending: int | None = None  # sampled token not yet fed through the model
+    n_gen: int = 0
+    ttft: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.prompt)
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_batch: int = 8, page_size: int = DEFAULT_PAGE_SIZE, max_queue: int = 64,
+                 n_pages: int | None = None):
+        for name, value, lo in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
+                                ("max_queue", max_queue, 0), ("n_pages", n_pages, 1)):
+            if value is not None and (not isinstance(value, int) or value < lo):
+                raise KtjaxError(f"{name} must be an integer >= {lo}, got {value!r}")
+        self.engine = engine
+        self.max_batch, self.page_size, self.max_queue = max_batch, page_size, max_queue
+        if n_pages is None:
+            plan = engine.plan_cache(max_batch, min(DEFAULT_CONTEXT, engine.cfg.max_position_embeddings))
+            n_pages = max_batch * -(-plan.cache_lens // page_size)
+        shards = sharding.seq_shards(engine.mesh)
+        n_pages = -(-n_pages // shards) * shards  # whole pages on every device
+        self.max_context = min(engine.cfg.max_position_embeddings, n_pages * page_size)
+        max_width = pow2_at_least(-(-self.max_context // page_size))
+        self.pool = self._new_pool(n_pages)
+        self.allocator = PageAllocator(n_pages, page_size, order=self._spread_order(n_pages, shards))
+        self.programs = Programs(engine, self.pool, max_batch, max_width)
+
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._accepting = True
+        self._deadline: float | None = None   # set by shutdown: cancel whatever still runs after it
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._counts = dict(prefill_tokens_total=0, decode_tokens_total=0, steps_total=0)
+
+    def _new_pool(self, n_pages: int) -> PagedLatentCache:
+        """The page pool: on a mesh, its pages split over the cache's sequence axis (N devices, N times the
+        pages), the page table replicated."""
+        eng = self.engine
+        layout = None
+        if sharding.seq_shards(eng.mesh) > 1:
+            layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
+        pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
+                                       attention=eng.runtime.attention, layout=layout)
+        if eng.mesh is not None:
+            rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
+            pool = pool.with_table(jax.device_put(pool.page_table, rep))
+            if layout is None:
+                pool = jax.device_put(pool, rep)
+        return pool
+
+    @staticmethod
+    def _spread_order(n_pages: int, shards: int) -> list[int]:
+        """Free-list order that hands out pages round-robin over the devices holding the pool, so that a long
+        sequence's pages (and its attention work) spread over all of them."""
+        per = n_pages // shards
+        return [d * per + i for i in range(per) for d in range(shards)]
+
+    # -- public interface ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ktjax-scheduler", daemon=True)
+            self._thread.start()
+
+    def warmup(self) -> None:
+        """Compile every bucketed program (prefill chunks x table widths, batch sizes x table widths)."""
+        for shape in self.programs.prefill_shapes() + self.programs.decode_shapes():
+            self.programs.get(*shape)
+
+    def submit(self, prompt_ids, params: RequestParams, on_event: Callable) -> Handle:
+        req = self._validate(prompt_ids, params, on_event)
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down and accepts no new requests")
+            busy = self._waiting or len(self._running) >= self.max_batch
+            if busy and len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._running)} requests running and {len(self._waiting)} waiting (the "
+                                f"queue holds {self.max_queue}); retry later")
+            self._waiting.append(req)
+            self._lock.notify_all()
+        return req.handle
+
+    def cancel(self, handle: Handle) -> None:
+        with self._lock:
+            for req in itertools.chain(self._running, self._waiting):
+                if req.handle is handle:
+                    req.cancelled = True
+            self._lock.notify_all()
+        if self._thread is None:
+            self._reap_cancelled()
+
+    def shutdown(self, timeout: float) -> None:
+        with self._lock:
+            self._accepting = False
+            self._deadline = time.monotonic() + max(0.0, timeout)
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._cancel_all()
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = self.allocator.stats()
+            running, waiting = len(self._running), len(self._waiting)
+        return dict(running=running, waiting=waiting, pages_total=s.total, pages_used=s.used, pages_free=s.free,
+                    pages_cached=s.cached, prefix_hit_tokens=s.hit_tokens, prefix_lookup_tokens=s.lookup_tokens,
+                    cache_bytes=self.pool.pool_bytes, page_size=self.page_size, max_batch=self.max_batch,
+                    **self._counts)
+
+    # -- validation ---------------------------------------------------------------------------------------------
+    def _validate(self, prompt_ids, params: RequestParams, on_event) -> _Request:
+        eng = self.engine
+        if not isinstance(params, RequestParams):
+            raise KtjaxError(f"params must be a RequestParams, got {type(params).__name__}")
+        prompt = list(prompt_ids)
+        if not prompt or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise KtjaxError("the prompt must be a non-empty list of token ids")
+        prompt = [int(t) for t in prompt]
+        vocab = eng.cfg.vocab_size
+        bad = [t for t in prompt + list(params.stop_token_ids) if not 0 <= int(t) < vocab]
+        if bad:
+            raise KtjaxError(f"token ids must lie in [0, {vocab}); got {bad[:5]}")
+        if not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= TOP_LOGPROBS:
+            raise KtjaxError(f"logprobs must be an integer in [0, {TOP_LOGPROBS}], got {params.logprobs!r}")
+        if params.seed is not None and (not isinstance(params.seed, int) or params.seed < 0):
+            raise KtjaxError(f"seed must be a non-negative integer, got {params.seed!r}")
+        call = CallSettings.from_overrides(eng.defaults, max_new_tokens=params.max_tokens,
+                                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                           ignore_eos=params.ignore_eos)
+        needed = len(prompt) + call.max_new_tokens
+        if needed > self.max_context:
+            window = eng.cfg.max_position_embeddings
+            limit = (f"the model's window of {window} positions" if window <= self.allocator.n_pages *
+                     self.page_size else f"the page pool's {self.allocator.n_pages} pages of {self.page_size} "
+                     f"tokens ({self.allocator.n_pages * self.page_size} tokens)")
+            raise PromptTooLong(f"prompt of {len(prompt)} tokens + max_tokens {call.max_new_tokens} = {needed} "
+                                f"tokens exceeds {limit}; shorten the prompt or lower max_tokens")
+        sampling, stops = eng.sampling_and_stops(call)
+        seed = params.seed % 2**32 if params.seed is not None else random.getrandbits(32)
+        handle = Handle(f"req-{next(self._ids)}", len(prompt))
+        return _Request(handle, prompt, params, on_event,
+                        (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed,
+                        frozenset(stops) | frozenset(map(int, params.stop_token_ids)), time.perf_counter(),
+                        pages=[], keys=[], cached_tokens=0, length=0)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._running or self._waiting or self._deadline is not None):
+                    self._lock.wait()
+                past = self._deadline is not None and time.monotonic() >= self._deadline
+            if past:
+                self._cancel_all()
+            self._reap_cancelled()
+            with self._lock:
+                self._admit()
+                if self._deadline is not None and not (self._running or self._waiting):
+                    return
+                idle = not self._running
+                if idle and self._waiting and self._deadline is None:
+                    self._lock.wait(0.05)  # the head of the queue waits for pages: nothing runs, so never
+                    continue               # (a request that fits alone always fits an empty pool)
+            if not idle:
+                self._step_safely()
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, first come first served, while slots and pages allow.
+        Called with the lock held."""
+        while self._waiting and len(self._running) < self.max_batch:
+            req = self._waiting[0]
+            alloc = self.allocator
+            total = alloc.pages_for(len(req.prompt) + req.params.max_tokens)
+            # Leave at least the last prompt token to prefill: its logits give the first token.
+            hits, keys = alloc.lookup(req.prompt, max_pages=(len(req.prompt) - 1) // self.page_size, count=False)
+            if total - len(hits) > alloc.available:
+                alloc.release(hits)
+                return
+            alloc.count_lookup(len(hits) * self.page_size, len(req.prompt))
+            req.pages = hits + alloc.allocate(total - len(hits))
+            req.keys = keys
+            req.cached_tokens = req.length = len(hits) * self.page_size
+            self._waiting.popleft()
+            self._running.append(req)
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in itertools.chain(self._running, self._waiting) if r.cancelled]
+        for req in gone:
+            self._finish(req, "cancelled")
+
+    def _cancel_all(self) -> None:
+        with self._lock:
+            everyone = list(self._running) + list(self._waiting)
+        for req in everyone:
+            self._finish(req, "cancelled")
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        with self._lock:
+            if req in self._running:
+                self._running.remove(req)
+                self.allocator.release(req.pages)
+            elif req in self._waiting:
+                self._waiting.remove(req)
+            else:
+                return
+        event = Finished(reason, len(req.prompt), req.n_gen, req.cached_tokens, req.ttft, error)
+        self._call(req, event)
+
+    def _call(self, req: _Request, event) -> bool:
+        """Deliver an event; a callback that raises cancels its request (the HTTP client went away)."""
+        try:
+            req.on_event(event)
+            return True
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the other streams
+            log.exception("on_event of %s raised; cancelling it", req.handle.id)
+            req.cancelled = True
+            return False
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            log.exception("scheduler step failed")
+            message = f"{type(e).__name__}: {e}"
+            with self._lock:
+                running = list(self._running)
+            for req in running:
+                self._finish(req, "error", message)
+            # A failed step may have consumed the donated pool: start from an empty one.
+            self.pool = self._new_pool(self.allocator.n_pages)
+            n = self.allocator.n_pages
+            self.allocator = PageAllocator(n, self.page_size,
+                                           order=self._spread_order(n, sharding.seq_shards(self.engine.mesh)))
+
+    def _step(self) -> None:
+        with self._lock:
+            running = list(self._running)
+        prefilling = [r for r in running if r.prefilling]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
+        if decoding:
+            self._decode(decoding)
+        self._counts["steps_total"] += 1
+
+    def _table(self, reqs: list[_Request], b: int, width: int) -> np.ndarray:
+        table = np.zeros((b, width), np.int32)
+        for i, r in enumerate(reqs):
+            n = min(len(r.pages), width)
+            table[i, :n] = r.pages[:n]
+        return table
+
+    def _rows(self, reqs: list[_Request], b: int) -> RowSampling:
+        pad = b - len(reqs)
+        col = lambda f, dtype: jnp.asarray(np.array([f(r) for r in reqs] + [0] * pad, dtype))  # noqa: E731
+        return RowSampling(col(lambda r: r.sampling[0], np.float32), col(lambda r: r.sampling[1], np.int32),
+                           jnp.asarray(np.array([r.sampling[2] for r in reqs] + [1.0] * pad, np.float32)),
+                           col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32))
+
+    def _run(self, reqs, tokens, positions, lengths, logits_index, chunk: int, needed_pages: int):
+        b = bucket_of(len(reqs), self.programs.batches) if chunk == 1 else 1
+        width = bucket_of(needed_pages, self.programs.widths)
+        program = self.programs.get(b, chunk, width)
+        pad_pos = width * self.page_size  # past the table: the write is dropped
+        tok = np.zeros((b, chunk), np.int32)
+        pos = np.full((b, chunk), pad_pos, np.int32)
+        lens = np.zeros((b,), np.int32)
+        idx = np.zeros((b,), np.int32)
+        tok[:len(reqs)], lens[:len(reqs)], idx[:len(reqs)] = tokens, lengths, logits_index
+        pos[:len(reqs)] = np.where(positions < 0, pad_pos, positions)
+        cache = self.pool.with_table(jnp.asarray(self._table(reqs, b, width)))
+        cache, out = program(self.engine.state, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lens),
+                             jnp.asarray(idx), self._rows(reqs, b))
+        self.pool = cache
+        return jax.device_get(out)
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        start = req.length
+        n_left = len(req.prompt) - start
+        chunk = bucket_of(min(n_left, self.programs.chunks[-1]), self.programs.chunks)
+        n = min(n_left, chunk)
+        pos = np.full((1, chunk), -1, np.int32)
+        pos[0, :n] = start + np.arange(n)
+        tok = np.zeros((1, chunk), np.int32)
+        tok[0, :n] = req.prompt[start:start + n]
+        out = self._run([req], tok, pos, [start + n], [n - 1], chunk,
+                        -(-(start + n) // self.page_size))
+        req.length = start + n
+        self._counts["prefill_tokens_total"] += n
+        self._publish_full_pages(req)
+        if not req.prefilling:
+            self._emit(req, out, 0)
+
+    def _publish_full_pages(self, req: _Request) -> None:
+        ps = self.page_size
+        with self._lock:
+            while len(req.keys) < min(req.length, len(req.prompt)) // ps:
+                i = len(req.keys)
+                parent = req.keys[-1] if req.keys else ROOT
+                req.keys.append(self.allocator.publish(req.pages[i], parent, req.prompt[i * ps:(i + 1) * ps]))
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        lengths = np.array([r.length for r in reqs], np.int32)
+        out = self._run(reqs, np.array([[r.pending] for r in reqs], np.int32), lengths[:, None], lengths + 1,
+                        np.zeros(len(reqs), np.int32), 1, -(-int(lengths.max() + 1) // self.page_size))
+        self._counts["decode_tokens_total"] += len(reqs)
+        for i, req in enumerate(reqs):
+            req.length += 1
+            req.pending = None
+            self._emit(req, out, i)
+
+    def _emit(self, req: _Request, out, i: int) -> None:
+        """Deliver row i's sampled token, then finish the request or leave the token to feed next step."""
+        if not out.finite[i]:
+            self._finish(req, "error", f"the model produced non-finite logits (NaN or Inf) at generation step "
+                                       f"{req.n_gen}; check the checkpoint or try --dtype float32")
+            return
+        token = int(out.token[i])
+        if req.n_gen == 0:
+            req.ttft = time.perf_counter() - req.submitted
+        req.n_gen += 1
+        k = req.params.logprobs
+        event = TokenEvent(token)
+        if k:
+            event.logprob = float(out.logprob[i])
+            event.top_logprobs = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+        if not self._call(req, event) or req.cancelled:
+            self._finish(req, "cancelled")
+        elif token in req.stops:
+            self._finish(req, "stop")
+        elif req.n_gen >= req.params.max_tokens:
+            self._finish(req, "length")
+        else:
+            req.pending = token
