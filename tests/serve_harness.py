@@ -1,13 +1,9 @@
-"""Helpers for the server tests: a uvicorn server in a thread on a free port, the demo engine and a scheduler."""
+"""Helpers for the server tests: a uvicorn server in a thread on a free port, the demo engine and its scheduler."""
 from __future__ import annotations
 
 import socket
 import threading
 import time
-
-import serve_fakes
-
-serve_fakes.install()  # before ktjax.serve.app is imported: the real scheduler when it exists, else the stand-in
 
 
 def free_port() -> int:
@@ -39,11 +35,6 @@ class ServerThread:
         self.thread.join(30)
 
 
-def scheduler_class():
-    from ktjax.serve import scheduler
-    return getattr(scheduler, "Scheduler", None) or serve_fakes.FakeScheduler
-
-
 def demo_engine(**settings):
     import ktjax
     from ktjax.demo import DEMO_MODEL_DIR
@@ -64,10 +55,27 @@ MODEL = "demo_model"
 
 def start_stack(**app_options):
     from ktjax.serve.app import create_app
+    from ktjax.serve.scheduler import Scheduler
 
     engine = demo_engine()
     # No warmup(): compiling every bucket takes minutes on a small CPU; the tests compile the shapes they use.
-    scheduler = scheduler_class()(engine, max_batch=4, page_size=16, max_queue=64)
+    scheduler = Scheduler(engine, max_batch=4, page_size=16, max_queue=64)
     scheduler.start()
     server = ServerThread(create_app(engine, scheduler, model_name=MODEL, **app_options))
     return engine, scheduler, server
+
+
+class RefusingScheduler:
+    """A scheduler whose submit always raises `error`: the HTTP status of each of the scheduler's refusals."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def submit(self, prompt_ids, params, on_event):
+        raise self.error
+
+    def cancel(self, handle):
+        pass
+
+    def stats(self):
+        return {"page_size": 16, "running": 0, "waiting": 0}

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from serve_harness import MODEL, ServerThread
+from serve_harness import MODEL, RefusingScheduler, ServerThread
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -106,15 +106,14 @@ def test_hostile_requests(serve_stack):
 def side_servers(serve_stack):
     """Apps over the same engine: one with an API key, one whose scheduler refuses with `QueueFull`, one with
     `ShuttingDown`."""
-    import serve_fakes
     from ktjax.serve.app import create_app
     from ktjax.serve.scheduler import QueueFull, ShuttingDown
 
     engine, scheduler = serve_stack[0], serve_stack[1]
     servers = {"key": ServerThread(create_app(engine, scheduler, model_name=MODEL, api_key="sekret")),
-               "busy": ServerThread(create_app(engine, serve_fakes.RefusingScheduler(QueueFull("8 waiting")),
+               "busy": ServerThread(create_app(engine, RefusingScheduler(QueueFull("8 waiting")),
                                                model_name=MODEL)),
-               "closing": ServerThread(create_app(engine, serve_fakes.RefusingScheduler(ShuttingDown("bye")),
+               "closing": ServerThread(create_app(engine, RefusingScheduler(ShuttingDown("bye")),
                                                   model_name=MODEL))}
     yield servers
     for s in servers.values():
