@@ -174,5 +174,12 @@ def test_client_disconnect_cancels(stack):
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
     assert wait_until(lambda: scheduler.stats()["running"] == 0 and scheduler.stats()["waiting"] == 0, 30)
+    assert scheduler.stats()["pages_used"] == 0  # its pages went back (free, or cached for the prefix)
     metrics = httpx.get(server.url + "/metrics").text
     assert 'ktjax_requests_total{reason="cancelled"}' in metrics
+
+
+def test_unset_max_tokens_takes_the_server_default(stack, client):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == stack[0].defaults.max_new_tokens
+    assert r.choices[0].finish_reason == "length"

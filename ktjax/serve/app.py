@@ -135,9 +135,12 @@ class Server:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.tokenizer = engine.tokenizer
         self.max_body_bytes = max_body_bytes
-        self.window = engine.cfg.max_position_embeddings
+        stats = scheduler.stats()
+        self.page_size = stats.get("page_size", 64)
+        self.window = engine.cfg.max_position_embeddings  # a request's prompt + completion
+        # what one request can hold: the window, or the whole page pool when that is smaller
+        self.context = min(self.window, stats.get("pages_total", self.window) * self.page_size)
         self.vocab = engine.cfg.vocab_size
-        self.page_size = scheduler.stats().get("page_size", 64)
         self.metrics = ServerMetrics(scheduler)
         self.created = int(time.time())
 
@@ -214,7 +217,7 @@ class Server:
         defaults = self.engine.defaults
         self._check_ids(req.stop_ids, "stop")
         return RequestParams(
-            max_tokens=limit if limit is not None else min(defaults.max_new_tokens, self.window - prompt_len),
+            max_tokens=limit if limit is not None else max(1, min(defaults.max_new_tokens, self.context - prompt_len)),
             temperature=req.temperature if req.temperature is not None else defaults.temperature,
             top_p=req.top_p if req.top_p is not None else defaults.top_p,
             top_k=req.top_k if req.top_k is not None else defaults.top_k,
@@ -223,7 +226,7 @@ class Server:
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ktjax",
-                "max_model_len": self.window}
+                "max_model_len": self.context}
 
     # -- running one request --------------------------------------------------------------------------------
     async def _serve(self, request: Request, req, prompt: list[int], kind: str):
