@@ -145,3 +145,16 @@ def test_draining_refuses_new_requests(side_servers):
         assert_openai_error(httpx.post(server.url + COMPLETIONS, content=text()), 503)
     finally:
         app.state.draining = False
+
+
+def test_chunked_body_over_the_limit_is_413(serve_stack):
+    """No Content-Length (chunked): the limit is counted while reading."""
+    def body():
+        yield b'{"model": "demo_model", "prompt": "'
+        for _ in range(10):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(serve_stack[2].url + COMPLETIONS, content=body(), timeout=60)
+    assert_openai_error(r, 413)
+    assert httpx.get(serve_stack[2].url + "/health").status_code == 200
