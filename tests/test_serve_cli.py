@@ -38,6 +38,16 @@ def test_bad_flags_exit_2_with_one_message(capsys, argv, needle):
     assert rc == 2 and needle in err and err.count("\n") == 1, err
 
 
+def test_a_port_in_use_is_one_message(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rc, err = run_main(capsys, ["--port", str(busy.getsockname()[1])])
+    assert rc == 2 and "cannot listen on 127.0.0.1:" in err and err.count("\n") == 1, err
+
+
 def test_missing_dependency_says_what_to_install(capsys, monkeypatch):
     import ktjax.serve.__main__ as cli
 

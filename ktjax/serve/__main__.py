@@ -77,6 +77,18 @@ def check_dependencies():
         raise KtjaxError(f"python -m ktjax.serve needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
+def check_address(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise KtjaxError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def served_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -102,6 +114,7 @@ def serve(args, resolved) -> int:
     from .app import create_app
     from .scheduler import Scheduler
 
+    check_address(args.host, args.port)  # before minutes of loading and compiling
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     enable_compilation_cache()
     engine = load_engine(args, resolved)
