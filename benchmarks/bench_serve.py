@@ -5,7 +5,7 @@ first token of a request whose 4k-token prefix is cached against one whose prefi
     python benchmarks/bench_serve.py --streams 1 4 --decode-tokens 16 --prefix 1024 --experts 8   # a small run
 
 The model is bench_generate.py's (DeepSeek-V2-Lite's attention and MoE dimensions, --layers layers, random
-weights) with the demo model's tokenizer; it is served by `python -m ktjax.serve` in a subprocess, and the
+weights; its window just holds the longest request) with the demo model's tokenizer; it is served by `python -m ktjax.serve` in a subprocess, and the
 clients send token-id prompts over HTTP (streaming completions, ignore_eos). Every shape is run once first so
 that compilation is not measured. Aggregate decode tokens/s: all streams' tokens after their first, over the
 time from the first stream's first token to the last stream's last token. Goals: 16 streams >= 6x one stream;
@@ -32,8 +32,9 @@ def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
     """One streaming completion -> {first, last (perf_counter times of the first and last token), tokens}."""
     import httpx
 
+    # logprobs: a chunk that carries tokens carries their logprobs (the first chunk, sent at once, carries none)
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": 1}
     t_start, first, last, usage = time.perf_counter(), None, None, None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -43,12 +44,23 @@ def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
+            elif chunk["choices"] and chunk["choices"][0]["logprobs"]:
                 now = time.perf_counter()
                 first = first or now
                 last = now
     return {"start": t_start, "first": first, "last": last, "tokens": usage["completion_tokens"],
             "cached": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+def build(folder: str, a):
+    import torch
+    from bench_generate import model_kwargs
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    window = max(a.prefix + 64, a.prompt_tokens + a.decode_tokens)
+    config = DeepseekV2Config(**{**model_kwargs(a), "max_position_embeddings": window})
+    DeepseekV2ForCausalLM(config).save_pretrained(folder)
 
 
 def concurrent(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -88,12 +100,11 @@ def main(argv=None):
     import httpx
     import numpy as np
 
-    from bench_generate import build
 
     rng = np.random.default_rng(0)
     results = {"args": vars(a)}
     with tempfile.TemporaryDirectory() as folder:
-        build(folder, a)
+        build(folder, a)  # the window: the longest request, so that the server compiles no wider page tables
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(ROOT, "ktjax", "demo_model", name), folder)
         port = _free_port()
