@@ -32,6 +32,7 @@ def run_main(capsys, argv):
     (["--cache-dtype", "fp9"], "cache_dtype"),
     (["--frobnicate"], "--frobnicate"),
     (["--model", "/no/such/folder"], "/no/such/folder"),
+    (["--config", "/no/such/preset.yaml"], "/no/such/preset.yaml"),
 ])
 def test_bad_flags_exit_2_with_one_message(capsys, argv, needle):
     rc, err = run_main(capsys, argv)
