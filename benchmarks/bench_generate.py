@@ -25,6 +25,9 @@ import sys
 import tempfile
 import time
 
+# The workers import this checkout's ktjax, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def model_kwargs(a):
     return dict(vocab_size=a.vocab, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
