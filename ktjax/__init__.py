@@ -40,7 +40,7 @@ def open_folder(path: str, runtime, defaults):
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
         model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh, notes=notes)  # placed tensor by tensor
-    return _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer)
+    return _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer, own_weights=True)
 
 
 def load_model(cfg: ModelConfig, model, *, tokenizer=None, generation_config: dict | None = None, **settings):
@@ -65,11 +65,11 @@ def engine_for(cfg: ModelConfig, model, runtime, defaults, *, tokenizer=None, ge
     return _engine(cfg, model, runtime, defaults, mesh, notes, generation_config or {}, tokenizer)
 
 
-def _engine(cfg, model, runtime, defaults, mesh, notes, generation_config, tokenizer):
+def _engine(cfg, model, runtime, defaults, mesh, notes, generation_config, tokenizer, own_weights=False):
     from .engine import Engine
 
     return Engine(cfg, model, runtime, defaults=defaults, generation_config=generation_config, mesh=mesh,
-                  notes=notes, tokenizer=tokenizer)
+                  notes=notes, tokenizer=tokenizer, own_weights=own_weights)
 
 
 def _tokenizer(folder: str):

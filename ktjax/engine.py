@@ -21,7 +21,7 @@ from . import memory, sharding
 from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
-from .model import DeepseekModel, RunOptions
+from .model import DeepseekModel, RunOptions, unstack_layers
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
@@ -106,11 +106,13 @@ class CachePlan:
 
 class Engine:
     """Build one with ktjax.load (a folder) or ktjax.load_model (an in-memory model): they build the mesh and
-    place the weights; the Engine takes both as they are."""
+    place the weights; the Engine takes both as they are. It keeps the layer stacks as per-layer arrays: with
+    own_weights (ktjax.load, whose model nobody else holds) the stacked originals are freed as they are split,
+    otherwise the caller's model keeps them."""
 
     def __init__(self, cfg: ModelConfig, model: DeepseekModel, runtime: RuntimeConfig, *,
                  defaults: CallSettings | None = None, generation_config: dict | None = None, mesh=None,
-                 notes: list[str] | None = None, tokenizer=None):
+                 notes: list[str] | None = None, tokenizer=None, own_weights: bool = False):
         self.cfg = cfg
         self.runtime = runtime
         self.defaults = defaults or CallSettings()
@@ -118,7 +120,10 @@ class Engine:
         self.mesh = mesh
         self.notes = list(notes or [])
         self.tokenizer = tokenizer
-        self.graphdef, self.state = nnx.split(model)  # split once; the compiled programs take the pure state
+        # Split once; the compiled programs take the pure state, its layer stacks as separate per-layer arrays
+        # (model.py: read in place, where a scanned stack's slices are copied at every step).
+        self.graphdef, state = nnx.split(model)
+        self.state = unstack_layers(state, consume=own_weights)
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 

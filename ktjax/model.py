@@ -1,6 +1,10 @@
-"""The DeepSeek V2/V3 decoder: embedding, dense and MoE layer stacks run with jax.lax.scan, norm, lm_head.
+"""The DeepSeek V2/V3 decoder: embedding, dense and MoE layer stacks, norm, lm_head.
 
-Layers of one kind are stacked (leading axis = layer) so that a 61-layer model compiles like a 1-layer one.
+Layers of one kind are stacked (leading axis = layer): the loaders, sharding and checkpoints see one array per
+parameter. A stack runs with jax.lax.scan (a 61-layer model compiles like a 1-layer one), or, once the Engine
+has split its weights into separate per-layer arrays (`unstack_layers`), as a loop unrolled over the layers:
+XLA on the CPU copies each scanned layer's slice of every stacked weight before using it (three times the bytes
+a matrix-vector product reads), while a separate array is read in place.
 """
 from __future__ import annotations
 
@@ -59,24 +63,71 @@ def make_stack(cfg: ModelConfig, moe: bool, n: int, *, dtype, rngs: nnx.Rngs) ->
     return create(rngs)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PerLayer:
+    """A stacked parameter held as one array per layer (see the module docstring)."""
+    arrays: tuple
+
+
+def _is_per_layer(x) -> bool:
+    return isinstance(x, PerLayer)
+
+
+def _index(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _take_layer(x, i: int):
+    """Layer i of a stacked array, placed as the stack was (less the layer axis)."""
+    spec = getattr(x.sharding, "spec", None)
+    out = None if spec is None else jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return jax.jit(_index, out_shardings=out)(x, jnp.int32(i))
+
+
+def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool = False):
+    """A model state whose stacked layer parameters are PerLayer arrays. consume=True deletes each stacked
+    array once split, so that the peak stays one parameter above the weights (only when nothing else holds
+    them)."""
+    def split(x):
+        if _is_per_layer(x):  # already split (the model of another engine)
+            return x
+        parts = PerLayer(tuple(_take_layer(x, i) for i in range(x.shape[0])))
+        if consume:
+            x.delete()
+        return parts
+
+    for name in stacks:
+        if name in state:
+            state[name] = jax.tree.map(split, state[name], is_leaf=_is_per_layer)
+    return state
+
+
+def _layer_states(state):
+    """Per-layer states of a stack's state whose leaves are PerLayer, or None for a stacked one."""
+    leaves = jax.tree.leaves(state, is_leaf=_is_per_layer)
+    if not leaves or not _is_per_layer(leaves[0]):
+        return None
+    return [jax.tree.map(lambda p, i=i: p.arrays[i], state, is_leaf=_is_per_layer)
+            for i in range(len(leaves[0].arrays))]
+
+
 def scan_layers(stack: DecoderLayer | None, x, step):
-    """Run `step(layer, x) -> x` over each layer of a stack with jax.lax.scan."""
-    if stack is None:
-        return x
-    graphdef, state = nnx.split(stack)
-
-    def body(h, layer_state):
-        return step(nnx.merge(graphdef, layer_state), h), None
-
-    return jax.lax.scan(body, x, state)[0]
+    """Run `step(layer, x) -> x` over each layer of a stack."""
+    return scan_layers_cached(stack, 0, x, lambda layer, _, h: step(layer, h))
 
 
 def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step):
-    """Like scan_layers, carrying (x, cache) and giving `step(layer, index, carry)` the layer's global index,
-    so that each layer writes its own slice of the one stacked cache in place."""
+    """Run `step(layer, index, carry) -> carry` over each layer of a stack, with the layer's global index (each
+    layer writes its own slice of the one stacked cache in place): unrolled over per-layer arrays, else scanned."""
     if stack is None:
         return carry
     graphdef, state = nnx.split(stack)
+    layers = _layer_states(state)
+    if layers is not None:
+        for i, layer_state in enumerate(layers):
+            carry = step(nnx.merge(graphdef, layer_state), first_layer + i, carry)
+        return carry
     n = jax.tree.leaves(state)[0].shape[0]
 
     def body(c, xs):

@@ -18,10 +18,16 @@ from hf_models import rel_err  # noqa: E402  (tests/, this script's folder)
 from ktjax.config import ModelConfig  # noqa: E402
 from ktjax.convert import main as convert  # noqa: E402
 from ktjax.loader import load_hf_model  # noqa: E402
+from ktjax.model import PerLayer  # noqa: E402
 from ktjax.sharding import make_mesh  # noqa: E402
 
 hf, work, out = sys.argv[1:4]
 ids = np.random.default_rng(0).integers(0, 97, size=(2, 11))
+
+
+def first_layer(value):
+    """Layer 0 of an engine's per-layer parameter (model.PerLayer leaves, also inside a QuantizedArray)."""
+    return jax.tree.map(lambda p: p.arrays[0], value, is_leaf=lambda v: isinstance(v, PerLayer))
 
 
 def shard_shapes(array):
@@ -32,7 +38,8 @@ ckpt = os.path.join(work, "ckpt")
 assert convert(["--hf-dir", hf, "--out", ckpt, "--quiet"]) == 0
 one = ktjax.load(ckpt, mesh="1").logits(ids)
 sharded = ktjax.load(ckpt, mesh="8")
-w_gate = sharded.state["moe_layers"]["mlp"]["w_gate"][...]
+# The engine holds each layer's parameters as separate arrays (model.PerLayer): the first MoE layer's experts.
+w_gate = first_layer(sharded.state["moe_layers"]["mlp"]["w_gate"].get_value())
 report = {
     "logits_error": rel_err(sharded.logits(ids), one),
     "w_gate_shape": list(w_gate.shape),
@@ -45,12 +52,12 @@ for weights in ("int8", "int4"):
     assert convert(["--hf-dir", hf, "--out", path, "--quiet", "--weights", weights]) == 0
     quantized = ktjax.load(path, mesh="8")
     report[f"{weights}_logits_error"] = rel_err(quantized.logits(ids), ktjax.load(path, mesh="1").logits(ids))
-    w = quantized.state["moe_layers"]["mlp"]["w_gate"][...]  # a QuantizedArray: values and scales
+    w = first_layer(quantized.state["moe_layers"]["mlp"]["w_gate"].get_value())  # a QuantizedArray: values, scales
     report[f"{weights}_w_gate_shard_shapes"] = [shard_shapes(w.values), shard_shapes(w.scale)]
     report[f"{weights}_w_gate_shapes"] = [list(w.values.shape), list(w.scale.shape)]
 # The Hugging Face loader itself returns sharded parameters (not only the Engine after placing them).
 hf_model = load_hf_model(hf, ModelConfig.from_file(os.path.join(hf, "config.json")), mesh=make_mesh((8,)))
-report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])
+report["hf_w_gate_shard_shapes"] = shard_shapes(hf_model.moe_layers.mlp.w_gate[...])  # the stack [L, E, d, f]
 report["hf_logits_error"] = rel_err(ktjax.load(hf, mesh="8").logits(ids), one)
 with open(out, "w") as f:
     json.dump(report, f)

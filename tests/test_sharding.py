@@ -163,10 +163,11 @@ def test_converted_checkpoint_loads_straight_into_the_sharded_layout(hf_folder, 
         r = json.load(f)
     assert r["devices"] == 8 and r["logits_error"] <= FLOAT32_BOUND
     assert r["int8_logits_error"] <= FLOAT32_BOUND and r["int4_logits_error"] <= FLOAT32_BOUND
-    for weights in ("int8", "int4"):  # a quantized stack's scales split over experts like its values
+    for weights in ("int8", "int4"):  # a quantized layer's scales split over experts like its values
         for shape, shards in zip(r[f"{weights}_w_gate_shapes"], r[f"{weights}_w_gate_shard_shapes"]):
-            assert shards == [[shape[0], shape[1] // 8, *shape[2:]]], (weights, shape, shards)
-    assert r["hf_logits_error"] <= FLOAT32_BOUND and r["hf_w_gate_shard_shapes"] == r["w_gate_shard_shapes"]
-    experts = r["w_gate_shape"][1]  # [layers, experts, d, f]: experts split over the 8 devices
-    assert r["w_gate_devices"] == 8 and r["w_gate_shard_shapes"] == [[r["w_gate_shape"][0], experts // 8,
-                                                                       *r["w_gate_shape"][2:]]]
+            assert shards == [[shape[0] // 8, *shape[1:]]], (weights, shape, shards)
+    experts = r["w_gate_shape"][0]  # one layer's [experts, d, f] (the engine's per-layer arrays): split over 8
+    assert r["w_gate_devices"] == 8 and r["w_gate_shard_shapes"] == [[experts // 8, *r["w_gate_shape"][1:]]]
+    # The loader's stack [layers, experts, d, f] is split the same way along its expert axis.
+    assert r["hf_logits_error"] <= FLOAT32_BOUND
+    assert [s[1:] for s in r["hf_w_gate_shard_shapes"]] == r["w_gate_shard_shapes"]

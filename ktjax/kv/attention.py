@@ -67,7 +67,7 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
     (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
     cache) can be merged."""
     b, s, h, _ = out_shape
-    longest = jnp.minimum(jnp.max(lengths), n_keys)
+    longest = jnp.clip(jnp.max(lengths), 0, n_keys)  # a shard's local lengths may be negative or past its keys
     n_full = longest // block
     tail = tail or tail_block(block)
 
