@@ -1,4 +1,5 @@
-"""The model config, read from a Hugging Face `config.json` of DeepseekV2ForCausalLM or DeepseekV3ForCausalLM.
+"""The model config, read from a Hugging Face `config.json` of DeepseekV2ForCausalLM, DeepseekV3ForCausalLM or
+DeepseekV32ForCausalLM (V3 plus DeepSeek Sparse Attention: a lightning indexer in every layer).
 
 Every field that changes the math is read here and nowhere else; a value ktjax does not implement is a
 KtjaxError that names it, never a silently different model.
@@ -11,7 +12,10 @@ import math
 from .errors import KtjaxError
 from .jsonio import json_type_name, read_json
 
-ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
+ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3",
+                 "DeepseekV32ForCausalLM": "deepseek_v32"}
+# transformers' names for a layer with the DSA indexer (configuration_utils maps the second to the first).
+INDEXED_LAYER_TYPES = ("indexed_attention", "deepseek_sparse_attention")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -32,7 +36,7 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str                     # "deepseek_v2" or "deepseek_v3"
+    arch: str                     # "deepseek_v2", "deepseek_v3" or "deepseek_v32"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -62,6 +66,15 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # DeepSeek Sparse Attention (V3.2): each layer's indexer keeps the index_topk best-scored tokens per
+    # query. index_topk 0: no indexer (V2/V3).
+    index_topk: int = 0
+    index_head_dim: int = 0
+    index_n_heads: int = 0
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -86,7 +99,7 @@ class ModelConfig:
     @property
     def normalizes_then_scales(self) -> bool:
         """DeepSeek-V2's gate scales the weights only when it does not normalise them; V3's always scales."""
-        return self.arch == "deepseek_v3"
+        return self.arch in ("deepseek_v3", "deepseek_v32")
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
@@ -110,7 +123,7 @@ class ModelConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise KtjaxError(f"hidden_act={act!r} is not supported (only 'silu')")
-        if arch == "deepseek_v3":
+        if arch in ("deepseek_v3", "deepseek_v32"):
             # transformers' V3 and DeepSeek's own V3 code gate with sigmoid + noaux_tc; other values follow
             # DeepSeek's inference/model.py (softmax or sigmoid scores, bias only for noaux_tc).
             scoring, topk_method = raw.get("scoring_func", "sigmoid"), raw.get("topk_method", "noaux_tc")
@@ -167,7 +180,38 @@ class ModelConfig:
             max_position_embeddings=g.int("max_position_embeddings", 4096),
             bos_token_id=g.int("bos_token_id", None),
             eos_token_ids=tuple(token_ids(raw, "eos_token_id")),
+            **(_indexer(g, heads) if arch == "deepseek_v32" else {}),
         )
+
+
+def _indexer(g: "_Getter", heads: int) -> dict:
+    """V3.2's indexer fields, checked as transformers' DeepseekV32 model builds them: every layer has an
+    indexer (layer_types all indexed), its queries come from the q LoRA vector, rope covers its first
+    qk_rope_head_dim dimensions, and mlp_layer_types, if given, is first_k_dense_replace's pattern."""
+    raw = g.raw
+    n_layers = g.int("num_hidden_layers")
+    if not g.int("q_lora_rank", None):
+        raise KtjaxError("q_lora_rank must be set for DeepseekV32ForCausalLM (the indexer reads the q LoRA vector)")
+    fields = dict(index_topk=g.int("index_topk", 2048), index_head_dim=g.int("index_head_dim", 128),
+                  index_n_heads=g.int("index_n_heads", 64))
+    for key, value in fields.items():
+        if value < 1:
+            raise KtjaxError(f"{key}={value} must be a positive integer")
+    if fields["index_head_dim"] < g.int("qk_rope_head_dim"):
+        raise KtjaxError(f"index_head_dim={fields['index_head_dim']} must be at least qk_rope_head_dim="
+                         f"{raw['qk_rope_head_dim']} (the indexer rotates its first qk_rope_head_dim dimensions)")
+    types = raw.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) != n_layers
+                              or any(t not in INDEXED_LAYER_TYPES for t in types)):
+        raise KtjaxError(f"layer_types={repr(types)[:60]} is not supported: DeepseekV32ForCausalLM needs a list of "
+                         f"{n_layers} 'indexed_attention' entries (every layer has an indexer)")
+    mlp_types = raw.get("mlp_layer_types")
+    if mlp_types is not None:
+        n_dense = min(g.int("first_k_dense_replace", 0) or 0, n_layers)
+        if mlp_types != ["dense"] * n_dense + ["sparse"] * (n_layers - n_dense):
+            raise KtjaxError(f"mlp_layer_types={repr(mlp_types)[:60]} is not supported (only first_k_dense_replace "
+                             f"dense layers, then MoE layers)")
+    return fields
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -199,8 +243,8 @@ def _rope(g: "_Getter", arch: str, dim: int) -> RopeConfig:
     p = _Getter(params, prefix=spelling + ".")
     theta = p.float("rope_theta", g.float("rope_theta", 10000.0), positive=True)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    # transformers' V2 always uses the complex (interleaved) rotation; V3 reads rope_interleave.
-    interleave = True if arch == "deepseek_v2" else g.bool("rope_interleave", True)
+    # transformers' V2 and V3.2 always use the interleaved rotation in MLA; V3 reads rope_interleave.
+    interleave = True if arch != "deepseek_v3" else g.bool("rope_interleave", True)
     if rope_type == "default":
         return RopeConfig(theta=theta, dim=dim, interleave=interleave)
     if rope_type not in ("yarn", "deepseek_yarn"):

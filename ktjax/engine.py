@@ -21,6 +21,7 @@ from . import memory, sharding
 from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
+from .kv.sparse import is_sparse, selected_fraction
 from .model import DeepseekModel, RunOptions, unstack_layers
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
@@ -145,7 +146,15 @@ class Engine:
 
     def run_options(self, absorb: bool) -> RunOptions:
         expert_axis = sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
-        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, expert_axis)
+        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, expert_axis,
+                          self.index_topk)
+
+    @property
+    def index_topk(self) -> int:
+        """Keys per query of sparse attention (DSA): the index_topk setting, else the config's; 0 = no indexer."""
+        if not self.cfg.has_indexer:
+            return 0
+        return self.runtime.index_topk or self.cfg.index_topk
 
     def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None) -> LatentCache:
         """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
@@ -370,9 +379,18 @@ class Engine:
             "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
             "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
-            "attention": cache.attention,
+            "attention": cache.attention, "index_topk": self.index_topk,
+            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
         }
         return Generation(tokens, stats)
+
+    def _selected_fraction(self, prompts, tokens, cache_lens: int) -> float:
+        """Of the (query, visible key) pairs of this generation, the fraction sparse attention attended to
+        (1.0 when dense: no indexer, or index_topk >= cache_lens)."""
+        if not is_sparse(self.index_topk, cache_lens):
+            return 1.0
+        seen = np.concatenate([np.arange(1, len(p) + len(t) + 1) for p, t in zip(prompts, tokens)])
+        return selected_fraction(seen, self.index_topk)
 
     # -- compiled programs ----------------------------------------------------------------------------------
     def _cache_key(self, cache: LatentCache):

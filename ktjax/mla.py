@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
+from .indexer import Indexer
+from .kv.sparse import head_scores, is_sparse, topk_mask
 from .layers import Linear, RMSNorm, _init, apply_rope
 
 # The reference (transformers and DeepSeek's code) builds q_a_layernorm and kv_a_layernorm with the
@@ -36,11 +38,20 @@ class MLA(nnx.Module):
         self.w_uk = nnx.Param(_init(rngs.params(), (heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank), dtype))
         self.w_uv = nnx.Param(_init(rngs.params(), (heads, cfg.v_head_dim, cfg.kv_lora_rank), dtype))
         self.o_proj = Linear(heads * cfg.v_head_dim, d, bias=bias, dtype=dtype, rngs=rngs)
+        # DeepSeek Sparse Attention (V3.2): picks the keys each query attends to.
+        self.indexer = Indexer(cfg, dtype=dtype, rngs=rngs) if cfg.has_indexer else None
 
-    def queries(self, x, cos, sin):
+    def q_resid(self, x):
+        """The normalised q LoRA vector [b, s, q_lora_rank] (the queries' and the indexer's input)."""
+        return self.q_a_norm(self.q_a_proj(x))
+
+    def queries(self, x, cos, sin, q_resid=None):
         """x [b, s, d] -> q_nope [b, s, h, d_nope], q_pe [b, s, h, r] (rotated)."""
         cfg = self.cfg
-        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        if cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_resid(x) if q_resid is None else q_resid)
+        else:
+            q = self.q_proj(x)
         q = q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin, cfg.rope.interleave)
@@ -52,21 +63,43 @@ class MLA(nnx.Module):
         c_kv, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
         return self.kv_a_norm(c_kv), apply_rope(k_pe, cos, sin, cfg.rope.interleave)
 
-    def __call__(self, x, cos, sin, mask, absorb: bool):
-        """Self-attention over x alone. mask [b, s, t] is True where query s may see key t."""
-        q_nope, q_pe = self.queries(x, cos, sin)
+    def sparse(self, index_topk: int, n_keys: int) -> bool:
+        """Whether this layer's indexer drops keys out of n_keys with index_topk (0: no sparse attention)."""
+        return self.indexer is not None and is_sparse(index_topk, n_keys)
+
+    def __call__(self, x, cos, sin, mask, absorb: bool, index_topk: int = 0):
+        """Self-attention over x alone. mask [b, s, t] is True where query s may see key t; with an indexer,
+        each query sees only the index_topk best-scored of those."""
+        q_resid = self.q_resid(x) if self.cfg.q_lora_rank else None
+        q_nope, q_pe = self.queries(x, cos, sin, q_resid)
         c_kv, k_pe = self.latents(x, cos, sin)
+        if self.sparse(index_topk, x.shape[1]):
+            q_idx, w = self.indexer.queries(x, q_resid, cos, sin)
+            k_idx = self.indexer.keys(x, cos, sin).astype(jnp.float32)
+            mask = topk_mask(head_scores(q_idx, w, k_idx), mask, index_topk)
         attend = absorbed_attention if absorb else naive_attention
         o = attend(q_nope, q_pe, c_kv, k_pe, self.w_uk[...], self.w_uv[...], mask, self.cfg.softmax_scale)
         return self.o_proj(o.reshape(*x.shape[:-1], -1))
 
-    def attend_cache(self, x, cos, sin, cache, layer, q_positions, lengths, *, absorb: bool):
+    def attend_cache(self, x, cos, sin, cache, layer, q_positions, lengths, *, absorb: bool, index_topk: int = 0):
         """Attention of x [b,s,d] at q_positions [b,s] over `layer` of a LatentCache (kv/cache.py), which
-        already holds x's own latents; keys [0, lengths[b]). The cache decides how and where it attends."""
-        q_nope, q_pe = self.queries(x, cos, sin)
+        already holds x's own latents (and index keys); keys [0, lengths[b]), the index_topk best-scored of
+        them with an indexer. The cache decides how and where it attends."""
+        q_resid = self.q_resid(x) if self.cfg.q_lora_rank else None
+        q_nope, q_pe = self.queries(x, cos, sin, q_resid)
         w_uk, w_uv = self.w_uk[...], self.w_uv[...]
         scale = self.cfg.softmax_scale
-        if absorb:
+        if self.sparse(index_topk, cache.cache_lens):
+            index_queries = self.indexer.queries(x, q_resid, cos, sin)
+            kw = dict(scale=scale, topk=index_topk)
+            if absorb:
+                o_lat = cache.attend_sparse(layer, absorb_query(q_nope, w_uk), q_pe, index_queries, q_positions,
+                                            lengths, **kw)
+                o = expand_output(o_lat.astype(x.dtype), w_uv)
+            else:
+                o = cache.attend_sparse(layer, q_nope, q_pe, index_queries, q_positions, lengths,
+                                        naive_weights=(w_uk, w_uv), **kw)
+        elif absorb:
             o_lat = cache.attend_latent(layer, absorb_query(q_nope, w_uk), q_pe, q_positions, lengths, scale=scale)
             o = expand_output(o_lat.astype(x.dtype), w_uv)
         else:

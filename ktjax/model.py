@@ -29,6 +29,7 @@ class RunOptions:
     dtype: Any = jnp.float32        # compute dtype
     mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
     expert_axis: str | None = None
+    index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
 
 
 class DecoderLayer(nnx.Module):
@@ -46,7 +47,7 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(h)
 
     def __call__(self, x, cos, sin, mask, opts: RunOptions):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb)
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb, opts.index_topk)
         return self.feed_forward(x, opts)
 
 
@@ -110,6 +111,13 @@ def _layer_states(state):
         return None
     return [jax.tree.map(lambda p, i=i: p.arrays[i], state, is_leaf=_is_per_layer)
             for i in range(len(leaves[0].arrays))]
+
+
+def layer_of(stack: nnx.Module, j: int) -> nnx.Module:
+    """Layer j of a stack (or of a submodule of one, such as stack.attn), stacked or held per layer."""
+    graphdef, state = nnx.split(stack)
+    layers = _layer_states(state)
+    return nnx.merge(graphdef, layers[j] if layers is not None else jax.tree.map(lambda x: x[j], state))
 
 
 def scan_layers(stack: DecoderLayer | None, x, step):
@@ -183,8 +191,10 @@ class DeepseekModel(nnx.Module):
             x, cache = carry
             h = layer.input_norm(x)
             c_kv, k_pe = layer.attn.latents(h, cos, sin)
-            cache = cache.write(index, positions, c_kv, k_pe)
-            x = x + layer.attn.attend_cache(h, cos, sin, cache, index, positions, lengths, absorb=opts.absorb)
+            k_idx = None if layer.attn.indexer is None else layer.attn.indexer.keys(h, cos, sin)
+            cache = cache.write(index, positions, c_kv, k_pe, k_idx)
+            x = x + layer.attn.attend_cache(h, cos, sin, cache, index, positions, lengths, absorb=opts.absorb,
+                                            index_topk=opts.index_topk)
             return layer.feed_forward(x, opts), cache
 
         carry = (self.embed_tokens(tokens, opts.dtype), cache)

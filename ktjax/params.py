@@ -96,6 +96,13 @@ TABLE: tuple[Param, ...] = (
     Param(("attn", "w_uv"), "self_attn.kv_b_proj.weight", HEADS, per_head=True),
     kernel(("attn", "o_proj"), "self_attn.o_proj", ("heads", None)),
     bias(("attn", "o_proj"), "self_attn.o_proj"),
+    # DeepSeek-V3.2's lightning indexer (ktjax/indexer.py); small, so replicated.
+    kernel(("attn", "indexer", "wq_b"), "self_attn.indexer.wq_b"),
+    kernel(("attn", "indexer", "wk"), "self_attn.indexer.wk"),
+    norm(("attn", "indexer", "k_norm"), "self_attn.indexer.k_norm"),
+    bias(("attn", "indexer", "k_norm"), "self_attn.indexer.k_norm"),
+    Param(("attn", "indexer", "weights_proj", "kernel"), "self_attn.indexer.weights_proj.weight", transpose=True,
+          float32=True),
     *swiglu(("mlp",), "mlp"),
     Param(("mlp", "router"), "mlp.gate.weight", transpose=True, float32=True),
     Param(("mlp", "router_bias"), "mlp.gate.e_score_correction_bias", float32=True),

@@ -167,6 +167,9 @@ SETTINGS: dict[str, Setting] = {
                                  "always runs xla)", _choice(ATTENTION_IMPLS), ATTENTION_IMPLS),
     "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
                                 "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
+    "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
+                                "layer's indexer; unset: the model's index_topk; at least the context: dense. "
+                                "Models without an indexer ignore it", _optional(lambda k, v: _int(k, v, 1))),
     "mesh": Setting(None, "devices to shard over: N (one axis: heads, experts, MLP, vocabulary and the cache's "
                           "sequence) or AxB (A over the batch x B as with N); unset: all local devices",
                     lambda k, v: parse_mesh(v)),
@@ -222,6 +225,7 @@ class RuntimeConfig:
     absorb_for_prefill: bool | str = _default("absorb_for_prefill")
     attention: str = _default("attention")
     moe_impl: str = _default("moe_impl")
+    index_topk: int | None = _default("index_topk")
     mesh: tuple[int, ...] | None = _default("mesh")
 
     @classmethod

@@ -35,6 +35,13 @@ CONFIGS = {
                       topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0,
                       first_k_dense_replace=0, mlp_bias=True, rope_parameters={"rope_type": "default",
                                                                              "rope_theta": 10000.0})),
+    # V3.2: V3 plus DeepSeek Sparse Attention, a small index_topk (the tests run contexts either side of it),
+    # YaRN, one dense layer first. 32 index heads: a token's score is exactly 0 (a tie that transformers and
+    # ktjax may break differently) only when all 32 relu(q.k) are, which random weights make improbable.
+    "v32": ("v32", dict(_COMMON, q_lora_rank=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        first_k_dense_replace=1, rope_parameters=dict(YARN), index_topk=16, index_head_dim=16,
+                        index_n_heads=32)),
 }
 
 OLD_ROPE_SPELLING = {"v2_lite"}
@@ -49,12 +56,13 @@ def rel_err(a, b) -> float:
 def build_hf_model(name: str, seed: int = 0):
     import torch
     from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
-                              DeepseekV3ForCausalLM)
+                              DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM)
 
     kind, kwargs = CONFIGS[name]
     torch.manual_seed(seed)
-    cls_cfg, cls_model = ((DeepseekV3Config, DeepseekV3ForCausalLM) if kind == "v3"
-                          else (DeepseekV2Config, DeepseekV2ForCausalLM))
+    cls_cfg, cls_model = {"v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+                          "v32": (DeepseekV32Config, DeepseekV32ForCausalLM),
+                          "v2": (DeepseekV2Config, DeepseekV2ForCausalLM)}[kind]
     cfg = cls_cfg(**kwargs)
     model = cls_model(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -17,12 +17,12 @@ import numpy as np  # noqa: E402
 import ktjax  # noqa: E402
 from ktjax.serve.scheduler import Finished, RequestParams, Scheduler  # noqa: E402
 
-PAGE, N_PAGES = 16, 64
+PAGE, N_PAGES = 16, 32
 
 
 def run(folder, mesh, prompts, fmt):
     engine = ktjax.load(folder, mesh=mesh, chunk_size=16, cache_dtype=fmt, absorb_for_prefill=False)
-    sched = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=N_PAGES)
+    sched = Scheduler(engine, max_batch=2, page_size=PAGE, n_pages=N_PAGES)
     sched.start()
     results = [None] * len(prompts)
     done = [threading.Event() for _ in prompts]
@@ -54,7 +54,7 @@ def run(folder, mesh, prompts, fmt):
 
 def main(folder, out):
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 97, size=n).tolist() for n in (70, 9, 33)]
+    prompts = [rng.integers(0, 97, size=n).tolist() for n in (70, 9)]
     prompts.append(prompts[0][:64] + [3, 4])
     report = {}
     for fmt in ("int8",):

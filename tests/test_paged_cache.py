@@ -1,5 +1,6 @@
 """The paged latent cache (ktjax/kv/paged.py) through the unchanged model: teacher-forced logits equal the
 dense LatentCache's in every format, with pages scattered over the pool and chunks that cross page ends."""
+import dataclasses
 import functools
 
 import jax
@@ -54,7 +55,8 @@ SLOW = pytest.mark.slow  # each case compiles the model twice: the fast run keep
 def test_paged_logits_equal_dense(engine, fmt, absorb):
     cfg, f = engine.cfg, resolve(fmt)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, SEQ))
-    dense = LatentCache.create(cfg, f, 2, 32, block=16, attention="xla")
+    # The same key blocks on both sides (4 pages of 8 = the dense block of 32), so both sum in the same order.
+    dense = LatentCache.create(cfg, f, 2, 32, block=32, attention="xla")
     width = 4  # 32 positions per sequence
     paged = PagedLatentCache.create(cfg, f, 11, PAGE, attention="xla").with_table(
         jnp.asarray(scattered_table(2, width, 11)))
@@ -73,3 +75,22 @@ def test_padding_and_unused_rows_write_nothing(engine):
     # seq 0: pos 0 -> page 2 slot 0, pos 9 -> page 0 slot 1, pos 16 is past its table; seq 1: pos 15 -> page 3
     # slot 7; 99 and -1 are dropped
     assert written.tolist() == [[0, 1], [2, 0], [3, 7]]
+
+
+def test_pallas_paged_path_through_the_model(engine):
+    """The model over a paged cache attending through the Pallas kernel (interpreted) gives the XLA path's
+    logits (absorbed attention: the kernel's path)."""
+    import warnings
+
+    from ktjax.kv.pallas import platform
+
+    cfg, f = engine.cfg, resolve("bf16")
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, SEQ))
+    table = jnp.asarray(scattered_table(2, 2, 5, seed=1))
+    caches = {path: dataclasses.replace(PagedLatentCache.create(cfg, f, 5, 16), attention=path).with_table(table)
+              for path in ("xla", "pallas")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", platform.InterpretModeWarning)
+        got = {path: teacher_forced(engine, c, tokens, absorb=True) for path, c in caches.items()}
+    # The kernel sums in its own tiles: the project's float32 bound for a different summation order (README).
+    assert np.abs(got["pallas"] - got["xla"]).max() <= 1e-4 * np.abs(got["xla"]).max()

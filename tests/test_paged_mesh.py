@@ -32,5 +32,5 @@ def test_greedy_tokens_equal_one_device(report, fmt):
 def test_pool_pages_split_over_the_devices(report):
     shards = report["int8"]["8"]["shards"]
     assert len(shards) == 8
-    assert sorted(tuple(s["pages"]) for s in shards) == [(8 * k, 8 * (k + 1)) for k in range(8)]
+    assert sorted(tuple(s["pages"]) for s in shards) == [(4 * k, 4 * (k + 1)) for k in range(8)]
     assert all(s["nbytes"] * 8 == report["int8"]["8"]["nbytes"] for s in shards)

@@ -15,7 +15,7 @@ from ktjax.config import ModelConfig
 from ktjax.loader import layer_entries, top_entries
 from ktjax.model import DeepseekModel, RunOptions
 
-ARCH = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM"}
+ARCH = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM", "v32": "DeepseekV32ForCausalLM"}
 VARIANTS = {  # beyond tests/hf_models.py: tied embeddings, MLP biases with a dense layer, no shared experts
     "v3_tied": ("v3", dict(CONFIGS["v3"][1], tie_word_embeddings=True)),
     "v2_mlp_bias_dense": ("v2", dict(CONFIGS["v2"][1], first_k_dense_replace=1)),

@@ -39,7 +39,10 @@ class Stream:
 @pytest.fixture(scope="module")
 def engine(hf_folder):
     folder, _ = hf_folder("v2_lite")
-    return ktjax.load(folder, cache_dtype="float32", chunk_size=16, ignore_eos=True, max_new_tokens=MAX_NEW)
+    # chunk_size 32: prefill chunks of 16 (two rows per step) and 32 (one row). cache_lens only sizes the
+    # references' (generate's) cache: one size for all of them keeps their compiled programs few.
+    return ktjax.load(folder, cache_dtype="float32", chunk_size=32, cache_lens=64, ignore_eos=True,
+                      max_new_tokens=MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,22 @@ def test_prefix_cache_prefills_only_the_rest(engine, sched):
     assert first.tokens == reference(engine, a) and second.tokens == reference(engine, b)
 
 
+def test_next_turn_reuses_the_completion_pages(engine, sched):
+    """Full pages that hold generated tokens are cached when the request ends: a follow-up prompt (prompt +
+    completion + more) finds them."""
+    prompt = np.random.default_rng(5).integers(0, 97, size=4 * PAGE + 3).tolist()
+    first = Stream()
+    sched.submit(prompt, greedy(), first)
+    first.wait()
+    follow = prompt + first.tokens + [4, 2]
+    second = Stream()
+    sched.submit(follow, greedy(), second)
+    second.wait()
+    # The cache held the prompt and all but the last generated token: 4 * PAGE + 3 + 5 = 5 full pages.
+    assert second.finished.cached_tokens == 5 * PAGE
+    assert second.tokens == reference(engine, follow)
+
+
 def test_logprobs_match_the_full_forward(engine, sched):
     prompt = np.random.default_rng(2).integers(0, 97, size=11).tolist()
     st = Stream()
@@ -146,6 +165,37 @@ def test_cancel_frees_the_pages(sched):
     assert sched.stats()["pages_used"] == 0
 
 
+def test_a_raising_callback_cancels_only_its_request(engine, sched):
+    class Broken(Stream):
+        def __call__(self, event):
+            super().__call__(event)
+            if isinstance(event, TokenEvent):
+                raise RuntimeError("client went away")
+
+    broken, fine = Broken(), Stream()
+    sched.submit([6, 6, 6], greedy(), broken)
+    sched.submit([6, 6, 7], greedy(), fine)
+    assert broken.wait().finished.reason == "cancelled" and len(broken.tokens) == 1
+    assert fine.wait().tokens == reference(engine, [6, 6, 7])
+    assert sched.stats()["pages_used"] == 0
+
+
+def test_shutdown_cancels_what_outlives_the_timeout(engine, sched):
+    s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
+    s.start()
+    st = Stream()
+    s.submit([1, 2, 3], RequestParams(max_tokens=370, ignore_eos=True), st)
+    s.shutdown(0)
+    assert st.done.is_set() and st.finished.reason == "cancelled" and len(st.tokens) < 370
+    assert not s._thread.is_alive() and s.stats()["pages_used"] == 0
+    patient = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)
+    patient.start()
+    short = Stream()
+    patient.submit([1, 2, 3], greedy(), short)
+    patient.shutdown(120)  # running requests finish within the timeout
+    assert short.finished.reason == "length" and len(short.tokens) == MAX_NEW
+
+
 def test_admission_errors(engine, sched):
     with pytest.raises(PromptTooLong, match="48 pages of 8 tokens"):
         sched.submit([1] * 300, greedy(200), Stream())
@@ -156,6 +206,28 @@ def test_admission_errors(engine, sched):
         sched.submit([1, 500], greedy(), Stream())
     with pytest.raises(KtjaxError, match="non-empty"):
         sched.submit([], greedy(), Stream())
+    with pytest.raises(KtjaxError, match="stop_token_ids"):
+        sched.submit([1], greedy(stop_token_ids=("x",)), Stream())
+    with pytest.raises(KtjaxError, match="max_new_tokens"):
+        sched.submit([1], greedy(0), Stream())
+
+
+def test_short_prompts_prefill_together(engine, sched):
+    """Two prompts of <= 16 tokens fill one step's 32-token budget: the first step prefills both (their first
+    tokens) and decodes their second ones, each later step one more: MAX_NEW - 1 steps (one at a time would
+    take MAX_NEW). Same tokens as generate."""
+    s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
+    compiled = engine.compile_count
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]]
+    streams = [Stream(), Stream()]
+    for p, st in zip(prompts, streams):
+        s.submit(p, greedy(), st)
+    s.start()  # both are waiting: the first step admits and prefills them together
+    for p, st in zip(prompts, streams):
+        assert st.wait().tokens == reference(engine, p)
+    s.shutdown(5)
+    assert s.stats()["steps_total"] == MAX_NEW - 1 and s.stats()["prefill_tokens_total"] == 17
+    assert engine.compile_count == compiled
 
 
 def test_queue_full_and_shutdown(engine):

@@ -58,27 +58,34 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
 
 
 def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
-           key_valid=None, tail: int | None = None):
+           key_positions=None, n_blocks=None, tail: int | None = None, selected=None):
     """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
     `tail` keys (default tail_block(block)), so that the keys read follow the fill. scores_fn(start, size) ->
     [b,s,h,size] (scaled); values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
-    t < lengths[b] and t <= q_positions[b,i]; key_valid(start, size) -> [b, size] hides further keys (a paged
-    cache's pages held by another device). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
+    t < lengths[b] and t <= q_positions[b,i], and, with `selected` [b,s,n_keys] (sparse attention's top-k),
+    selected[b,i,t]. A paged cache whose key slots are not in position order (a device's own pages of a
+    sequence) passes key_positions(start, size) -> [b, size] (a slot never visible: a position past every
+    length) and the n_blocks of `block` slots to walk (no tail blocks then). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
     (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
     cache) can be merged."""
     b, s, h, _ = out_shape
-    longest = jnp.clip(jnp.max(lengths), 0, n_keys)  # a shard's local lengths may be negative or past its keys
-    n_full = longest // block
     tail = tail or tail_block(block)
+    if n_blocks is None:
+        longest = jnp.clip(jnp.max(lengths), 0, n_keys)  # a shard's local lengths may be negative or past its keys
+        n_full = longest // block
+        n_tail = (longest - n_full * block + tail - 1) // tail
+    else:
+        n_full, n_tail = n_blocks, 0
 
     def walk(start_of, size):
         def body(j, carry):
             m, l, acc = carry
             start = start_of(j)
-            t = start + jnp.arange(size)
-            visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
-            if key_valid is not None:
-                visible = visible & key_valid(start, size)[:, None, :]
+            t = start + jnp.arange(size) if key_positions is None else key_positions(start, size)
+            t = jnp.broadcast_to(t, (b, size))[:, None, :]
+            visible = (t < lengths[:, None, None]) & (t <= q_positions[:, :, None])
+            if selected is not None:
+                visible = visible & jax.lax.dynamic_slice_in_dim(selected, start, size, axis=2)
             visible = visible[:, :, None, :]  # [b, s, 1, size]
             scores = jnp.where(visible, scores_fn(start, size), NEG)
             m_new = jnp.maximum(m, scores.max(-1))
@@ -90,7 +97,6 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
     carry = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
              jnp.zeros(out_shape, jnp.float32))
     carry = jax.lax.fori_loop(0, n_full, walk(lambda j: j * block, block), carry)
-    n_tail = (longest - n_full * block + tail - 1) // tail
     m, l, acc = jax.lax.fori_loop(0, n_tail, walk(lambda j: n_full * block + j * tail, tail), carry)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     if not with_lse:
@@ -108,14 +114,14 @@ def _taker(take, layer):
 
 def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fmt: CacheFormat, scale: float,
                     block: int, with_lse: bool = False, layer=None, take=None, n_keys: int | None = None,
-                    key_valid=None, tail: int | None = None):
+                    key_positions=None, n_blocks=None, tail: int | None = None, selected=None):
     """Absorbed attention of queries [b,s,h,R]/[b,s,h,r] over one layer's cache -> o_lat [b,s,h,R] float32
     (and its log-sum-exp [b,s,h] with_lse).
 
     c_kv [b,T,W] stored values, scales [b,T,G] (quantized formats) or None, k_pe [b,T,r]; T % block == 0.
     With `layer`, each is the whole stack ([L, b, T, ...]). With `take(x, start, size)` (a paged cache), the
     arrays are whatever take reads keys [start, start + size) from, n_keys the keys it can address, and `tail`
-    a key block it can read (whole pages); key_valid as in _flash.
+    a key block it can read (whole pages); key_positions and n_blocks as in _flash. `selected` [b,s,T]: sparse attention's keys.
     """
     rank = q_lat.shape[-1]
     q_lat, q_pe = q_lat.astype(jnp.float32), q_pe.astype(jnp.float32)
@@ -134,7 +140,7 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         return _latent_values(p, c, sc, fmt)
 
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
-                  with_lse, key_valid, tail)
+                  with_lse, key_positions, n_blocks, tail, selected)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -146,10 +152,11 @@ def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat
 
 def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, w_uv, *, fmt: CacheFormat,
                   scale: float, block: int, with_lse: bool = False, layer=None, take=None,
-                  n_keys: int | None = None, key_valid=None, tail: int | None = None):
+                  n_keys: int | None = None, key_positions=None, n_blocks=None, tail: int | None = None,
+                  selected=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
-    `take`, n_keys, key_valid and tail as in mla_prefill_xla."""
+    `take`, n_keys, key_positions, n_blocks, tail and selected as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
@@ -169,5 +176,5 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
 
     b, s, h, _ = q_nope.shape
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
-                  (b, s, h, w_uv.shape[1]), with_lse, key_valid, tail)
+                  (b, s, h, w_uv.shape[1]), with_lse, key_positions, n_blocks, tail, selected)
 

@@ -1,5 +1,7 @@
 """The latent KV cache: per layer, c_kv [batch, cache_lens, R] (stored in its format, with group scales)
-and k_pe [batch, cache_lens, r], all layers stacked on a leading axis, preallocated once.
+and k_pe [batch, cache_lens, r], all layers stacked on a leading axis, preallocated once. A model with
+DeepSeek Sparse Attention also caches each token's index key k_idx [batch, cache_lens, D] (kv/sparse.py:
+bf16/float32, or e4m3 with a per-token scale under a quantized format), laid out like the latents.
 
 The model asks the cache to `write` a layer's new latents and to `attend` (absorbed or naive) over a layer;
 the cache knows its format, where it lies (one device or sequence-sharded, kv/layout.py) and which
@@ -13,9 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from .attention import mla_decode_xla, mla_prefill_xla, naive_prefill
-from .formats import SCALE_DTYPE, CacheFormat, container
+from .formats import SCALE_DTYPE, CacheFormat, container, index_scaled, index_store_dtype
 from .layout import CacheLayout, write_rows
 from .quant import from_bits, quantize, to_bits
+from .sparse import (index_scores, quantize_index_keys, select_topk, select_topk_sharded,
+                     selection_mask, sparse_attend_gathered)
 
 # Attention walks the cache in blocks of this many tokens; cache_lens is a multiple of the block.
 MAX_KV_BLOCK = 512
@@ -55,23 +59,28 @@ class LatentCache:
     block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
     attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))  # None: one device
+    k_idx: jax.Array | None = None  # [L, B, T, D]: index keys (index_store_dtype bits), models with an indexer
+    k_idx_scale: jax.Array | None = None  # [L, B, T, 1] float32, e4m3 index keys only
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int, attention: str = "auto",
                layout: CacheLayout | None = None) -> "LatentCache":
         lead = (cfg.num_hidden_layers, batch, cache_lens)
         r = cfg.kv_lora_rank
+        indexed = getattr(cfg, "has_indexer", False)
 
         def zeros():
             scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
+            k_idx = jnp.zeros(lead + (cfg.index_head_dim,), container(index_store_dtype(fmt))) if indexed else None
+            k_idx_scale = jnp.ones(lead + (1,), SCALE_DTYPE) if indexed and index_scaled(fmt) else None
             return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
-                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)), k_idx, k_idx_scale)
 
         if layout is not None:  # each device allocates its own shard, never the whole cache
             zeros = jax.jit(zeros, out_shardings=layout.sharding)
-        c_kv, scales, k_pe = zeros()
-        return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, fmt=fmt, rank=r, block=block,
-                   attention=attention_path(attention, layout), layout=layout)
+        c_kv, scales, k_pe, k_idx, k_idx_scale = zeros()
+        return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, k_idx=k_idx, k_idx_scale=k_idx_scale, fmt=fmt, rank=r,
+                   block=block, attention=attention_path(attention, layout), layout=layout)
 
     @property
     def cache_lens(self) -> int:
@@ -79,23 +88,86 @@ class LatentCache:
 
     @property
     def buffers(self) -> tuple:
+        """The latent buffers, what attention reads: (c_kv, scales, k_pe)."""
         return self.c_kv, self.scales, self.k_pe
+
+    @property
+    def all_buffers(self) -> tuple:
+        """Every buffer, what a write updates: the latents', then the index cache's (None without one)."""
+        return self.c_kv, self.scales, self.k_pe, self.k_idx, self.k_idx_scale
 
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
-    def write(self, layer, positions, c_kv, k_pe) -> "LatentCache":
-        """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s]; positions >= cache_lens
-        (padding) are dropped."""
+    def write(self, layer, positions, c_kv, k_pe, k_idx=None) -> "LatentCache":
+        """Store new latents c_kv [b,s,R] / k_pe [b,s,r] (and index keys k_idx [b,s,D] when the cache has an
+        index cache) of `layer` at positions [b,s]; positions >= cache_lens (padding) are dropped."""
         q, scales = quantize(self.fmt, c_kv)
-        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
+        k_q, k_scale = quantize_index_keys(self.fmt, k_idx) if self.k_idx is not None else (None, None)
+        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)),
+               None if k_q is None else to_bits(k_q), k_scale)
         if self.layout is not None:
-            c, sc, kp = self.layout.write(self.buffers, layer, positions, new)
+            out = self.layout.write(self.all_buffers, layer, positions, new)
         else:
-            c, sc, kp = (None if buf is None else write_rows(buf, layer, positions, x)
-                         for buf, x in zip(self.buffers, new))
-        return dataclasses.replace(self, c_kv=c, scales=sc, k_pe=kp)
+            out = tuple(None if buf is None else write_rows(buf, layer, positions, x)
+                        for buf, x in zip(self.all_buffers, new))
+        return dataclasses.replace(self, **dict(zip(("c_kv", "scales", "k_pe", "k_idx", "k_idx_scale"), out)))
+
+    def _select(self, index_cache, q_idx, weights, q_positions, lengths, topk, layer=None, axis=None):
+        """The top-k of the index cache (one layer's, or the stacks at `layer`) for each query -> (indices,
+        valid) [b,s,k]; with `axis`, this device's share of the global top-k of a sequence-sharded cache."""
+        scores = index_scores(q_idx, weights, *index_cache, q_positions, lengths, fmt=self.fmt, block=self.block,
+                              layer=layer)
+        return select_topk(scores, topk) if axis is None else select_topk_sharded(scores, topk, axis)
+
+    def attend_sparse(self, layer, q_lat, q_pe, index_queries, q_positions, lengths, *, scale: float,
+                      topk: int, naive_weights=None):
+        """Sparse attention (DSA) over `layer`: index_queries (q_idx [b,s,H,D], weights [b,s,H]) select the
+        topk best-scored visible tokens per query, then queries attend over those only. Absorbed (q_lat
+        [b,s,h,R]) unless naive_weights (w_uk, w_uv) are given (q_lat is then q_nope). -> [b,s,h,R or d_v]
+        float32. A decode step gathers the selected rows; a prefill chunk masks the blockwise attention."""
+        kw = dict(fmt=self.fmt, scale=scale)
+        gathered = q_lat.shape[1] == 1 and naive_weights is None
+
+        def attend(queries, weights, latent_cache, index_cache, pos, lens, layer_at, axis):
+            q_lat, q_pe, q_idx, w = queries
+            lse = axis is not None
+            if gathered and self.attention == "pallas":  # one device: layer_at is the layer
+                return self._sparse_decode_pallas(layer_at, q_lat[:, 0], q_pe[:, 0], q_idx[:, 0], w[:, 0], lens,
+                                                  topk, scale)[:, None]
+            indices, valid = self._select(index_cache, q_idx, w, pos, lens, topk, layer_at, axis)
+            if gathered:
+                out = sparse_attend_gathered(q_lat[:, 0], q_pe[:, 0], *latent_cache, indices[:, 0], valid[:, 0],
+                                             with_lse=lse, layer=layer_at, **kw)
+                return jax.tree.map(lambda x: x[:, None], out)
+            selected = selection_mask(indices, valid, latent_cache[0].shape[-2])
+            kw_flash = dict(kw, block=self.block, with_lse=lse, layer=layer_at, selected=selected)
+            if naive_weights is not None:
+                return naive_prefill(q_lat, q_pe, *latent_cache, pos, lens, *weights, **kw_flash)
+            return mla_prefill_xla(q_lat, q_pe, *latent_cache, pos, lens, **kw_flash)
+
+        queries = (q_lat, q_pe, *index_queries)
+        weights = () if naive_weights is None else tuple(naive_weights)
+        if self.layout is not None:
+            def partial(queries, weights, layer_cache, pos, lens):
+                return attend(queries, weights, layer_cache[:3], layer_cache[3:], pos, lens, None,
+                              self.layout.seq_axis)
+            return self.layout.attend(partial, queries, weights, self.all_buffers, layer, q_positions, lengths)
+        return attend(queries, weights, self.buffers, (self.k_idx, self.k_idx_scale), q_positions, lengths, layer,
+                      None)
+
+    def _sparse_decode_pallas(self, layer, q_lat, q_pe, q_idx, weights, lengths, topk: int, scale: float):
+        """A decode step's sparse attention with the Pallas kernels (kv/pallas/sparse_kernels.py): index
+        scores, XLA's top-k, attention over the gathered rows -> o_lat [b,h,R] float32."""
+        from . import pallas
+        c_kv, scales, k_pe = self.layer(layer)
+        k_idx, k_scale = (None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+                          for x in (self.k_idx, self.k_idx_scale))
+        scores = pallas.index_scores_decode(q_idx, weights, k_idx, k_scale, lengths, fmt=self.fmt)
+        indices, valid = select_topk(scores, topk)
+        c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
+        return pallas.sparse_decode(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, fmt=self.fmt, scale=scale)
 
     def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys

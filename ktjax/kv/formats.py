@@ -8,6 +8,9 @@ c_kv is quantized symmetrically in groups of channels, one float32 scale per gro
 is shorter when kv_lora_rank is not a multiple of the group size. int4 packs channel j in the low nibble and
 channel j + R/2 in the high nibble of byte j (R = kv_lora_rank, padded to even), so a kernel unpacks two
 contiguous halves with no interleaving. k_pe stays bf16 (float32 in the float32 format): it carries position.
+
+A model with DeepSeek Sparse Attention (V3.2) also caches each token's index key (kv/sparse.py): in float32
+or bf16 for those formats, in float8 e4m3 with one float32 scale per token for the quantized ones.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 from ..errors import KtjaxError
 
 SCALE_DTYPE = np.dtype(np.float32)
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +54,26 @@ class CacheFormat:
         scales = self.n_groups(kv_lora_rank) * SCALE_DTYPE.itemsize
         return c_kv + scales + rope_dim * self.k_pe_dtype.itemsize
 
+    def index_bytes_per_token_per_layer(self, index_head_dim: int) -> int:
+        """Stored bytes of one token's index key (and its scale) in one layer; 0 without an indexer."""
+        dtype = index_store_dtype(self)
+        return index_head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if index_scaled(self) and index_head_dim else 0)
+
     def bytes_per_token(self, cfg) -> int:
-        """All layers of a model config: what sizes memory everywhere."""
-        return cfg.num_hidden_layers * self.bytes_per_token_per_layer(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        """All layers of a model config: what sizes memory everywhere (latents and, with an indexer, index keys)."""
+        index_dim = getattr(cfg, "index_head_dim", 0) if getattr(cfg, "index_topk", 0) else 0
+        return cfg.num_hidden_layers * (self.bytes_per_token_per_layer(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+                                        + self.index_bytes_per_token_per_layer(index_dim))
+
+
+def index_store_dtype(fmt: CacheFormat) -> np.dtype:
+    """The dtype of the index cache for a latent-cache format: a quantized latent cache gets e4m3 index keys
+    (with a per-token scale), an unquantized one its own dtype."""
+    return _E4M3 if fmt.quantized else fmt.k_pe_dtype
+
+
+def index_scaled(fmt: CacheFormat) -> bool:
+    return fmt.quantized
 
 
 def container(dtype: np.dtype) -> np.dtype:
@@ -65,7 +86,6 @@ def container(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"uint{8 * dtype.itemsize}")
 
 
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 FORMATS = {
     "float32": CacheFormat("float32", np.dtype(np.float32), k_pe_dtype=np.dtype(np.float32)),
     "bf16": CacheFormat("bf16", np.dtype(ml_dtypes.bfloat16)),

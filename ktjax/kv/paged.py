@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..errors import KtjaxError
-from .attention import mla_prefill_xla, naive_prefill
+from .attention import mla_prefill_xla, naive_prefill, tail_block
 from .cache import MAX_KV_BLOCK, attention_path
 from .formats import SCALE_DTYPE, CacheFormat, container
 from .layout import CacheLayout, merge_partials
@@ -119,9 +119,12 @@ class PagedLatentCache:
         valid = (positions >= 0) & (positions < width * ps)
         return jnp.where(valid, page, self.n_pages), positions % ps
 
-    def write(self, layer, positions, c_kv, k_pe) -> "PagedLatentCache":
+    def write(self, layer, positions, c_kv, k_pe, k_idx=None) -> "PagedLatentCache":
         """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s] through the page table;
-        positions >= cache_lens (padding) are dropped."""
+        positions >= cache_lens (padding) are dropped. Pages hold no DSA index keys (k_idx) yet."""
+        if k_idx is not None:
+            raise KtjaxError("the paged cache holds no sparse-attention index keys yet: DeepSeek-V3.2 models run "
+                             "with the dense cache (python -m ktjax.generate), not the server")
         q, scales = quantize(self.fmt, c_kv)
         page, slot = self.locate(positions)
         new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
@@ -150,31 +153,48 @@ class PagedLatentCache:
     def _specs(self):
         return tuple(None if b is None else pool_spec(self.layout) for b in self.buffers)
 
-    def _paged(self, layer, table, held):
-        """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table."""
+    def _paged(self, layer, table, held=None, lengths=None):
+        """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table. With
+        `held` (on a mesh: which of the table's pages this device holds), the device walks only its own pages:
+        they are moved to the front of each row, with their positions, and the walk stops after the most
+        any row needs."""
         width, ps = table.shape[1], self.page_size
         k = pages_per_block(ps, width)
+        # Key blocks of k pages; what is left after the last full one in the dense cache's tail blocks where those
+        # are whole pages (the same summation order as a dense cache with this block), else page by page.
+        tail = tail_block(k * ps)
+        kw = dict(block=k * ps, n_keys=width * ps, tail=tail if tail % ps == 0 else ps)
+        if held is not None:
+            order = jnp.argsort(~held, axis=1, stable=True)                  # held pages first, in order
+            table = jnp.take_along_axis(table, order, axis=1)
+            held_sorted = jnp.take_along_axis(held, order, axis=1)
+            needed = held & (jnp.arange(width)[None, :] * ps < lengths[:, None])
+            never = jnp.int32(2**30)                                          # past every length
+
+            def key_positions(start, size):
+                index = jax.lax.dynamic_slice_in_dim(order, start // ps, size // ps, axis=1)
+                mine = jax.lax.dynamic_slice_in_dim(held_sorted, start // ps, size // ps, axis=1)
+                pos = index[:, :, None] * ps + jnp.arange(ps)
+                return jnp.where(mine[:, :, None], pos, never).reshape(pos.shape[0], size)
+
+            kw.update(key_positions=key_positions, n_blocks=(jnp.max(jnp.sum(needed, axis=1)) + k - 1) // k)
 
         def take(x, start, size):  # whole pages: start and size are multiples of page_size
             pages = jax.lax.dynamic_slice_in_dim(table, start // ps, size // ps, axis=1)   # [b, n]
             blk = x[layer, pages]                                                          # [b, n, page_size, ...]
             return blk.reshape(blk.shape[0], size, *blk.shape[3:])
 
-        def key_valid(start, size):
-            return jnp.repeat(jax.lax.dynamic_slice_in_dim(held, start // ps, size // ps, axis=1), ps, axis=1)
-
-        return dict(block=k * ps, tail=ps, take=take, n_keys=width * ps,
-                    key_valid=None if self.layout is None else key_valid)
+        return dict(kw, take=take)
 
     def _attend(self, partial_fn, queries, weights, layer, q_positions, lengths):
         """partial_fn(queries, weights, buffers, paged kwargs, with_lse) over this device's pages; on a mesh the
         devices' partial results merge by log-sum-exp (kv/layout.py)."""
         def local(queries, weights, buffers, table, layer, q_positions, lengths):
-            n_local = buffers[0].shape[1]
-            table, held = self._local(table, n_local)
-            kw = self._paged(layer, jnp.where(held, table, 0), held)
             if self.layout is None:
+                kw = self._paged(layer, table)
                 return partial_fn(queries, weights, buffers, q_positions, lengths, kw, False)
+            table, held = self._local(table, buffers[0].shape[1])
+            kw = self._paged(layer, jnp.where(held, table, 0), held, lengths)
             o, lse = partial_fn(queries, weights, buffers, q_positions, lengths, kw, True)
             return merge_partials(o, lse, self.layout.seq_axis)
 

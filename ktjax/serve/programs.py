@@ -1,8 +1,8 @@
 """The scheduler's compiled programs: one forward step over the paged cache followed by per-row sampling, at
 bucketed shapes so that any batch composition reuses a few programs.
 
-A step is either a prefill chunk of one sequence ([1, chunk] tokens) or one decode step of every running
-sequence ([batch, 1]); both end by sampling each row's next token with that row's own settings and returning
+A step is either prefill chunks of a few sequences ([rows, chunk] tokens, rows x chunk <= chunk_size) or one
+decode step of every running sequence ([batch, 1]); both end by sampling each row's next token with that row's own settings and returning
 its log-probability and the top TOP_LOGPROBS alternatives, so the host only reads a few numbers per row.
 """
 from __future__ import annotations
@@ -96,8 +96,13 @@ class Programs:
         self.batches = buckets(1, max_batch, 2)
         self._pool_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pool)
 
+    def prefill_rows(self, chunk: int) -> int:
+        """Most prefill rows of `chunk` tokens in one step: a batch bucket within chunk_size tokens in all."""
+        return max([b for b in self.batches if b * chunk <= self.chunks[-1]] or [1])
+
     def prefill_shapes(self):
-        return [(1, c, w) for c in self.chunks for w in self.widths]
+        return [(b, c, w) for c in self.chunks for b in self.batches if b <= self.prefill_rows(c)
+                for w in self.widths]
 
     def decode_shapes(self):
         return [(b, 1, w) for b in self.batches for w in self.widths]

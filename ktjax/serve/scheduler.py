@@ -1,8 +1,8 @@
 """Continuous batching over the paged latent cache: requests join and leave the running batch between steps.
 
-Each step runs at most one prefill chunk (of the oldest request still prefilling) and one decode step of every
-request that has a token to feed, so a long prompt delays the running streams by one chunk per step, never by
-its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
+Each step runs at most one prefill chunk (of the oldest request still prefilling, with chunks of the next ones
+while the step's budget of chunk_size tokens lasts) and one decode step of every request that has a token to
+feed, so a long prompt delays the running streams by one chunk per step, never by its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
 full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as they are written, and a request
 whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
 so steady traffic compiles nothing after warmup().
@@ -49,6 +49,7 @@ class RequestParams:
     logprobs: int = 0                  # 0: none; k: top-k logprobs per generated token (k <= 20)
 
 
+# Log-probabilities are the model's: log_softmax of its logits, before temperature, top-k and top-p.
 @dataclasses.dataclass
 class TokenEvent:
     token_id: int
@@ -90,6 +91,7 @@ class _Request:
     prompt: list[int]
     params: RequestParams
     on_event: Callable
+    max_tokens: int                      # validated
     sampling: tuple[float, int, float]   # temperature, top_k, top_p
     seed: int
     stops: frozenset
@@ -99,13 +101,17 @@ class _Request:
     cached_tokens: int = 0
     length: int = 0           # tokens in the cache
     pending: int | None = None  # sampled token not yet fed through the model
-    n_gen: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
     ttft: float = 0.0
     cancelled: bool = False
 
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.prompt)
+
+    @property
+    def n_gen(self) -> int:
+        return len(self.generated)
 
 
 class Scheduler:
@@ -115,6 +121,9 @@ class Scheduler:
                                 ("max_queue", max_queue, 0), ("n_pages", n_pages, 1)):
             if value is not None and (not isinstance(value, int) or value < lo):
                 raise KtjaxError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if engine.cfg.has_indexer:
+            raise KtjaxError("the server's paged cache holds no sparse-attention index keys yet: serve a "
+                             "DeepSeek-V2/V3 model; run DeepSeek-V3.2 with python -m ktjax.generate")
         self.engine = engine
         self.max_batch, self.page_size, self.max_queue = max_batch, page_size, max_queue
         if n_pages is None:
@@ -222,7 +231,10 @@ class Scheduler:
             raise KtjaxError("the prompt must be a non-empty list of token ids")
         prompt = [int(t) for t in prompt]
         vocab = eng.cfg.vocab_size
-        bad = [t for t in prompt + list(params.stop_token_ids) if not 0 <= int(t) < vocab]
+        stop_ids = list(params.stop_token_ids)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_ids):
+            raise KtjaxError(f"stop_token_ids must be token ids (integers), got {params.stop_token_ids!r}")
+        bad = [t for t in prompt + stop_ids if not 0 <= int(t) < vocab]
         if bad:
             raise KtjaxError(f"token ids must lie in [0, {vocab}); got {bad[:5]}")
         if not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= TOP_LOGPROBS:
@@ -243,10 +255,10 @@ class Scheduler:
         sampling, stops = eng.sampling_and_stops(call)
         seed = params.seed % 2**32 if params.seed is not None else random.getrandbits(32)
         handle = Handle(f"req-{next(self._ids)}", len(prompt))
-        return _Request(handle, prompt, params, on_event,
+        return _Request(handle, prompt, params, on_event, call.max_new_tokens,
                         (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed,
-                        frozenset(stops) | frozenset(map(int, params.stop_token_ids)), time.perf_counter(),
-                        pages=[], keys=[], cached_tokens=0, length=0)
+                        frozenset(stops) | frozenset(map(int, stop_ids)), time.perf_counter(),
+                        pages=[], keys=[], cached_tokens=0, length=0, generated=[])
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -275,7 +287,7 @@ class Scheduler:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
             alloc = self.allocator
-            total = alloc.pages_for(len(req.prompt) + req.params.max_tokens)
+            total = alloc.pages_for(len(req.prompt) + req.max_tokens)
             # Leave at least the last prompt token to prefill: its logits give the first token.
             hits, keys = alloc.lookup(req.prompt, max_pages=(len(req.prompt) - 1) // self.page_size, count=False)
             if total - len(hits) > alloc.available:
@@ -304,6 +316,8 @@ class Scheduler:
         with self._lock:
             if req in self._running:
                 self._running.remove(req)
+                if reason != "error":  # a next turn (prompt + this completion + more) reuses the full pages
+                    self._publish_full_pages(req)
                 self.allocator.release(req.pages)
             elif req in self._waiting:
                 self._waiting.remove(req)
@@ -342,9 +356,9 @@ class Scheduler:
     def _step(self) -> None:
         with self._lock:
             running = list(self._running)
-        prefilling = [r for r in running if r.prefilling]
+        prefilling = [r for r in running if r.prefilling and not r.cancelled]
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            self._prefill(prefilling)
         decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
         if decoding:
             self._decode(decoding)
@@ -365,7 +379,7 @@ class Scheduler:
                            col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32))
 
     def _run(self, reqs, tokens, positions, lengths, logits_index, chunk: int, needed_pages: int):
-        b = bucket_of(len(reqs), self.programs.batches) if chunk == 1 else 1
+        b = bucket_of(len(reqs), self.programs.batches)
         width = bucket_of(needed_pages, self.programs.widths)
         program = self.programs.get(b, chunk, width)
         pad_pos = width * self.page_size  # past the table: the write is dropped
@@ -381,30 +395,37 @@ class Scheduler:
         self.pool = cache
         return jax.device_get(out)
 
-    def _prefill_chunk(self, req: _Request) -> None:
-        start = req.length
-        n_left = len(req.prompt) - start
-        chunk = bucket_of(min(n_left, self.programs.chunks[-1]), self.programs.chunks)
-        n = min(n_left, chunk)
-        pos = np.full((1, chunk), -1, np.int32)
-        pos[0, :n] = start + np.arange(n)
-        tok = np.zeros((1, chunk), np.int32)
-        tok[0, :n] = req.prompt[start:start + n]
-        out = self._run([req], tok, pos, [start + n], [n - 1], chunk,
-                        -(-(start + n) // self.page_size))
-        req.length = start + n
-        self._counts["prefill_tokens_total"] += n
-        self._publish_full_pages(req)
-        if not req.prefilling:
-            self._emit(req, out, 0)
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """One prefill chunk of the oldest prefilling request, sized to what it has left (a bucket), plus chunks
+        of that size for the next ones while the step's budget of chunk_size tokens lasts."""
+        left = len(reqs[0].prompt) - reqs[0].length
+        chunk = bucket_of(min(left, self.programs.chunks[-1]), self.programs.chunks)
+        rows = reqs[:self.programs.prefill_rows(chunk)]
+        starts = [r.length for r in rows]
+        counts = [min(len(r.prompt) - r.length, chunk) for r in rows]
+        tok = np.zeros((len(rows), chunk), np.int32)
+        pos = np.full((len(rows), chunk), -1, np.int32)
+        for i, (r, start, n) in enumerate(zip(rows, starts, counts)):
+            tok[i, :n] = r.prompt[start:start + n]
+            pos[i, :n] = start + np.arange(n)
+        ends = np.add(starts, counts)
+        out = self._run(rows, tok, pos, ends, np.subtract(counts, 1), chunk, -(-int(ends.max()) // self.page_size))
+        for i, (r, end) in enumerate(zip(rows, ends)):
+            r.length = int(end)
+            self._publish_full_pages(r)
+            if not r.prefilling:
+                self._emit(r, out, i)
+        self._counts["prefill_tokens_total"] += sum(counts)
 
     def _publish_full_pages(self, req: _Request) -> None:
+        """Offer the request's pages that the cache now holds in full to the prefix cache."""
         ps = self.page_size
         with self._lock:
-            while len(req.keys) < min(req.length, len(req.prompt)) // ps:
+            while len(req.keys) < req.length // ps:
                 i = len(req.keys)
+                tokens = (req.prompt + req.generated)[i * ps:(i + 1) * ps]
                 parent = req.keys[-1] if req.keys else ROOT
-                req.keys.append(self.allocator.publish(req.pages[i], parent, req.prompt[i * ps:(i + 1) * ps]))
+                req.keys.append(self.allocator.publish(req.pages[i], parent, tokens))
 
     def _decode(self, reqs: list[_Request]) -> None:
         lengths = np.array([r.length for r in reqs], np.int32)
@@ -425,7 +446,7 @@ class Scheduler:
         token = int(out.token[i])
         if req.n_gen == 0:
             req.ttft = time.perf_counter() - req.submitted
-        req.n_gen += 1
+        req.generated.append(token)
         k = req.params.logprobs
         event = TokenEvent(token)
         if k:
@@ -435,7 +456,7 @@ class Scheduler:
             self._finish(req, "cancelled")
         elif token in req.stops:
             self._finish(req, "stop")
-        elif req.n_gen >= req.params.max_tokens:
+        elif req.n_gen >= req.max_tokens:
             self._finish(req, "length")
         else:
             req.pending = token
