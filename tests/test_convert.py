@@ -266,7 +266,11 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
     import jax
 
     kept = _engine(fp8_converted("fp8"), moe_impl=moe_impl, absorb_for_prefill=True)
-    fp8_leaves = [x for x in jax.tree_util.tree_leaves(kept.state) if x.dtype == E4M3]
+    from ktjax.model import PerLayer
+
+    # One entry per parameter: the engine holds a stacked parameter as per-layer arrays (model.PerLayer).
+    params = jax.tree_util.tree_leaves(kept.state, is_leaf=lambda x: isinstance(x, PerLayer))
+    fp8_leaves = [x for x in params if (x.arrays[0] if isinstance(x, PerLayer) else x).dtype == E4M3]
     assert len(fp8_leaves) == 17  # every linear of both stacks (kv_b_proj excepted), held in e4m3
     dequantized = _engine(fp8_converted("float32"), moe_impl=moe_impl, absorb_for_prefill=True)
     ids = rng.integers(0, FP8_CONFIG["vocab_size"], size=(2, 13))
