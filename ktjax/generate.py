@@ -59,20 +59,7 @@ def add_setting_flags(p: argparse.ArgumentParser):
 def parse(argv) -> tuple[argparse.Namespace, tuple]:
     """Flags -> (args, (RuntimeConfig, CallSettings)), every value checked once, before JAX starts."""
     args = build_parser().parse_args(argv)
-    settings = load_yaml(args.config) if args.config else {}
-    model = args.model or settings.pop("model", None)
-    settings.pop("model", None)
-    settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
-    resolved = resolve(**settings)
-    if model is not None and not os.path.isdir(model):
-        raise KtjaxError(f"--model {model}: no such folder")
-    if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
-            not os.path.isfile(os.path.join(model, "manifest.json")):
-        raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
-    if model is not None and not os.path.lexists(os.path.join(model, "tokenizer.json")):
-        raise KtjaxError(f"--model {model}: no tokenizer.json, so no text in or out; copy the model's tokenizer "
-                         "files into the folder, or pass token ids through the Python API (engine.generate)")
-    args.model = model
+    resolved = resolve_settings(args)
     args.prompts = list(args.prompt or [])
     for path in args.prompt_file or []:
         try:
@@ -87,6 +74,26 @@ def parse(argv) -> tuple[argparse.Namespace, tuple]:
     if any(not p for p in args.prompts):
         raise KtjaxError("a prompt is empty")
     return args, resolved
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple:
+    """--config, then the setting flags over it, then the model folder checked -> (RuntimeConfig, CallSettings);
+    sets args.model to the folder named by either (None: the demo model). Shared with python -m ktjax.serve."""
+    settings = load_yaml(args.config) if args.config else {}
+    model = args.model or settings.pop("model", None)
+    settings.pop("model", None)
+    settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    resolved = resolve(**settings)
+    if model is not None and not os.path.isdir(model):
+        raise KtjaxError(f"--model {model}: no such folder")
+    if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
+            not os.path.isfile(os.path.join(model, "manifest.json")):
+        raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
+    if model is not None and not os.path.lexists(os.path.join(model, "tokenizer.json")):
+        raise KtjaxError(f"--model {model}: no tokenizer.json, so no text in or out; copy the model's tokenizer "
+                         "files into the folder, or pass token ids through the Python API (engine.generate)")
+    args.model = model
+    return resolved
 
 
 def enable_compilation_cache():

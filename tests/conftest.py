@@ -33,3 +33,15 @@ def v2_lite_copy(hf_folder, tmp_path):
     dst = tmp_path / "hf"
     shutil.copytree(src, dst)
     return str(dst)
+
+
+@pytest.fixture(scope="session")
+def serve_stack():
+    """(engine, scheduler, server thread): the demo model served over HTTP, shared by the tests/test_serve*.py
+    modules so that they compile its programs once."""
+    from serve_harness import start_stack
+
+    stack = start_stack()
+    yield stack
+    stack[2].stop()
+    stack[1].shutdown(timeout=10)
