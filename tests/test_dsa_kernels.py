@@ -11,6 +11,7 @@ from ktjax.kv import formats as cf
 from ktjax.kv import pallas, quant, sparse
 from ktjax.kv.attention import mla_decode_xla
 from ktjax.kv.pallas import platform
+from triton_ir import triton_modules
 
 HEADS, DIM, T = 8, 16, 64      # index heads (padded to 16 in the kernel), index head dim, cache length
 RANK, ROPE, H = 20, 8, 4       # latent rank (odd: padded), rope dim, attention heads
@@ -134,29 +135,14 @@ def test_index_kernel_lowers_to_valid_triton_ir(fmt_name, fp8_bits):
     """At V3.2's index shape (64 heads of 128) the scoring kernel lowers to Triton IR that passes MLIR
     verification, e4m3 keys natively or decoded from bits (pre-Ada). Running it needs a GPU."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
-    from jax import export
-    from jax._src.pallas.triton import lowering
-
     fmt = cf.resolve(fmt_name)
-    modules, original = [], lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = original(*args, **kwargs)
-        modules.append(result.module)
-        return result
-
     b, n_keys, heads, dim = 2, 1024, 64, 128
     shapes = [jax.ShapeDtypeStruct((b, heads, dim), jnp.float32), jax.ShapeDtypeStruct((b, heads), jnp.float32),
               jax.ShapeDtypeStruct((b, n_keys, dim), cf.container(cf.index_store_dtype(fmt))),
               jax.ShapeDtypeStruct((b, n_keys, 1), jnp.float32) if cf.index_scaled(fmt) else None,
               jax.ShapeDtypeStruct((b,), jnp.int32)]
     fn = jax.jit(lambda *a: pallas.index_scores_decode(*a, fmt=fmt, interpret=False, fp8_bits=fp8_bits))
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        export.export(fn, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
+    modules = triton_modules(fn, *shapes)
     assert len(modules) == 1 and modules[0].operation.verify()
     if fmt_name == "fp8":
         assert ("f8E4M3FN" in str(modules[0])) != fp8_bits

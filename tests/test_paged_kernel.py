@@ -13,6 +13,7 @@ from ktjax.kv.paged import PagedLatentCache
 from ktjax.kv.pallas import KernelConfig, platform
 from ktjax.kv.pallas.paged import paged_attention
 from ktjax.kv.quant import quantize, to_bits
+from triton_ir import triton_modules
 
 RANK, ROPE, HEADS, PAGE, N_PAGES, LAYERS = 24, 8, 4, 16, 9, 2
 
@@ -57,16 +58,8 @@ def test_paged_kernel_matches_paged_xla(fmt_name, num_splits):
 def test_paged_kernel_lowers_to_valid_triton_ir(fmt_name):
     """DeepSeek dimensions, a pool of a non-power-of-two page count: Triton IR that passes MLIR verification
     (compiling and running it needs a GPU)."""
-    lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
-    from jax import export
+    pytest.importorskip("jax._src.pallas.triton.lowering")
     fmt = cf.resolve(fmt_name)
-    modules, original = [], lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = original(*args, **kwargs)
-        modules.append(result.module)
-        return result
-
     lead = (3, 100, 64)
     sds = jax.ShapeDtypeStruct
     cache = PagedLatentCache(sds(lead + (fmt.stored_width(512),), cf.container(fmt.store_dtype)),
@@ -76,11 +69,5 @@ def test_paged_kernel_lowers_to_valid_triton_ir(fmt_name):
     q_lat, q_pe = sds((4, 1, 16, 512), jnp.bfloat16), sds((4, 1, 16, 64), jnp.bfloat16)
     fn = jax.jit(lambda c, a, b, p, n: paged_attention(a, b, c, 2, p, n, scale=0.1, interpret=False,
                                                        config=KernelConfig(num_splits=4)))
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        export.export(fn, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-            cache, q_lat, q_pe, sds((4, 1), jnp.int32), sds((4,), jnp.int32))
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
+    modules = triton_modules(fn, cache, q_lat, q_pe, sds((4, 1), jnp.int32), sds((4,), jnp.int32))
     assert len(modules) == 1 and modules[0].operation.verify()

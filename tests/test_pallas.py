@@ -24,6 +24,7 @@ from ktjax.kv.cache import LatentCache
 from ktjax.kv.pallas import layout as kl
 from ktjax.kv.pallas import mla_kernels as kernels
 from ktjax.kv.pallas import platform
+from triton_ir import triton_modules
 
 FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
 # float32 kernels against the float32 reference: same math, different summation order.
@@ -241,30 +242,13 @@ def test_deepseek_rank_needs_no_copy():
 
 def _lower_for_cuda(fmt, *, rank=512, rope=64, heads=16, batch=2, cache_len=1024, dtype=jnp.bfloat16, **kw):
     """Lower a decode call for CUDA on this CPU and return the Triton modules it produced (verified)."""
-    from jax import export
-    from jax._src.pallas.triton import lowering
-
-    modules = []
-    original = lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = original(*args, **kwargs)
-        modules.append(result.module)
-        return result
-
     shapes = [jax.ShapeDtypeStruct((batch, heads, rank), dtype), jax.ShapeDtypeStruct((batch, heads, rope), dtype),
               jax.ShapeDtypeStruct((batch, cache_len, fmt.stored_width(rank)), fmt.store_dtype),
               jax.ShapeDtypeStruct((batch, cache_len, fmt.n_groups(rank)), jnp.float32) if fmt.quantized else None,
               jax.ShapeDtypeStruct((batch, cache_len, rope), fmt.k_pe_dtype),
               jax.ShapeDtypeStruct((batch,), jnp.int32)]
     fn = jax.jit(lambda *a: pallas.mla_decode(*a, fmt=fmt, scale=0.1, block=512, interpret=False, **kw))
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        export.export(fn, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
-    return modules
+    return triton_modules(fn, *shapes)
 
 
 @pytest.mark.parametrize("fmt_name, fp8_bits", [(name, False) for name in FORMATS] + [("fp8", True)])
