@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import memory, sharding
+from . import memory, moe, sharding
 from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
@@ -124,7 +124,8 @@ class Engine:
         # Split once; the compiled programs take the pure state, its layer stacks as separate per-layer arrays
         # (model.py: read in place, where a scanned stack's slices are copied at every step).
         self.graphdef, state = nnx.split(model)
-        self.state = unstack_layers(state, consume=own_weights)
+        in_place = moe.reads_experts_in_place(jax.default_backend(), self._expert_axis, runtime.moe_impl)
+        self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
@@ -146,9 +147,12 @@ class Engine:
     def weight_bytes_per_device(self) -> int:
         return sharding.per_device_bytes(self.state)
 
+    @property
+    def _expert_axis(self) -> str | None:
+        return sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
+
     def run_options(self, absorb: bool) -> RunOptions:
-        expert_axis = sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
-        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, expert_axis,
+        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
                           self.index_topk)
 
     @property

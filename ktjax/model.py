@@ -18,7 +18,7 @@ from flax import nnx
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
-from .moe import MoE
+from .moe import MoE, PerExpert, stack_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,33 +80,59 @@ def _index(x, i):
 
 
 def _take_layer(x, i: int):
-    """Layer i of a stacked array, placed as the stack was (less the layer axis)."""
+    """Layer i of a stacked array (or expert i of a layer's expert stack), placed as the stack was (less its
+    leading axis)."""
     spec = getattr(x.sharding, "spec", None)
     out = None if spec is None else jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
     return jax.jit(_index, out_shardings=out)(x, jnp.int32(i))
 
 
-def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool = False):
-    """A model state whose stacked layer parameters are PerLayer arrays. consume=True deletes each stacked
-    array once split, so that the peak stays one parameter above the weights (only when nothing else holds
-    them)."""
+def _split(x, consume: bool):
+    """The arrays along x's leading axis; consume=True deletes x once split."""
+    parts = tuple(_take_layer(x, i) for i in range(x.shape[0]))
+    if consume:
+        x.delete()
+    return parts
+
+
+EXPERT_STACKS = ("w_gate", "w_up", "w_down")  # the MoE parameters stacked [layer, expert, ...]
+
+
+def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool = False,
+                   split_experts: bool = False):
+    """A model state whose stacked layer parameters are PerLayer arrays, and with split_experts each layer's
+    routed-expert stacks PerExpert arrays (moe.py: on the CPU they are read in place). consume=True deletes
+    each stacked array once split, so that the peak stays one parameter above the weights (only when nothing
+    else holds them)."""
     def split(x):
         if _is_per_layer(x):  # already split (the model of another engine)
             return x
-        parts = PerLayer(tuple(_take_layer(x, i) for i in range(x.shape[0])))
+        return PerLayer(_split(x, consume))
+
+    def split_with_experts(x):
+        if _is_per_layer(x):  # another engine's arrays: copied, never deleted
+            return PerLayer(tuple(p if isinstance(p, PerExpert) else PerExpert(_split(p, False)) for p in x.arrays))
+        layers = tuple(PerExpert(_split(_take_layer(x, i), True)) for i in range(x.shape[0]))
         if consume:
             x.delete()
-        return parts
+        return PerLayer(layers)
 
     for name in stacks:
         if name in state:
+            if split_experts and name == "moe_layers":
+                mlp = state[name]["mlp"]
+                for p in EXPERT_STACKS:
+                    mlp[p] = jax.tree.map(split_with_experts, mlp[p], is_leaf=_is_per_layer)
             state[name] = jax.tree.map(split, state[name], is_leaf=_is_per_layer)
     return state
 
 
 def stack_layers(state):
-    """The inverse of unstack_layers: each PerLayer parameter stacked again along a leading layer axis (a copy)."""
-    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_per_layer(x) else x, state, is_leaf=_is_per_layer)
+    """The inverse of unstack_layers: each PerLayer parameter stacked again along a leading layer axis (and
+    each PerExpert along an expert axis under it): a copy."""
+    def stack(x):
+        return jnp.stack([stack_experts(a) for a in x.arrays]) if _is_per_layer(x) else x
+    return jax.tree.map(stack, state, is_leaf=_is_per_layer)
 
 
 def _layer_states(state):

@@ -5,8 +5,16 @@ handful of tokens: decoding); `ragged` sorts tokens by expert and runs jax.lax.r
 GEMM on GPUs; `blocked` sorts tokens by expert into fixed-size blocks that each belong to one expert and
 runs one matmul per used block, because on the CPU ragged_dot lowers to a dense masked product over every
 expert (benchmarks/bench_moe.py measures the three).
+
+On the CPU the Engine holds each layer's experts as separate arrays (`PerExpert`, see `split_experts`): XLA
+on the CPU copies any slice of a stacked array before a matmul reads it, static or dynamic, so indexing a
+stack [E, d, f] by a routed expert id copies that expert's matrices (three times the bytes the matmul reads).
+A routed expert then runs through jax.lax.switch over the experts, each branch reading its own arrays in place.
 """
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,14 +105,67 @@ def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str):
                          check_vma=False)(flat, weights, idx, experts)
 
 
-def pick_impl(impl: str, tokens: int, top_k: int, n_experts: int) -> str:
+def pick_impl(impl: str, tokens: int, top_k: int, n_routed: int) -> str:
     if impl != "auto":
         return impl
     # Up to about two selections per expert, reading only the selected experts one pair at a time beats
     # sorting into blocks (benchmarks/RESULTS.md: 16 tokens x top-6 of 64 experts, gather 288 ms, blocked 458).
-    if tokens * top_k <= 2 * n_experts:
+    if tokens * top_k <= 2 * n_routed:
         return "gather"
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PerExpert:
+    """One layer's stack of routed-expert arrays [E, ...] held as E separate arrays (see the module docstring);
+    a QuantizedArray's values and scales are each split alike."""
+    arrays: tuple
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:  # a traced expert id would need the stack: run_expert switches instead
+            raise TypeError("index a PerExpert with run_expert")
+        return self
+
+
+def _is_per_expert(x) -> bool:
+    return isinstance(x, PerExpert)
+
+
+def reads_experts_in_place(backend: str, expert_axis: str | None, impl: str) -> bool:
+    """Whether the Engine splits expert stacks into PerExpert arrays: on the CPU, unless the stacks are split
+    over a mesh axis (expert parallelism slices its local stack) or ragged_dot, which takes whole stacks, is
+    asked for. On a GPU a switch would wait on the host for its branch index."""
+    return backend == "cpu" and expert_axis is None and impl != "ragged"
+
+
+def n_experts(w) -> int:
+    leaf = jax.tree.leaves(w, is_leaf=_is_per_expert)[0]
+    return len(leaf.arrays) if _is_per_expert(leaf) else leaf.shape[0]
+
+
+def _expert_at(w, i: int):
+    """Expert i (static) of a PerExpert weight, in place."""
+    return jax.tree.map(lambda p: p.arrays[i], w, is_leaf=_is_per_expert)
+
+
+def stack_experts(w):
+    """A stacked weight from a PerExpert one (a copy; ragged_dot and checkpoints want the stack)."""
+    return jax.tree.map(lambda p: jnp.stack(p.arrays) if _is_per_expert(p) else p, w, is_leaf=_is_per_expert)
+
+
+def run_expert(experts, e, x):
+    """SwiGLU of routed expert e (traced) on rows x [..., d]. Stacked weights are indexed (XLA on the CPU copies
+    the slice); PerExpert weights are read in place by a switch over the experts."""
+    w_gate = experts[0]
+    if not _is_per_expert(jax.tree.leaves(w_gate, is_leaf=_is_per_expert)[0]):
+        return _swiglu(x, *(w[e] for w in experts), weight_quant.matmul)
+    branches = [functools.partial(_swiglu_of, _expert_at(experts, i)) for i in range(n_experts(w_gate))]
+    return jax.lax.switch(e, branches, x)
+
+
+def _swiglu_of(expert, x):
+    return _swiglu(x, *expert, weight_quant.matmul)
 
 
 def routed_experts(x, weights, idx, experts, impl: str):
@@ -115,15 +176,15 @@ def routed_experts(x, weights, idx, experts, impl: str):
     bytes tile by tile (weight_quant.matmul); ragged_dot takes the whole stack, dequantized.
     """
     if impl == "gather":
-        return _experts_gather(x, weights, idx, *experts)
+        return _experts_gather(x, weights, idx, experts)
     t, k = idx.shape
     order = jnp.argsort(idx.reshape(-1))  # assignments sorted by expert
     rows = x[order // k]
-    group_sizes = jnp.bincount(idx.reshape(-1), length=experts[0].shape[0]).astype(jnp.int32)
+    group_sizes = jnp.bincount(idx.reshape(-1), length=n_experts(experts[0])).astype(jnp.int32)
     if impl == "ragged":
-        out = _experts_ragged(rows, group_sizes, *experts)
+        out = _experts_ragged(rows, group_sizes, *(stack_experts(w) for w in experts))
     elif impl == "blocked":
-        out = _experts_blocked(rows, group_sizes, *experts)
+        out = _experts_blocked(rows, group_sizes, experts)
     else:
         raise ValueError(f"unknown MoE implementation {impl!r}; one of {MOE_IMPLS}")
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
@@ -134,16 +195,20 @@ def _swiglu(x, w_gate, w_up, w_down, matmul):
     return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
 
-def _experts_gather(x, weights, idx, w_gate, w_up, w_down):
-    """One (token, expert) pair at a time, indexing that expert's matrices: only the selected experts'
+def _experts_gather(x, weights, idx, experts):
+    """One (token, expert) pair at a time, running that expert on that token: only the selected experts'
     bytes are read, and no [T, k, d, f] copy of gathered weights is built (2-4x faster on the CPU than
-    gathering all of them first; benchmarks/RESULTS.md)."""
+    gathering all of them first; benchmarks/RESULTS.md). Pairs go in expert order, so that the pairs of one
+    expert follow each other and the later ones find its matrices in the CPU's cache."""
     t, k = idx.shape
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat) if t > 1 else jnp.arange(t * k)
 
     def pair(j, acc):
-        token, e = j // k, idx[j // k, j % k]
-        y = _swiglu(x[token], w_gate[e], w_up[e], w_down[e], weight_quant.matmul)
-        return acc.at[token].add(weights[token, j % k].astype(y.dtype) * y)
+        p = order[j]
+        token = p // k
+        y = run_expert(experts, flat[p], x[token])
+        return acc.at[token].add(weights[token, p % k].astype(y.dtype) * y)
 
     return jax.lax.fori_loop(0, t * k, pair, jnp.zeros_like(x))
 
@@ -154,31 +219,30 @@ def _experts_ragged(rows, group_sizes, w_gate, w_up, w_down):
     return _swiglu(rows, w_gate, w_up, w_down, matmul)
 
 
-def _experts_blocked(rows, group_sizes, w_gate, w_up, w_down, block: int = 32):
+def _experts_blocked(rows, group_sizes, experts, block: int = 32):
     """Grouped matmul as one dense matmul per block of `block` rows that all belong to one expert.
 
     Each expert's rows are padded to a multiple of `block`, so the padded layout has at most
     ceil(M / block) + E blocks (a static bound); blocks past the last used one are skipped.
     """
     m, d = rows.shape
-    n_experts = w_gate.shape[0]
+    n = n_experts(experts[0])
     block = min(block, max(1, m))
-    n_blocks = -(-m // block) + n_experts
+    n_blocks = -(-m // block) + n
     padded_sizes = -(-group_sizes // block) * block
     padded_start = jnp.cumsum(padded_sizes) - padded_sizes
     start = jnp.cumsum(group_sizes) - group_sizes
-    expert_of_row = jnp.repeat(jnp.arange(n_experts), group_sizes, total_repeat_length=m)
+    expert_of_row = jnp.repeat(jnp.arange(n), group_sizes, total_repeat_length=m)
     dest = padded_start[expert_of_row] + jnp.arange(m) - start[expert_of_row]
     buf = jnp.zeros((n_blocks * block, d), rows.dtype).at[dest].set(rows)
     block_expert = jnp.minimum(
-        jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_blocks) * block, side="right"), n_experts - 1)
+        jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_blocks) * block, side="right"), n - 1)
     used = padded_sizes.sum() // block
 
     def one_block(i):
         def run(_):
-            e = block_expert[i]
             xb = jax.lax.dynamic_slice_in_dim(buf, i * block, block)
-            return _swiglu(xb, w_gate[e], w_up[e], w_down[e], weight_quant.matmul)
+            return run_expert(experts, block_expert[i], xb)
         return jax.lax.cond(i < used, run, lambda _: jnp.zeros((block, d), rows.dtype), None)
 
     out = jax.lax.map(one_block, jnp.arange(n_blocks)).reshape(n_blocks * block, d)

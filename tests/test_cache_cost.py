@@ -30,3 +30,47 @@ def test_decode_and_prefill_never_copy_the_cache(hf_folder, fmt):
     assert set(programs) == {"prefill", "decode"}
     for name, program in programs.items():
         assert _cache_sized_ops(program.as_text()) == [], name
+
+
+def _expert_copies(hlo: str, shapes: set[str]) -> list[str]:
+    """Instructions that compute a new array shaped like one expert's matrix (a copy of a stack's slice);
+    parameters, tuple elements and bitcasts only name existing buffers."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= f32\[([0-9,]+)\]\S* ([\w-]+)\(", line)
+        if m and m.group(1) in shapes and m.group(2) not in ("parameter", "get-tuple-element", "bitcast", "tuple"):
+            found.append(line.strip()[:160])
+    return found
+
+
+def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
+    """XLA on the CPU copies a slice of a stacked expert weight before a matmul reads it; the Engine holds each
+    expert as its own array (moe.PerExpert), so the compiled decode and prefill copy no expert matrix. The
+    check itself is shown to catch the copy of a stacked slice."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ktjax.model import stack_layers
+    from ktjax.moe import PerExpert, routed_experts
+
+    folder, _ = hf_folder("v3")
+    engine = ktjax.load(folder, max_new_tokens=3, ignore_eos=True, chunk_size=16)
+    mlp = engine.state["moe_layers"]["mlp"]
+    w_gate = mlp["w_gate"].get_value().arrays[0]  # layer 0's
+    assert isinstance(w_gate, PerExpert) and len(w_gate.arrays) == engine.cfg.n_routed_experts
+    d, f = engine.cfg.hidden_size, engine.cfg.moe_intermediate_size
+    shapes = {f"{d},{f}", f"{f},{d}"}
+    engine.generate([[5, 6, 7, 8, 9]])
+    programs = {key[0]: program for key, program in engine._compiled.items()}
+    assert set(programs) == {"prefill", "decode"}
+    for name, program in programs.items():
+        assert _expert_copies(program.as_text(), shapes) == [], name
+
+    stacked = stack_layers(engine.state)["moe_layers"]["mlp"]
+    layer0 = tuple(stacked[name][...][0] for name in ("w_gate", "w_up", "w_down"))
+    np.testing.assert_array_equal(np.asarray(layer0[0][2]), np.asarray(w_gate.arrays[2]))
+    x, weights = jnp.ones((1, d)), jnp.ones((1, 2)) / 2
+    idx = jnp.asarray([[1, 3]], jnp.int32)
+    hlo = jax.jit(routed_experts, static_argnums=4).lower(x, weights, idx, layer0, "gather").compile().as_text()
+    assert _expert_copies(hlo, shapes), "the check misses the copy of a stacked expert"

@@ -267,10 +267,14 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
 
     kept = _engine(fp8_converted("fp8"), moe_impl=moe_impl, absorb_for_prefill=True)
     from ktjax.model import PerLayer
+    from ktjax.moe import PerExpert
+
+    def first(x):  # a parameter's first array: per-layer arrays, and per-expert ones under them on the CPU
+        return first(x.arrays[0]) if isinstance(x, (PerLayer, PerExpert)) else x
 
     # One entry per parameter: the engine holds a stacked parameter as per-layer arrays (model.PerLayer).
     params = jax.tree_util.tree_leaves(kept.state, is_leaf=lambda x: isinstance(x, PerLayer))
-    fp8_leaves = [x for x in params if (x.arrays[0] if isinstance(x, PerLayer) else x).dtype == E4M3]
+    fp8_leaves = [x for x in params if first(x).dtype == E4M3]
     assert len(fp8_leaves) == 17  # every linear of both stacks (kv_b_proj excepted), held in e4m3
     dequantized = _engine(fp8_converted("float32"), moe_impl=moe_impl, absorb_for_prefill=True)
     ids = rng.integers(0, FP8_CONFIG["vocab_size"], size=(2, 13))

@@ -136,3 +136,19 @@ def test_non_finite_logits_stop_generation_with_a_message(hf_folder):
     engine = ktjax.load_model(base.cfg, model, max_new_tokens=6, ignore_eos=True)
     with pytest.raises(KtjaxError, match="non-finite logits .* at generation step 0 of sequence 1"):
         engine.generate([[3, 4, 5], [3, 4, 7]])
+
+
+def test_sample_rows_with_their_own_settings_equal_each_row_alone():
+    """The server samples a batch whose rows have their own settings and keys: each row draws what it would
+    alone, whether or not another row needs the top-k / top-p filter (which a step runs only then)."""
+    logits = jax.random.normal(jax.random.key(1), (5, 50)) * 3
+    keys = jax.random.split(jax.random.key(2), 5)
+    settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 3, 1.0), (1.2, 0, 0.6), (0.7, 5, 0.9)]
+    for rows in (settings, settings[:2]):  # with and without a filtering row
+        n = len(rows)
+        s = Sampling(*(jnp.asarray(col, dtype) for col, dtype in
+                       zip(zip(*rows), (jnp.float32, jnp.int32, jnp.float32))))
+        batch = np.asarray(sample(logits[:n], keys[:n], s))
+        alone = [int(sample(logits[i:i + 1], keys[i], Sampling.make(*rows[i]))[0]) for i in range(n)]
+        assert batch.tolist() == alone
+    assert batch[0] == int(jnp.argmax(logits[0]))

@@ -64,3 +64,37 @@ def test_expert_implementations_agree(rng):
     for impl in ("gather", "ragged", "blocked"):
         out = np.asarray(routed_experts(jnp.asarray(x), jnp.asarray(w), jnp.asarray(idx), experts, impl))
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=impl)
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
+def test_experts_held_apart_equal_the_stacks(rng, weights):
+    """unstack_layers(split_experts=True) holds each layer's experts as separate arrays (moe.PerExpert, the
+    Engine's layout on the CPU): every implementation gives the stacked result exactly, and stack_layers
+    restores the stacks."""
+    import jax
+
+    from ktjax import weight_quant as wq
+    from ktjax.model import PerLayer, stack_layers, unstack_layers
+    from ktjax.moe import routed_experts
+
+    t, d, f, e, k, layers = 9, 32, 24, 8, 3, 2
+    stacks = [rng.normal(size=(layers, e) + s).astype(np.float32) * 0.3 for s in ((d, f), (d, f), (f, d))]
+    if weights != "float32":
+        stacks = [wq.QuantizedArray(*(jnp.asarray(a) for a in wq.quantize(s, weights))) for s in stacks]
+    else:
+        stacks = [jnp.asarray(s) for s in stacks]
+    state = {"moe_layers": {"mlp": dict(zip(("w_gate", "w_up", "w_down"), stacks))}}
+    split = unstack_layers(jax.tree.map(lambda a: a + 0, state), split_experts=True)
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    idx = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]).astype(np.int32))
+    w = jnp.asarray(rng.random((t, k)).astype(np.float32))
+    for layer in range(layers):
+        held = tuple(jax.tree.map(lambda p: p.arrays[layer], split["moe_layers"]["mlp"][n],
+                                  is_leaf=lambda v: isinstance(v, PerLayer)) for n in ("w_gate", "w_up", "w_down"))
+        stacked = tuple(s[layer] for s in stacks)
+        for impl in ("gather", "blocked", "ragged"):
+            want = routed_experts(x, w, idx, stacked, impl)
+            np.testing.assert_allclose(np.asarray(routed_experts(x, w, idx, held, impl)), np.asarray(want),
+                                       rtol=1e-6, atol=1e-6, err_msg=impl)
+    for a, b in zip(jax.tree.leaves(stack_layers(split)), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -50,11 +50,8 @@ def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, leng
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_cached(tokens, positions, cache, lengths, logits_index, opts)
 
-    def one(row_logits, seed, n, temperature, top_k, top_p):
-        key = jax.random.fold_in(jax.random.key(seed), n)
-        return sample(row_logits[None], key, Sampling(temperature, top_k, top_p))[0]
-
-    token = jax.vmap(one)(logits, rows.seed, rows.step, rows.temperature, rows.top_k, rows.top_p)
+    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows.seed, rows.step)
+    token = sample(logits, keys, Sampling(rows.temperature, rows.top_k, rows.top_p))
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
