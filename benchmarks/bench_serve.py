@@ -35,7 +35,7 @@ def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
     # logprobs: a chunk that carries tokens carries their logprobs (the first chunk, sent at once, carries none)
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "logprobs": 1}
-    t_start, first, last, usage = time.perf_counter(), None, None, None
+    t_start, first, last, usage, stamps = time.perf_counter(), None, None, None, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -48,8 +48,9 @@ def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
                 now = time.perf_counter()
                 first = first or now
                 last = now
+                stamps.extend([now] * len(chunk["choices"][0]["logprobs"]["tokens"]))
     return {"start": t_start, "first": first, "last": last, "tokens": usage["completion_tokens"],
-            "cached": usage["prompt_tokens_details"]["cached_tokens"]}
+            "cached": usage["prompt_tokens_details"]["cached_tokens"], "stamps": stamps}
 
 
 def build(folder: str, a):
@@ -74,10 +75,14 @@ def concurrent(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    span = max(r["last"] for r in results) - min(r["first"] for r in results)
-    decoded = sum(r["tokens"] - 1 for r in results)
-    return {"streams": len(prompts), "decode_tokens_per_s": decoded / span if span > 0 else 0.0,
-            "tokens": sum(r["tokens"] for r in results)}
+    # The window in which every stream is decoding: from the last first token (before it, some streams are
+    # still prefilling) to the first stream's end (after it, fewer streams run).
+    start, end = max(r["first"] for r in results), min(r["last"] for r in results)
+    if len(results) == 1:
+        start, end = results[0]["first"], results[0]["last"]
+    decoded = sum(1 for r in results for t in r["stamps"] if start < t <= end)
+    return {"streams": len(prompts), "decode_tokens_per_s": decoded / (end - start) if end > start else 0.0,
+            "tokens": sum(r["tokens"] for r in results), "window_s": end - start}
 
 
 def main(argv=None):
