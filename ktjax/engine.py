@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from .kv.sparse import is_sparse, selected_fraction
-from .model import DeepseekModel, RunOptions, stack_layers, unstack_layers
+from .model import DeepseekModel, RunOptions, hold_out_in, stack_layers, unstack_layers
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
@@ -126,6 +126,8 @@ class Engine:
         self.graphdef, state = nnx.split(model)
         in_place = moe.reads_experts_in_place(jax.default_backend(), self._expert_axis, runtime.moe_impl)
         self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
+        if runtime.out_in(jax.default_backend(), mesh):
+            self.state = hold_out_in(self.state, consume=own_weights)
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 

@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE, PerExpert, stack_experts
+from .weight_quant import OutIn, QuantizedArray, in_out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +129,37 @@ def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool =
 
 
 def stack_layers(state):
-    """The inverse of unstack_layers: each PerLayer parameter stacked again along a leading layer axis (and
-    each PerExpert along an expert axis under it): a copy."""
+    """The inverse of unstack_layers (and of hold_out_in): each PerLayer parameter stacked again along a leading
+    layer axis (and each PerExpert along an expert axis under it), each weight [in, out]: a copy."""
     def stack(x):
         return jnp.stack([stack_experts(a) for a in x.arrays]) if _is_per_layer(x) else x
+    state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, OutIn))
     return jax.tree.map(stack, state, is_leaf=_is_per_layer)
+
+
+_TRANSPOSE = jax.jit(lambda a: jnp.swapaxes(a, -1, -2))
+
+
+def hold_out_in(state, consume: bool = False):
+    """Every float matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as an OutIn
+    [out, in] copy (weight_quant.OutIn); quantized weights, embeddings, the router and the absorbed w_uk / w_uv
+    keep their layout. consume=True deletes each original once copied."""
+    def transposed(a):
+        if not isinstance(a, jax.Array) or not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim != 2:
+            return a
+        t = OutIn(_TRANSPOSE(a))
+        if consume:
+            a.delete()
+        return t
+
+    def convert(path, x):
+        names = {getattr(k, "key", None) for k in path}
+        if not names & {"kernel", *EXPERT_STACKS} or "router" in names or isinstance(x, QuantizedArray):
+            return x
+        return jax.tree.map(transposed, x)
+
+    return jax.tree_util.tree_map_with_path(convert, state,
+                                            is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
 
 
 def _layer_states(state):

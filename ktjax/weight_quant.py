@@ -138,8 +138,30 @@ class QuantizedArray:
         return dequantize(self, dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class OutIn:
+    """A float weight held transposed, [..., out, in] (the runtime setting weight_layout): XLA's CPU
+    matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]
+    (benchmarks/RESULTS.md, "Weight layout"); a batch of 4-16 rows runs about 1.4x slower, a long prefill
+    chunk about 5% slower."""
+    values: jax.Array
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("an OutIn weight is read whole by weight_quant.matmul")
+        return self
+
+
+def in_out(w):
+    """The weight in the [..., in, out] layout (a copy for an OutIn one)."""
+    return jnp.swapaxes(w.values, -1, -2) if isinstance(w, OutIn) else w
+
+
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
+    if isinstance(w, OutIn):
+        return jnp.einsum("...i,oi->...o", x, w.values.astype(x.dtype))
     if not isinstance(w, QuantizedArray):  # bf16 weights under float32 compute: tiles did not help
         return x @ w.astype(x.dtype)
     values, scale = w.values, w.scale

@@ -53,6 +53,7 @@ def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
 
     from ktjax.model import stack_layers
     from ktjax.moe import PerExpert, routed_experts
+    from ktjax.weight_quant import in_out
 
     folder, _ = hf_folder("v3")
     engine = ktjax.load(folder, max_new_tokens=3, ignore_eos=True, chunk_size=16)
@@ -69,7 +70,7 @@ def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
 
     stacked = stack_layers(engine.state)["moe_layers"]["mlp"]
     layer0 = tuple(stacked[name][...][0] for name in ("w_gate", "w_up", "w_down"))
-    np.testing.assert_array_equal(np.asarray(layer0[0][2]), np.asarray(w_gate.arrays[2]))
+    np.testing.assert_array_equal(np.asarray(layer0[0][2]), np.asarray(in_out(w_gate.arrays[2])))
     x, weights = jnp.ones((1, d)), jnp.ones((1, 2)) / 2
     idx = jnp.asarray([[1, 3]], jnp.int32)
     hlo = jax.jit(routed_experts, static_argnums=4).lower(x, weights, idx, layer0, "gather").compile().as_text()

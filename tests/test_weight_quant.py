@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import jax.numpy as jnp
+from flax import nnx
 
 import ktjax
 from ktjax import weight_quant as wq
@@ -218,3 +219,25 @@ def _bf16_hf_copy(folder, out):
             save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(path).items()}, os.path.join(out, f))
         elif os.path.isfile(path):
             shutil.copy(path, out)
+
+
+def test_weight_layout_out_in_gives_the_in_out_logits(hf_folder, rng):
+    """weight_layout out-in holds float matmul weights transposed (weight_quant.OutIn, the CPU default): the same
+    logits as in-out, through the full forward and the cache, and Engine.model gives back the [in, out] stacks."""
+    import jax
+
+    import ktjax
+    from ktjax.weight_quant import OutIn
+
+    folder, _ = hf_folder("v3")
+    # a float32 cache: a bf16 one would round two nearly equal latents apart
+    held = {layout: ktjax.load(folder, weight_layout=layout, cache_dtype="float32") for layout in ("in-out", "out-in")}
+    is_out_in = lambda x: isinstance(x, OutIn)  # noqa: E731
+    counts = {k: sum(map(is_out_in, jax.tree.leaves(e.state, is_leaf=is_out_in))) for k, e in held.items()}
+    assert counts["in-out"] == 0 and counts["out-in"] > 0
+    ids = rng.integers(0, 97, size=(2, 11))
+    for fn in ("logits", "cached_logits"):
+        np.testing.assert_allclose(getattr(held["out-in"], fn)(ids), getattr(held["in-out"], fn)(ids),
+                                   rtol=1e-5, atol=1e-5, err_msg=fn)
+    for a, b in zip(jax.tree.leaves(nnx.state(held["out-in"].model)), jax.tree.leaves(nnx.state(held["in-out"].model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
