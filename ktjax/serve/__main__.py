@@ -9,7 +9,6 @@ ones finish within --shutdown-timeout seconds and exits 0. Bad flags: one messag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -119,8 +118,7 @@ def serve(args, resolved) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     enable_compilation_cache()
     runtime, call = resolved
-    if runtime.weight_layout == "auto" and args.max_batch > 2:  # batched decode steps read [in, out] faster
-        resolved = (dataclasses.replace(runtime, weight_layout="in-out"), call)
+    resolved = (runtime.for_server(args.max_batch), call)
     engine = load_engine(args, resolved)
     scheduler = Scheduler(engine, max_batch=args.max_batch, page_size=args.page_size, max_queue=args.max_queue)
     scheduler.warmup()
