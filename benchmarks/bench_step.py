@@ -1,0 +1,80 @@
+"""One decode step of the server's compiled program (forward over the paged cache, per-row sampling and top-20
+logprobs) timed directly at a few batch sizes: the figures of benchmarks/RESULTS.md, "Decode step".
+
+    python benchmarks/bench_step.py                                # bench_generate's 2-layer V2-Lite-width model
+    python benchmarks/bench_step.py --rows 1 16 --weight-layout in-out --moe-impl gather
+    python benchmarks/bench_step.py --trace /tmp/trace             # also a jax.profiler trace of each
+
+Best of --repeats steps after a warm one; run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--context", type=int, default=100, help="tokens already in each row's cache")
+    p.add_argument("--cache-dtype", default="bf16")
+    p.add_argument("--moe-impl", default="auto")
+    p.add_argument("--weight-layout", default="auto")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace", help="write a jax.profiler trace of each batch size under this folder")
+    a = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bench_generate
+    import ktjax
+    from ktjax.serve.programs import RowSampling
+    from ktjax.serve.scheduler import Scheduler
+
+    with tempfile.TemporaryDirectory() as folder:
+        bench_generate.build(folder, a)
+        layout = {} if a.weight_layout == "auto" else {"weight_layout": a.weight_layout}  # (older checkouts)
+        engine = ktjax.load(folder, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **layout)
+    page = 64
+    per_row = -(-(a.context + 1) // page)
+    sched = Scheduler(engine, max_batch=max(a.rows), page_size=page, n_pages=max(a.rows) * per_row + 8)
+    pool = sched.pool
+    for b in a.rows:
+        width = sched.programs.widths[0]
+        program = sched.programs.get(b, 1, max(width, per_row))
+        table = (np.arange(b * width).reshape(b, width) % pool.n_pages).astype(np.int32)
+        cache = pool.with_table(jnp.asarray(table))
+        tokens = jnp.asarray(np.random.default_rng(0).integers(2, min(a.vocab, 2048), (b, 1)), jnp.int32)
+        positions = jnp.full((b, 1), a.context, jnp.int32)
+        lengths = jnp.full((b,), a.context + 1, jnp.int32)
+        rows = RowSampling(jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b), jnp.zeros(b, jnp.uint32),
+                           jnp.zeros(b, jnp.int32))
+        args = (tokens, positions, lengths, jnp.zeros((b,), jnp.int32), rows)
+        times = []
+        for i in range(a.repeats + 1):
+            t = time.perf_counter()
+            cache, out = program(engine.state, cache, *args)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        if a.trace:
+            with jax.profiler.trace(os.path.join(a.trace, f"rows{b}")):
+                cache, out = program(engine.state, cache, *args)
+                jax.block_until_ready(out)
+        pool = dataclasses.replace(cache, page_table=pool.page_table)
+        best = min(times[1:])
+        print(f"{b:3d} rows: {best * 1e3:7.1f} ms per step, {b / best:6.1f} tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
