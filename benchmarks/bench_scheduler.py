@@ -90,16 +90,12 @@ def main(argv=None):
     import numpy as np
 
     import ktjax
-    from ktjax.runtime import RuntimeConfig
     from ktjax.serve.scheduler import Scheduler
 
     with tempfile.TemporaryDirectory() as folder:
         bench_generate.build(folder, a)
-        max_batch = max(a.streams)
-        runtime = RuntimeConfig.from_overrides(cache_dtype=a.cache_dtype, dtype=a.dtype,
-                                                     chunk_size=a.chunk_size).for_server(max_batch)
-        engine = ktjax.load(folder, weight_layout=runtime.weight_layout, cache_dtype=a.cache_dtype, dtype=a.dtype,
-                            chunk_size=a.chunk_size)
+        engine = ktjax.load(folder, cache_dtype=a.cache_dtype, dtype=a.dtype, chunk_size=a.chunk_size)
+    max_batch = max(a.streams)
     per_stream = a.prompt + a.decode_tokens
     n_pages = max_batch * -(-per_stream // a.page_size) + 2 * -(-(a.prefix + 8) // a.page_size) + 8
     sched = Scheduler(engine, max_batch=max_batch, page_size=a.page_size, n_pages=n_pages)

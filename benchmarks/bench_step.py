@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=100, help="tokens already in each row's cache")
     p.add_argument("--cache-dtype", default="bf16")
     p.add_argument("--moe-impl", default="auto")
-    p.add_argument("--weight-layout", default="auto")
+    p.add_argument("--weight-layout", help="in-out or out-in (unset: the default; older checkouts have no setting)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", help="write a jax.profiler trace of each batch size under this folder")
     a = p.parse_args(argv)
@@ -44,7 +44,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as folder:
         bench_generate.build(folder, a)
-        layout = {} if a.weight_layout == "auto" else {"weight_layout": a.weight_layout}  # (older checkouts)
+        layout = {"weight_layout": a.weight_layout} if a.weight_layout else {}
         engine = ktjax.load(folder, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **layout)
     page = 64
     per_row = -(-(a.context + 1) // page)

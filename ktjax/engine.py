@@ -126,7 +126,7 @@ class Engine:
         self.graphdef, state = nnx.split(model)
         in_place = moe.reads_experts_in_place(jax.default_backend(), self._expert_axis, runtime.moe_impl)
         self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
-        if runtime.out_in(jax.default_backend(), mesh):
+        if runtime.out_in:
             self.state = hold_out_in(self.state, consume=own_weights)
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)

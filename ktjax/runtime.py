@@ -24,7 +24,7 @@ from .kv import formats as cache_formats
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
-WEIGHT_LAYOUTS = ("auto", "in-out", "out-in")
+WEIGHT_LAYOUTS = ("in-out", "out-in")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 MAX_INT32 = 2**31 - 1
 
@@ -168,10 +168,10 @@ SETTINGS: dict[str, Setting] = {
                                  "always runs xla)", _choice(ATTENTION_IMPLS), ATTENTION_IMPLS),
     "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
                                 "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
-    "weight_layout": Setting("auto", "how float matmul weights are held: in-out ([in, out], as stored) or out-in "
-                                     "(a transposed copy made at load: a CPU matrix-vector product reads it 1.6-1.9x "
-                                     "faster, a batch of 4-16 rows 1.4x slower); auto: out-in on one CPU device, "
-                                     "except under a server batching more than 2 rows",
+    "weight_layout": Setting("in-out", "how float matmul weights are held: in-out ([in, out], as stored) or out-in "
+                                       "(a transposed copy made at load; on a CPU, one-row decode steps run ~1.15x "
+                                       "faster, prefill ~12% slower, 4-16-row batches slower: "
+                                       "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "
@@ -239,18 +239,10 @@ class RuntimeConfig:
     def from_overrides(cls, base: "RuntimeConfig | None" = None, **values) -> "RuntimeConfig":
         return _validated(cls, base, LOAD_KEYS, values)
 
-    def for_server(self, max_batch: int) -> "RuntimeConfig":
-        """The settings a server batching up to max_batch rows runs with: weight_layout auto keeps [in, out]
-        past 2 rows (4-16-row matmuls read it faster)."""
-        if self.weight_layout == "auto" and max_batch > 2:
-            return dataclasses.replace(self, weight_layout="in-out")
-        return self
-
-    def out_in(self, backend: str, mesh) -> bool:
+    @property
+    def out_in(self) -> bool:
         """Whether the Engine holds float matmul weights [out, in] (weight_quant.OutIn)."""
-        if self.weight_layout != "auto":
-            return self.weight_layout == "out-in"
-        return backend == "cpu" and mesh is None
+        return self.weight_layout == "out-in"
 
     @property
     def jnp_dtype(self):

@@ -141,16 +141,18 @@ class QuantizedArray:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class OutIn:
-    """A float weight held transposed, [..., out, in] (the runtime setting weight_layout): XLA's CPU
-    matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]
-    (benchmarks/RESULTS.md, "Weight layout"); a batch of 4-16 rows runs about 1.4x slower, a long prefill
-    chunk about 5% slower."""
+    """A float weight held transposed, [..., out, in] (the runtime setting weight_layout out-in): XLA's CPU
+    matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]; a batch of 4-16
+    rows runs about 1.4x slower and a prefill about 12% slower (benchmarks/RESULTS.md, "Decode step")."""
     values: jax.Array
 
     def __getitem__(self, index):
         if index is not Ellipsis:
             raise TypeError("an OutIn weight is read whole by weight_quant.matmul")
         return self
+
+
+OUT_IN_ROWS = 32  # from this many rows on, an OutIn matmul puts the weight on the left
 
 
 def in_out(w):
@@ -161,7 +163,12 @@ def in_out(w):
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
     if isinstance(w, OutIn):
-        return jnp.einsum("...i,oi->...o", x, w.values.astype(x.dtype))
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] < OUT_IN_ROWS:
+            return jnp.einsum("ti,oi->to", rows, w.values.astype(x.dtype)).reshape(*x.shape[:-1], -1)
+        # many rows: the weight as the left operand ([out, T], then transposed) runs at the [in, out] speed
+        y = jax.lax.dot_general(w.values.astype(x.dtype), rows, (((1,), (1,)), ((), ())))
+        return y.T.reshape(*x.shape[:-1], -1)
     if not isinstance(w, QuantizedArray):  # bf16 weights under float32 compute: tiles did not help
         return x @ w.astype(x.dtype)
     values, scale = w.values, w.scale

@@ -167,13 +167,3 @@ def test_help_derives_from_the_table(capsys):
         for choice in setting.choices:
             assert choice in out
     assert "(default: None)" not in out and "completion_ids" in out
-
-
-@pytest.mark.parametrize("layout,max_batch,want", [("auto", 16, "in-out"), ("auto", 2, "auto"), ("auto", 1, "auto"),
-                                                   ("out-in", 16, "out-in"), ("in-out", 1, "in-out")])
-def test_a_server_batching_rows_keeps_weights_in_out_unless_told(layout, max_batch, want):
-    """weight_layout auto: [out, in] for one-row decode, [in, out] under a server batching more than 2 rows;
-    an explicit layout is kept."""
-    from ktjax.runtime import RuntimeConfig
-
-    assert RuntimeConfig.from_overrides(weight_layout=layout).for_server(max_batch).weight_layout == want

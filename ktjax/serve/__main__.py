@@ -117,8 +117,6 @@ def serve(args, resolved) -> int:
     check_address(args.host, args.port)  # before minutes of loading and compiling
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     enable_compilation_cache()
-    runtime, call = resolved
-    resolved = (runtime.for_server(args.max_batch), call)
     engine = load_engine(args, resolved)
     scheduler = Scheduler(engine, max_batch=args.max_batch, page_size=args.page_size, max_queue=args.max_queue)
     scheduler.warmup()
