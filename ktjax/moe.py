@@ -6,10 +6,11 @@ GEMM on GPUs; `blocked` sorts tokens by expert into fixed-size blocks that each 
 runs one matmul per used block, because on the CPU ragged_dot lowers to a dense masked product over every
 expert (benchmarks/bench_moe.py measures the three).
 
-On the CPU the Engine holds each layer's experts as separate arrays (`PerExpert`, see `split_experts`): XLA
-on the CPU copies any slice of a stacked array before a matmul reads it, static or dynamic, so indexing a
-stack [E, d, f] by a routed expert id copies that expert's matrices (three times the bytes the matmul reads).
-A routed expert then runs through jax.lax.switch over the experts, each branch reading its own arrays in place.
+On the CPU the Engine holds each layer's experts as separate arrays (`PerExpert`, made by
+`model.unstack_layers(split_experts=True)`): XLA on the CPU copies any slice of a stacked array before a matmul
+reads it, static or dynamic, so indexing a stack [E, d, f] by a routed expert id copies that expert's matrices
+(three times the bytes the matmul reads). A routed expert then runs through jax.lax.switch over the experts,
+each branch reading its own arrays in place.
 """
 from __future__ import annotations
 
