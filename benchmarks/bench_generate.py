@@ -29,6 +29,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def add_model_args(p):
+    """The model's size flags (read by model_kwargs), shared by the benchmarks that build this model."""
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+
+
 def model_kwargs(a):
     return dict(vocab_size=a.vocab, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                 num_hidden_layers=a.layers, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
@@ -205,9 +212,7 @@ def main(argv=None):
                                                          "8192 16384 32768)")
     p.add_argument("--formats", nargs="+", help="cache formats (default all five; --sweep: bf16 int8 int4)")
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--sweep", action="store_true", help="context sweep (ktjax only; default lengths 2k 8k 16k 32k, "

@@ -72,9 +72,7 @@ def main(argv=None):
     import bench_generate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
+    bench_generate.add_model_args(p)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens of each stream")
     p.add_argument("--decode-tokens", type=int, default=64)

@@ -26,6 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, HERE)
+import bench_generate  # noqa: E402  (the model)
 
 
 def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
@@ -55,12 +56,11 @@ def stream_once(url: str, prompt: list[int], max_tokens: int) -> dict:
 
 def build(folder: str, a):
     import torch
-    from bench_generate import model_kwargs
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     torch.manual_seed(0)
     window = max(a.prefix + 64, a.prompt_tokens + a.decode_tokens)
-    config = DeepseekV2Config(**{**model_kwargs(a), "max_position_embeddings": window})
+    config = DeepseekV2Config(**{**bench_generate.model_kwargs(a), "max_position_embeddings": window})
     DeepseekV2ForCausalLM(config).save_pretrained(folder)
 
 
@@ -91,9 +91,7 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the throughput streams")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prefix", type=int, default=4096, help="cached-prefix length for the TTFT measurement")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
+    bench_generate.add_model_args(p)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--cache-dtype", default="bf16")

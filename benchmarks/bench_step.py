@@ -17,13 +17,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_generate  # noqa: E402  (the model)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
+    bench_generate.add_model_args(p)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, default=100, help="tokens already in each row's cache")
     p.add_argument("--cache-dtype", default="bf16")
@@ -37,7 +36,6 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    import bench_generate
     import ktjax
     from ktjax.serve.programs import RowSampling
     from ktjax.serve.scheduler import Scheduler
