@@ -28,7 +28,7 @@ class Sampling:
 def _top_k_top_p(scaled, top_k, top_p):
     """Logits outside each row's top-k and top-p (smallest prefix of sorted tokens reaching top_p) -> -inf.
     scaled [b, vocab]; top_k, top_p [b, 1]."""
-    b, vocab = scaled.shape
+    vocab = scaled.shape[-1]
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)

@@ -166,7 +166,7 @@ def matmul(x, w):
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] < OUT_IN_ROWS:
             return jnp.einsum("ti,oi->to", rows, w.values.astype(x.dtype)).reshape(*x.shape[:-1], -1)
-        # many rows: the weight as the left operand ([out, T], then transposed) runs at the [in, out] speed
+        # many rows: the weight as the left operand ([out, T], then transposed) runs near the [in, out] speed
         y = jax.lax.dot_general(w.values.astype(x.dtype), rows, (((1,), (1,)), ((), ())))
         return y.T.reshape(*x.shape[:-1], -1)
     if not isinstance(w, QuantizedArray):  # bf16 weights under float32 compute: tiles did not help
