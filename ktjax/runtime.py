@@ -170,7 +170,7 @@ SETTINGS: dict[str, Setting] = {
                                 "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
     "weight_layout": Setting("in-out", "how float matmul weights are held: in-out ([in, out], as stored) or out-in "
                                        "(a transposed copy made at load; on a CPU, one-row decode steps run ~1.15x "
-                                       "faster, prefill ~12% slower, 4-16-row batches slower: "
+                                       "faster, prefill ~1.1x slower, 4-16-row batches slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "

@@ -167,3 +167,13 @@ def test_help_derives_from_the_table(capsys):
         for choice in setting.choices:
             assert choice in out
     assert "(default: None)" not in out and "completion_ids" in out
+
+
+@pytest.mark.parametrize("module", ["ktjax.generate", "ktjax.serve.__main__"])
+def test_every_setting_help_renders_in_the_cli_help(module):
+    """argparse formats each help string (a bare % would break --help): every setting's text appears whole."""
+    import importlib
+
+    text = " ".join(importlib.import_module(module).build_parser().format_help().split())
+    for key, setting in runtime.SETTINGS.items():
+        assert " ".join(setting.help.split()) in text, key
