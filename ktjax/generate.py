@@ -49,6 +49,7 @@ def add_setting_flags(p: argparse.ArgumentParser):
     for key, setting in SETTINGS.items():
         flag = "--" + key.replace("_", "-")
         text = setting.help + ("" if setting.default is None else f" (default: {describe(setting.default)})")
+        text = text.replace("%", "%%")  # argparse %-formats help strings; the table's text is plain
         if setting.switch:
             p.add_argument(flag, action="store_const", const=True, default=None, help=text)
         else:

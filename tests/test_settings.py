@@ -1,5 +1,6 @@
 """Settings resolved once: the CLI, YAML and ktjax.load accept and refuse the same values (one validator),
 per-call settings never recompile, and README.md's table is generated from the one definition."""
+import dataclasses
 import importlib.util
 import os
 
@@ -159,15 +160,18 @@ def test_readme_settings_table_is_generated_from_runtime():
         assert table.replaced(f.read(), table.render()) == open(table.README, encoding="utf-8").read()
 
 
-def test_help_derives_from_the_table(capsys):
+def test_help_derives_from_the_table(capsys, monkeypatch):
+    """Every flag, its help text as written (a % included: argparse %-formats help strings) and its choices."""
+    seed = runtime.SETTINGS["seed"]
+    monkeypatch.setitem(runtime.SETTINGS, "seed", dataclasses.replace(seed, help=seed.help + " (100% reproducible)"))
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
     words = " ".join(out.split())
     for key, setting in runtime.SETTINGS.items():
         assert "--" + key.replace("_", "-") in out
-        assert " ".join(setting.help.split()) in words, key  # argparse formats help: a bare % breaks it
+        assert " ".join(setting.help.split()) in words, key
         for choice in setting.choices:
             assert choice in out
-    assert "(default: None)" not in out and "completion_ids" in out
+    assert "(default: None)" not in out and "completion_ids" in out and "option_strings" not in out
 
