@@ -4,6 +4,7 @@ logprobs) timed directly at a few batch sizes: the figures of benchmarks/RESULTS
     python benchmarks/bench_step.py                                # bench_generate's 2-layer V2-Lite-width model
     python benchmarks/bench_step.py --rows 1 16 --weight-layout in-out --moe-impl gather
     python benchmarks/bench_step.py --trace /tmp/trace             # also a jax.profiler trace of each
+    python benchmarks/bench_step.py --weights int8 --cpu-kernels off   # XLA's dot on int8 weights
 
 Best of --repeats steps after a warm one; run it on a quiet machine.
 """
@@ -28,6 +29,9 @@ def main(argv=None):
     p.add_argument("--cache-dtype", default="bf16")
     p.add_argument("--moe-impl", default="auto")
     p.add_argument("--weight-layout", help="in-out or out-in (unset: the default; older checkouts have no setting)")
+    p.add_argument("--cpu-kernels", help="auto, on or off (unset: the default; older checkouts have no setting)")
+    p.add_argument("--weights", default="float32", help="float32, int8 or int4 (converted with convert/hf_to_ktjax.py)")
+    p.add_argument("--lm-head", default=None, help="int8: also quantize lm_head (older checkouts have no flag)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", help="write a jax.profiler trace of each batch size under this folder")
     a = p.parse_args(argv)
@@ -40,10 +44,15 @@ def main(argv=None):
     from ktjax.serve.programs import RowSampling
     from ktjax.serve.scheduler import Scheduler
 
+    from ktjax import convert
+
     with tempfile.TemporaryDirectory() as folder:
-        bench_generate.build(folder, a)
-        layout = {"weight_layout": a.weight_layout} if a.weight_layout else {}
-        engine = ktjax.load(folder, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **layout)
+        bench_generate.build(os.path.join(folder, "hf"), a)
+        lm_head = ["--lm-head", a.lm_head] if a.lm_head else []
+        convert.main(["--hf-dir", os.path.join(folder, "hf"), "--out", os.path.join(folder, "kt"), "--weights",
+                      a.weights, "--quiet", *lm_head])
+        settings = {k: v for k, v in (("weight_layout", a.weight_layout), ("cpu_kernels", a.cpu_kernels)) if v}
+        engine = ktjax.load(os.path.join(folder, "kt"), cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
     page = 64
     per_row = -(-(a.context + 1) // page)
     sched = Scheduler(engine, max_batch=max(a.rows), page_size=page, n_pages=max(a.rows) * per_row + 8)

@@ -166,8 +166,11 @@ def _is_mtp(name: str, cfg: ModelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
 
 
+LM_HEAD = ("lm_head", "kernel")
+
+
 def _plan_output(src: TensorSource, key: str, entry: Entry, weights: str,
-                 group: int = weight_quant.INT4_GROUP) -> Output:
+                 group: int = weight_quant.INT4_GROUP, lm_head: str = "kept") -> Output:
     shape = tuple(entry.shape)
     scales = [src.check(n, s) for n, s in zip(entry.sources, entry.shapes)]
     dtypes = {src.file(n).dtype(n) for n in entry.sources}
@@ -178,6 +181,8 @@ def _plan_output(src: TensorSource, key: str, entry: Entry, weights: str,
     if weights in weight_quant.FORMATS and entry.param is not None and entry.param.quantize:
         _, dtype, _ = weight_quant.stored_shapes(weights, shape, group)
         return Output(key, entry, scales, dtype, False, shape, bytes_in, quant=weights, group=group)
+    if lm_head == "int8" and entry.param is not None and entry.param.path == LM_HEAD:
+        return Output(key, entry, scales, np.dtype(np.int8), False, shape, bytes_in, quant="int8", group=group)
     # Everything int8/int4 leaves alone stays in the source's precision (FP8 kv_b_proj: float32, exactly).
     dtype, keep_fp8 = _stored_dtype("source" if weights in weight_quant.FORMATS else weights, entry, src_dtype,
                                     scales[0] is not None)
@@ -225,7 +230,7 @@ def _existing_parent(out: str) -> str:
 
 
 def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = False,
-              overwrite: bool = False, group: int = weight_quant.INT4_GROUP) -> Plan:
+              overwrite: bool = False, group: int = weight_quant.INT4_GROUP, lm_head: str = "kept") -> Plan:
     """Check everything that can be checked without writing, and decide what each output tensor will be."""
     _check_paths(hf_dir, out, overwrite)
     cfg = ModelConfig.from_file(os.path.join(hf_dir, "config.json"))
@@ -234,7 +239,7 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
         for path in sorted(set(src.where.values())):  # parse every header now: a bad shard fails before writing
             src.shard(path)
         names = set(src.where)
-        outputs = [_plan_output(src, key, e, weights, group) for key, e in _model_entries(cfg, names)]
+        outputs = [_plan_output(src, key, e, weights, group, lm_head) for key, e in _model_entries(cfg, names)]
         used = {n for o in outputs for n in o.entry.sources + o.scales if n}
         skipped = _skipped_by_reason(cfg, names - used)
         if keep_mtp and skipped.get("mtp"):
@@ -272,6 +277,9 @@ def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str
 def describe(plan: Plan) -> str:
     kept = sum(o.keep_fp8 for o in plan.outputs)
     quantized = sum(bool(o.quant) for o in plan.outputs)
+    head = any(o.quant and o.entry.param is not None and o.entry.param.path == LM_HEAD for o in plan.outputs)
+    which = (["attention projections, dense MLPs, shared and routed experts"] if plan.weights in weight_quant.FORMATS
+             else []) + (["lm_head (int8)"] if head else [])
     lines = [f"ktjax conversion plan: {plan.hf_dir} -> {plan.out}",
              f"  weights:        --weights {plan.weights}"
              + (f" ({kept} FP8 tensors kept as e4m3 + {FP8_BLOCK}x{FP8_BLOCK} block scales)" if kept else "")
@@ -281,10 +289,9 @@ def describe(plan: Plan) -> str:
              f"  tensors out:    {plan.tensors_out} (+ {len(plan.copied_files)} config/tokenizer files)",
              f"  bytes in:       {fmt_bytes(plan.bytes_in)}",
              f"  bytes out:      {fmt_bytes(plan.bytes_out)}",
-             *([f"    quantized:    {fmt_bytes(plan.bytes_by_kind()['quantized'])} (attention projections, dense "
-                "MLPs, shared and routed experts)",
+             *([f"    quantized:    {fmt_bytes(plan.bytes_by_kind()['quantized'])} ({', '.join(which)})",
                 f"    kept:         {fmt_bytes(plan.bytes_by_kind()['kept'])} in source precision (embeddings, "
-                "lm_head, norms, router, w_uk/w_uv)"] if quantized else []),
+                + ("" if head else "lm_head, ") + "norms, router, w_uk/w_uv)"] if quantized else []),
              f"  peak memory:    about {fmt_bytes(plan.peak_bytes)} of arrays at once, "
              "plus about 250 MiB for Python, JAX and tensorstore"]
     mtp = plan.skipped.get("mtp", [])
@@ -648,6 +655,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "dense MLPs and experts, and keep the rest in source precision")
     p.add_argument("--int4-group", type=int, choices=(64, 128), default=weight_quant.INT4_GROUP,
                    help=f"inputs per int4 scale (default {weight_quant.INT4_GROUP})")
+    p.add_argument("--lm-head", choices=("kept", "int8"), default="kept",
+                   help="kept: lm_head in source precision (default); int8: one scale per vocabulary entry, a "
+                        "quarter of its float32 bytes, which a decode step reads in full (llama.cpp's Q8_0 and "
+                        "Q4_0 files store it as Q8_0 and Q6_K)")
     p.add_argument("--keep-mtp", action="store_true", help="keep the multi-token-prediction layer (skipped by "
                    "default: generation does not use it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
@@ -668,7 +679,8 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite, args.int4_group)
+        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite, args.int4_group,
+                         args.lm_head)
         if not args.quiet or args.dry_run:
             print(describe(plan), flush=True)
         if args.dry_run:

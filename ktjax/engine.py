@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import memory, moe, sharding
+from . import cpu_kernels, memory, moe, sharding
 from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
@@ -128,6 +128,7 @@ class Engine:
         self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
         if runtime.out_in:
             self.state = hold_out_in(self.state, consume=own_weights)
+        self.cpu_kernels = self._use_cpu_kernels()
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
@@ -155,7 +156,27 @@ class Engine:
 
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
-                          self.index_topk)
+                          self.index_topk, self.cpu_kernels)
+
+    def _use_cpu_kernels(self) -> bool:
+        """The setting cpu_kernels resolved: the kernels run on one CPU device (a custom call is not partitioned
+        over a mesh); auto falls back to XLA's dot, with a note, where they cannot be built."""
+        setting = self.runtime.cpu_kernels
+        if setting == "off":
+            return False
+        where = None if jax.default_backend() == "cpu" and self.n_devices == 1 else (
+            f"{self.n_devices} {jax.default_backend()} device(s); they run on one CPU device")
+        if setting == "on":
+            if where:
+                raise KtjaxError(f"cpu_kernels on: {where} (use cpu_kernels auto or off)")
+            cpu_kernels.require()
+            return True
+        if where:
+            return False
+        why = cpu_kernels.available()
+        if why:
+            self.notes.append(f"cpu_kernels auto: XLA's dot ({why})")
+        return why is None
 
     @property
     def index_topk(self) -> int:

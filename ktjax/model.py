@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE, PerExpert, stack_experts
+from . import weight_quant
 from .weight_quant import OutIn, QuantizedArray, in_out
 
 
@@ -31,6 +32,7 @@ class RunOptions:
     mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
     expert_axis: str | None = None
     index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
+    cpu_kernels: bool = False       # few-row matmuls through ktjax's CPU kernels (weight_quant.cpu_kernels)
 
 
 class DecoderLayer(nnx.Module):
@@ -222,6 +224,10 @@ class DeepseekModel(nnx.Module):
 
     def __call__(self, tokens, opts: RunOptions):
         """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32."""
+        with weight_quant.cpu_kernels(opts.cpu_kernels):
+            return self._forward(tokens, opts)
+
+    def _forward(self, tokens, opts: RunOptions):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
@@ -242,6 +248,10 @@ class DeepseekModel(nnx.Module):
         are dropped); lengths [b]: valid cache entries after this step; logits_index [b]: which of the s
         positions to return logits for, or None for all. -> (logits [b, vocab] or [b, s, vocab] float32, cache).
         """
+        with weight_quant.cpu_kernels(opts.cpu_kernels):
+            return self._forward_cached(tokens, positions, cache, lengths, logits_index, opts)
+
+    def _forward_cached(self, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
         b, s = tokens.shape
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
 

@@ -25,6 +25,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
 WEIGHT_LAYOUTS = ("in-out", "out-in")
+CPU_KERNELS = ("auto", "on", "off")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 MAX_INT32 = 2**31 - 1
 
@@ -173,6 +174,11 @@ SETTINGS: dict[str, Setting] = {
                                        "faster, prefill ~1.1x slower, 4-16-row batches slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
+    "cpu_kernels": Setting("auto", "matmuls of up to 16 rows (decode steps) through ktjax's C++ kernels, which read "
+                                   "float32, bf16, int8 and int4 weights at the memory bandwidth: auto = on a CPU "
+                                   "with one device when a C++ compiler builds them (once, into "
+                                   "~/.cache/ktjax/kernels), else XLA's dot; on = require them; off = XLA's dot",
+                           _choice(CPU_KERNELS), CPU_KERNELS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "
                                 "Models without an indexer ignore it", _optional(lambda k, v: _int(k, v, 1))),
@@ -232,6 +238,7 @@ class RuntimeConfig:
     attention: str = _default("attention")
     moe_impl: str = _default("moe_impl")
     weight_layout: str = _default("weight_layout")
+    cpu_kernels: str = _default("cpu_kernels")
     index_topk: int | None = _default("index_topk")
     mesh: tuple[int, ...] | None = _default("mesh")
 

@@ -23,6 +23,8 @@ CPU the bf16 -> float32 conversion itself runs at ~0.3 G weights/s, against ~4 G
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -160,8 +162,53 @@ def in_out(w):
     return jnp.swapaxes(w.values, -1, -2) if isinstance(w, OutIn) else w
 
 
+# Whether matmuls traced now may call ktjax's CPU kernels (ktjax/cpu_kernels.py): set by the model's forward
+# passes from RunOptions.cpu_kernels, which the jitted programs are specialised on.
+_KERNELS = contextvars.ContextVar("ktjax_cpu_kernels", default=False)
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+    token = _KERNELS.set(enabled)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
+def _kernel_format(x, w) -> str | None:
+    """The CPU kernel format for x @ w, or None for XLA's dot: few float32 rows against a float32, bfloat16, int8
+    or int4 (group a multiple of 4) weight [in, out]."""
+    from . import cpu_kernels
+
+    if not _KERNELS.get() or len(w.shape) != 2:
+        return None
+    if not cpu_kernels.fits(x.size // x.shape[-1], x.dtype):
+        return None
+    if isinstance(w, QuantizedArray):
+        if w.values.dtype == jnp.int8:
+            return "int8"
+        if w.values.dtype == jnp.uint8 and int4_group(w.values.shape, w.scale.shape) % 4 == 0:
+            return "int4"
+        return None
+    return {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}.get(jnp.dtype(w.dtype))
+
+
+def _kernel_matmul(x, w, fmt: str):
+    from . import cpu_kernels
+
+    rows = x.reshape(-1, x.shape[-1])
+    if fmt == "int4":
+        rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[0] - rows.shape[1])))
+    weights = (w.values, w.scale) if isinstance(w, QuantizedArray) else (w,)
+    return cpu_kernels.matmul(rows, fmt, *weights).reshape(*x.shape[:-1], -1)
+
+
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
+    fmt = None if isinstance(w, OutIn) else _kernel_format(x, w)
+    if fmt is not None:
+        return _kernel_matmul(x, w, fmt)
     if isinstance(w, OutIn):
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] < OUT_IN_ROWS:
