@@ -1,8 +1,8 @@
 """ktjax's C++ matmul kernels for the CPU (ktjax/csrc/matmul.cc): built on first use, called through XLA's FFI.
 
-XLA's CPU dot reads a [in, out] weight at about half the memory bandwidth in a matrix-vector product and turns
-an int8/int4 weight into a float32 copy before the dot; decode is few rows against large weights and pays for
-both (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once, on XLA's own thread pool.
+XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying, and a decode step is a few rows
+against every weight (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once, from
+weights the Engine holds [out, in] (weight_quant.KernelQuantized), on XLA's own thread pool.
 
 The library is compiled with the system's C++ compiler (`$CXX`, else g++ or c++) against jaxlib's FFI headers
 into `$KTJAX_KERNEL_DIR` (default ~/.cache/ktjax/kernels), once per source, jaxlib and CPU; a machine without a
@@ -23,13 +23,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from .errors import KtjaxError
 
 SOURCE = Path(__file__).parent / "csrc" / "matmul.cc"
-TARGETS = {"float32": "KtjaxMatmulF32", "bfloat16": "KtjaxMatmulBF16", "int8": "KtjaxMatmulInt8",
-           "int4": "KtjaxMatmulInt4"}
-MAX_ROWS = 16  # up to this many rows the kernels beat XLA's dot (benchmarks/bench_cpu_kernels.py)
+TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4"}
+MAX_ROWS = 16  # up to this many rows the kernels beat XLA's dot (benchmarks/RESULTS.md, "CPU kernels")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -71,10 +71,14 @@ def build() -> Path:
     out = library_path(compiler)
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: a concurrent build or an interrupted one never leaves a torn file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a torn file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise KtjaxError(f"cpu_kernels: cannot write {out.parent} ({e.strerror}); set KTJAX_KERNEL_DIR to a "
+                         "writable folder, or use cpu_kernels auto or off") from None
     cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -82,6 +86,8 @@ def build() -> Path:
             raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
                              f"{done.stderr.strip()[-2000:]}\nuse cpu_kernels auto or off to run XLA's dot")
         os.replace(tmp, out)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({e}); use cpu_kernels auto or off") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -90,7 +96,12 @@ def build() -> Path:
 
 @functools.cache
 def _registered() -> bool:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
+    path = build()
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:  # a damaged file in the cache: say which, never delete it
+        raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild, or use cpu_kernels "
+                         "auto or off") from None
     for target in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
@@ -101,7 +112,7 @@ def available() -> str | None:
     """None when the kernels are built and registered, else why not (one line)."""
     try:
         _registered()
-    except (KtjaxError, OSError, subprocess.SubprocessError) as e:
+    except KtjaxError as e:
         return str(e).splitlines()[0]
     return None
 
@@ -111,14 +122,16 @@ def require():
     _registered()
 
 
-def fits(rows: int, x_dtype) -> bool:
-    """Whether a matmul of `rows` rows in x_dtype goes to a kernel (float32 compute, few rows)."""
-    return rows <= MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32
+def fits(rows: int) -> bool:
+    """Whether a matmul of `rows` rows goes to a kernel (decode steps); longer ones (prefill) run XLA's dot."""
+    return rows <= MAX_ROWS
 
 
-def matmul(x, fmt: str, *weights):
-    """x [T, K] float32 @ a weight stored as `fmt` (its arrays as weight_quant lays them out) -> [T, N] float32.
-    int4 takes x zero-padded to the packed inputs P."""
-    n = weights[0].shape[-1]
-    call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
-    return call(x, *weights)
+def matmul(x, values, scale):
+    """x [T, K] float32 @ an int8 ([N, K], scales [N, 1]) or int4 ([N, P/2], scales [N, P/g]; x zero-padded to
+    P) weight held [out, in] -> [T, N] float32."""
+    _registered()  # a program traced here may be compiled or loaded from JAX's persistent cache: register first
+    call = jax.ffi.ffi_call(TARGETS[np.dtype(values.dtype)], jax.ShapeDtypeStruct((x.shape[0], values.shape[0]),
+                                                                                 jnp.float32),
+                            vmap_method="sequential")
+    return call(x, values, scale)

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from .kv.sparse import is_sparse, selected_fraction
-from .model import DeepseekModel, RunOptions, hold_out_in, stack_layers, unstack_layers
+from .model import DeepseekModel, RunOptions, hold_for_kernels, hold_out_in, stack_layers, unstack_layers
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
@@ -129,6 +129,8 @@ class Engine:
         if runtime.out_in:
             self.state = hold_out_in(self.state, consume=own_weights)
         self.cpu_kernels = self._use_cpu_kernels()
+        if self.cpu_kernels:
+            self.state = hold_for_kernels(self.state, consume=own_weights)
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
@@ -154,13 +156,17 @@ class Engine:
     def _expert_axis(self) -> str | None:
         return sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
 
+    def _has_kernel_weights(self) -> bool:
+        return any(a.dtype in (jnp.int8, jnp.uint8) for a in jax.tree.leaves(self.state))
+
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
-                          self.index_topk, self.cpu_kernels)
+                          self.index_topk)
 
     def _use_cpu_kernels(self) -> bool:
-        """The setting cpu_kernels resolved: the kernels run on one CPU device (a custom call is not partitioned
-        over a mesh); auto falls back to XLA's dot, with a note, where they cannot be built."""
+        """The setting cpu_kernels resolved: whether the Engine holds int8/int4 weights for the CPU kernels. They
+        run on one CPU device (a custom call is not partitioned over a mesh); auto falls back to XLA's dot,
+        with a note, where they cannot be built, and does not build them for a model without such weights."""
         setting = self.runtime.cpu_kernels
         if setting == "off":
             return False
@@ -171,7 +177,7 @@ class Engine:
                 raise KtjaxError(f"cpu_kernels on: {where} (use cpu_kernels auto or off)")
             cpu_kernels.require()
             return True
-        if where:
+        if where or not self._has_kernel_weights():
             return False
         why = cpu_kernels.available()
         if why:

@@ -19,8 +19,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE, PerExpert, stack_experts
-from . import weight_quant
-from .weight_quant import OutIn, QuantizedArray, in_out
+from .weight_quant import KernelQuantized, OutIn, QuantizedArray, in_out, kernel_reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,6 @@ class RunOptions:
     mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
     expert_axis: str | None = None
     index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
-    cpu_kernels: bool = False       # few-row matmuls through ktjax's CPU kernels (weight_quant.cpu_kernels)
 
 
 class DecoderLayer(nnx.Module):
@@ -136,6 +134,8 @@ def stack_layers(state):
     def stack(x):
         return jnp.stack([stack_experts(a) for a in x.arrays]) if _is_per_layer(x) else x
     state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, OutIn))
+    state = jax.tree.map(lambda x: x.in_out() if isinstance(x, KernelQuantized) else x, state,
+                         is_leaf=lambda x: isinstance(x, KernelQuantized))
     return jax.tree.map(stack, state, is_leaf=_is_per_layer)
 
 
@@ -161,6 +161,27 @@ def hold_out_in(state, consume: bool = False):
         return jax.tree.map(transposed, x)
 
     return jax.tree_util.tree_map_with_path(convert, state,
+                                            is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
+
+
+def hold_for_kernels(state, consume: bool = False):
+    """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
+    KernelQuantized [out, in] copy, which ktjax's CPU kernels read; consume=True deletes each original once
+    copied. Stacked experts (moe_impl ragged) keep their layout."""
+    def transposed(path, w):
+        names = {getattr(k, "key", None) for k in path}
+        if not isinstance(w, QuantizedArray) or not names & {"kernel", *EXPERT_STACKS} or "router" in names:
+            return w
+        values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
+        if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
+            return w
+        out = KernelQuantized(jax.tree.map(_TRANSPOSE, w.values), jax.tree.map(_TRANSPOSE, w.scale))
+        if consume:
+            for a in values + scales:
+                a.delete()
+        return out
+
+    return jax.tree_util.tree_map_with_path(transposed, state,
                                             is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
 
 
@@ -224,10 +245,6 @@ class DeepseekModel(nnx.Module):
 
     def __call__(self, tokens, opts: RunOptions):
         """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32."""
-        with weight_quant.cpu_kernels(opts.cpu_kernels):
-            return self._forward(tokens, opts)
-
-    def _forward(self, tokens, opts: RunOptions):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s), (b, s))
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
@@ -248,10 +265,6 @@ class DeepseekModel(nnx.Module):
         are dropped); lengths [b]: valid cache entries after this step; logits_index [b]: which of the s
         positions to return logits for, or None for all. -> (logits [b, vocab] or [b, s, vocab] float32, cache).
         """
-        with weight_quant.cpu_kernels(opts.cpu_kernels):
-            return self._forward_cached(tokens, positions, cache, lengths, logits_index, opts)
-
-    def _forward_cached(self, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
         b, s = tokens.shape
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
 

@@ -174,9 +174,9 @@ SETTINGS: dict[str, Setting] = {
                                        "faster, prefill ~1.1x slower, 4-16-row batches slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
-    "cpu_kernels": Setting("auto", "matmuls of up to 16 rows (decode steps) through ktjax's C++ kernels, which read "
-                                   "float32, bf16, int8 and int4 weights at the memory bandwidth: auto = on a CPU "
-                                   "with one device when a C++ compiler builds them (once, into "
+    "cpu_kernels": Setting("auto", "int8/int4 weights held [out, in] for ktjax's C++ kernels, which run matmuls of "
+                                   "up to 16 rows (decode steps) at the memory bandwidth: auto = on a CPU with one "
+                                   "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA's dot; on = require them; off = XLA's dot",
                            _choice(CPU_KERNELS), CPU_KERNELS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "

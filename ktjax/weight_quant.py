@@ -23,9 +23,8 @@ CPU the bf16 -> float32 conversion itself runs at ~0.3 G weights/s, against ~4 G
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -162,53 +161,57 @@ def in_out(w):
     return jnp.swapaxes(w.values, -1, -2) if isinstance(w, OutIn) else w
 
 
-# Whether matmuls traced now may call ktjax's CPU kernels (ktjax/cpu_kernels.py): set by the model's forward
-# passes from RunOptions.cpu_kernels, which the jitted programs are specialised on.
-_KERNELS = contextvars.ContextVar("ktjax_cpu_kernels", default=False)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KernelQuantized:
+    """An int8 or int4 weight held transposed, [..., out, in] (values and scales both: int8 values [out, in] with
+    scales [out, 1]; int4 packed [out, P/2] with scales [out, P/g]), for ktjax's CPU kernels (ktjax/cpu_kernels.py):
+    each output is then one contiguous dot product. The Engine holds int8/int4 weights so when cpu_kernels is on;
+    matmuls of more rows (prefill) transpose back and take XLA's path."""
+    values: jax.Array
+    scale: jax.Array
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a KernelQuantized weight is read whole by weight_quant.matmul")
+        return self
+
+    def in_out(self) -> QuantizedArray:
+        """The weight as weight_quant stores it (a copy; each array of a PerLayer / PerExpert one alike)."""
+        swap = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+        return QuantizedArray(jax.tree.map(swap, self.values), jax.tree.map(swap, self.scale))
 
 
-@contextlib.contextmanager
-def cpu_kernels(enabled: bool):
-    token = _KERNELS.set(enabled)
-    try:
-        yield
-    finally:
-        _KERNELS.reset(token)
+def kernel_reads(values, scale) -> bool:
+    """Whether the CPU kernels read a weight stored as these values and scales: a 2-D int8 one, or a 2-D int4 one
+    whose group is a multiple of 32 (so that each half-group is whole vectors)."""
+    if values.ndim != 2:
+        return False
+    return values.dtype == jnp.int8 or (values.dtype == jnp.uint8 and int4_group(values.shape, scale.shape) % 32 == 0)
 
 
-def _kernel_format(x, w) -> str | None:
-    """The CPU kernel format for x @ w, or None for XLA's dot: few float32 rows against a float32, bfloat16, int8
-    or int4 (group a multiple of 4) weight [in, out]."""
+def kernel_layout(w: QuantizedArray) -> KernelQuantized:
+    """A 2-D weight that kernel_reads as a KernelQuantized (transposed) copy."""
+    return KernelQuantized(jnp.swapaxes(w.values, -1, -2), jnp.swapaxes(w.scale, -1, -2))
+
+
+def _kernel_matmul(x, w: KernelQuantized):
     from . import cpu_kernels
 
-    if not _KERNELS.get() or len(w.shape) != 2:
-        return None
-    if not cpu_kernels.fits(x.size // x.shape[-1], x.dtype):
-        return None
-    if isinstance(w, QuantizedArray):
-        if w.values.dtype == jnp.int8:
-            return "int8"
-        if w.values.dtype == jnp.uint8 and int4_group(w.values.shape, w.scale.shape) % 4 == 0:
-            return "int4"
-        return None
-    return {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}.get(jnp.dtype(w.dtype))
-
-
-def _kernel_matmul(x, w, fmt: str):
-    from . import cpu_kernels
-
-    rows = x.reshape(-1, x.shape[-1])
-    if fmt == "int4":
-        rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[0] - rows.shape[1])))
-    weights = (w.values, w.scale) if isinstance(w, QuantizedArray) else (w,)
-    return cpu_kernels.matmul(rows, fmt, *weights).reshape(*x.shape[:-1], -1)
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if w.values.dtype == jnp.uint8:
+        rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[-1] - rows.shape[1])))
+    return cpu_kernels.matmul(rows, w.values, w.scale).astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
-    fmt = None if isinstance(w, OutIn) else _kernel_format(x, w)
-    if fmt is not None:
-        return _kernel_matmul(x, w, fmt)
+    if isinstance(w, KernelQuantized):
+        from . import cpu_kernels
+
+        if cpu_kernels.fits(x.size // x.shape[-1]):
+            return _kernel_matmul(x, w)
+        w = w.in_out()
     if isinstance(w, OutIn):
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] < OUT_IN_ROWS:
