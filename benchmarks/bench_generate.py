@@ -105,21 +105,31 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     return w.nbytes / best
 
 
-def decode_bytes(a, context: int, cache_bytes_per_token: float) -> float:
+# stored bytes per weight of a quantized matrix [in, out]: values, plus float32 scales (int8 one per output,
+# int4 one per 128 inputs and output)
+BYTES_PER_WEIGHT = {"float32": lambda d_in: 4.0, "int8": lambda d_in: 1.0 + 4.0 / d_in, "int4": lambda d_in: 0.5 + 4.0 / 128}
+
+
+def decode_bytes(a, context: int, cache_bytes_per_token: float, weights: str = "float32",
+                 lm_head: str = "float32") -> float:
     """Bytes one decode step reads: weights used by one token (selected experts only, one embedding row) and the
-    cache."""
+    cache. `weights`: how the converter stored the attention projections, dense MLPs and experts (w_uk / w_uv,
+    the router and norms stay float32); `lm_head`: float32 or int8 (--lm-head int8)."""
     k = model_kwargs(a)
     d, v, layers, experts = k["hidden_size"], k["vocab_size"], k["num_hidden_layers"], k["n_routed_experts"]
     h, r, rope, nope, dv = (k["num_attention_heads"], k["kv_lora_rank"], k["qk_rope_head_dim"],
                             k["qk_nope_head_dim"], k["v_head_dim"])
-    attention = d * h * (nope + rope) + d * (r + rope) + h * r * (nope + dv) + h * dv * d
-    expert = 3 * d * k["moe_intermediate_size"]
-    moe_layer = d * experts + (k["num_experts_per_tok"] + k["n_shared_experts"]) * expert
-    dense_layer = 3 * d * k["intermediate_size"]
+    per, f, fm = BYTES_PER_WEIGHT[weights], k["intermediate_size"], k["moe_intermediate_size"]
+    # q [d, h (nope + rope)], kv_a [d, r + rope], o [h dv, d]: quantized; w_uk / w_uv [h, r, nope + dv]: float32
+    attention = (d * h * (nope + rope) + d * (r + rope)) * per(d) + h * dv * d * per(h * dv) + 4 * h * r * (nope + dv)
+    expert = 2 * d * fm * per(d) + fm * d * per(fm)
+    moe_layer = 4 * d * experts + (k["num_experts_per_tok"] + k["n_shared_experts"]) * expert
+    dense_layer = 2 * d * f * per(d) + f * d * per(f)
     first_dense = k["first_k_dense_replace"]
     # lm_head reads all of its weights; the embedding only the token's row
-    weights = layers * attention + first_dense * dense_layer + (layers - first_dense) * moe_layer + v * d + d
-    return 4 * weights + context * cache_bytes_per_token  # float32 weights
+    head = v * d * BYTES_PER_WEIGHT[lm_head](d)
+    read = layers * attention + first_dense * dense_layer + (layers - first_dense) * moe_layer + head + 4 * d
+    return read + context * cache_bytes_per_token
 
 
 def run_worker(argv):

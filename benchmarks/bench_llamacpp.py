@@ -13,6 +13,8 @@ layer dense), saved by transformers with a synthetic byte-level BPE tokenizer so
 (convert_hf_to_gguf.py) accepts it; the tokenizer plays no part in the timing. Pairs compared:
   llama.cpp F32  / ktjax float32 weights       llama.cpp Q8_0 / ktjax int8 weights
   llama.cpp Q4_0 / ktjax int4 weights
+ktjax's int8 and int4 checkpoints also store lm_head as int8 (--lm-head int8), as llama.cpp's Q8_0 and Q4_0 files
+store it quantized (Q8_0 and Q6_K); ktjax runs with its default settings (cpu_kernels auto).
 llama.cpp decodes with its default f16 KV cache at depth = --length (`llama-bench -d`); ktjax with a bf16
 latent cache. Each engine runs in its own process, the engines alternate, and the best of --runs is kept.
 """
@@ -31,6 +33,8 @@ import bench_generate  # noqa: E402  (the model, the transformers worker and the
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = (("F32", "float32"), ("Q8_0", "int8"), ("Q4_0", "int4"))
+# ktjax's lm_head per weight format: quantized as llama.cpp's files store it (Q8_0 -> Q8_0, Q4_0 -> Q6_K)
+LM_HEAD = {"float32": "kept", "int8": "int8", "int4": "int8"}
 
 
 def write_tokenizer(folder: str, vocab_size: int):
@@ -90,7 +94,7 @@ def make_ktjax(hf_dir: str, out_dir: str) -> dict:
     for w in ("float32", "int8", "int4"):
         paths[w] = os.path.join(out_dir, f"ktjax-{w}")
         subprocess.run([sys.executable, os.path.join(REPO, "convert", "hf_to_ktjax.py"), "--hf-dir", hf_dir, "--out",
-                        paths[w], "--weights", w, "--quiet"], check=True)
+                        paths[w], "--weights", w, "--quiet", "--lm-head", LM_HEAD[w]], check=True)
     return paths
 
 
@@ -159,6 +163,13 @@ def main(argv=None):
         ratios = (f"{k['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x | "
                   f"{k['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x") if k and engine != "ktjax" else "- | -"
         print(f"| {engine} | {weights} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | {ratios} |")
+    for _, w in PAIRS:
+        if ref.get(w):
+            per_token = bench_generate.decode_bytes(a, a.length, a.layers * 576 * 2, w,  # bf16 c_kv + k_pe
+                                                    "int8" if LM_HEAD[w] == "int8" else "float32")
+            rate = ref[w]["decode_tokens_per_s"]
+            print(f"ktjax {w}: {per_token / 1e6:.0f} MB read per decode step (weights + bf16 cache); "
+                  f"{rate:.2f} tok/s = {100 * rate * per_token / bandwidth:.0f}% of the roof at {bandwidth / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":
