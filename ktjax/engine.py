@@ -414,7 +414,7 @@ class Engine:
             "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
             "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
-            "attention": cache.attention, "index_topk": self.index_topk,
+            "attention": cache.attention, "index_topk": self.index_topk, "cpu_kernels": self.cpu_kernels,
             "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
         }
         return Generation(tokens, stats)

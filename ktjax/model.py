@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE, PerExpert, stack_experts
-from .weight_quant import KernelQuantized, OutIn, QuantizedArray, in_out, kernel_reads
+from .weight_quant import KernelQuantized, OutIn, QuantizedArray, in_out, kernel_layout, kernel_reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ def hold_for_kernels(state, consume: bool = False):
         values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
         if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
             return w
-        out = KernelQuantized(jax.tree.map(_TRANSPOSE, w.values), jax.tree.map(_TRANSPOSE, w.scale))
+        out = kernel_layout(w)
         if consume:
             for a in values + scales:
                 a.delete()

@@ -177,9 +177,13 @@ class KernelQuantized:
         return self
 
     def in_out(self) -> QuantizedArray:
-        """The weight as weight_quant stores it (a copy; each array of a PerLayer / PerExpert one alike)."""
-        swap = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-        return QuantizedArray(jax.tree.map(swap, self.values), jax.tree.map(swap, self.scale))
+        """The weight as weight_quant stores it (a copy)."""
+        return QuantizedArray(_swap_last(self.values), _swap_last(self.scale))
+
+
+def _swap_last(arrays):
+    """Each array transposed in its last two axes (an array, or the arrays of a PerLayer / PerExpert)."""
+    return jax.tree.map(functools.partial(jnp.swapaxes, axis1=-1, axis2=-2), arrays)
 
 
 def kernel_reads(values, scale) -> bool:
@@ -191,8 +195,8 @@ def kernel_reads(values, scale) -> bool:
 
 
 def kernel_layout(w: QuantizedArray) -> KernelQuantized:
-    """A 2-D weight that kernel_reads as a KernelQuantized (transposed) copy."""
-    return KernelQuantized(jnp.swapaxes(w.values, -1, -2), jnp.swapaxes(w.scale, -1, -2))
+    """A weight that kernel_reads (or a PerLayer / PerExpert of them) as a KernelQuantized copy."""
+    return KernelQuantized(_swap_last(w.values), _swap_last(w.scale))
 
 
 def _kernel_matmul(x, w: KernelQuantized):
