@@ -28,7 +28,7 @@ CASES = [
     ("attention", "XLA", "xla"), ("attention", "cuda", None),
     ("moe_impl", "gather", "gather"), ("moe_impl", "fast", None),
     ("weight_layout", "out-in", "out-in"), ("weight_layout", "sideways", None),
-    ("cpu_kernels", "OFF", "off"), ("cpu_kernels", "fast", None),
+    ("cpu_kernels", "OFF", "off"), ("cpu_kernels", "on", "on"), ("cpu_kernels", "fast", None),
     ("mesh", "2x4", (2, 4)), ("mesh", "2x", None),
     ("max_new_tokens", "7", 7), ("max_new_tokens", "0", None),
     ("temperature", "0.7", 0.7), ("temperature", "nan", None), ("temperature", "hot", None),
