@@ -1,5 +1,7 @@
 """ktjax's C++ CPU matmul kernels (ktjax/csrc/matmul.cc) against numpy on the dequantized weight, row results
 that do not depend on the batch, the model with and without them, and the setting's resolution."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,33 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     with pytest.raises(KtjaxError, match=r"no C\+\+ compiler found"):
         cpu_kernels.build()
     assert not (tmp_path / "kernels").exists()
+
+
+def _weight_conversions(hlo: str) -> list[str]:
+    """Instructions that convert an int8 / uint8 (int4) array to a float type: XLA's way into a dot (the cache is
+    bf16 here, so nothing else is narrow)."""
+    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (f32|bf16)\[[0-9,]*\]\S* convert\(%([^,)\s]+)", line)
+        if m and types.get(m.group(2)) in ("s8", "u8"):
+            found.append(line.strip()[:160])
+    return found
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_decode_step_converts_no_weight(hf_folder, tmp_path, weights):
+    """With the kernels the compiled decode step reads every int8 / int4 weight through them (no conversion of a
+    weight to float in the program); with cpu_kernels off the same check finds XLA's conversions."""
+    from ktjax.convert import main as convert_main
+
+    src, _ = hf_folder("v2_lite")
+    folder = str(tmp_path / weights)
+    assert convert_main(["--hf-dir", src, "--out", folder, "--weights", weights, "--lm-head", "int8", "--quiet"]) == 0
+    found = {}
+    for setting in ("on", "off"):
+        engine = ktjax.load(folder, cpu_kernels=setting, max_new_tokens=2, ignore_eos=True)
+        engine.generate([[5, 6, 7, 8, 9]])
+        decode = [p for key, p in engine._compiled.items() if key[0] == "decode"]
+        found[setting] = _weight_conversions(decode[0].as_text())
+    assert found["on"] == [] and found["off"], found
