@@ -53,13 +53,16 @@ inline f32v widen_s8(const int8_t* p) {
 #endif
 }
 
-// 16 bytes of packed int4 -> (low nibbles - 8, high nibbles - 8) as floats.
+// 16 bytes of packed int4 -> (low nibbles - 8, high nibbles - 8) as floats. The nibbles are split and made
+// signed on the 16 bytes (cheap 128-bit operations), then each half is widened once.
 inline void widen_u4(const uint8_t* p, f32v& lo, f32v& hi) {
 #if defined(__AVX512F__)
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  __m512i eight = _mm512_set1_epi32(8);
-  lo = (f32v)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
-  hi = (f32v)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+  __m128i b = _mm_loadu_si128((const __m128i*)p);
+  __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  __m128i l = _mm_sub_epi8(_mm_and_si128(b, nibble), eight);
+  __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), nibble), eight);
+  lo = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(l));
+  hi = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h));
 #else
   for (int i = 0; i < kLanes; ++i) {
     lo[i] = float(p[i] & 15) - 8.f;
