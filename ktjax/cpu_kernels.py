@@ -66,8 +66,7 @@ def build() -> Path:
     compiler = _compiler()
     if compiler is None:
         raise KtjaxError(f"cpu_kernels: no C++ compiler found ({os.environ.get('CXX') or 'g++, c++, clang++'}; set CXX "
-                         "or install g++); "
-                         "use cpu_kernels auto or off to run XLA's dot")
+                         "or install g++)")
     out = library_path(compiler)
     if out.exists():
         return out
@@ -78,16 +77,16 @@ def build() -> Path:
         os.close(fd)
     except OSError as e:
         raise KtjaxError(f"cpu_kernels: cannot write {out.parent} ({e.strerror}); set KTJAX_KERNEL_DIR to a "
-                         "writable folder, or use cpu_kernels auto or off") from None
+                         "writable folder") from None
     cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
-                             f"{done.stderr.strip()[-2000:]}\nuse cpu_kernels auto or off to run XLA's dot")
+                             f"{done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:
-        raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({e}); use cpu_kernels auto or off") from None
+        raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -100,8 +99,7 @@ def _registered() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
-        raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild, or use cpu_kernels "
-                         "auto or off") from None
+        raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
     for target in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
@@ -118,8 +116,11 @@ def available() -> str | None:
 
 
 def require():
-    """Build and register the kernels now, or raise KtjaxError with the compiler's message."""
-    _registered()
+    """Build and register the kernels now, or raise KtjaxError with the reason."""
+    try:
+        _registered()
+    except KtjaxError as e:
+        raise KtjaxError(f"{e}\n(cpu_kernels auto or off runs XLA's dot instead)") from None
 
 
 def fits(rows: int) -> bool:

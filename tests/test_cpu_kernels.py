@@ -115,12 +115,35 @@ def test_setting_resolution(tmp_path, hf_folder, monkeypatch):
     assert not ktjax.load(folder, cpu_kernels="off").cpu_kernels
 
 
-def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+def _failing_compiler(tmp_path):
+    script = tmp_path / "broken-c++"
+    script.write_text("#!/bin/sh\necho 'fatal error: no headers here' >&2\nexit 1\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+# (what is wrong, the environment it makes, what the message says)
+BUILD_FAILURES = [
+    ("no compiler", lambda tmp: {"CXX": str(tmp / "no-such-compiler")}, r"no C\+\+ compiler found"),
+    ("the compiler fails", lambda tmp: {"CXX": _failing_compiler(tmp)}, r"(?s)compiling matmul.cc failed.*no headers here"),
+    ("the kernel folder is a file", lambda tmp: {"KTJAX_KERNEL_DIR": str(tmp / "a-file" / "kernels")},
+     r"cannot write"),
+]
+
+
+@pytest.mark.parametrize("case, env, message", BUILD_FAILURES, ids=[c[0] for c in BUILD_FAILURES])
+def test_a_build_that_cannot_work_says_why(monkeypatch, tmp_path, case, env, message):
+    """One KtjaxError with the reason (cpu_kernels on turns it into exit 2; auto into a note and XLA's dot), and
+    nothing left behind in the kernel folder."""
+    (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("KTJAX_KERNEL_DIR", str(tmp_path / "kernels"))
-    with pytest.raises(KtjaxError, match=r"no C\+\+ compiler found"):
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(KtjaxError, match=message) as e:
         cpu_kernels.build()
-    assert not (tmp_path / "kernels").exists()
+    assert "Traceback" not in str(e.value)
+    kernels = tmp_path / "kernels"
+    assert not kernels.exists() or list(kernels.iterdir()) == []
 
 
 def _weight_conversions(hlo: str) -> list[str]:
