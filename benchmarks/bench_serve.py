@@ -3,6 +3,7 @@ first token of a request whose 4k-token prefix is cached against one whose prefi
 
     python benchmarks/bench_serve.py                                    # V2-Lite dimensions, 2 layers
     python benchmarks/bench_serve.py --streams 1 4 --decode-tokens 16 --prefix 1024 --experts 8   # a small run
+    python benchmarks/bench_serve.py --weights int8                     # int8 weights (lm_head too)
 
 The model is bench_generate.py's (DeepSeek-V2-Lite's attention and MoE dimensions, --layers layers, random
 weights; its window just holds the longest request) with the demo model's tokenizer; it is served by `python -m ktjax.serve` in a subprocess, and the
@@ -97,6 +98,8 @@ def main(argv=None):
     p.add_argument("--cache-dtype", default="bf16")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--memory-budget", help="passed to the server (the page pool is sized from it)")
+    p.add_argument("--weights", default="float32", choices=("float32", "int8", "int4"),
+                   help="int8 / int4: converted with --lm-head int8 (the server then runs ktjax's CPU kernels)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
 
@@ -106,10 +109,18 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     results = {"args": vars(a)}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "hf")
         build(folder, a)  # the window: the longest request, so that the server compiles no wider page tables
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(ROOT, "ktjax", "demo_model", name), folder)
+        if a.weights != "float32":
+            from ktjax.convert import main as convert_main
+            converted = os.path.join(tmp, a.weights)
+            if convert_main(["--hf-dir", folder, "--out", converted, "--weights", a.weights, "--lm-head", "int8",
+                             "--quiet"]) != 0:
+                raise SystemExit("conversion failed")
+            folder = converted
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "ktjax.serve", "--model", folder, "--served-model-name", "bench", "--port",
