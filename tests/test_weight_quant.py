@@ -187,6 +187,24 @@ def test_converted_checkpoint_equals_quantizing_in_memory(v3_engines, tmp_path, 
     np.testing.assert_array_equal(engine.logits(ids), quantized[fmt].logits(ids))  # the same arrays
 
 
+@pytest.mark.parametrize("weights", ["float32", "int4"])
+def test_lm_head_int8(v3_engines, tmp_path, weights):
+    """--lm-head int8 stores lm_head as weight_quant.quantize makes it (one scale per vocabulary entry), with any
+    --weights; the plan's bytes are what is written, and the plan says lm_head is quantized."""
+    from ktjax.convert import describe
+
+    folder, base, _ = v3_engines
+    out = tmp_path / weights
+    plan = make_plan(folder, str(out), weights, lm_head="int8")
+    assert "lm_head (int8)" in describe(plan) and "lm_head, " not in describe(plan).split("kept:")[1]
+    assert convert_main(["--hf-dir", folder, "--out", str(out), "--weights", weights, "--lm-head", "int8",
+                         "--quiet"]) == 0
+    assert read_manifest(str(out))["bytes"] == plan.bytes_out
+    want_values, want_scales = wq.quantize(np.asarray(base.model.lm_head.kernel[...]), "int8")
+    np.testing.assert_array_equal(read_tensor(str(out), "lm_head.kernel"), want_values)
+    np.testing.assert_array_equal(read_tensor(str(out), "lm_head.kernel_scale"), want_scales)
+
+
 def test_int4_from_bf16_keeps_the_rest_bf16(hf_folder, tmp_path):
     folder, _ = hf_folder("v2_lite")
     bf16 = tmp_path / "bf16"
