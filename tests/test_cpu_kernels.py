@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{c
 # (format, int4 group): the stored formats the kernels read
 FORMATS = [("int8", None), ("int4", 128), ("int4", 64), ("int4", 32)]
 # (K, N): K with a tail of < 16 inputs (int8) and not a multiple of the group (int4), N not a multiple of the
-# 4-output block; the second split over two threads
-SHAPES = [(100, 7), (300, 4096 + 3)]
+# 4-output block (and N under one block); the last split over two threads
+SHAPES = [(40, 3), (100, 7), (300, 4096 + 3)]
 
 
 def _weight(rng, fmt, group, k, n):
@@ -52,8 +52,8 @@ def test_kernels_match_numpy(rng, fmt, group, k, n):
 def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
     """Each output is summed in one order whatever the batch and the thread that computes it: the server's rows
     give the bits a single request gives (its greedy tokens equal the CLI's)."""
-    w, _, _ = _weight(rng, fmt, group, *SHAPES[1])
-    x = rng.standard_normal((16, SHAPES[1][0])).astype(np.float32)
+    w, _, _ = _weight(rng, fmt, group, *SHAPES[-1])
+    x = rng.standard_normal((16, SHAPES[-1][0])).astype(np.float32)
     batch = np.asarray(matmul(x, w))
     for i in (0, 7, 15):
         np.testing.assert_array_equal(np.asarray(matmul(x[i:i + 1], w))[0], batch[i])
@@ -63,8 +63,8 @@ def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
 def test_more_rows_run_xla_on_the_same_weight(rng):
     """More rows than cpu_kernels.MAX_ROWS (prefill chunks) take XLA's path over the transposed-back weight: the
     result of the weight as stored."""
-    w, stored, _ = _weight(rng, "int4", 128, *SHAPES[1])
-    x = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, SHAPES[1][0])).astype(np.float32)
+    w, stored, _ = _weight(rng, "int4", 128, *SHAPES[-1])
+    x = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, SHAPES[-1][0])).astype(np.float32)
     assert "KtjaxMatmul" not in matmul.lower(x, w).as_text()
     np.testing.assert_array_equal(np.asarray(matmul(x, w)), np.asarray(matmul(x, stored)))
 

@@ -194,8 +194,9 @@ constexpr int64_t kMinSplitBytes = 256 << 10;
 
 template <typename F>
 ffi::Future run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
-  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), n / kOut, bytes / kMinSplitBytes}));
-  int64_t per = (n / kOut + tasks - 1) / tasks * kOut;
+  int64_t blocks = (n + kOut - 1) / kOut;
+  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), blocks, bytes / kMinSplitBytes}));
+  int64_t per = (blocks + tasks - 1) / tasks * kOut;
   tasks = (n + per - 1) / per;
   ffi::CountDownPromise done(tasks);
   for (int64_t i = 1; i < tasks; ++i) {
