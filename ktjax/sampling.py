@@ -49,8 +49,13 @@ def sample(logits, key, s: Sampling):
     scaled = logits / jnp.maximum(temperature, 1e-6)
     filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
     scaled = jax.lax.cond(filtered.any(), _top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-    if jnp.ndim(key) == 0:
-        sampled = jax.random.categorical(key, scaled, axis=-1)
-    else:  # each row from its own key, drawn as a batch of one (the same draw as sampling that row alone)
-        sampled = jax.vmap(lambda k, r: jax.random.categorical(k, r[None], axis=-1)[0])(key, scaled)
-    return jnp.where(temperature[:, 0] > 0, sampled.astype(jnp.int32), greedy)
+
+    def draw(scaled):
+        if jnp.ndim(key) == 0:
+            return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        # each row from its own key, drawn as a batch of one (the same draw as sampling that row alone)
+        return jax.vmap(lambda k, r: jax.random.categorical(k, r[None], axis=-1)[0])(key, scaled).astype(jnp.int32)
+
+    # An all-greedy batch skips the draw: its random numbers over the vocabulary cost more than the argmax.
+    sampled = jax.lax.cond((temperature > 0).any(), draw, lambda x: jnp.zeros((b,), jnp.int32), scaled)
+    return jnp.where(temperature[:, 0] > 0, sampled, greedy)
