@@ -57,11 +57,12 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
     return out.reshape(*out.shape[:-2], -1)[..., :rank]
 
 
-def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape, with_lse: bool = False,
+def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, out_shape, with_lse: bool = False,
            key_positions=None, n_blocks=None, tail: int | None = None, selected=None):
     """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
-    `tail` keys (default tail_block(block)), so that the keys read follow the fill. scores_fn(start, size) ->
-    [b,s,h,size] (scaled); values_fn(start, size, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
+    `tail` keys (default tail_block(block)), so that the keys read follow the fill. keys_fn(start, size) -> the
+    block's keys (read once: XLA on the CPU copies each slice it takes); scores_fn(keys) -> [b,s,h,size]
+    (scaled); values_fn(keys, p) -> [b,s,h,D]. Query i of sequence b sees key t iff
     t < lengths[b] and t <= q_positions[b,i], and, with `selected` [b,s,n_keys] (sparse attention's top-k),
     selected[b,i,t]. A paged cache whose key slots are not in position order (a device's own pages of a
     sequence) passes key_positions(start, size) -> [b, size] (a slot never visible: a position past every
@@ -87,11 +88,12 @@ def _flash(q_positions, lengths, n_keys, block, scores_fn, values_fn, out_shape,
             if selected is not None:
                 visible = visible & jax.lax.dynamic_slice_in_dim(selected, start, size, axis=2)
             visible = visible[:, :, None, :]  # [b, s, 1, size]
-            scores = jnp.where(visible, scores_fn(start, size), NEG)
+            keys = keys_fn(start, size)
+            scores = jnp.where(visible, scores_fn(keys), NEG)
             m_new = jnp.maximum(m, scores.max(-1))
             p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
             corr = jnp.exp(m - m_new)
-            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(start, size, p)
+            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(keys, p)
         return body
 
     carry = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
@@ -131,16 +133,16 @@ def mla_prefill_xla(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, *, fm
         return (stored_values(fmt, take(c_kv, start, size), rank), take(scales, start, size),
                 from_bits(take(k_pe, start, size), fmt.k_pe_dtype).astype(jnp.float32))
 
-    def scores_fn(start, size):
-        c, sc, kp = blocks(start, size)
+    def scores_fn(keys):
+        c, sc, kp = keys
         return (_latent_scores(q_lat, c, sc, fmt) + jnp.einsum("bshr,btr->bsht", q_pe, kp)) * scale
 
-    def values_fn(start, size, p):
-        c, sc, _ = blocks(start, size)
+    def values_fn(keys, p):
+        c, sc, _ = keys
         return _latent_values(p, c, sc, fmt)
 
-    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn, q_lat.shape,
-                  with_lse, key_positions, n_blocks, tail, selected)
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, blocks, scores_fn, values_fn,
+                  q_lat.shape, with_lse, key_positions, n_blocks, tail, selected)
 
 
 def mla_decode_xla(q_lat, q_pe, c_kv, scales, k_pe, lengths, *, fmt: CacheFormat, scale: float, block: int):
@@ -162,19 +164,19 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
     take = _taker(take, layer)
 
-    def latents(start, size):
-        return dequantize(fmt, take(c_kv, start, size), take(scales, start, size), rank)
+    def keys_fn(start, size):
+        return (dequantize(fmt, take(c_kv, start, size), take(scales, start, size), rank),
+                from_bits(take(k_pe, start, size), fmt.k_pe_dtype).astype(jnp.float32))
 
-    def scores_fn(start, size):
-        k_nope = jnp.einsum("btc,hdc->bthd", latents(start, size), w_uk)
-        return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope)
-                + jnp.einsum("bshr,btr->bsht", q_pe, from_bits(take(k_pe, start, size), fmt.k_pe_dtype)
-                             .astype(jnp.float32))) * scale
+    def scores_fn(keys):
+        latents, k_rope = keys
+        k_nope = jnp.einsum("btc,hdc->bthd", latents, w_uk)
+        return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope) + jnp.einsum("bshr,btr->bsht", q_pe, k_rope)) * scale
 
-    def values_fn(start, size, p):
-        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", latents(start, size), w_uv))
+    def values_fn(keys, p):
+        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", keys[0], w_uv))
 
     b, s, h, _ = q_nope.shape
-    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, scores_fn, values_fn,
+    return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, keys_fn, scores_fn, values_fn,
                   (b, s, h, w_uv.shape[1]), with_lse, key_positions, n_blocks, tail, selected)
 
