@@ -58,8 +58,8 @@ def main(argv=None):
     sched = Scheduler(engine, max_batch=max(a.rows), page_size=page, n_pages=max(a.rows) * per_row + 8)
     pool = sched.pool
     for b in a.rows:
-        width = sched.programs.widths[0]
-        program = sched.programs.get(b, 1, max(width, per_row))
+        width = max(sched.programs.widths[0], per_row)
+        program = sched.programs.get(b, 1, width)
         table = (np.arange(b * width).reshape(b, width) % pool.n_pages).astype(np.int32)
         cache = pool.with_table(jnp.asarray(table))
         tokens = jnp.asarray(np.random.default_rng(0).integers(2, min(a.vocab, 2048), (b, 1)), jnp.int32)
