@@ -69,11 +69,24 @@ def test_more_rows_run_xla_on_the_same_weight(rng):
     np.testing.assert_array_equal(np.asarray(matmul(x, w)), np.asarray(matmul(x, stored)))
 
 
+def _weight_conversions(hlo: str) -> list[str]:
+    """Instructions that convert an int8 / uint8 (int4) array to a float type: XLA's way into a dot (the cache is
+    bf16 here, so nothing else is narrow)."""
+    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (f32|bf16)\[[0-9,]*\]\S* convert\(%([^,)\s]+)", line)
+        if m and types.get(m.group(2)) in ("s8", "u8"):
+            found.append(line.strip()[:160])
+    return found
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path, rng, weights):
     """The tiny v2_lite model (lm_head int8 as well) with cpu_kernels on and off: logits through the cache in
-    chunks of 4 tokens x 2 rows (kernel-sized) within float32 rounding, the same greedy tokens, and
-    Engine.model gives back the weights as stored."""
+    chunks of 4 tokens x 2 rows (kernel-sized) within float32 rounding, the same greedy tokens, Engine.model
+    gives back the weights as stored, and the compiled decode step converts no int8 / int4 weight to float
+    with the kernels (the same check finds XLA's conversions with them off)."""
     from flax import nnx
 
     from ktjax.convert import main as convert_main
@@ -90,6 +103,9 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
                                atol=1e-4)
     out = {s: e.generate(ids.tolist(), max_new_tokens=6, temperature=0).tokens for s, e in engines.items()}
     assert out["on"] == out["off"]
+    conversions = {s: _weight_conversions(next(p for key, p in e._compiled.items() if key[0] == "decode").as_text())
+                   for s, e in engines.items()}
+    assert conversions["on"] == [] and conversions["off"], conversions
     for a, b in zip(jax.tree.leaves(nnx.state(engines["on"].model)), jax.tree.leaves(nnx.state(engines["off"].model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -144,33 +160,3 @@ def test_a_build_that_cannot_work_says_why(monkeypatch, tmp_path, case, env, mes
     assert "Traceback" not in str(e.value)
     kernels = tmp_path / "kernels"
     assert not kernels.exists() or list(kernels.iterdir()) == []
-
-
-def _weight_conversions(hlo: str) -> list[str]:
-    """Instructions that convert an int8 / uint8 (int4) array to a float type: XLA's way into a dot (the cache is
-    bf16 here, so nothing else is narrow)."""
-    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"= (f32|bf16)\[[0-9,]*\]\S* convert\(%([^,)\s]+)", line)
-        if m and types.get(m.group(2)) in ("s8", "u8"):
-            found.append(line.strip()[:160])
-    return found
-
-
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_the_decode_step_converts_no_weight(hf_folder, tmp_path, weights):
-    """With the kernels the compiled decode step reads every int8 / int4 weight through them (no conversion of a
-    weight to float in the program); with cpu_kernels off the same check finds XLA's conversions."""
-    from ktjax.convert import main as convert_main
-
-    src, _ = hf_folder("v2_lite")
-    folder = str(tmp_path / weights)
-    assert convert_main(["--hf-dir", src, "--out", folder, "--weights", weights, "--lm-head", "int8", "--quiet"]) == 0
-    found = {}
-    for setting in ("on", "off"):
-        engine = ktjax.load(folder, cpu_kernels=setting, max_new_tokens=2, ignore_eos=True)
-        engine.generate([[5, 6, 7, 8, 9]])
-        decode = [p for key, p in engine._compiled.items() if key[0] == "decode"]
-        found[setting] = _weight_conversions(decode[0].as_text())
-    assert found["on"] == [] and found["off"], found
