@@ -54,6 +54,16 @@ def build(folder, a):
     model.save_pretrained(folder)
 
 
+def convert_checkpoint(hf_dir: str, out: str, weights: str, lm_head: str | None = None) -> str:
+    """hf_dir converted by ktjax's converter into `out` (--weights, and --lm-head when given) -> out."""
+    from ktjax.convert import main as convert_main
+
+    extra = ["--lm-head", lm_head] if lm_head else []
+    if convert_main(["--hf-dir", hf_dir, "--out", out, "--weights", weights, "--quiet", *extra]) != 0:
+        raise SystemExit(f"converting {hf_dir} to {weights} failed")
+    return out
+
+
 def prompt_ids(length, vocab):
     import numpy as np
     return np.random.default_rng(length).integers(2, vocab, size=length).tolist()

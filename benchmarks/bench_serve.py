@@ -115,12 +115,7 @@ def main(argv=None):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(ROOT, "ktjax", "demo_model", name), folder)
         if a.weights != "float32":
-            from ktjax.convert import main as convert_main
-            converted = os.path.join(tmp, a.weights)
-            if convert_main(["--hf-dir", folder, "--out", converted, "--weights", a.weights, "--lm-head", "int8",
-                             "--quiet"]) != 0:
-                raise SystemExit("conversion failed")
-            folder = converted
+            folder = bench_generate.convert_checkpoint(folder, os.path.join(tmp, a.weights), a.weights, "int8")
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "ktjax.serve", "--model", folder, "--served-model-name", "bench", "--port",

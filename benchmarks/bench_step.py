@@ -44,15 +44,12 @@ def main(argv=None):
     from ktjax.serve.programs import RowSampling
     from ktjax.serve.scheduler import Scheduler
 
-    from ktjax import convert
-
     with tempfile.TemporaryDirectory() as folder:
         bench_generate.build(os.path.join(folder, "hf"), a)
-        lm_head = ["--lm-head", a.lm_head] if a.lm_head else []
-        convert.main(["--hf-dir", os.path.join(folder, "hf"), "--out", os.path.join(folder, "kt"), "--weights",
-                      a.weights, "--quiet", *lm_head])
+        converted = bench_generate.convert_checkpoint(os.path.join(folder, "hf"), os.path.join(folder, "kt"),
+                                                      a.weights, a.lm_head)
         settings = {k: v for k, v in (("weight_layout", a.weight_layout), ("cpu_kernels", a.cpu_kernels)) if v}
-        engine = ktjax.load(os.path.join(folder, "kt"), cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
+        engine = ktjax.load(converted, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
     page = 64
     per_row = -(-(a.context + 1) // page)
     sched = Scheduler(engine, max_batch=max(a.rows), page_size=page, n_pages=max(a.rows) * per_row + 8)

@@ -169,6 +169,10 @@ def _is_mtp(name: str, cfg: ModelConfig) -> bool:
 LM_HEAD = ("lm_head", "kernel")
 
 
+def _is_lm_head(entry: Entry) -> bool:
+    return entry.param is not None and entry.param.path == LM_HEAD
+
+
 def _plan_output(src: TensorSource, key: str, entry: Entry, weights: str,
                  group: int = weight_quant.INT4_GROUP, lm_head: str = "kept") -> Output:
     shape = tuple(entry.shape)
@@ -181,7 +185,7 @@ def _plan_output(src: TensorSource, key: str, entry: Entry, weights: str,
     if weights in weight_quant.FORMATS and entry.param is not None and entry.param.quantize:
         _, dtype, _ = weight_quant.stored_shapes(weights, shape, group)
         return Output(key, entry, scales, dtype, False, shape, bytes_in, quant=weights, group=group)
-    if lm_head == "int8" and entry.param is not None and entry.param.path == LM_HEAD:
+    if lm_head == "int8" and _is_lm_head(entry):
         return Output(key, entry, scales, np.dtype(np.int8), False, shape, bytes_in, quant="int8", group=group)
     # Everything int8/int4 leaves alone stays in the source's precision (FP8 kv_b_proj: float32, exactly).
     dtype, keep_fp8 = _stored_dtype("source" if weights in weight_quant.FORMATS else weights, entry, src_dtype,
@@ -277,7 +281,7 @@ def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str
 def describe(plan: Plan) -> str:
     kept = sum(o.keep_fp8 for o in plan.outputs)
     quantized = sum(bool(o.quant) for o in plan.outputs)
-    head = any(o.quant and o.entry.param is not None and o.entry.param.path == LM_HEAD for o in plan.outputs)
+    head = any(o.quant and _is_lm_head(o.entry) for o in plan.outputs)
     which = (["attention projections, dense MLPs, shared and routed experts"] if plan.weights in weight_quant.FORMATS
              else []) + (["lm_head (int8)"] if head else [])
     lines = [f"ktjax conversion plan: {plan.hf_dir} -> {plan.out}",

@@ -129,17 +129,26 @@ def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool =
 
 
 def stack_layers(state):
-    """The inverse of unstack_layers (and of hold_out_in): each PerLayer parameter stacked again along a leading
+    """The inverse of unstack_layers (and of hold_out_in and hold_for_kernels): each PerLayer parameter stacked again along a leading
     layer axis (and each PerExpert along an expert axis under it), each weight [in, out]: a copy."""
     def stack(x):
         return jnp.stack([stack_experts(a) for a in x.arrays]) if _is_per_layer(x) else x
-    state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, OutIn))
-    state = jax.tree.map(lambda x: x.in_out() if isinstance(x, KernelQuantized) else x, state,
-                         is_leaf=lambda x: isinstance(x, KernelQuantized))
+    state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, (OutIn, KernelQuantized)))
     return jax.tree.map(stack, state, is_leaf=_is_per_layer)
 
 
 _TRANSPOSE = jax.jit(lambda a: jnp.swapaxes(a, -1, -2))
+
+
+def _map_matmul_weights(state, fn):
+    """fn(w) for every matmul weight of a model state (Linear kernels, lm_head, routed experts; not the router):
+    an array, a QuantizedArray, or a PerLayer of them (of PerExpert ones for split experts)."""
+    def visit(path, x):
+        names = {getattr(k, "key", None) for k in path}
+        return fn(x) if names & {"kernel", *EXPERT_STACKS} and "router" not in names else x
+
+    return jax.tree_util.tree_map_with_path(visit, state,
+                                            is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
 
 
 def hold_out_in(state, consume: bool = False):
@@ -154,23 +163,15 @@ def hold_out_in(state, consume: bool = False):
             a.delete()
         return t
 
-    def convert(path, x):
-        names = {getattr(k, "key", None) for k in path}
-        if not names & {"kernel", *EXPERT_STACKS} or "router" in names or isinstance(x, QuantizedArray):
-            return x
-        return jax.tree.map(transposed, x)
-
-    return jax.tree_util.tree_map_with_path(convert, state,
-                                            is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
+    return _map_matmul_weights(state, lambda w: w if isinstance(w, QuantizedArray) else jax.tree.map(transposed, w))
 
 
 def hold_for_kernels(state, consume: bool = False):
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
     KernelQuantized [out, in] copy, which ktjax's CPU kernels read; consume=True deletes each original once
     copied. Stacked experts (moe_impl ragged) keep their layout."""
-    def transposed(path, w):
-        names = {getattr(k, "key", None) for k in path}
-        if not isinstance(w, QuantizedArray) or not names & {"kernel", *EXPERT_STACKS} or "router" in names:
+    def transposed(w):
+        if not isinstance(w, QuantizedArray):
             return w
         values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
         if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
@@ -181,8 +182,7 @@ def hold_for_kernels(state, consume: bool = False):
                 a.delete()
         return out
 
-    return jax.tree_util.tree_map_with_path(transposed, state,
-                                            is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
+    return _map_matmul_weights(state, transposed)
 
 
 def _layer_states(state):

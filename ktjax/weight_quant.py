@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import params
+from . import cpu_kernels, params
 from .fp8 import FP8_DTYPES
 from .fp8 import dequantize as fp8_dequantize
 
@@ -156,11 +156,6 @@ class OutIn:
 OUT_IN_ROWS = 32  # from this many rows on, an OutIn matmul puts the weight on the left
 
 
-def in_out(w):
-    """The weight in the [..., in, out] layout (a copy for an OutIn one)."""
-    return jnp.swapaxes(w.values, -1, -2) if isinstance(w, OutIn) else w
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KernelQuantized:
@@ -186,6 +181,14 @@ def _swap_last(arrays):
     return jax.tree.map(functools.partial(jnp.swapaxes, axis1=-1, axis2=-2), arrays)
 
 
+def in_out(w):
+    """The weight in the layout weight_quant stores ([..., in, out]): a copy for an OutIn or KernelQuantized one,
+    anything else as it is."""
+    if isinstance(w, OutIn):
+        return jnp.swapaxes(w.values, -1, -2)
+    return w.in_out() if isinstance(w, KernelQuantized) else w
+
+
 def kernel_reads(values, scale) -> bool:
     """Whether the CPU kernels read a weight stored as these values and scales: a 2-D int8 one, or a 2-D int4 one
     whose group is a multiple of 32 (so that each half-group is whole vectors)."""
@@ -200,8 +203,6 @@ def kernel_layout(w: QuantizedArray) -> KernelQuantized:
 
 
 def _kernel_matmul(x, w: KernelQuantized):
-    from . import cpu_kernels
-
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if w.values.dtype == jnp.uint8:
         rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[-1] - rows.shape[1])))
@@ -211,8 +212,6 @@ def _kernel_matmul(x, w: KernelQuantized):
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
     if isinstance(w, KernelQuantized):
-        from . import cpu_kernels
-
         if cpu_kernels.fits(x.size // x.shape[-1]):
             return _kernel_matmul(x, w)
         w = w.in_out()
