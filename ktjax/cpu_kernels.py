@@ -1,8 +1,10 @@
-"""ktjax's C++ matmul kernels for the CPU (ktjax/csrc/matmul.cc): built on first use, called through XLA's FFI.
+"""ktjax's C++ kernels for the CPU's decode steps (ktjax/csrc/): built on first use, called through XLA's FFI.
 
-XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying, and a decode step is a few rows
-against every weight (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once, from
-weights the Engine holds [out, in] (weight_quant.KernelQuantized), on XLA's own thread pool.
+matmul.cc: XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying, and a decode step is
+a few rows against every weight (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once,
+from weights the Engine holds [out, in] (weight_quant.KernelQuantized), on XLA's own thread pool.
+attention.cc: a decode step's absorbed attention over the latent cache (dense or paged, every cache format),
+where XLA copies and converts each key block before two small einsums.
 
 The library is compiled with the system's C++ compiler (`$CXX`, else g++ or c++) against jaxlib's FFI headers
 into `$KTJAX_KERNEL_DIR` (default ~/.cache/ktjax/kernels), once per source, jaxlib and CPU; a machine without a
@@ -27,10 +29,14 @@ import numpy as np
 
 from .errors import KtjaxError
 
-SOURCE = Path(__file__).parent / "csrc" / "matmul.cc"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("matmul.cc", "attention.cc"))
+HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
 TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4"}
+ATTENTION_TARGET = "KtjaxDecodeAttention"
+CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 MAX_ROWS = 16  # up to this many rows the kernels beat XLA's dot (benchmarks/RESULTS.md, "CPU kernels")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# -w: jaxlib's FFI headers warn under GCC, and a failed build's message should show the error, not those.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 
 
 def kernel_dir() -> Path:
@@ -55,7 +61,8 @@ def _cpu_signature() -> str:
 
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),
+                 " ".join(FLAGS).encode(),
                  _cpu_signature().encode()):
         key.update(part)
     return kernel_dir() / f"ktjax_matmul_{key.hexdigest()[:16]}.so"
@@ -78,15 +85,16 @@ def build() -> Path:
     except OSError as e:
         raise KtjaxError(f"cpu_kernels: cannot write {out.parent} ({e.strerror}); set KTJAX_KERNEL_DIR to a "
                          "writable folder") from None
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    names = " and ".join(source.name for source in SOURCES)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+            raise KtjaxError(f"cpu_kernels: compiling {names} failed ({' '.join(cmd)}):\n"
                              f"{done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:
-        raise KtjaxError(f"cpu_kernels: compiling {SOURCE.name} failed ({e})") from None
+        raise KtjaxError(f"cpu_kernels: compiling {names} failed ({e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -100,7 +108,7 @@ def _registered() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
         raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
-    for target in TARGETS.values():
+    for target in (*TARGETS.values(), ATTENTION_TARGET):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -136,3 +144,21 @@ def matmul(x, values, scale):
                                                                                  jnp.float32),
                             vmap_method="sequential")
     return call(x, values, scale)
+
+
+def decode_attention(q_lat, q_pe, c_kv, scales, k_pe, page_table, layer, visible, *, fmt, scale: float):
+    """A decode step's absorbed attention (kv/attention.py mla_decode_xla's arithmetic): queries q_lat [b,h,R] /
+    q_pe [b,h,r] over keys [0, visible[b]) of `layer` -> o_lat [b,h,R] float32.
+
+    The cache is a page pool c_kv [L, pages, page_size, W] (container bits of fmt.store_dtype), scales
+    [L, pages, page_size, G] float32 (quantized formats, else None), k_pe [L, pages, page_size, r], with
+    page_table [b, width] int32; a dense cache [L, B, T, ...] is B pages of T slots, page_table [[0], [1], ...]."""
+    _registered()
+    b, h, rank = q_lat.shape
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, rank), jnp.float32),
+                            vmap_method="sequential")
+    dummy = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    return call(q_lat.astype(jnp.float32), q_pe.astype(jnp.float32), c_kv, dummy if scales is None else scales, k_pe,
+                page_table.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32),
+                visible.astype(jnp.int32), fmt=np.int64(CACHE_FORMATS[fmt.name]), group=np.int64(fmt.group),
+                scale=np.float32(scale))

@@ -164,9 +164,10 @@ class Engine:
                           self.index_topk)
 
     def _use_cpu_kernels(self) -> bool:
-        """The setting cpu_kernels resolved: whether the Engine holds int8/int4 weights for the CPU kernels. They
-        run on one CPU device (a custom call is not partitioned over a mesh); auto falls back to XLA's dot,
-        with a note, where they cannot be built, and does not build them for a model without such weights."""
+        """The setting cpu_kernels resolved: whether the CPU kernels run, the matmuls over int8/int4 weights (the
+        Engine holds those [out, in]) and, under attention auto, decode attention. They run on one CPU device (a
+        custom call is not partitioned over a mesh); auto falls back to XLA, with a note, where they cannot be
+        built, and does not build them when nothing would use them."""
         setting = self.runtime.cpu_kernels
         if setting == "off":
             return False
@@ -177,12 +178,18 @@ class Engine:
                 raise KtjaxError(f"cpu_kernels on: {where} (use cpu_kernels auto or off)")
             cpu_kernels.require()
             return True
-        if where or not self._has_kernel_weights():
+        if where or not (self._has_kernel_weights() or self.runtime.attention == "auto"):
             return False
         why = cpu_kernels.available()
         if why:
             self.notes.append(f"cpu_kernels auto: XLA's dot ({why})")
         return why is None
+
+    @property
+    def attention(self) -> str:
+        """The attention setting as the caches take it (kv/cache.py attention_path): auto runs decode steps
+        through the C++ kernel (csrc/attention.cc) where the CPU kernels are in use."""
+        return "cpu" if self.runtime.attention == "auto" and self.cpu_kernels else self.runtime.attention
 
     @property
     def index_topk(self) -> int:
@@ -195,7 +202,7 @@ class Engine:
         """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
         layout = sharding.cache_layout(self.mesh, batch, notes)
         return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
-                                  attention=self.runtime.attention, layout=layout)
+                                  attention=self.attention, layout=layout)
 
     def _input(self, shape, dtype):
         """An abstract replicated input of a compiled program (on the mesh when there is one)."""

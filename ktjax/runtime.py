@@ -171,9 +171,11 @@ SETTINGS: dict[str, Setting] = {
     "absorb_for_prefill": Setting("auto", "true: attend in latent space; false: expand per-head K/V blockwise; "
                                           "auto: the one with less arithmetic for the chunk",
                                   lambda k, v: _bool(k, v, auto=True), ("true", "false", "auto")),
-    "attention": Setting("auto", "attention over the cache: auto = pallas on a GPU, xla elsewhere (pallas on a "
-                                 "CPU runs the kernels in interpret mode, slowly; a sequence-sharded cache "
-                                 "always runs xla)", _choice(ATTENTION_IMPLS), ATTENTION_IMPLS),
+    "attention": Setting("auto", "attention over the cache: auto = pallas on a GPU; on a CPU, decode steps in "
+                                 "ktjax's C++ kernel where cpu_kernels run (prefill chunks in xla), else xla "
+                                 "(pallas on a CPU runs the kernels in interpret mode, slowly; a "
+                                 "sequence-sharded cache always runs xla)", _choice(ATTENTION_IMPLS),
+                         ATTENTION_IMPLS),
     "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
                                 "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
     "weight_layout": Setting("in-out", "how float matmul weights are held: in-out ([in, out], as stored) or out-in "
@@ -181,11 +183,11 @@ SETTINGS: dict[str, Setting] = {
                                        "faster, prefill ~1.1x slower, 4-16-row batches slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
-    "cpu_kernels": Setting("auto", "int8/int4 weights held [out, in] for ktjax's C++ kernels, which run matmuls of "
-                                   "up to 16 rows (decode steps) over the stored bytes, 2-3x faster than XLA's "
-                                   "dot on a CPU: auto = on a CPU with one "
+    "cpu_kernels": Setting("auto", "ktjax's C++ kernels for decode steps on a CPU: matmuls of up to 16 rows over "
+                                   "int8/int4 weights (held [out, in]; 2-3x faster than XLA's dot) and, under "
+                                   "attention auto, attention over the cache: auto = on a CPU with one "
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
-                                   "~/.cache/ktjax/kernels), else XLA's dot; on = require them; off = XLA's dot",
+                                   "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",
                            _on_off_auto, CPU_KERNELS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "

@@ -111,17 +111,22 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
 
 
 def test_setting_resolution(tmp_path, hf_folder, monkeypatch):
-    """auto holds nothing for the kernels in a float model, and runs XLA's dot, with a note, where the kernels
-    cannot be built; on refuses, with the reason; off never builds them."""
+    """auto holds no weight for the kernels in a float model (only decode attention uses them there, and with
+    attention xla nothing does), and runs XLA, with a note, where the kernels cannot be built; on refuses, with
+    the reason; off never builds them."""
     from ktjax.convert import main as convert_main
 
     src, _ = hf_folder("v2_lite")
-    assert not ktjax.load(src, cpu_kernels="auto").cpu_kernels  # float32 weights: nothing to read
+    float_model = ktjax.load(src, cpu_kernels="auto")
+    assert float_model.cpu_kernels and float_model.attention == "cpu"
+    assert not any(isinstance(x, wq.KernelQuantized) for x in
+                   jax.tree.leaves(float_model.state, is_leaf=lambda x: isinstance(x, wq.KernelQuantized)))
+    assert not ktjax.load(src, cpu_kernels="auto", attention="xla").cpu_kernels  # nothing would use them
     folder = str(tmp_path / "int8")
     assert convert_main(["--hf-dir", src, "--out", folder, "--weights", "int8", "--quiet"]) == 0
     monkeypatch.setattr(cpu_kernels, "available", lambda: "cpu_kernels: no C++ compiler found")
     engine = ktjax.load(folder, cpu_kernels="auto")
-    assert not engine.cpu_kernels and any("no C++ compiler" in n for n in engine.notes)
+    assert not engine.cpu_kernels and engine.attention == "auto" and any("no C++ compiler" in n for n in engine.notes)
 
     def refuse():
         raise KtjaxError("cpu_kernels: no C++ compiler found")
@@ -141,7 +146,7 @@ def _failing_compiler(tmp_path):
 # (what is wrong, the environment it makes, what the message says)
 BUILD_FAILURES = [
     ("no compiler", lambda tmp: {"CXX": str(tmp / "no-such-compiler")}, r"no C\+\+ compiler found"),
-    ("the compiler fails", lambda tmp: {"CXX": _failing_compiler(tmp)}, r"(?s)compiling matmul.cc failed.*no headers here"),
+    ("the compiler fails", lambda tmp: {"CXX": _failing_compiler(tmp)}, r"(?s)compiling matmul.cc and attention.cc failed.*no headers here"),
     ("the kernel folder is a file", lambda tmp: {"KTJAX_KERNEL_DIR": str(tmp / "a-file" / "kernels")},
      r"cannot write"),
 ]

@@ -17,68 +17,20 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // floats per vector
+using namespace ktjax_simd;
+
 // Outputs per block: each a weight row read front to back. A block's rows are short streams (a few KiB) that
 // the hardware prefetcher does not follow far, so each read also asks for the same place in the next block.
 constexpr int kOut = 4;
 constexpr int kRowsMax = 4; // x rows per block
-
-typedef float f32v __attribute__((vector_size(64)));
-
-inline f32v load_f32(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// 16 int8 as floats. GCC's generic vector conversions scalarize this, so the widening is spelled with
-// intrinsics where the CPU has them (-march=native), as a plain loop elsewhere.
-inline f32v widen_s8(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#else
-  f32v out;
-  for (int i = 0; i < kLanes; ++i) out[i] = float(p[i]);
-  return out;
-#endif
-}
-
-// 16 bytes of packed int4 -> (low nibbles - 8, high nibbles - 8) as floats. The nibbles are split and made
-// signed on the 16 bytes (cheap 128-bit operations), then each half is widened once.
-inline void widen_u4(const uint8_t* p, f32v& lo, f32v& hi) {
-#if defined(__AVX512F__)
-  __m128i b = _mm_loadu_si128((const __m128i*)p);
-  __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-  __m128i l = _mm_sub_epi8(_mm_and_si128(b, nibble), eight);
-  __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), nibble), eight);
-  lo = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(l));
-  hi = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h));
-#else
-  for (int i = 0; i < kLanes; ++i) {
-    lo[i] = float(p[i] & 15) - 8.f;
-    hi[i] = float(p[i] >> 4) - 8.f;
-  }
-#endif
-}
-
-// The lanes of v added in a fixed order (pairwise halves).
-inline float lane_sum(f32v v) {
-  float a[kLanes];
-  std::memcpy(a, &v, sizeof(v));
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) a[i] += a[i + width];
-  return a[0];
-}
 
 // int8: y[t, o] = scale[o] * sum_k x[t, k] q[o, k] for O outputs and R rows of x.
 template <int O, int R>

@@ -38,9 +38,11 @@ def plan_cache_lens(requested: int, shards: int = 1) -> tuple[int, int]:
 
 
 def attention_path(setting: str, layout: CacheLayout | None) -> str:
-    """The attention that runs for an `attention` setting (auto, xla or pallas): auto is the Pallas kernel on
-    a GPU and XLA elsewhere; a sequence-sharded cache always runs XLA, because the merge across devices needs
-    each device's log-sum-exp, which the kernels do not return."""
+    """The attention that runs for an `attention` setting (auto, xla or pallas, or cpu: the Engine's auto where
+    the CPU kernels run): auto is the Pallas kernel on a GPU and XLA elsewhere; cpu runs decode steps through
+    the C++ kernel (ktjax/csrc/attention.cc) and prefill chunks through XLA; a sequence-sharded cache always
+    runs XLA, because the merge across devices needs each device's log-sum-exp, which the kernels do not
+    return."""
     if layout is not None:
         return "xla"
     if setting == "auto":
@@ -57,7 +59,7 @@ class LatentCache:
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
-    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
+    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla", "pallas" or "cpu"
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))  # None: one device
     k_idx: jax.Array | None = None  # [L, B, T, D]: index keys (index_store_dtype bits), models with an indexer
     k_idx_scale: jax.Array | None = None  # [L, B, T, 1] float32, e4m3 index keys only
@@ -173,6 +175,9 @@ class LatentCache:
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
         [0, lengths[b]) (the cache already holds the queries' own latents) -> o_lat [b,s,h,R] float32."""
         kw = dict(fmt=self.fmt, scale=scale, block=self.block)
+        if self.attention == "cpu" and q_lat.shape[1] == 1:  # [L, B, T, ...] is B pages of T slots
+            table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None]
+            return cpu_decode(q_lat, q_pe, self, table, layer, q_positions, lengths, scale)
         if self.layout is not None:
             def partial(queries, _, layer_cache, pos, lens):
                 return mla_prefill_xla(*queries, *layer_cache, pos, lens, with_lse=True, **kw)
@@ -202,6 +207,16 @@ class LatentCache:
         def take(x):
             return None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
         return take(self.c_kv), take(self.scales), take(self.k_pe)
+
+
+def cpu_decode(q_lat, q_pe, cache, page_table, layer, q_positions, lengths, scale: float):
+    """One query per sequence (q_lat [b,1,h,R], q_pe [b,1,h,r]) over a page pool through `page_table` with the
+    C++ kernel -> o_lat [b,1,h,R] float32; the keys it sees are the XLA path's (t < lengths, t <= position)."""
+    from ..cpu_kernels import decode_attention
+    visible = jnp.clip(jnp.minimum(lengths, q_positions[:, 0] + 1), 0, page_table.shape[1] * cache.c_kv.shape[2])
+    out = decode_attention(q_lat[:, 0], q_pe[:, 0], cache.c_kv, cache.scales, cache.k_pe, page_table, layer, visible,
+                           fmt=cache.fmt, scale=scale)
+    return out[:, None]
 
 
 def cache_bytes(cfg, fmt: CacheFormat, batch: int, cache_lens: int) -> int:

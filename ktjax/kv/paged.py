@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..errors import KtjaxError
 from .attention import mla_prefill_xla, naive_prefill, tail_block
-from .cache import MAX_KV_BLOCK, attention_path
+from .cache import MAX_KV_BLOCK, attention_path, cpu_decode
 from .formats import SCALE_DTYPE, CacheFormat, container
 from .layout import CacheLayout, merge_partials
 from .quant import quantize, to_bits
@@ -36,7 +36,7 @@ def paged_attention_path(setting: str, page_size: int) -> str:
     """attention_path's rule, and the XLA path for pages the kernel cannot tile (not a power of two >= 16)."""
     from .pallas.paged import kernel_fits
     path = attention_path(setting, None)
-    return path if path == "xla" or kernel_fits(page_size) else "xla"
+    return path if path != "pallas" or kernel_fits(page_size) else "xla"
 
 
 def pages_per_block(page_size: int, table_width: int) -> int:
@@ -56,7 +56,7 @@ class PagedLatentCache:
     page_table: jax.Array      # [B, max_pages] int32: page of each sequence's p // page_size-th page
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
-    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla" or "pallas"
+    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla", "pallas" or "cpu"
     # None: one device. Else the pool's pages are split over layout.seq_axis (device k holds pages
     # [k n_pages/N, (k+1) n_pages/N)), everything else replicated; attention merges the devices' partials.
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))
@@ -212,6 +212,8 @@ class PagedLatentCache:
         if self.attention == "pallas":
             from .pallas.paged import paged_attention
             return paged_attention(q_lat, q_pe, self, layer, q_positions, lengths, scale=scale)
+        if self.attention == "cpu" and q_lat.shape[1] == 1:
+            return cpu_decode(q_lat, q_pe, self, self.page_table, layer, q_positions, lengths, scale)
 
         def partial(queries, _, buffers, pos, lens, kw, with_lse):
             return mla_prefill_xla(*queries, *buffers, pos, lens, fmt=self.fmt, scale=scale, with_lse=with_lse,

@@ -154,7 +154,7 @@ class Scheduler:
         if sharding.seq_shards(eng.mesh) > 1:
             layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
         pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
-                                       attention=eng.runtime.attention, layout=layout)
+                                       attention=eng.attention, layout=layout)
         if eng.mesh is not None:
             rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
             pool = pool.with_table(jax.device_put(pool.page_table, rep))

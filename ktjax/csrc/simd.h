@@ -1,0 +1,85 @@
+// 16-lane float vectors for ktjax's CPU kernels (matmul.cc, attention.cc): GCC/Clang vector extensions, with
+// intrinsics where the compiler's own code is poor (-march=native decides which), plain loops elsewhere.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace ktjax_simd {
+
+constexpr int kLanes = 16;  // floats per vector
+
+typedef float f32v __attribute__((vector_size(64)));
+
+inline f32v load_f32(const float* p) {
+  f32v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_f32(float* p, f32v v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline f32v splat(float x) { return f32v{} + x; }
+
+// The lanes of v added in a fixed order (pairwise halves).
+inline float lane_sum(f32v v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float a[kLanes];
+  std::memcpy(a, &v, sizeof(v));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) a[i] += a[i + width];
+  return a[0];
+#endif
+}
+
+// 16 int8 as floats. GCC's generic vector conversions scalarize this, so the widening is spelled with
+// intrinsics where the CPU has them.
+inline f32v widen_s8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#else
+  f32v out;
+  for (int i = 0; i < kLanes; ++i) out[i] = float(p[i]);
+  return out;
+#endif
+}
+
+// 16 bytes of packed int4 -> (low nibbles - 8, high nibbles - 8) as floats. The nibbles are split and made
+// signed on the 16 bytes (cheap 128-bit operations), then each half is widened once.
+inline void widen_u4(const uint8_t* p, f32v& lo, f32v& hi) {
+#if defined(__AVX512F__)
+  __m128i b = _mm_loadu_si128((const __m128i*)p);
+  __m128i nibble = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  __m128i l = _mm_sub_epi8(_mm_and_si128(b, nibble), eight);
+  __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), nibble), eight);
+  lo = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(l));
+  hi = (f32v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h));
+#else
+  for (int i = 0; i < kLanes; ++i) {
+    lo[i] = float(p[i] & 15) - 8.f;
+    hi[i] = float(p[i] >> 4) - 8.f;
+  }
+#endif
+}
+
+// 16 bfloat16 bit patterns as floats (a bf16 is the high half of a float32).
+inline f32v widen_bf16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+  return (f32v)_mm512_castsi512_ps(w);
+#else
+  f32v out;
+  for (int i = 0; i < kLanes; ++i) {
+    uint32_t w = uint32_t(p[i]) << 16;
+    std::memcpy(&out[i], &w, sizeof(float));
+  }
+  return out;
+#endif
+}
+
+}  // namespace ktjax_simd

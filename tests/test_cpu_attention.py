@@ -1,0 +1,151 @@
+"""ktjax's C++ decode attention (ktjax/csrc/attention.cc) against float64 numpy on the dequantized cache, in
+every cache format, over the dense and the paged cache; row results that do not depend on the batch; the model
+with it and with the XLA path."""
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ktjax
+from ktjax import cpu_kernels
+from ktjax.kv.cache import LatentCache
+from ktjax.kv.formats import FORMATS
+from ktjax.kv.paged import PagedLatentCache
+from ktjax.kv.quant import dequantize
+
+pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
+
+U = 2.0**-24
+# (rank, rope, heads): DeepSeek's widths (whole vectors), and widths that take the kernel's scalar tails
+WIDTHS = [(512, 64, 4), (40, 8, 3)]
+# keys per row: none, one, a partial 16-key block, a segment boundary crossed (256 keys per task)
+LENGTHS = [0, 1, 37, 700]
+
+
+def _cfg(rank, rope, layers=2):
+    """What the caches read of a model config."""
+    return types.SimpleNamespace(num_hidden_layers=layers, kv_lora_rank=rank, qk_rope_head_dim=rope)
+
+
+def _filled(cache, rng, rows, length, rank, rope, decoys=None):
+    """The cache with random latents written at positions [0, length) of every row and layer; with `decoys`
+    (a position per row), a key 30 times larger there, which would dominate a row that wrongly saw it."""
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+    for layer in range(cache.c_kv.shape[0]):
+        c = jnp.asarray(rng.standard_normal((rows, length, rank)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((rows, length, rope)), jnp.float32)
+        cache = cache.write(layer, positions, c, k)
+        if decoys is not None:
+            big = [jnp.asarray(30 * rng.standard_normal((rows, 1, n)), jnp.float32) for n in (rank, rope)]
+            cache = cache.write(layer, jnp.asarray(decoys, jnp.int32)[:, None], *big)
+    return cache
+
+
+def _keys(cache, rank):
+    """Every row's keys as float64 numpy ([b, T, rank], [b, T, rope]) for layer 1, read back through the
+    format's own dequantize (a dense cache, or a paged one through its table)."""
+    fmt = cache.fmt
+    c_kv, scales, k_pe = (None if x is None else x[1] for x in cache.buffers)
+    c = dequantize(fmt, c_kv, scales, rank)
+    k = jax.lax.bitcast_convert_type(k_pe, fmt.k_pe_dtype) if k_pe.dtype != fmt.k_pe_dtype else k_pe
+    c, k = np.asarray(c, np.float64), np.asarray(k.astype(jnp.float32), np.float64)
+    if isinstance(cache, PagedLatentCache):
+        table = np.asarray(cache.page_table)
+        c = c[table].reshape(table.shape[0], -1, rank)
+        k = k[table].reshape(table.shape[0], -1, k.shape[-1])
+    return c, k
+
+
+def _reference(q_lat, q_pe, c, k, lengths, scale):
+    """Exact softmax attention per row and head with its float32 error bound: scores carry at most (D + 2) u
+    times the sum of |products| (a float32 dot product of D terms), which moves each probability by at most
+    twice that; the output, a convex mix of the latents, then at most 2 max|ds| max|c| plus the rounding of a
+    sum of n probabilities (n + 2) u max|c|."""
+    out, bound = np.zeros(q_lat.shape), np.zeros(q_lat.shape)
+    d = c.shape[-1] + k.shape[-1]
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        cb, kb = c[b, :n], k[b, :n]
+        s = (q_lat[b] @ cb.T + q_pe[b] @ kb.T) * scale                     # [h, n]
+        ds = (d + 2) * U * (np.abs(q_lat[b]) @ np.abs(cb).T + np.abs(q_pe[b]) @ np.abs(kb).T) * scale
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[b] = (p / p.sum(-1, keepdims=True)) @ cb
+        bound[b] = (4 * ds.max() + (n + 2) * U) * np.abs(cb).max() + 4 * U * np.abs(out[b])
+    return out, bound
+
+
+def _caches(fmt, rank, rope, rows, rng):
+    """(dense, paged) caches with the XLA path and the kernel: the paged one with pages of 16 slots handed out
+    in a scrambled order, so each row's keys are scattered over the pool."""
+    cfg, fmt = _cfg(rank, rope), FORMATS[fmt]
+    dense = LatentCache.create(cfg, fmt, rows, 768, block=256, attention="cpu")
+    width, page = 768 // 16, 16
+    order = rng.permutation(rows * width).astype(np.int32).reshape(rows, width)
+    paged = PagedLatentCache.create(cfg, fmt, rows * width + 3, page, batch=rows, max_pages=width,
+                                    attention="cpu").with_table(jnp.asarray(order))
+    return dense, paged
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("rank, rope, heads", WIDTHS)
+def test_kernel_matches_numpy_in_every_format(rng, fmt, rank, rope, heads):
+    """Dense and paged, rows of 0 / 1 / 37 / 700 keys in one batch, each with a decoy key just past its end:
+    the kernel's output and the XLA path's are both within the float32 bound of the exact attention over the
+    dequantized cache."""
+    rows = len(LENGTHS)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    q_lat = rng.standard_normal((rows, 1, heads, rank)).astype(np.float32) * 0.1
+    q_pe = rng.standard_normal((rows, 1, heads, rope)).astype(np.float32) * 0.1
+    scale = 0.3
+    for cache in _caches(fmt, rank, rope, rows, rng):
+        cache = _filled(cache, rng, rows, max(LENGTHS), rank, rope, decoys=LENGTHS)
+        exact, bound = _reference(q_lat[:, 0].astype(np.float64), q_pe[:, 0].astype(np.float64), *_keys(cache, rank),
+                                  LENGTHS, scale)
+        positions = (lengths - 1)[:, None]
+        for path in ("cpu", "xla"):
+            run = jax.jit(lambda c, ql, qp: c.attend_latent(1, ql, qp, positions, lengths, scale=scale))
+            got = dataclasses.replace(cache, attention=path)
+            if path == "cpu":
+                assert "KtjaxDecodeAttention" in run.lower(got, q_lat, q_pe).as_text()
+            out = np.asarray(run(got, q_lat, q_pe), np.float64)[:, 0]
+            err = np.abs(out - exact)
+            assert np.all(err <= bound), (type(cache).__name__, path, float(np.max(err - bound)))
+
+
+def test_a_row_result_does_not_depend_on_its_batch(rng):
+    """Each row's keys are split and merged in one order whatever the batch and the threads: a row alone gives
+    the bits it gives among others (the server's greedy tokens equal the CLI's)."""
+    rows = 4
+    _, paged = _caches("int8", 512, 64, rows, rng)
+    paged = _filled(paged, rng, rows, 700, 512, 64)
+    lengths = jnp.asarray([700, 300, 5, 512], jnp.int32)
+    q_lat = jnp.asarray(rng.standard_normal((rows, 1, 4, 512)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((rows, 1, 4, 64)), jnp.float32)
+
+    def attend(c, ql, qp, lens):
+        return c.attend_latent(1, ql, qp, (lens - 1)[:, None], lens, scale=0.1)
+    batch = np.asarray(jax.jit(attend)(paged, q_lat, q_pe, lengths))
+    for i in range(rows):
+        alone = paged.with_table(paged.page_table[i:i + 1])
+        got = np.asarray(jax.jit(attend)(alone, q_lat[i:i + 1], q_pe[i:i + 1], lengths[i:i + 1]))
+        np.testing.assert_array_equal(got[0], batch[i])
+
+
+@pytest.mark.parametrize("cache_dtype", ["bf16", "int4"])
+def test_engine_decodes_with_the_kernel_as_with_xla(hf_folder, rng, cache_dtype):
+    """The tiny v2_lite model: attention auto runs decode steps through the kernel on the CPU (prefill chunks
+    through XLA), and gives the XLA path's greedy tokens, through generate and through the server's paged
+    steps; its compiled decode step calls the kernel."""
+    src, _ = hf_folder("v2_lite")
+    engines = {a: ktjax.load(src, attention=a, cache_dtype=cache_dtype, chunk_size=8) for a in ("auto", "xla")}
+    assert engines["auto"].attention == "cpu" and engines["xla"].attention == "xla"
+    ids = rng.integers(0, 97, size=(2, 11)).tolist()
+    out = {a: e.generate(ids, max_new_tokens=8, temperature=0) for a, e in engines.items()}
+    assert out["auto"].tokens == out["xla"].tokens
+    assert out["auto"].stats["attention"] == "cpu"
+    decode = next(p for key, p in engines["auto"]._compiled.items() if key[0] == "decode")
+    assert "KtjaxDecodeAttention" in decode.as_text()
