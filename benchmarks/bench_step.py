@@ -30,6 +30,8 @@ def main(argv=None):
     p.add_argument("--moe-impl", default="auto")
     p.add_argument("--weight-layout", help="in-out or out-in (unset: the default; older checkouts have no setting)")
     p.add_argument("--cpu-kernels", help="auto, on or off (unset: the default; older checkouts have no setting)")
+    p.add_argument("--attention", help="auto or xla (unset: the default; auto runs decode attention in the C++ "
+                                       "kernel where cpu_kernels run)")
     p.add_argument("--weights", default="float32", help="float32, int8 or int4 (converted with convert/hf_to_ktjax.py)")
     p.add_argument("--lm-head", default=None, help="int8: also quantize lm_head (older checkouts have no flag)")
     p.add_argument("--repeats", type=int, default=5)
@@ -48,7 +50,8 @@ def main(argv=None):
         bench_generate.build(os.path.join(folder, "hf"), a)
         converted = bench_generate.convert_checkpoint(os.path.join(folder, "hf"), os.path.join(folder, "kt"),
                                                       a.weights, a.lm_head)
-        settings = {k: v for k, v in (("weight_layout", a.weight_layout), ("cpu_kernels", a.cpu_kernels)) if v}
+        settings = {k: v for k, v in (("weight_layout", a.weight_layout), ("cpu_kernels", a.cpu_kernels),
+                                      ("attention", a.attention)) if v}
         engine = ktjax.load(converted, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
     page = 64
     per_row = -(-(a.context + 1) // page)

@@ -34,7 +34,10 @@ HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
 TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4"}
 ATTENTION_TARGET = "KtjaxDecodeAttention"
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
-MAX_ROWS = 16  # up to this many rows the kernels beat XLA's dot (benchmarks/RESULTS.md, "CPU kernels")
+# Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
+# prefill chunks): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
+# "Prefill with int8 / int4 weights").
+MAX_ROWS = 64
 # -w: jaxlib's FFI headers warn under GCC, and a failed build's message should show the error, not those.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 
@@ -132,7 +135,7 @@ def require():
 
 
 def fits(rows: int) -> bool:
-    """Whether a matmul of `rows` rows goes to a kernel (decode steps); longer ones (prefill) run XLA's dot."""
+    """Whether a matmul of `rows` rows goes to a kernel; longer ones (prefill chunks) run XLA's dot."""
     return rows <= MAX_ROWS
 
 

@@ -183,8 +183,9 @@ SETTINGS: dict[str, Setting] = {
                                        "faster, prefill ~1.1x slower, 4-16-row batches slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
-    "cpu_kernels": Setting("auto", "ktjax's C++ kernels for decode steps on a CPU: matmuls of up to 16 rows over "
-                                   "int8/int4 weights (held [out, in]; 2-3x faster than XLA's dot) and, under "
+    "cpu_kernels": Setting("auto", "ktjax's C++ kernels on a CPU: matmuls of up to 64 rows over int8/int4 "
+                                   "weights (held [out, in]; decode steps 2-3x faster than XLA's dot, routed "
+                                   "experts' blocks in prefill too) and, under "
                                    "attention auto, attention over the cache: auto = on a CPU with one "
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",

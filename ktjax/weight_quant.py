@@ -38,6 +38,11 @@ FORMATS = ("int8", "int4")
 INT4_GROUP = 128    # benchmarks/RESULTS.md: faster CPU decode than 64, ~8% more weight error
 INT8_MAX, INT4_MAX = 127, 7
 TILE_BYTES = 2 * 2**20  # float32 bytes of one converted tile: small enough to stay in cache and be reused
+# From this many rows on (prefill chunks) an int8/int4 weight is dequantized in tiles of up to PREFILL_TILE_BYTES
+# of float32, whole input rows each, and multiplied in one dot per tile: decode-sized tiles would cut a 512-row
+# chunk's product into dozens of thin GEMMs (benchmarks/RESULTS.md, "Prefill with int8 / int4 weights").
+PREFILL_ROWS = 64
+PREFILL_TILE_BYTES = 64 * 2**20
 
 
 # ---- shapes and bytes --------------------------------------------------------------------------------
@@ -214,7 +219,7 @@ def matmul(x, w):
     if isinstance(w, KernelQuantized):
         if cpu_kernels.fits(x.size // x.shape[-1]):
             return _kernel_matmul(x, w)
-        w = w.in_out()
+        return _held_out_in_matmul(x, w)
     if isinstance(w, OutIn):
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] < OUT_IN_ROWS:
@@ -229,7 +234,9 @@ def matmul(x, w):
         return x @ fp8_dequantize(values, scale, x.dtype)
     lead, d_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, d_in)
-    if values.dtype == jnp.uint8:
+    if rows.shape[0] >= PREFILL_ROWS:
+        y = _dequantized_tiles(rows.astype(jnp.float32), w)
+    elif values.dtype == jnp.uint8:
         y = _int4_matmul(rows, values, scale)
     else:
         y = _tiled_matmul(rows, values) * scale.astype(jnp.float32)
@@ -281,6 +288,72 @@ def _tiled_matmul(x, q):
         y = jax.lax.fori_loop(0, n, lambda i, acc: acc + tile(xs[:, i], qs[i]),
                               jnp.zeros((x.shape[0], d_out), jnp.float32))
     return y
+
+
+def _tile(n: int, most: int) -> int:
+    """Rows per tile: the largest divisor of n up to `most`; all n when no divisor comes near (n prime, say),
+    rather than thousands of thin tiles."""
+    most = max(1, min(n, most))
+    per = max(u for u in range(1, most + 1) if n % u == 0)
+    return per if 4 * per >= most else n
+
+
+def _dequantize_out_in(values, scale):
+    """A KernelQuantized weight's values and scales -> float32 [out, in] (int4: [out, P], padded inputs zero)."""
+    if values.dtype == jnp.int8:
+        return values.astype(jnp.float32) * scale
+    n_out, half = values.shape
+    groups = scale.shape[-1]
+    v = values.reshape(n_out, groups, half // groups)
+    q = jnp.stack([v & 15, v >> 4], axis=-2).astype(jnp.float32) - 8  # [out, groups, 2, g/2]
+    return (q * scale[:, :, None, None]).reshape(n_out, 2 * half)
+
+
+def _held_out_in_matmul(x, w: KernelQuantized):
+    """More rows than the CPU kernels take (prefill chunks, blocks of routed experts) over a weight held
+    [out, in]: tiles of whole output rows, each dequantized to float32 and contracted with x in one dot (no
+    transposed copy of the stored bytes)."""
+    values, scale = w.values, w.scale
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    n_out = values.shape[0]
+    d_in = 2 * values.shape[1] if values.dtype == jnp.uint8 else values.shape[1]
+    rows = jnp.pad(rows, ((0, 0), (0, d_in - rows.shape[1])))
+    per = _tile(n_out, PREFILL_TILE_BYTES // (4 * d_in))
+
+    def tile(i):
+        v = jax.lax.dynamic_slice_in_dim(values, i * per, per, axis=0)
+        sc = jax.lax.dynamic_slice_in_dim(scale, i * per, per, axis=0)
+        return jax.lax.dot_general(rows, _dequantize_out_in(v, sc), (((1,), (1,)), ((), ())))
+
+    if per == n_out:
+        y = tile(0)
+    else:
+        y = jnp.moveaxis(jax.lax.map(tile, jnp.arange(n_out // per)), 0, 1).reshape(rows.shape[0], n_out)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n_out)
+
+
+def _dequantized_tiles(x, w: QuantizedArray):
+    """x [T, in] float32 @ an int8/int4 weight in tiles of whole input rows (whole groups for int4), each
+    dequantized to float32 and multiplied in one dot, accumulated in float32."""
+    values, scale = w.values, w.scale
+    d_out = values.shape[-1]
+    packed = values.dtype == jnp.uint8
+    unit = int4_group(values.shape, scale.shape) if packed else 1  # input rows per scale row
+    d_in = 2 * values.shape[-2] if packed else values.shape[-2]
+    x = jnp.pad(x, ((0, 0), (0, d_in - x.shape[1])))  # int4's padded inputs meet zero weights
+    units = d_in // unit
+    per = _tile(units, PREFILL_TILE_BYTES // (4 * d_out * unit))
+    if per == units:
+        return jnp.matmul(x, dequantize(w, jnp.float32), preferred_element_type=jnp.float32)
+    stored_rows = per * unit // 2 if packed else per
+
+    def tile(i, acc):
+        v = jax.lax.dynamic_slice_in_dim(values, i * stored_rows, stored_rows, axis=0)
+        s = jax.lax.dynamic_slice_in_dim(scale, i * per, per, axis=0) if packed else scale
+        xt = jax.lax.dynamic_slice_in_dim(x, i * per * unit, per * unit, axis=1)
+        return acc + jnp.matmul(xt, dequantize(QuantizedArray(v, s), jnp.float32), preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, units // per, tile, jnp.zeros((x.shape[0], d_out), jnp.float32))
 
 
 def _int4_matmul(x, packed, scale):

@@ -60,13 +60,25 @@ def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
     np.testing.assert_array_equal(np.asarray(matmul(x[3:8], w)), batch[3:8])
 
 
-def test_more_rows_run_xla_on_the_same_weight(rng):
-    """More rows than cpu_kernels.MAX_ROWS (prefill chunks) take XLA's path over the transposed-back weight: the
-    result of the weight as stored."""
-    w, stored, _ = _weight(rng, "int4", 128, *SHAPES[-1])
-    x = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, SHAPES[-1][0])).astype(np.float32)
-    assert "KtjaxMatmul" not in matmul.lower(x, w).as_text()
-    np.testing.assert_array_equal(np.asarray(matmul(x, w)), np.asarray(matmul(x, stored)))
+@pytest.mark.parametrize("fmt, group", FORMATS)
+def test_more_rows_run_xla_on_the_held_weight(rng, fmt, group, monkeypatch):
+    """More rows than cpu_kernels.MAX_ROWS (prefill chunks) take XLA's dot over the held [out, in] weight,
+    dequantized in tiles of whole output rows (one tile; eight; and one again for a prime number of outputs,
+    rather than thousands): within the same float32 bound of the exact product, with no transposed copy of the
+    stored bytes."""
+    k = SHAPES[-1][0]
+    x = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, k)).astype(np.float32)
+    for n, tiles in ((4096, 1), (4096, 8), (4099, 8)):
+        w, _, dense = _weight(rng, fmt, group, k, n)
+        d_in = w.values.shape[1] * (2 if fmt == "int4" else 1)
+        monkeypatch.setattr(wq, "PREFILL_TILE_BYTES", 4 * d_in * -(-n // tiles))
+        run = jax.jit(lambda x, w: wq.matmul(x, w))
+        hlo = run.lower(x, w).as_text()
+        assert "KtjaxMatmul" not in hlo and not re.search(r"transpose .*: \(tensor<[0-9x]*(i8|ui8)>", hlo)
+        got = np.asarray(run(x, w), np.float64)
+        exact = x.astype(np.float64) @ dense
+        bound = (k + 2) * 2.0**-24 * (np.abs(x.astype(np.float64)) @ np.abs(dense))
+        assert np.all(np.abs(got - exact) <= bound), (fmt, group, n, tiles)
 
 
 def _weight_conversions(hlo: str) -> list[str]:

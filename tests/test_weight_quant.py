@@ -79,9 +79,11 @@ def test_bytes_equal_the_formula_and_int4_is_under_0_3_of_bf16(shape):
 # ---- the matmuls -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", wq.FORMATS)
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, wq.PREFILL_ROWS + 3])
 def test_tiled_matmul_equals_the_dequantized_weight(rng, monkeypatch, fmt, tokens):
+    """Decode-sized tiles, and from PREFILL_ROWS rows on the prefill tiles of whole input rows (whole groups)."""
     monkeypatch.setattr(wq, "TILE_BYTES", 64 * 30 * 4)  # several tiles (and int4 groups) for a small weight
+    monkeypatch.setattr(wq, "PREFILL_TILE_BYTES", 64 * 30 * 4)
     group = 32  # 200 inputs: 7 groups, the last one padded
     w = rng.standard_normal((200, 30)).astype(np.float32)
     x = rng.standard_normal((tokens, 200)).astype(np.float32)

@@ -1,0 +1,114 @@
+"""ktjax's C++ CPU kernels against XLA on the same work: decode attention over one layer of the latent cache, and
+int8 / int4 matmuls by row count (the figures behind cpu_kernels.MAX_ROWS; benchmarks/RESULTS.md).
+
+    python benchmarks/bench_cpu_kernels.py attention                 # 2k and 16k keys, bf16 / int8 / int4
+    python benchmarks/bench_cpu_kernels.py attention --context 2048 16384 65536 --formats int4
+    python benchmarks/bench_cpu_kernels.py matmul                    # V2-Lite shapes, 16 to 512 rows
+
+Best of --repeats calls of one jitted function, with the kernels built first; run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def best_ms(fn, *args, repeats: int) -> float:
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def attention(a):
+    """One decode query per sequence (16 heads, DeepSeek's 512 + 64 latent widths) over a full layer."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ktjax import cpu_kernels
+    from ktjax.kv.attention import mla_decode_xla
+    from ktjax.kv.formats import FORMATS
+    from ktjax.kv.quant import quantize, to_bits
+
+    rng = np.random.default_rng(0)
+    rank, rope, heads = 512, 64, a.heads
+    print(f"{'format':>7} {'keys':>7} {'bytes':>9} {'kernel ms':>10} {'xla ms':>8} {'speedup':>8} {'kernel GB/s':>12}")
+    for name in a.formats:
+        fmt = FORMATS[name]
+        for keys in a.context:
+            c = jnp.asarray(rng.standard_normal((1, a.rows, keys, rank)), jnp.float32)
+            k_pe = jnp.asarray(rng.standard_normal((1, a.rows, keys, rope)), jnp.float32)
+            q, scales = quantize(fmt, c)
+            c_kv, k_pe = to_bits(q), to_bits(k_pe.astype(fmt.k_pe_dtype))
+            q_lat = jnp.asarray(rng.standard_normal((a.rows, heads, rank)), jnp.float32) * 0.05
+            q_pe = jnp.asarray(rng.standard_normal((a.rows, heads, rope)), jnp.float32) * 0.05
+            lengths = jnp.full((a.rows,), keys, jnp.int32)
+            table = jnp.arange(a.rows, dtype=jnp.int32)[:, None]
+            kernel = jax.jit(lambda ql, qp, c, s, k, lens: cpu_kernels.decode_attention(
+                ql, qp, c, s, k, table, jnp.int32(0), lens, fmt=fmt, scale=0.07))
+            block = min(512, keys)
+            xla = jax.jit(lambda ql, qp, c, s, k, lens: mla_decode_xla(
+                ql, qp, c[0], None if s is None else s[0], k[0], lens, fmt=fmt, scale=0.07, block=block))
+            args = (q_lat, q_pe, c_kv, scales, k_pe, lengths)
+            tk, tx = best_ms(kernel, *args, repeats=a.repeats), best_ms(xla, *args, repeats=a.repeats)
+            nbytes = sum(x.nbytes for x in (c_kv, scales, k_pe) if x is not None)
+            print(f"{name:>7} {keys:>7} {nbytes / 1e6:>7.1f}MB {tk:>10.3f} {tx:>8.3f} {tx / tk:>7.2f}x "
+                  f"{nbytes / tk / 1e6:>12.1f}", flush=True)
+
+
+def matmul(a):
+    """x [rows, in] @ an int8 / int4 weight held [out, in]: the kernel against XLA's dequantize-then-dot."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ktjax import cpu_kernels
+    from ktjax import weight_quant as wq
+
+    rng = np.random.default_rng(0)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes]
+    print("GFLOP/s, kernel / XLA, by rows")
+    for d_in, d_out in shapes:
+        w = rng.standard_normal((d_in, d_out)).astype(np.float32)
+        for fmt in a.formats:
+            values, scales = wq.quantize(w, fmt)
+            held = wq.kernel_layout(wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales)))
+            padded = held.values.shape[1] * (2 if fmt == "int4" else 1)
+            cells = []
+            for rows in a.rows:
+                x = jnp.asarray(rng.standard_normal((rows, d_in)), jnp.float32)
+                xp = jnp.pad(x, ((0, 0), (0, padded - d_in)))
+                tk = best_ms(jax.jit(cpu_kernels.matmul), xp, held.values, held.scale, repeats=a.repeats)
+                tx = best_ms(jax.jit(wq._held_out_in_matmul), x, held, repeats=a.repeats)
+                flops = 2 * rows * d_in * d_out / 1e6
+                cells.append(f"{rows:>4}: {flops / tk:4.0f} / {flops / tx:4.0f}")
+            print(f"[{d_in}, {d_out}] {fmt:>4}  " + " | ".join(cells), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    att = sub.add_parser("attention", help="decode attention over one layer of the cache")
+    att.add_argument("--context", type=int, nargs="+", default=[2048, 16384], help="keys in the cache")
+    att.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
+    att.add_argument("--rows", type=int, default=1, help="sequences (one query each)")
+    att.add_argument("--heads", type=int, default=16)
+    att.add_argument("--repeats", type=int, default=20)
+    mm = sub.add_parser("matmul", help="int8 / int4 matmuls by row count")
+    mm.add_argument("--shapes", nargs="+", default=["2048x1408", "1408x2048", "2048x10944"], help="IN x OUT")
+    mm.add_argument("--formats", nargs="+", default=["int8", "int4"])
+    mm.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64, 128, 512])
+    mm.add_argument("--repeats", type=int, default=7)
+    a = p.parse_args(argv)
+
+    from ktjax import cpu_kernels
+    cpu_kernels.require()
+    (attention if a.what == "attention" else matmul)(a)
+
+
+if __name__ == "__main__":
+    main()
