@@ -36,7 +36,7 @@ ATTENTION_TARGET = "KtjaxDecodeAttention"
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 # Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
 # prefill chunks): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
-# "Prefill with int8 / int4 weights").
+# "Decode attention in C++, and prefill with int8 / int4 weights").
 MAX_ROWS = 64
 # -w: jaxlib's FFI headers warn under GCC, and a failed build's message should show the error, not those.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")

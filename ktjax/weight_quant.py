@@ -40,7 +40,8 @@ INT8_MAX, INT4_MAX = 127, 7
 TILE_BYTES = 2 * 2**20  # float32 bytes of one converted tile: small enough to stay in cache and be reused
 # From this many rows on (prefill chunks) an int8/int4 weight is dequantized in tiles of up to PREFILL_TILE_BYTES
 # of float32, whole input rows each, and multiplied in one dot per tile: decode-sized tiles would cut a 512-row
-# chunk's product into dozens of thin GEMMs (benchmarks/RESULTS.md, "Prefill with int8 / int4 weights").
+# chunk's product into dozens of thin GEMMs (benchmarks/RESULTS.md, "Decode attention in C++, and prefill with
+# int8 / int4 weights").
 PREFILL_ROWS = 64
 PREFILL_TILE_BYTES = 64 * 2**20
 
