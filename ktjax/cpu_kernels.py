@@ -156,8 +156,17 @@ def decode_attention(q_lat, q_pe, c_kv, scales, k_pe, page_table, layer, visible
     The cache is a page pool c_kv [L, pages, page_size, W] (container bits of fmt.store_dtype), scales
     [L, pages, page_size, G] float32 (quantized formats, else None), k_pe [L, pages, page_size, r], with
     page_table [b, width] int32; a dense cache [L, B, T, ...] is B pages of T slots, page_table [[0], [1], ...]."""
-    _registered()
     b, h, rank = q_lat.shape
+    # The kernel trusts these shapes (it reads raw buffers): a mismatch is a caller's bug, caught here at trace time.
+    width = fmt.stored_width(rank)
+    if (q_pe.shape[:2] != (b, h) or c_kv.ndim != 4 or c_kv.shape[-1] != width or k_pe.shape[:3] != c_kv.shape[:3]
+            or k_pe.shape[-1] != q_pe.shape[-1] or page_table.shape[0] != b or visible.shape != (b,)
+            or (scales is None) == fmt.quantized
+            or (scales is not None and scales.shape != (*c_kv.shape[:3], fmt.n_groups(rank)))):
+        raise ValueError(f"decode_attention: inconsistent shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, c_kv "
+                         f"{c_kv.shape}, scales {None if scales is None else scales.shape}, k_pe {k_pe.shape}, "
+                         f"page_table {page_table.shape}, visible {visible.shape} for the {fmt.name} format")
+    _registered()
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, rank), jnp.float32),
                             vmap_method="sequential")
     dummy = jnp.zeros((1, 1, 1, 1), jnp.float32)

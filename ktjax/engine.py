@@ -182,7 +182,7 @@ class Engine:
             return False
         why = cpu_kernels.available()
         if why:
-            self.notes.append(f"cpu_kernels auto: XLA's dot ({why})")
+            self.notes.append(f"cpu_kernels auto: XLA instead ({why})")
         return why is None
 
     @property

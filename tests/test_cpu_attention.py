@@ -149,3 +149,19 @@ def test_engine_decodes_with_the_kernel_as_with_xla(hf_folder, rng, cache_dtype)
     assert out["auto"].stats["attention"] == "cpu"
     decode = next(p for key, p in engines["auto"]._compiled.items() if key[0] == "decode")
     assert "KtjaxDecodeAttention" in decode.as_text()
+
+
+def test_inconsistent_shapes_are_refused_before_the_kernel_reads_them(rng):
+    """The kernel reads raw buffers: a caller passing shapes that disagree gets a ValueError at trace time."""
+    dense, _ = _caches("int8", 512, 64, 2, rng)
+    q_lat = jnp.zeros((2, 4, 512), jnp.float32)
+    table = jnp.arange(2, dtype=jnp.int32)[:, None]
+    visible = jnp.ones((2,), jnp.int32)
+    good = dict(q_lat=q_lat, q_pe=jnp.zeros((2, 4, 64), jnp.float32), c_kv=dense.c_kv, scales=dense.scales,
+                k_pe=dense.k_pe, page_table=table, layer=0, visible=visible)
+    bad = [dict(q_pe=jnp.zeros((2, 4, 32), jnp.float32)), dict(scales=None), dict(page_table=table[:1]),
+           dict(visible=visible[:1]), dict(q_lat=jnp.zeros((2, 4, 256), jnp.float32))]
+    cpu_kernels.decode_attention(**good, fmt=FORMATS["int8"], scale=0.1).block_until_ready()
+    for change in bad:
+        with pytest.raises(ValueError, match="inconsistent shapes"):
+            cpu_kernels.decode_attention(**{**good, **change}, fmt=FORMATS["int8"], scale=0.1)

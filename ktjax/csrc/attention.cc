@@ -112,7 +112,7 @@ inline void scaled(float* out, int64_t count, float scale, Widen widen) {
 // read of a vector stays inside the key's row when the row's widths are multiples of 16 (the DeepSeek ranks);
 // other widths take the scalar loops.
 void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
-  // A page id outside the pool (a stale table entry) is clamped, as XLA's gather clamps it: never read past.
+  // A page id outside the pool (a corrupt table entry) is clamped into it: never read past the pool.
   int64_t page = std::min<int64_t>(std::max<int32_t>(c.table[b * c.table_width + t / c.page_size], 0), c.pages - 1);
   int64_t slot = (c.layer * c.pages + page) * c.page_size + t % c.page_size;
   const float* s = c.scales ? c.scales + slot * c.groups : nullptr;
