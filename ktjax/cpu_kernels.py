@@ -1,4 +1,4 @@
-"""ktjax's C++ kernels for the CPU's decode steps (ktjax/csrc/): built on first use, called through XLA's FFI.
+"""ktjax's C++ kernels for the CPU (ktjax/csrc/): built on first use, called through XLA's FFI.
 
 matmul.cc: XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying, and a decode step is
 a few rows against every weight (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once,

@@ -168,7 +168,7 @@ class KernelQuantized:
     """An int8 or int4 weight held transposed, [..., out, in] (values and scales both: int8 values [out, in] with
     scales [out, 1]; int4 packed [out, P/2] with scales [out, P/g]), for ktjax's CPU kernels (ktjax/cpu_kernels.py):
     each output is then one contiguous dot product. The Engine holds int8/int4 weights so when cpu_kernels is on;
-    matmuls of more rows (prefill) transpose back and take XLA's path."""
+    matmuls of more rows (prefill chunks) run XLA's dot over it in tiles (_held_out_in_matmul)."""
     values: jax.Array
     scale: jax.Array
 

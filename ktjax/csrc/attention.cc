@@ -13,8 +13,8 @@
 //
 // Each sequence's keys are split into segments of kSegment keys, one task each, which the threads take in turn;
 // a task's partial result (its running max, sum and weighted latents per head) is merged with the others in
-// segment order by whichever thread finishes last. A row's arithmetic therefore depends on its own keys only, never on the batch or the thread
-// count: the server's greedy tokens equal the CLI's.
+// segment order by whichever thread finishes last. A row's arithmetic therefore depends on its own keys only,
+// never on the batch or the thread count: the server's greedy tokens equal the CLI's.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -37,9 +37,6 @@ constexpr int64_t kSegment = 256;  // keys per task
 constexpr float kNeg = -1e30f;  // kv/attention.py NEG
 
 typedef int32_t i32v __attribute__((vector_size(64)));
-
-inline f32v load(const float* p) { return load_f32(p); }
-inline void store(float* p, f32v v) { store_f32(p, v); }
 
 // exp on 16 lanes: 2^n e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7,
 // about a float32 ulp); inputs below -87 give 0 (the probabilities of masked or far-below-max keys).
@@ -66,13 +63,6 @@ inline f32v exp16(f32v x) {
 
 enum Format : int64_t { kF32 = 0, kBF16 = 1, kFP8 = 2, kInt8 = 3, kInt4 = 4 };  // cpu_kernels.CACHE_FORMATS
 
-inline float bf16_value(uint16_t bits) {
-  uint32_t w = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-
 // float8 e4m3fn (no infinities; 0x7f / 0xff are NaN) -> float, all 256 codes.
 struct E4M3Table {
   float v[256];
@@ -96,18 +86,6 @@ struct Cache {
   int64_t fmt, group, rank, pe_bytes;
 };
 
-// `count` values of one scale (a whole group, or its part before the rank ends), from its first element.
-template <typename Widen>
-inline void scaled(float* out, int64_t count, float scale, Widen widen) {
-  int64_t j = 0;
-  for (; j + kLanes <= count; j += kLanes) store(out + j, widen(j) * splat(scale));
-  if (j < count) {  // the group's tail: a whole vector into a scratch, the part that belongs copied
-    float tail[kLanes];
-    store(tail, widen(j) * splat(scale));
-    std::memcpy(out + j, tail, (count - j) * sizeof(float));
-  }
-}
-
 // Key t of sequence b as float32: latents [0, rank), then k_pe [rank, rank + rope), zeros to `dim`. Every
 // read of a vector stays inside the key's row when the row's widths are multiples of 16 (the DeepSeek ranks);
 // other widths take the scalar loops.
@@ -125,7 +103,7 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
       const uint16_t* v = reinterpret_cast<const uint16_t*>(c.c_kv) + slot * c.width;
       int64_t j = 0;
       if (vec)
-        for (; j < c.rank; j += kLanes) store(out + j, widen_bf16(v + j));
+        for (; j < c.rank; j += kLanes) store_f32(out + j, widen_bf16(v + j));
       for (; j < c.rank; ++j) out[j] = bf16_value(v[j]);
       break;
     }
@@ -136,11 +114,8 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
     }
     case kInt8: {
       const int8_t* v = reinterpret_cast<const int8_t*>(c.c_kv) + slot * c.width;
-      if (vec) {
-        for (int64_t g = 0; g * c.group < c.rank; ++g) {
-          int64_t j0 = g * c.group;
-          scaled(out + j0, std::min(c.group, c.rank - j0), s[g], [&](int64_t j) { return widen_s8(v + j0 + j); });
-        }
+      if (vec) {  // a vector never straddles two groups (both multiples of 16)
+        for (int64_t j = 0; j < c.rank; j += kLanes) store_f32(out + j, widen_s8(v + j) * splat(s[j / c.group]));
       } else {
         for (int64_t j = 0; j < c.rank; ++j) out[j] = float(v[j]) * s[j / c.group];
       }
@@ -153,8 +128,8 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
         for (int64_t j = 0; j < half; j += kLanes) {
           f32v lo, hi;
           widen_u4(v + j, lo, hi);
-          store(out + j, lo * splat(s[j / c.group]));
-          store(out + half + j, hi * splat(s[(half + j) / c.group]));
+          store_f32(out + j, lo * splat(s[j / c.group]));
+          store_f32(out + half + j, hi * splat(s[(half + j) / c.group]));
         }
       } else {
         for (int64_t j = 0; j < half && j < c.rank; ++j) out[j] = float((v[j] & 15) - 8) * s[j / c.group];
@@ -170,7 +145,7 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
     const uint16_t* v = reinterpret_cast<const uint16_t*>(pe);
     int64_t j = 0;
     if (c.rope % kLanes == 0)
-      for (; j < c.rope; j += kLanes) store(out + c.rank + j, widen_bf16(v + j));
+      for (; j < c.rope; j += kLanes) store_f32(out + c.rank + j, widen_bf16(v + j));
     for (; j < c.rope; ++j) out[c.rank + j] = bf16_value(v[j]);
   }
   for (int64_t j = c.rank + c.rope; j < dim; ++j) out[j] = 0.f;
@@ -188,7 +163,7 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
   out.m.assign(heads, kNeg);
   out.l.assign(heads, 0.f);
   out.acc.assign(heads * rank, 0.f);
-  std::vector<float> keys(kKeys * dim), scores(heads * kKeys);
+  std::vector<float> keys(kKeys * dim), scores(heads * kKeys), corr(heads);
   for (int64_t k0 = t0; k0 < t1; k0 += kKeys) {
     int64_t n = std::min<int64_t>(kKeys, t1 - k0);
     for (int64_t i = 0; i < kKeys; ++i) {
@@ -202,8 +177,8 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
         f32v acc[4][4] = {};
         for (int64_t d = 0; d < dim; d += kLanes) {
           f32v kv[4], qv[4];
-          for (int i = 0; i < 4; ++i) kv[i] = load(keys.data() + (i0 + i) * dim + d);
-          for (int h = 0; h < 4; ++h) qv[h] = h < hn ? load(q + (h0 + h) * dim + d) : f32v{};
+          for (int i = 0; i < 4; ++i) kv[i] = load_f32(keys.data() + (i0 + i) * dim + d);
+          for (int h = 0; h < 4; ++h) qv[h] = h < hn ? load_f32(q + (h0 + h) * dim + d) : f32v{};
           for (int h = 0; h < 4; ++h)
             for (int i = 0; i < 4; ++i) acc[h][i] += qv[h] * kv[i];
         }
@@ -212,15 +187,14 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
       }
     }
     // Online softmax per head over this block's keys (lanes = keys; the block's missing keys masked).
-    std::vector<float> corr(heads);
     for (int64_t h = 0; h < heads; ++h) {
       float* s = scores.data() + h * kKeys;
       for (int64_t i = n; i < kKeys; ++i) s[i] = kNeg;
       float m_new = out.m[h];
       for (int64_t i = 0; i < n; ++i) m_new = std::max(m_new, s[i]);
-      f32v p = exp16(load(s) - splat(m_new));
+      f32v p = exp16(load_f32(s) - splat(m_new));
       for (int64_t i = n; i < kKeys; ++i) p[i] = 0.f;
-      store(s, p);
+      store_f32(s, p);
       corr[h] = exp16(splat(out.m[h] - m_new))[0];
       out.l[h] = out.l[h] * corr[h] + lane_sum(p);
       out.m[h] = m_new;
@@ -232,12 +206,12 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
         bool two = d + kLanes < rank_v;
         f32v acc[8][2] = {};
         for (int h = 0; h < hn; ++h) {
-          acc[h][0] = load(out.acc.data() + (h0 + h) * rank + d) * splat(corr[h0 + h]);
-          if (two) acc[h][1] = load(out.acc.data() + (h0 + h) * rank + d + kLanes) * splat(corr[h0 + h]);
+          acc[h][0] = load_f32(out.acc.data() + (h0 + h) * rank + d) * splat(corr[h0 + h]);
+          if (two) acc[h][1] = load_f32(out.acc.data() + (h0 + h) * rank + d + kLanes) * splat(corr[h0 + h]);
         }
         for (int64_t i = 0; i < n; ++i) {
-          f32v k0v = load(keys.data() + i * dim + d);
-          f32v k1v = two ? load(keys.data() + i * dim + d + kLanes) : f32v{};
+          f32v k0v = load_f32(keys.data() + i * dim + d);
+          f32v k1v = two ? load_f32(keys.data() + i * dim + d + kLanes) : f32v{};
           for (int h = 0; h < hn; ++h) {
             f32v p = splat(scores[(h0 + h) * kKeys + i]);
             acc[h][0] += p * k0v;
@@ -245,8 +219,8 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
           }
         }
         for (int h = 0; h < hn; ++h) {
-          store(out.acc.data() + (h0 + h) * rank + d, acc[h][0]);
-          if (two) store(out.acc.data() + (h0 + h) * rank + d + kLanes, acc[h][1]);
+          store_f32(out.acc.data() + (h0 + h) * rank + d, acc[h][0]);
+          if (two) store_f32(out.acc.data() + (h0 + h) * rank + d + kLanes, acc[h][1]);
         }
       }
       for (int h = 0; h < hn; ++h)  // channels past the last whole vector

@@ -67,17 +67,22 @@ inline void widen_u4(const uint8_t* p, f32v& lo, f32v& hi) {
 #endif
 }
 
-// 16 bfloat16 bit patterns as floats (a bf16 is the high half of a float32).
+// One bfloat16 bit pattern as a float (a bf16 is the high half of a float32).
+inline float bf16_value(uint16_t bits) {
+  uint32_t w = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// 16 bfloat16 bit patterns as floats.
 inline f32v widen_bf16(const uint16_t* p) {
 #if defined(__AVX512F__)
   __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
   return (f32v)_mm512_castsi512_ps(w);
 #else
   f32v out;
-  for (int i = 0; i < kLanes; ++i) {
-    uint32_t w = uint32_t(p[i]) << 16;
-    std::memcpy(&out[i], &w, sizeof(float));
-  }
+  for (int i = 0; i < kLanes; ++i) out[i] = bf16_value(p[i]);
   return out;
 #endif
 }
