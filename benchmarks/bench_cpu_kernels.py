@@ -64,7 +64,8 @@ def attention(a):
 
 
 def matmul(a):
-    """x [rows, in] @ an int8 / int4 weight held [out, in]: the kernel against XLA's dequantize-then-dot."""
+    """x [rows, in] @ an int8 / int4 weight held [out, in]: the kernel (float32 activations, then int8 ones:
+    activation_quant int8) against XLA's dequantize-then-dot."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,7 +75,7 @@ def matmul(a):
 
     rng = np.random.default_rng(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes]
-    print("GFLOP/s, kernel / XLA, by rows")
+    print("GFLOP/s (2 x rows x in x out / time), kernel / kernel with int8 activations / XLA, by rows")
     for d_in, d_out in shapes:
         w = rng.standard_normal((d_in, d_out)).astype(np.float32)
         for fmt in a.formats:
@@ -86,9 +87,11 @@ def matmul(a):
                 x = jnp.asarray(rng.standard_normal((rows, d_in)), jnp.float32)
                 xp = jnp.pad(x, ((0, 0), (0, padded - d_in)))
                 tk = best_ms(jax.jit(cpu_kernels.matmul), xp, held.values, held.scale, repeats=a.repeats)
+                q8 = jax.jit(lambda x, v, s: cpu_kernels.matmul(x, v, s, int8_activations=True))
+                tq = best_ms(q8, xp, held.values, held.scale, repeats=a.repeats)
                 tx = best_ms(jax.jit(wq._held_out_in_matmul), x, held, repeats=a.repeats)
                 flops = 2 * rows * d_in * d_out / 1e6
-                cells.append(f"{rows:>4}: {flops / tk:4.0f} / {flops / tx:4.0f}")
+                cells.append(f"{rows:>4}: {flops / tk:4.0f} / {flops / tq:4.0f} / {flops / tx:4.0f}")
             print(f"[{d_in}, {d_out}] {fmt:>4}  " + " | ".join(cells), flush=True)
 
 
@@ -104,8 +107,8 @@ def main(argv=None):
     mm = sub.add_parser("matmul", help="int8 / int4 matmuls by row count")
     mm.add_argument("--shapes", nargs="+", default=["2048x1408", "1408x2048", "2048x10944"], help="IN x OUT")
     mm.add_argument("--formats", nargs="+", default=["int8", "int4"])
-    mm.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64, 128, 512])
-    mm.add_argument("--repeats", type=int, default=7)
+    mm.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512])
+    mm.add_argument("--repeats", type=int, default=20)
     a = p.parse_args(argv)
 
     from ktjax import cpu_kernels

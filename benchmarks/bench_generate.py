@@ -72,8 +72,9 @@ def prompt_ids(length, vocab):
 def worker_ktjax(folder, fmt, length, a):
     import ktjax
 
+    settings = {"activation_quant": a.activation_quant} if getattr(a, "activation_quant", None) else {}
     engine = ktjax.load(folder, cache_dtype=fmt, dtype="float32", chunk_size=a.chunk_size,
-                        max_new_tokens=a.decode_tokens, ignore_eos=True)
+                        max_new_tokens=a.decode_tokens, ignore_eos=True, **settings)
     s = engine.generate([prompt_ids(length, a.vocab)]).stats
     return {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "compile_s", "cache_bytes_per_token",
                               "cache_bytes", "absorb_for_prefill", "time_to_first_token_s")}

@@ -14,7 +14,9 @@ layer dense), saved by transformers with a synthetic byte-level BPE tokenizer so
   llama.cpp F32  / ktjax float32 weights       llama.cpp Q8_0 / ktjax int8 weights
   llama.cpp Q4_0 / ktjax int4 weights
 ktjax's int8 and int4 checkpoints also store lm_head as int8 (--lm-head int8), as llama.cpp's Q8_0 and Q4_0 files
-store it quantized (Q8_0 and Q6_K); ktjax runs with its default settings (cpu_kernels auto).
+store it quantized (Q8_0 and Q6_K); ktjax runs with its default settings (cpu_kernels auto), and its int8 / int4
+models once more with activation_quant int8 (rows "int8 +q8 act."): llama.cpp's Q8_0 / Q4_0 dot products quantize
+the activations to 8 bits too (--activation-quant off skips these runs).
 llama.cpp decodes with its default f16 KV cache at depth = --length (`llama-bench -d`); ktjax with a bf16
 latent cache. Each engine runs in its own process, the engines alternate, and the best of --runs is kept.
 """
@@ -35,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = (("F32", "float32"), ("Q8_0", "int8"), ("Q4_0", "int4"))
 # ktjax's lm_head per weight format: quantized as llama.cpp's files store it (Q8_0 -> Q8_0, Q4_0 -> Q6_K)
 LM_HEAD = {"float32": "kept", "int8": "int8", "int4": "int8"}
+Q8 = " +q8 act."  # ktjax's rows run with activation_quant int8
 
 
 def write_tokenizer(folder: str, vocab_size: int):
@@ -122,7 +125,10 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--activation-quant", dest="q8_runs", choices=("int8", "off"), default="int8",
+                   help="int8 (default): also run ktjax's int8 / int4 models with activation_quant int8")
     a = p.parse_args(argv)
+    q8 = argparse.Namespace(**{**vars(a), "activation_quant": "int8"})  # the worker reads activation_quant
     for tool in ("llama-bench", "llama-quantize"):
         if not os.path.isfile(os.path.join(a.llama_cpp, "build", "bin", tool)):
             p.exit(2, f"{p.prog}: error: {a.llama_cpp}/build/bin/{tool} not found: build llama.cpp first (see --help)\n")
@@ -149,24 +155,34 @@ def main(argv=None):
             for q, w in PAIRS:
                 keep(("llama.cpp", q), llama_bench(a.llama_cpp, ggufs[q], a.length, a.decode_tokens, a.threads))
                 keep(("ktjax", w), bench_generate.measure("ktjax", ktjax_dirs[w], a.length, a, "bf16"))
+                if w != "float32" and a.q8_runs == "int8":
+                    keep(("ktjax", w + Q8), bench_generate.measure("ktjax", ktjax_dirs[w], a.length, q8, "bf16"))
             if not a.no_hf:
                 keep(("transformers", "float32"), bench_generate.measure("hf", hf_dir, a.length, a))
             print(f"run {run + 1}/{a.runs} done", flush=True)
     roof = bandwidth / bench_generate.decode_bytes(a, a.length, 0)
     print(f"read bandwidth (BLAS matvec, best of 7): {bandwidth / 1e9:.1f} GB/s; float32 decode roof {roof:.1f} tok/s "
           "(weights only)")
-    print("| engine | weights | prefill tok/s | decode tok/s | ktjax decode / this | ktjax prefill / this |")
-    print("|---|---|---|---|---|---|")
-    ref = {w: best.get(("ktjax", w)) for _, w in PAIRS}
+    print("| engine | weights | prefill tok/s | decode tok/s | ktjax decode / this | ktjax prefill / this "
+          "| ktjax +q8 act. decode / this | ktjax +q8 act. prefill / this |")
+    print("|---|---|---|---|---|---|---|---|")
+    ref = {name: best.get(("ktjax", name)) for _, w in PAIRS for name in (w, w + Q8)}
+
+    def ratios(k, r):
+        if not k:
+            return "- | -"
+        return (f"{k['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x | "
+                f"{k['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x")
+
     for (engine, weights), r in best.items():
-        k = ref.get({"F32": "float32", "Q8_0": "int8", "Q4_0": "int4"}.get(weights, weights))
-        ratios = (f"{k['decode_tokens_per_s'] / r['decode_tokens_per_s']:.2f}x | "
-                  f"{k['prefill_tokens_per_s'] / r['prefill_tokens_per_s']:.2f}x") if k and engine != "ktjax" else "- | -"
-        print(f"| {engine} | {weights} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | {ratios} |")
-    for _, w in PAIRS:
+        w = {"F32": "float32", "Q8_0": "int8", "Q4_0": "int4"}.get(weights, weights)
+        cells = "- | - | - | -" if engine == "ktjax" else f"{ratios(ref.get(w), r)} | {ratios(ref.get(w + Q8), r)}"
+        print(f"| {engine} | {weights} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.2f} | {cells} |")
+    for w in [w for _, w in PAIRS] + [w + Q8 for _, w in PAIRS[1:]]:
         if ref.get(w):
-            per_token = bench_generate.decode_bytes(a, a.length, a.layers * 576 * 2, w,  # bf16 c_kv + k_pe
-                                                    "int8" if LM_HEAD[w] == "int8" else "float32")
+            weights = w.removesuffix(Q8)
+            per_token = bench_generate.decode_bytes(a, a.length, a.layers * 576 * 2, weights,  # bf16 c_kv + k_pe
+                                                    "int8" if LM_HEAD[weights] == "int8" else "float32")
             rate = ref[w]["decode_tokens_per_s"]
             print(f"ktjax {w}: {per_token / 1e6:.0f} MB read per decode step (weights + bf16 cache); "
                   f"{rate:.2f} tok/s = {100 * rate * per_token / bandwidth:.0f}% of the roof at {bandwidth / 1e9:.1f} GB/s")

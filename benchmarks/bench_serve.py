@@ -4,6 +4,7 @@ first token of a request whose 4k-token prefix is cached against one whose prefi
     python benchmarks/bench_serve.py                                    # V2-Lite dimensions, 2 layers
     python benchmarks/bench_serve.py --streams 1 4 --decode-tokens 16 --prefix 1024 --experts 8   # a small run
     python benchmarks/bench_serve.py --weights int8                     # int8 weights (lm_head too)
+    python benchmarks/bench_serve.py --weights int8 --activation-quant int8   # and int8 activations
 
 The model is bench_generate.py's (DeepSeek-V2-Lite's attention and MoE dimensions, --layers layers, random
 weights; its window just holds the longest request) with the demo model's tokenizer; it is served by `python -m ktjax.serve` in a subprocess, and the
@@ -100,6 +101,7 @@ def main(argv=None):
     p.add_argument("--memory-budget", help="passed to the server (the page pool is sized from it)")
     p.add_argument("--weights", default="float32", choices=("float32", "int8", "int4"),
                    help="int8 / int4: converted with --lm-head int8 (the server then runs ktjax's CPU kernels)")
+    p.add_argument("--activation-quant", choices=("off", "int8"), help="passed to the server (int8 / int4 weights)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
 
@@ -122,7 +124,8 @@ def main(argv=None):
                str(port), "--max-batch", str(max(a.streams)), "--page-size", str(a.page_size), "--cache-dtype",
                a.cache_dtype, "--dtype", a.dtype, "--chunk-size", str(a.chunk_size), "--log-level", "warning",
                "--max-queue", str(4 * max(a.streams))] + (["--memory-budget", a.memory_budget] if a.memory_budget
-                                                          else [])
+                                                          else []) + (
+            ["--activation-quant", a.activation_quant] if a.activation_quant else [])
         server = subprocess.Popen(cmd, cwd=ROOT)
         try:
             _wait_healthy(url, server)

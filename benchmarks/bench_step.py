@@ -5,6 +5,7 @@ logprobs) timed directly at a few batch sizes: the figures of benchmarks/RESULTS
     python benchmarks/bench_step.py --rows 1 16 --weight-layout in-out --moe-impl gather
     python benchmarks/bench_step.py --trace /tmp/trace             # also a jax.profiler trace of each
     python benchmarks/bench_step.py --weights int8 --cpu-kernels off   # XLA's dot on int8 weights
+    python benchmarks/bench_step.py --weights int4 --lm-head int8 --activation-quant int8   # integer products
 
 Best of --repeats steps after a warm one; run it on a quiet machine.
 """
@@ -32,6 +33,7 @@ def main(argv=None):
     p.add_argument("--cpu-kernels", help="auto, on or off (unset: the default; older checkouts have no setting)")
     p.add_argument("--attention", help="auto or xla (unset: the default; auto runs decode attention in the C++ "
                                        "kernel where cpu_kernels run)")
+    p.add_argument("--activation-quant", help="off or int8 (int8/int4 weights: the kernels' int8-activation path)")
     p.add_argument("--weights", default="float32", help="float32, int8 or int4 (converted with convert/hf_to_ktjax.py)")
     p.add_argument("--lm-head", default=None, help="int8: also quantize lm_head (older checkouts have no flag)")
     p.add_argument("--repeats", type=int, default=5)
@@ -51,7 +53,8 @@ def main(argv=None):
         converted = bench_generate.convert_checkpoint(os.path.join(folder, "hf"), os.path.join(folder, "kt"),
                                                       a.weights, a.lm_head)
         settings = {k: v for k, v in (("weight_layout", a.weight_layout), ("cpu_kernels", a.cpu_kernels),
-                                      ("attention", a.attention)) if v}
+                                      ("attention", a.attention), ("activation_quant", a.activation_quant))
+                    if v}
         engine = ktjax.load(converted, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
     page = 64
     per_row = -(-(a.context + 1) // page)

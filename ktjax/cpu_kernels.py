@@ -32,6 +32,10 @@ from .errors import KtjaxError
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("matmul.cc", "attention.cc"))
 HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
 TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4"}
+# activation_quant int8: the rows quantized to int8 per block and multiplied in integers (matmul.cc, "int8
+# activations"); int8 weights' blocks are Q8_BLOCK inputs, int4 weights' their groups
+Q8_TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8Q8", np.dtype(np.uint8): "KtjaxMatmulInt4Q8"}
+Q8_BLOCK = 128
 ATTENTION_TARGET = "KtjaxDecodeAttention"
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 # Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
@@ -111,7 +115,7 @@ def _registered() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
         raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
-    for target in (*TARGETS.values(), ATTENTION_TARGET):
+    for target in (*TARGETS.values(), *Q8_TARGETS.values(), ATTENTION_TARGET):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -139,14 +143,17 @@ def fits(rows: int) -> bool:
     return rows <= MAX_ROWS
 
 
-def matmul(x, values, scale):
+def matmul(x, values, scale, *, int8_activations: bool = False):
     """x [T, K] float32 @ an int8 ([N, K], scales [N, 1]) or int4 ([N, P/2], scales [N, P/g]; x zero-padded to
-    P) weight held [out, in] -> [T, N] float32."""
+    P) weight held [out, in] -> [T, N] float32; int8_activations: x quantized to int8 per block first (the
+    setting activation_quant int8)."""
     _registered()  # a program traced here may be compiled or loaded from JAX's persistent cache: register first
-    call = jax.ffi.ffi_call(TARGETS[np.dtype(values.dtype)], jax.ShapeDtypeStruct((x.shape[0], values.shape[0]),
-                                                                                 jnp.float32),
-                            vmap_method="sequential")
-    return call(x, values, scale)
+    dtype = np.dtype(values.dtype)
+    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32)
+    if not int8_activations:
+        return jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")(x, values, scale)
+    block = {"block": np.int64(Q8_BLOCK)} if dtype == np.int8 else {}
+    return jax.ffi.ffi_call(Q8_TARGETS[dtype], out, vmap_method="sequential")(x, values, scale, **block)
 
 
 def decode_attention(q_lat, q_pe, c_kv, scales, k_pe, page_table, layer, visible, *, fmt, scale: float):

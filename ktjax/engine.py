@@ -26,6 +26,7 @@ from .model import DeepseekModel, RunOptions, hold_for_kernels, hold_out_in, sta
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
+from .weight_quant import KernelQuantized
 
 MIN_BUCKET = 16
 STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
@@ -130,7 +131,9 @@ class Engine:
             self.state = hold_out_in(self.state, consume=own_weights)
         self.cpu_kernels = self._use_cpu_kernels()
         if self.cpu_kernels:
-            self.state = hold_for_kernels(self.state, consume=own_weights)
+            self.state = hold_for_kernels(self.state, consume=own_weights,
+                                          int8_activations=runtime.activation_quant == "int8")
+        self._check_activation_quant()
         self._compiled: dict = {}
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
@@ -184,6 +187,22 @@ class Engine:
         if why:
             self.notes.append(f"cpu_kernels auto: XLA instead ({why})")
         return why is None
+
+    def _check_activation_quant(self):
+        """activation_quant int8 runs in the CPU kernels' matmuls: refused, with why, where none would."""
+        if self.runtime.activation_quant == "off" or any(
+                isinstance(w, KernelQuantized) for w in jax.tree.leaves(
+                    self.state, is_leaf=lambda x: isinstance(x, KernelQuantized))):
+            return
+        if not self._has_kernel_weights():
+            why = "the model's weights are not int8 / int4 (python -m ktjax.convert --weights int8|int4)"
+        elif jax.default_backend() != "cpu" or self.n_devices != 1:
+            why = f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
+        else:
+            why = f"cpu_kernels {self.runtime.cpu_kernels}" + (
+                f": {cpu_kernels.available()}" if self.runtime.cpu_kernels == "auto" else "")
+        raise KtjaxError(f"activation_quant int8 runs in ktjax's CPU kernels, and none runs here ({why}); use "
+                         "activation_quant off")
 
     @property
     def attention(self) -> str:

@@ -166,17 +166,18 @@ def hold_out_in(state, consume: bool = False):
     return _map_matmul_weights(state, lambda w: w if isinstance(w, QuantizedArray) else jax.tree.map(transposed, w))
 
 
-def hold_for_kernels(state, consume: bool = False):
+def hold_for_kernels(state, consume: bool = False, int8_activations: bool = False):
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
-    KernelQuantized [out, in] copy, which ktjax's CPU kernels read; consume=True deletes each original once
-    copied. Stacked experts (moe_impl ragged) keep their layout."""
+    KernelQuantized [out, in] copy, which ktjax's CPU kernels read (int8_activations: their int8-activation
+    path); consume=True deletes each original once copied. Stacked experts (moe_impl ragged) keep their
+    layout."""
     def transposed(w):
         if not isinstance(w, QuantizedArray):
             return w
         values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
         if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
             return w
-        out = kernel_layout(w)
+        out = kernel_layout(w, int8_activations)
         if consume:
             for a in values + scales:
                 a.delete()

@@ -26,6 +26,7 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
 WEIGHT_LAYOUTS = ("in-out", "out-in")
 CPU_KERNELS = ("auto", "on", "off")
+ACTIVATION_QUANTS = ("off", "int8")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 MAX_INT32 = 2**31 - 1
 
@@ -190,6 +191,13 @@ SETTINGS: dict[str, Setting] = {
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",
                            _on_off_auto, CPU_KERNELS),
+    "activation_quant": Setting("off", "int8: matmuls over int8/int4 weights quantize their input rows to int8 per "
+                                       "block (128 inputs; int4: the weight's group) and multiply in integers, as "
+                                       "llama.cpp's Q8_0 / Q4_0 do: with AVX-512 VNNI about 2x the multiply rate "
+                                       "(int4 decode, batches, prefill: benchmarks/RESULTS.md), but the logits then "
+                                       "carry the activations' rounding as well. Needs int8/int4 weights and "
+                                       "cpu_kernels; off = float32 activations, as the reference",
+                                _choice(ACTIVATION_QUANTS), ACTIVATION_QUANTS),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "
                                 "Models without an indexer ignore it", _optional(lambda k, v: _int(k, v, 1))),
@@ -250,6 +258,7 @@ class RuntimeConfig:
     moe_impl: str = _default("moe_impl")
     weight_layout: str = _default("weight_layout")
     cpu_kernels: str = _default("cpu_kernels")
+    activation_quant: str = _default("activation_quant")
     index_topk: int | None = _default("index_topk")
     mesh: tuple[int, ...] | None = _default("mesh")
 

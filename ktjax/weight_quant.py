@@ -168,9 +168,12 @@ class KernelQuantized:
     """An int8 or int4 weight held transposed, [..., out, in] (values and scales both: int8 values [out, in] with
     scales [out, 1]; int4 packed [out, P/2] with scales [out, P/g]), for ktjax's CPU kernels (ktjax/cpu_kernels.py):
     each output is then one contiguous dot product. The Engine holds int8/int4 weights so when cpu_kernels is on;
-    matmuls of more rows (prefill chunks) run XLA's dot over it in tiles (_held_out_in_matmul)."""
+    matmuls of more rows (prefill chunks) run XLA's dot over it in tiles (_held_out_in_matmul). int8_activations
+    (the setting activation_quant int8): every matmul over it, of any row count, runs the kernels' int8-activation
+    path (cpu_kernels.matmul)."""
     values: jax.Array
     scale: jax.Array
+    int8_activations: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def __getitem__(self, index):
         if index is not Ellipsis:
@@ -203,22 +206,23 @@ def kernel_reads(values, scale) -> bool:
     return values.dtype == jnp.int8 or (values.dtype == jnp.uint8 and int4_group(values.shape, scale.shape) % 32 == 0)
 
 
-def kernel_layout(w: QuantizedArray) -> KernelQuantized:
+def kernel_layout(w: QuantizedArray, int8_activations: bool = False) -> KernelQuantized:
     """A weight that kernel_reads (or a PerLayer / PerExpert of them) as a KernelQuantized copy."""
-    return KernelQuantized(_swap_last(w.values), _swap_last(w.scale))
+    return KernelQuantized(_swap_last(w.values), _swap_last(w.scale), int8_activations)
 
 
 def _kernel_matmul(x, w: KernelQuantized):
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if w.values.dtype == jnp.uint8:
         rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[-1] - rows.shape[1])))
-    return cpu_kernels.matmul(rows, w.values, w.scale).astype(x.dtype).reshape(*x.shape[:-1], -1)
+    y = cpu_kernels.matmul(rows, w.values, w.scale, int8_activations=w.int8_activations)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
     if isinstance(w, KernelQuantized):
-        if cpu_kernels.fits(x.size // x.shape[-1]):
+        if w.int8_activations or cpu_kernels.fits(x.size // x.shape[-1]):
             return _kernel_matmul(x, w)
         return _held_out_in_matmul(x, w)
     if isinstance(w, OutIn):

@@ -36,8 +36,6 @@ constexpr int kKeys = 16;      // keys per scratch block
 constexpr int64_t kSegment = 256;  // keys per task
 constexpr float kNeg = -1e30f;  // kv/attention.py NEG
 
-typedef int32_t i32v __attribute__((vector_size(64)));
-
 // exp on 16 lanes: 2^n e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7,
 // about a float32 ulp); inputs below -87 give 0 (the probabilities of masked or far-below-max keys).
 inline f32v exp16(f32v x) {

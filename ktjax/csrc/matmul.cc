@@ -17,7 +17,10 @@
 // equal the CLI's.
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -30,6 +33,9 @@ using namespace ktjax_simd;
 
 // Outputs per block: each a weight row read front to back. A block's rows are short streams (a few KiB) that
 // the hardware prefetcher does not follow far, so each read also asks for the same place in the next block.
+// One row of x (a decode step) has little to share between outputs: it takes them one at a time instead, the
+// weight as one stream front to back, which the hardware prefetcher follows best (1.3-1.5x the bandwidth of
+// interleaved rows here: benchmarks/RESULTS.md, "Integer activations").
 constexpr int kOut = 4;
 constexpr int kRowsMax = 4; // x rows per block
 
@@ -41,7 +47,7 @@ void int8_block(const float* x, int64_t k_len, const int8_t* q, const float* sca
   for (; k + kLanes <= k_len; k += kLanes) {
     f32v w[O], xv[R];
     for (int o = 0; o < O; ++o) {
-      __builtin_prefetch(q + (o + kOut) * k_len + k);  // the next block's rows (see kOut)
+      if (O > 1) __builtin_prefetch(q + (o + kOut) * k_len + k);  // the next block's rows (see kOut)
       w[o] = widen_s8(q + o * k_len + k);
     }
     for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * k_len + k);
@@ -68,7 +74,7 @@ void int4_block(const float* x, int64_t p, const uint8_t* q, const float* scale,
     for (int64_t j = 0; j < half_g; j += kLanes) {
       f32v lo[O], hi[O], x_lo[R], x_hi[R];
       for (int o = 0; o < O; ++o) {
-        __builtin_prefetch(q + (o + kOut) * packed + gi * half_g + j);  // the next block's rows (see kOut)
+        if (O > 1) __builtin_prefetch(q + (o + kOut) * packed + gi * half_g + j);  // the next block's rows (see kOut)
         widen_u4(q + o * packed + gi * half_g + j, lo[o], hi[o]);
       }
       for (int r = 0; r < R; ++r) {
@@ -90,21 +96,31 @@ void int4_block(const float* x, int64_t p, const uint8_t* q, const float* scale,
     for (int r = 0; r < R; ++r) y[r * n + o] = lane_sum(acc[o][r]);
 }
 
-// Outputs [o0, o1) for all rows: blocks of kOut outputs x kRowsMax rows, then what is left.
-template <template <int, int> class Block, typename Args>
-void run_outputs(const Args& a, int64_t rows, int64_t o0, int64_t o1) {
-  for (int64_t t = 0; t < rows; t += kRowsMax) {
-    int64_t r = std::min<int64_t>(kRowsMax, rows - t);
-    for (int64_t o = o0; o < o1; o += kOut) {
-      int64_t m = std::min<int64_t>(kOut, o1 - o);
-      // one instantiation per (outputs, rows) shape: the arithmetic of each output is the same in all of them
+// Outputs per tile: a tile's weight rows (at most kTileBytes) serve every row of x before the next tile is read,
+// so that a call of many rows reads its weight from memory once.
+constexpr int64_t kTileBytes = 256 << 10;
+
+// Outputs [o0, o1) for all rows: tiles of outputs, each in blocks of kOut outputs x RowsMax rows (and what is
+// left). row_bytes: the bytes of one weight row.
+template <template <int, int> class Block, int RowsMax, typename Args>
+void run_outputs(const Args& a, int64_t rows, int64_t o0, int64_t o1, int64_t row_bytes) {
+  int64_t tile = std::max<int64_t>(kOut, kTileBytes / std::max<int64_t>(1, row_bytes) / kOut * kOut);
+  for (int64_t ot = o0; ot < o1; ot += tile) {
+    int64_t ot1 = std::min(o1, ot + tile);
+    const int64_t step = rows == 1 ? 1 : kOut;  // see kOut
+    for (int64_t t = 0; t < rows; t += RowsMax) {
+      int64_t r = std::min<int64_t>(RowsMax, rows - t);
+      for (int64_t o = ot; o < ot1; o += step) {
+        int64_t m = std::min<int64_t>(step, ot1 - o);
+        // one instantiation per (outputs, rows) shape: the arithmetic of each output is the same in all of them
 #define KTJAX_CASE(M, R) \
-  if (m == M && r == R) { Block<M, R>::run(a, t, o); continue; }
-      KTJAX_CASE(4, 4) KTJAX_CASE(4, 3) KTJAX_CASE(4, 2) KTJAX_CASE(4, 1)
-      KTJAX_CASE(3, 4) KTJAX_CASE(3, 3) KTJAX_CASE(3, 2) KTJAX_CASE(3, 1)
-      KTJAX_CASE(2, 4) KTJAX_CASE(2, 3) KTJAX_CASE(2, 2) KTJAX_CASE(2, 1)
-      KTJAX_CASE(1, 4) KTJAX_CASE(1, 3) KTJAX_CASE(1, 2) KTJAX_CASE(1, 1)
+  if (m == M && r == R) { if constexpr (R <= RowsMax) Block<M, R>::run(a, t, o); continue; }
+        KTJAX_CASE(4, 4) KTJAX_CASE(4, 3) KTJAX_CASE(4, 2) KTJAX_CASE(4, 1)
+        KTJAX_CASE(3, 4) KTJAX_CASE(3, 3) KTJAX_CASE(3, 2) KTJAX_CASE(3, 1)
+        KTJAX_CASE(2, 4) KTJAX_CASE(2, 3) KTJAX_CASE(2, 2) KTJAX_CASE(2, 1)
+        KTJAX_CASE(1, 4) KTJAX_CASE(1, 3) KTJAX_CASE(1, 2) KTJAX_CASE(1, 1)
 #undef KTJAX_CASE
+      }
     }
   }
 }
@@ -140,6 +156,182 @@ struct Int4Block {
   }
 };
 
+
+// ---- int8 activations (the setting activation_quant int8) ----
+//
+// Each row of x is quantized per block of inputs as llama.cpp's Q8_0 does: a = rint(x * (127 / amax)) with scale
+// amax / 127 (amax: the block's largest |x|; a block of zeros has scale 0). Blocks: cpu_kernels.Q8_BLOCK inputs
+// (the last may be shorter) for int8 weights, the weight's group for int4. Each block's dot products then run in
+// integers with AVX-512 VNNI (64 multiply-adds an instruction, where float32 FMA does 16), exactly: vpdpbusd
+// multiplies unsigned by signed bytes, so the weight's bytes are made unsigned (int8 + 128; int4 is stored + 8)
+// and each block's integer sum starts from -offset * sum(a) in lane 0. The block's sum, times the row's block
+// scale (times the weight's group scale for int4), is added in float32: one order per output, as above.
+struct Q8Rows {
+  std::vector<int8_t> values;  // [rows, k_len]
+  std::vector<float> scale;    // [rows, blocks]
+  std::vector<i32v> start;     // [rows, blocks]: -offset * sum(a) in lane 0
+  int64_t k_len, block, blocks;
+};
+
+std::shared_ptr<const Q8Rows> quantize_rows(const float* x, int64_t rows, int64_t k_len, int64_t block,
+                                            int32_t offset) {
+  auto out = std::make_shared<Q8Rows>();
+  int64_t blocks = (k_len + block - 1) / block;
+  out->values.resize(rows * k_len);
+  out->scale.resize(rows * blocks);
+  out->start.resize(rows * blocks);
+  out->k_len = k_len, out->block = block, out->blocks = blocks;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t k0 = b * block, len = std::min(block, k_len - k0), i = 0;
+      const float* xb = x + t * k_len + k0;
+      int8_t* qb = out->values.data() + t * k_len + k0;
+      f32v big = {};
+      for (; i + kLanes <= len; i += kLanes) {
+        f32v v = load_f32(xb + i);
+        v = v < 0 ? -v : v;
+        big = big > v ? big : v;
+      }
+      float amax = 0.f;
+      for (int j = 0; j < kLanes; ++j) amax = std::max(amax, big[j]);
+      for (; i < len; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      i = 0;
+#if defined(__AVX512F__)
+      for (; i + kLanes <= len; i += kLanes) {  // round to nearest even (the default mode), as std::nearbyint
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i*)(qb + i), _mm512_cvtsepi32_epi8(v));
+        sum += _mm512_reduce_add_epi32(v);
+      }
+#endif
+      for (; i < len; ++i) {
+        int32_t v = int32_t(std::nearbyint(xb[i] * inv));
+        qb[i] = int8_t(v);
+        sum += v;
+      }
+      out->scale[t * blocks + b] = amax / 127.f;
+      i32v start = {};
+      start[0] = -offset * sum;
+      out->start[t * blocks + b] = start;
+    }
+  return out;
+}
+
+constexpr int kQ8RowsMax = 4;
+
+// int8 weight: y[t, o] = scale[o] * sum_b s[t, b] * (sum over block b of a[t, k] q[o, k]). Blocks of 128 inputs
+// (cpu_kernels.Q8_BLOCK) are two vectors of each weight row and each x row, read once per block of outputs and
+// rows; a shorter last block (or another block size) runs output by output.
+template <int O, int R>
+void int8_q8_block(const Q8Rows& a, int64_t t, const int8_t* q, const float* sw, float* y, int64_t n) {
+  const int64_t k_len = a.k_len, whole = a.block == 2 * kBytes ? k_len / a.block : 0;
+  f32v acc[O][R] = {};
+  int64_t b = 0;
+  for (; b < whole; ++b) {
+    int64_t k0 = b * a.block;
+    u8v w0[O], w1[O];
+    for (int o = 0; o < O; ++o) {
+      const int8_t* w = q + o * k_len + k0;
+      if (O > 1) {  // the next block's rows (see kOut)
+        __builtin_prefetch(w + kOut * k_len);
+        __builtin_prefetch(w + kOut * k_len + kBytes);
+      }
+      w0[o] = load_bytes(w, kBytes) ^ 0x80;  // int8 + 128, as unsigned bytes
+      w1[o] = load_bytes(w + kBytes, kBytes) ^ 0x80;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = a.values.data() + (t + r) * k_len + k0;
+      u8v x0 = load_bytes(x, kBytes), x1 = load_bytes(x + kBytes, kBytes);
+      i32v start = a.start[(t + r) * a.blocks + b];
+      f32v s = splat(a.scale[(t + r) * a.blocks + b]);
+      for (int o = 0; o < O; ++o) acc[o][r] += to_f32(dot_u8s8(dot_u8s8(start, w0[o], x0), w1[o], x1)) * s;
+    }
+  }
+  for (; b < a.blocks; ++b) {
+    int64_t k0 = b * a.block, len = std::min(a.block, k_len - k0);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = a.values.data() + (t + r) * k_len + k0;
+      f32v s = splat(a.scale[(t + r) * a.blocks + b]);
+      for (int o = 0; o < O; ++o) {
+        i32v part = a.start[(t + r) * a.blocks + b];
+        for (int64_t c = 0; c < len; c += kBytes)
+          part = dot_u8s8(part, load_bytes(q + o * k_len + k0 + c, len - c) ^ 0x80, load_bytes(x + c, len - c));
+        acc[o][r] += to_f32(part) * s;
+      }
+    }
+  }
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) y[r * n + o] = lane_sum(acc[o][r]) * sw[o];
+}
+
+// int4 weight (activation blocks = its groups): y[t, o] = sum_g scale[o, g] s[t, g] (sum over group g of a q).
+// A group of 128 is one vector of packed bytes per weight row (its low nibbles the first half, high the second);
+// other group sizes run output by output over masked vectors.
+template <int O, int R>
+void int4_q8_block(const Q8Rows& a, int64_t t, const uint8_t* q, const float* sw, float* y, int64_t n) {
+  const int64_t p = a.k_len, groups = a.blocks, half_g = a.block / 2, packed = p / 2;
+  f32v acc[O][R] = {};
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    if (half_g == kBytes) {
+      u8v lo[O], hi[O];
+      for (int o = 0; o < O; ++o) {
+        const uint8_t* w = q + o * packed + gi * half_g;
+        if (O > 1) __builtin_prefetch(w + kOut * packed);  // the next block's rows (see kOut)
+        split_nibbles(load_bytes(w, kBytes), lo[o], hi[o]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = a.values.data() + (t + r) * p + gi * a.block;
+        u8v x_lo = load_bytes(x, kBytes), x_hi = load_bytes(x + kBytes, kBytes);
+        i32v start = a.start[(t + r) * groups + gi];
+        float s = a.scale[(t + r) * groups + gi];
+        for (int o = 0; o < O; ++o)
+          acc[o][r] += to_f32(dot_u8s8(dot_u8s8(start, lo[o], x_lo), hi[o], x_hi)) * splat(sw[o * groups + gi] * s);
+      }
+      continue;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = a.values.data() + (t + r) * p + gi * a.block;
+      float s = a.scale[(t + r) * groups + gi];
+      for (int o = 0; o < O; ++o) {
+        i32v part = a.start[(t + r) * groups + gi];
+        for (int64_t c = 0; c < half_g; c += kBytes) {
+          u8v lo, hi;
+          split_nibbles(load_bytes(q + o * packed + gi * half_g + c, half_g - c), lo, hi);
+          part = dot_u8s8(dot_u8s8(part, lo, load_bytes(x + c, half_g - c)), hi, load_bytes(x + half_g + c, half_g - c));
+        }
+        acc[o][r] += to_f32(part) * splat(sw[o * groups + gi] * s);
+      }
+    }
+  }
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) y[r * n + o] = lane_sum(acc[o][r]);
+}
+
+struct Q8Args {
+  std::shared_ptr<const Q8Rows> x;  // shared by the tasks, which may outlive the handler's call
+  const void* q;
+  const float* scale;
+  float* y;
+  int64_t n, groups;
+};
+
+template <int O, int R>
+struct Int8Q8Block {
+  static void run(const Q8Args& a, int64_t t, int64_t o) {
+    int64_t k_len = a.x->k_len;
+    int8_q8_block<O, R>(*a.x, t, (const int8_t*)a.q + o * k_len, a.scale + o, a.y + t * a.n + o, a.n);
+  }
+};
+
+template <int O, int R>
+struct Int4Q8Block {
+  static void run(const Q8Args& a, int64_t t, int64_t o) {
+    int64_t packed = a.x->k_len / 2;
+    int4_q8_block<O, R>(*a.x, t, (const uint8_t*)a.q + o * packed, a.scale + o * a.groups, a.y + t * a.n + o, a.n);
+  }
+};
+
 // The N outputs split into one contiguous range per thread (each a contiguous block of the weight), the first
 // on the calling thread and the others on XLA's intra-op pool; the future completes when all are done. A
 // weight under kMinSplitBytes runs on one thread: a task costs more than it saves.
@@ -170,7 +362,7 @@ ffi::Future int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
   Int8Args a{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), k_len, n};
   return run_split(pool, n, n * k_len, [a, rows](int64_t o0, int64_t o1) {
-    run_outputs<Int8Block>(a, rows, o0, o1);
+    run_outputs<Int8Block, kRowsMax>(a, rows, o0, o1, a.k_len);
   });
 }
 
@@ -180,7 +372,29 @@ ffi::Future int4_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   int64_t n = dims[0], p = 2 * dims[1], groups = scale.dimensions()[1], rows = x.element_count() / p;
   Int4Args a{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), p, groups, n};
   return run_split(pool, n, n * p / 2, [a, rows](int64_t o0, int64_t o1) {
-    run_outputs<Int4Block>(a, rows, o0, o1);
+    run_outputs<Int4Block, kRowsMax>(a, rows, o0, o1, a.p / 2);
+  });
+}
+
+ffi::Future int8_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t block) {
+  auto dims = q.dimensions();  // [N, K]
+  int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
+  Q8Args a{quantize_rows(x.typed_data(), rows, k_len, block, 128), q.typed_data(), scale.typed_data(),
+           y->typed_data(), n, 1};
+  return run_split(pool, n, n * k_len, [a, rows, k_len](int64_t o0, int64_t o1) {
+    run_outputs<Int8Q8Block, kQ8RowsMax>(a, rows, o0, o1, k_len);
+  });
+}
+
+ffi::Future int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto dims = q.dimensions();  // [N, P/2]
+  int64_t n = dims[0], p = 2 * dims[1], groups = scale.dimensions()[1], rows = x.element_count() / p;
+  Q8Args a{quantize_rows(x.typed_data(), rows, p, p / groups, 8), q.typed_data(), scale.typed_data(),
+           y->typed_data(), n, groups};
+  return run_split(pool, n, n * p / 2, [a, rows, p](int64_t o0, int64_t o1) {
+    run_outputs<Int4Q8Block, kQ8RowsMax>(a, rows, o0, o1, p / 2);
   });
 }
 
@@ -195,6 +409,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt8, int8_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt4, int4_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt8Q8, int8_q8_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt4Q8, int4_q8_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -13,6 +13,9 @@ namespace ktjax_simd {
 constexpr int kLanes = 16;  // floats per vector
 
 typedef float f32v __attribute__((vector_size(64)));
+typedef int32_t i32v __attribute__((vector_size(64)));
+typedef uint8_t u8v __attribute__((vector_size(64)));  // 64 bytes (int8 data is handled as its bits)
+constexpr int kBytes = 64;
 
 inline f32v load_f32(const float* p) {
   f32v v;
@@ -86,5 +89,47 @@ inline f32v widen_bf16(const uint16_t* p) {
   return out;
 #endif
 }
+
+// n bytes from p (n <= 0: none, n >= 64: 64) and zeros after them: a row's tail is read without touching what
+// follows it.
+inline u8v load_bytes(const void* p, int64_t n) {
+#if defined(__AVX512BW__)
+  if (n >= kBytes) return (u8v)_mm512_loadu_si512(p);
+  return (u8v)_mm512_maskz_loadu_epi8(n <= 0 ? 0 : ~0ULL >> (kBytes - n), p);
+#else
+  u8v v = {};
+  std::memcpy(&v, p, n <= 0 ? 0 : n >= kBytes ? kBytes : n);
+  return v;
+#endif
+}
+
+// The low and high nibbles of 64 bytes, each as a byte 0..15.
+inline void split_nibbles(u8v b, u8v& lo, u8v& hi) {
+#if defined(__AVX512BW__)
+  __m512i nibble = _mm512_set1_epi8(15);
+  lo = (u8v)_mm512_and_si512((__m512i)b, nibble);
+  hi = (u8v)_mm512_and_si512(_mm512_srli_epi16((__m512i)b, 4), nibble);
+#else
+  lo = b & 15;
+  hi = b >> 4;
+#endif
+}
+
+// acc plus, in each 32-bit lane i, the sum of the four products u[4i + j] * s[4i + j] (u unsigned bytes, s signed
+// ones): AVX-512 VNNI's vpdpbusd, exact (no saturation).
+inline i32v dot_u8s8(i32v acc, u8v u, u8v s) {
+#if defined(__AVX512VNNI__)
+  return (i32v)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, (__m512i)s);
+#else
+  for (int i = 0; i < kLanes; ++i) {
+    int32_t sum = 0;
+    for (int j = 0; j < 4; ++j) sum += int32_t(u[4 * i + j]) * int32_t(int8_t(s[4 * i + j]));
+    acc[i] += sum;
+  }
+  return acc;
+#endif
+}
+
+inline f32v to_f32(i32v v) { return __builtin_convertvector(v, f32v); }
 
 }  // namespace ktjax_simd
