@@ -66,6 +66,12 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+def integer_products_fast() -> bool:
+    """Whether this CPU has AVX-512 VNNI, which the int8-activation kernels use (without it they run the same
+    arithmetic in plain C++, correctly but slowly)."""
+    return "avx512_vnni" in _cpu_signature().split()
+
+
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), compiler.encode(),

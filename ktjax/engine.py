@@ -26,7 +26,7 @@ from .model import DeepseekModel, RunOptions, hold_for_kernels, hold_out_in, sta
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
-from .weight_quant import KernelQuantized
+from .weight_quant import KernelQuantized, QuantizedArray
 
 MIN_BUCKET = 16
 STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
@@ -189,20 +189,31 @@ class Engine:
         return why is None
 
     def _check_activation_quant(self):
-        """activation_quant int8 runs in the CPU kernels' matmuls: refused, with why, where none would."""
-        if self.runtime.activation_quant == "off" or any(
-                isinstance(w, KernelQuantized) for w in jax.tree.leaves(
-                    self.state, is_leaf=lambda x: isinstance(x, KernelQuantized))):
+        """activation_quant int8 runs in the CPU kernels' matmuls: refused, with why, where none would; a note
+        where some quantized weights stay outside them or where the CPU runs the integer products slowly."""
+        if self.runtime.activation_quant == "off":
             return
-        if not self._has_kernel_weights():
-            why = "the model's weights are not int8 / int4 (python -m ktjax.convert --weights int8|int4)"
-        elif jax.default_backend() != "cpu" or self.n_devices != 1:
-            why = f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
-        else:
-            why = f"cpu_kernels {self.runtime.cpu_kernels}" + (
-                f": {cpu_kernels.available()}" if self.runtime.cpu_kernels == "auto" else "")
-        raise KtjaxError(f"activation_quant int8 runs in ktjax's CPU kernels, and none runs here ({why}); use "
-                         "activation_quant off")
+        leaves = jax.tree.leaves(self.state, is_leaf=lambda x: isinstance(x, (KernelQuantized, QuantizedArray)))
+        held = sum(isinstance(w, KernelQuantized) for w in leaves)
+        if not held:
+            if not self._has_kernel_weights():
+                why = "the model's weights are not int8 / int4 (python -m ktjax.convert --weights int8|int4)"
+            elif jax.default_backend() != "cpu" or self.n_devices != 1:
+                why = f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
+            elif not self.cpu_kernels:
+                why = f"cpu_kernels {self.runtime.cpu_kernels}" + (
+                    f": {cpu_kernels.available()}" if self.runtime.cpu_kernels == "auto" else "")
+            else:
+                why = "no 2-D int8 / int4 matmul weight the kernels read (int4 groups must be a multiple of 32)"
+            raise KtjaxError(f"activation_quant int8 runs in ktjax's CPU kernels, and none runs here ({why}); use "
+                             "activation_quant off")
+        rest = sum(isinstance(w, QuantizedArray) for w in leaves)
+        if rest:
+            self.notes.append(f"activation_quant int8: {rest} quantized weight(s) the kernels do not read (stacked "
+                              "experts under moe_impl ragged, 3-D or odd-group weights) keep float32 activations")
+        if not cpu_kernels.integer_products_fast():
+            self.notes.append("activation_quant int8: this CPU has no AVX-512 VNNI; the integer products run in "
+                              "plain C++, correct but slower than activation_quant off")
 
     @property
     def attention(self) -> str:
@@ -441,6 +452,7 @@ class Engine:
             "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
             "attention": cache.attention, "index_topk": self.index_topk, "cpu_kernels": self.cpu_kernels,
+            "activation_quant": rt.activation_quant,
             "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
         }
         return Generation(tokens, stats)

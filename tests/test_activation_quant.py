@@ -39,15 +39,20 @@ def _weight(rng, fmt, group, k, n):
 
 def _quantized_rows(x, block):
     """numpy's version of the kernels' quantization: per row and block, scale = amax / 127 and
-    a = rint(x * (127 / amax)) in float32 (a block of zeros: scale 0, a = 0)."""
+    a = rint(x * (127 / amax)) in float32 (a block of zeros: scale 0, a = 0; an amax so small that 127 / amax
+    overflows: x * 127 / amax in float64)."""
     rows, k = x.shape
     a = np.zeros((rows, k), np.int64)
     s = np.zeros((rows, -(-k // block)), np.float32)
     for b in range(s.shape[1]):
         xb = x[:, b * block:(b + 1) * block]
         amax = np.abs(xb).max(axis=1)
-        inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
-        a[:, b * block:(b + 1) * block] = np.rint(xb * inv[:, None])
+        with np.errstate(divide="ignore", over="ignore"):
+            inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+            tiny = np.isinf(inv)
+            a[:, b * block:(b + 1) * block] = np.where(
+                tiny[:, None], np.rint(xb.astype(np.float64) * 127 / np.where(tiny, amax, 1)[:, None]),
+                np.rint(xb * inv[:, None]))
         s[:, b] = amax / np.float32(127)
     return a, s
 
@@ -106,6 +111,23 @@ def test_int8_activations_are_within_their_rounding_of_the_float_product(rng, fm
 
 
 @pytest.mark.parametrize("fmt, group", FORMATS[:2])
+def test_odd_blocks(rng, fmt, group):
+    """A block of zeros (scale 0) and one so small that 127 / amax overflows float32 give numpy's result; a NaN
+    or an infinity makes its row's outputs NaN, as the float product's (never finite garbage), and leaves the
+    other rows alone."""
+    k, n = SHAPES[0]
+    held, q, per_block, block = _weight(rng, fmt, group, k, n)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    x[0, :block] = 0
+    x[1, block:] *= np.float32(1e-38)
+    x[2, 3], x[3, -1] = np.nan, np.inf
+    got = np.asarray(matmul(x, held), np.float64)
+    exact, bound = _reference(x[[0, 1, 4]], q, per_block, block, 128 if fmt == "int8" else 8)
+    assert np.all(np.abs(got[[0, 1, 4]] - exact) <= bound)
+    assert np.isnan(got[2:4]).all()
+
+
+@pytest.mark.parametrize("fmt, group", FORMATS)
 def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
     """Rows are quantized on their own and each output is summed in one order: a server row gives the bits a
     single request gives."""
@@ -139,6 +161,13 @@ def test_engine_runs_every_quantized_matmul_with_int8_activations(int4_model, rn
     texts = [p.as_text() for p in engine._compiled.values() if hasattr(p, "as_text")]
     assert texts and all("KtjaxMatmulInt4Q8" in t and "KtjaxMatmulInt8Q8" in t for t in texts)
     assert not any('"KtjaxMatmulInt4"' in t or '"KtjaxMatmulInt8"' in t for t in texts)
+
+
+def test_weights_outside_the_kernels_are_named(int4_model):
+    """Stacked experts (moe_impl ragged) are not held for the kernels: they keep float32 activations, and the
+    load notes say so rather than leaving it silent."""
+    engine = ktjax.load(int4_model, activation_quant="int8", moe_impl="ragged")
+    assert any("keep float32 activations" in note for note in engine.notes), engine.notes
 
 
 # (what is wrong, the settings, what the message says)

@@ -13,7 +13,7 @@
 //
 // Each sequence's keys are split into segments of kSegment keys, one task each, which the threads take in turn;
 // a task's partial result (its running max, sum and weighted latents per head) is merged with the others in
-// segment order by whichever thread finishes last. A row's arithmetic therefore depends on its own keys only,
+// segment order by the calling thread once all are done. A row's arithmetic therefore depends on its own keys only,
 // never on the batch or the thread count: the server's greedy tokens equal the CLI's.
 #include <algorithm>
 #include <atomic>
@@ -241,8 +241,8 @@ struct Job {
   float scale;
   std::vector<int64_t> first;     // rows' first task
   std::vector<Partial> partials;  // one per task
-  std::atomic<int64_t> left{0};   // workers still running
-  std::atomic<int64_t> next{0};   // the next task to take
+  std::atomic<int64_t> next{0};      // the next task to take
+  std::atomic<int64_t> finished{0};  // tasks done
 
   int64_t segments(int64_t b) const { return (visible[b] + kSegment - 1) / kSegment; }
 
@@ -282,7 +282,7 @@ struct Job {
   }
 };
 
-ffi::Future decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::Buffer<ffi::F32> q_pe,
+ffi::Error decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::Buffer<ffi::F32> q_pe,
                         ffi::AnyBuffer c_kv, ffi::Buffer<ffi::F32> scales, ffi::AnyBuffer k_pe,
                         ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> visible,
                         ffi::ResultBuffer<ffi::F32> out, int64_t fmt, int64_t group, float scale) {
@@ -318,27 +318,21 @@ ffi::Future decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::
   for (int64_t b = 0; b < job->rows; ++b) job->first[b + 1] = job->first[b] + job->segments(b);
   int64_t tasks = job->first[job->rows];
   job->partials.resize(tasks);
-  if (tasks == 0) {
-    job->merge();
-    ffi::CountDownPromise ready(1);
-    ready.CountDown();
-    return ffi::Future(ready);
-  }
-  // Each worker takes the next task until none is left (segments differ in length, rows in segments); the
-  // last worker to finish merges.
+  // Each worker takes the next task until none is left (segments differ in length, rows in segments). The
+  // calling thread then waits only for tasks already running elsewhere, never for a helper that has not woken
+  // up, and merges (as matmul.cc's run_split: a future completed on another thread left the step idle).
   int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tasks));
-  job->left = workers;
-  ffi::CountDownPromise done(1);
-  auto work = [job, tasks, done]() mutable {
-    for (int64_t t = job->next++; t < tasks; t = job->next++) job->run_task(t);
-    if (job->left.fetch_sub(1) == 1) {
-      job->merge();
-      done.CountDown();
+  auto work = [job, tasks]() {
+    for (int64_t t = job->next++; t < tasks; t = job->next++) {
+      job->run_task(t);
+      job->finished.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([work]() mutable { work(); });
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule([work]() { work(); });
   work();
-  return ffi::Future(done);
+  while (job->finished.load(std::memory_order_acquire) < tasks) spin_pause();
+  job->merge();
+  return ffi::Error::Success();
 }
 
 }  // namespace

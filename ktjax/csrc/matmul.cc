@@ -16,9 +16,11 @@
 // whichever thread computes it, so a row's result does not depend on its batch: the server's greedy tokens
 // equal the CLI's.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -173,6 +175,54 @@ struct Q8Rows {
   int64_t k_len, block, blocks;
 };
 
+// One block of a row -> its int8 values in q, their sum, and its scale. A block with a NaN or an infinity gets
+// scale NaN (values 0), so that every output it feeds is NaN, as in the float product; an amax below
+// 127 / FLT_MAX (where 127 / amax overflows) is divided in double.
+float quantize_block(const float* x, int64_t len, int8_t* q, int32_t& sum) {
+  f32v big = {}, probe = {};  // probe: x * 0, NaN where x is NaN or infinite
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    f32v v = load_f32(x + i);
+    probe += v * 0.f;
+    v = v < 0 ? -v : v;
+    big = big > v ? big : v;
+  }
+  float amax = 0.f, bad = lane_sum(probe);
+  for (int j = 0; j < kLanes; ++j) amax = std::max(amax, big[j]);
+  for (; i < len; ++i) {
+    bad += x[i] * 0.f;
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  sum = 0;
+  if (bad != 0.f) {
+    std::memset(q, 0, len);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  float inv = amax > 0.f ? 127.f / amax : 0.f;
+  i = 0;
+  if (std::isinf(inv)) {
+    for (; i < len; ++i) {
+      int32_t v = int32_t(std::nearbyint(double(x[i]) * 127.0 / double(amax)));
+      q[i] = int8_t(v);
+      sum += v;
+    }
+    return amax / 127.f;
+  }
+#if defined(__AVX512F__)
+  for (; i + kLanes <= len; i += kLanes) {  // round to nearest even (the default mode), as std::nearbyint
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inv)));
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtsepi32_epi8(v));
+    sum += _mm512_reduce_add_epi32(v);
+  }
+#endif
+  for (; i < len; ++i) {
+    int32_t v = int32_t(std::nearbyint(x[i] * inv));
+    q[i] = int8_t(v);
+    sum += v;
+  }
+  return amax / 127.f;
+}
+
 std::shared_ptr<const Q8Rows> quantize_rows(const float* x, int64_t rows, int64_t k_len, int64_t block,
                                             int32_t offset) {
   auto out = std::make_shared<Q8Rows>();
@@ -183,34 +233,10 @@ std::shared_ptr<const Q8Rows> quantize_rows(const float* x, int64_t rows, int64_
   out->k_len = k_len, out->block = block, out->blocks = blocks;
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t b = 0; b < blocks; ++b) {
-      int64_t k0 = b * block, len = std::min(block, k_len - k0), i = 0;
-      const float* xb = x + t * k_len + k0;
-      int8_t* qb = out->values.data() + t * k_len + k0;
-      f32v big = {};
-      for (; i + kLanes <= len; i += kLanes) {
-        f32v v = load_f32(xb + i);
-        v = v < 0 ? -v : v;
-        big = big > v ? big : v;
-      }
-      float amax = 0.f;
-      for (int j = 0; j < kLanes; ++j) amax = std::max(amax, big[j]);
-      for (; i < len; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      i = 0;
-#if defined(__AVX512F__)
-      for (; i + kLanes <= len; i += kLanes) {  // round to nearest even (the default mode), as std::nearbyint
-        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), _mm512_set1_ps(inv)));
-        _mm_storeu_si128((__m128i*)(qb + i), _mm512_cvtsepi32_epi8(v));
-        sum += _mm512_reduce_add_epi32(v);
-      }
-#endif
-      for (; i < len; ++i) {
-        int32_t v = int32_t(std::nearbyint(xb[i] * inv));
-        qb[i] = int8_t(v);
-        sum += v;
-      }
-      out->scale[t * blocks + b] = amax / 127.f;
+      int64_t k0 = b * block;
+      int32_t sum;
+      out->scale[t * blocks + b] = quantize_block(x + t * k_len + k0, std::min(block, k_len - k0),
+                                                  out->values.data() + t * k_len + k0, sum);
       i32v start = {};
       start[0] = -offset * sum;
       out->start[t * blocks + b] = start;
@@ -332,70 +358,85 @@ struct Int4Q8Block {
   }
 };
 
-// The N outputs split into one contiguous range per thread (each a contiguous block of the weight), the first
-// on the calling thread and the others on XLA's intra-op pool; the future completes when all are done. A
-// weight under kMinSplitBytes runs on one thread: a task costs more than it saves.
+// The N outputs in contiguous ranges (each a contiguous block of the weight), kChunksPerThread per thread, taken in
+// turn from an atomic counter by the calling thread and by helpers on XLA's intra-op pool. The call returns when
+// every range is done: the calling thread takes ranges until none is left, then waits only for ranges already
+// running elsewhere, never for a helper that has not woken up. (Returning a future that another thread completes
+// left the rest of the step idle for 0.1-0.35 ms per call: benchmarks/RESULTS.md, "Integer activations".) A
+// weight under kMinSplitBytes runs on one thread: a helper costs more than it saves.
 constexpr int64_t kMinSplitBytes = 256 << 10;
+constexpr int64_t kChunksPerThread = 1;
 
 template <typename F>
-ffi::Future run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
+void run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
   int64_t blocks = (n + kOut - 1) / kOut;
-  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), blocks, bytes / kMinSplitBytes}));
-  int64_t per = (blocks + tasks - 1) / tasks * kOut;
-  tasks = (n + per - 1) / per;
-  ffi::CountDownPromise done(tasks);
-  for (int64_t i = 1; i < tasks; ++i) {
-    int64_t o0 = i * per, o1 = std::min(n, o0 + per);
-    pool.Schedule([outputs, o0, o1, done]() mutable {
-      outputs(o0, o1);
-      done.CountDown();
-    });
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), blocks, bytes / kMinSplitBytes}));
+  if (threads == 1) {
+    outputs(0, n);
+    return;
   }
-  outputs(0, std::min(n, per));
-  done.CountDown();
-  return ffi::Future(done);
+  int64_t chunks = std::min(blocks, threads * kChunksPerThread);
+  int64_t per = (blocks + chunks - 1) / chunks * kOut;
+  chunks = (n + per - 1) / per;
+  struct Counts {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counts = std::make_shared<Counts>();  // a helper may wake up after the call has returned
+  auto work = [counts, outputs, n, per, chunks]() {
+    for (int64_t i = counts->next++; i < chunks; i = counts->next++) {
+      outputs(i * per, std::min(n, (i + 1) * per));
+      counts->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) pool.Schedule([work]() { work(); });
+  work();
+  while (counts->done.load(std::memory_order_acquire) < chunks) spin_pause();
 }
 
-ffi::Future int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+ffi::Error int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = q.dimensions();  // [N, K]
   int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
   Int8Args a{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), k_len, n};
-  return run_split(pool, n, n * k_len, [a, rows](int64_t o0, int64_t o1) {
+  run_split(pool, n, n * k_len, [a, rows](int64_t o0, int64_t o1) {
     run_outputs<Int8Block, kRowsMax>(a, rows, o0, o1, a.k_len);
   });
+  return ffi::Error::Success();
 }
 
-ffi::Future int4_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+ffi::Error int4_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = q.dimensions();  // [N, P/2]
   int64_t n = dims[0], p = 2 * dims[1], groups = scale.dimensions()[1], rows = x.element_count() / p;
   Int4Args a{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), p, groups, n};
-  return run_split(pool, n, n * p / 2, [a, rows](int64_t o0, int64_t o1) {
+  run_split(pool, n, n * p / 2, [a, rows](int64_t o0, int64_t o1) {
     run_outputs<Int4Block, kRowsMax>(a, rows, o0, o1, a.p / 2);
   });
+  return ffi::Error::Success();
 }
 
-ffi::Future int8_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+ffi::Error int8_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t block) {
   auto dims = q.dimensions();  // [N, K]
   int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
   Q8Args a{quantize_rows(x.typed_data(), rows, k_len, block, 128), q.typed_data(), scale.typed_data(),
            y->typed_data(), n, 1};
-  return run_split(pool, n, n * k_len, [a, rows, k_len](int64_t o0, int64_t o1) {
+  run_split(pool, n, n * k_len, [a, rows, k_len](int64_t o0, int64_t o1) {
     run_outputs<Int8Q8Block, kQ8RowsMax>(a, rows, o0, o1, k_len);
   });
+  return ffi::Error::Success();
 }
 
-ffi::Future int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+ffi::Error int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = q.dimensions();  // [N, P/2]
   int64_t n = dims[0], p = 2 * dims[1], groups = scale.dimensions()[1], rows = x.element_count() / p;
   Q8Args a{quantize_rows(x.typed_data(), rows, p, p / groups, 8), q.typed_data(), scale.typed_data(),
            y->typed_data(), n, groups};
-  return run_split(pool, n, n * p / 2, [a, rows, p](int64_t o0, int64_t o1) {
+  run_split(pool, n, n * p / 2, [a, rows, p](int64_t o0, int64_t o1) {
     run_outputs<Int4Q8Block, kQ8RowsMax>(a, rows, o0, o1, p / 2);
   });
+  return ffi::Error::Success();
 }
 
 }  // namespace

@@ -132,4 +132,11 @@ inline i32v dot_u8s8(i32v acc, u8v u, u8v s) {
 
 inline f32v to_f32(i32v v) { return __builtin_convertvector(v, f32v); }
 
+// A pause in a short wait for another thread (the x86 hint that saves power and the sibling's cycles).
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
 }  // namespace ktjax_simd
