@@ -166,6 +166,14 @@ class Engine:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
                           self.index_topk)
 
+    @property
+    def _not_one_cpu(self) -> str | None:
+        """Why the CPU kernels cannot run on these devices (a custom call is not partitioned over a mesh), or
+        None on one CPU device."""
+        if jax.default_backend() == "cpu" and self.n_devices == 1:
+            return None
+        return f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
+
     def _use_cpu_kernels(self) -> bool:
         """The setting cpu_kernels resolved: whether the CPU kernels run, the matmuls over int8/int4 weights (the
         Engine holds those [out, in]) and, under attention auto, decode attention. They run on one CPU device (a
@@ -174,8 +182,7 @@ class Engine:
         setting = self.runtime.cpu_kernels
         if setting == "off":
             return False
-        where = None if jax.default_backend() == "cpu" and self.n_devices == 1 else (
-            f"{self.n_devices} {jax.default_backend()} device(s); they run on one CPU device")
+        where = self._not_one_cpu
         if setting == "on":
             if where:
                 raise KtjaxError(f"cpu_kernels on: {where} (use cpu_kernels auto or off)")
@@ -198,8 +205,8 @@ class Engine:
         if not held:
             if not self._has_kernel_weights():
                 why = "the model's weights are not int8 / int4 (python -m ktjax.convert --weights int8|int4)"
-            elif jax.default_backend() != "cpu" or self.n_devices != 1:
-                why = f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
+            elif self._not_one_cpu:
+                why = self._not_one_cpu
             elif not self.cpu_kernels:
                 why = f"cpu_kernels {self.runtime.cpu_kernels}" + (
                     f": {cpu_kernels.available()}" if self.runtime.cpu_kernels == "auto" else "")

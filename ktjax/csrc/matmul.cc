@@ -223,23 +223,22 @@ float quantize_block(const float* x, int64_t len, int8_t* q, int32_t& sum) {
   return amax / 127.f;
 }
 
-std::shared_ptr<const Q8Rows> quantize_rows(const float* x, int64_t rows, int64_t k_len, int64_t block,
-                                            int32_t offset) {
-  auto out = std::make_shared<Q8Rows>();
+Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k_len, int64_t block, int32_t offset) {
+  Q8Rows out;
   int64_t blocks = (k_len + block - 1) / block;
-  out->values.resize(rows * k_len);
-  out->scale.resize(rows * blocks);
-  out->start.resize(rows * blocks);
-  out->k_len = k_len, out->block = block, out->blocks = blocks;
+  out.values.resize(rows * k_len);
+  out.scale.resize(rows * blocks);
+  out.start.resize(rows * blocks);
+  out.k_len = k_len, out.block = block, out.blocks = blocks;
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t b = 0; b < blocks; ++b) {
       int64_t k0 = b * block;
       int32_t sum;
-      out->scale[t * blocks + b] = quantize_block(x + t * k_len + k0, std::min(block, k_len - k0),
-                                                  out->values.data() + t * k_len + k0, sum);
+      out.scale[t * blocks + b] = quantize_block(x + t * k_len + k0, std::min(block, k_len - k0),
+                                                 out.values.data() + t * k_len + k0, sum);
       i32v start = {};
       start[0] = -offset * sum;
-      out->start[t * blocks + b] = start;
+      out.start[t * blocks + b] = start;
     }
   return out;
 }
@@ -335,7 +334,7 @@ void int4_q8_block(const Q8Rows& a, int64_t t, const uint8_t* q, const float* sw
 }
 
 struct Q8Args {
-  std::shared_ptr<const Q8Rows> x;  // shared by the tasks, which may outlive the handler's call
+  const Q8Rows* x;  // the handler's, alive until run_split returns
   const void* q;
   const float* scale;
   float* y;
@@ -358,14 +357,13 @@ struct Int4Q8Block {
   }
 };
 
-// The N outputs in contiguous ranges (each a contiguous block of the weight), kChunksPerThread per thread, taken in
-// turn from an atomic counter by the calling thread and by helpers on XLA's intra-op pool. The call returns when
+// The N outputs in one contiguous range per thread (each a contiguous block of the weight), taken in turn from an
+// atomic counter by the calling thread and by helpers on XLA's intra-op pool. The call returns when
 // every range is done: the calling thread takes ranges until none is left, then waits only for ranges already
 // running elsewhere, never for a helper that has not woken up. (Returning a future that another thread completes
 // left the rest of the step idle for 0.1-0.35 ms per call: benchmarks/RESULTS.md, "Integer activations".) A
 // weight under kMinSplitBytes runs on one thread: a helper costs more than it saves.
 constexpr int64_t kMinSplitBytes = 256 << 10;
-constexpr int64_t kChunksPerThread = 1;
 
 template <typename F>
 void run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
@@ -375,9 +373,8 @@ void run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
     outputs(0, n);
     return;
   }
-  int64_t chunks = std::min(blocks, threads * kChunksPerThread);
-  int64_t per = (blocks + chunks - 1) / chunks * kOut;
-  chunks = (n + per - 1) / per;
+  int64_t per = (blocks + threads - 1) / threads * kOut;
+  int64_t chunks = (n + per - 1) / per;
   struct Counts {
     std::atomic<int64_t> next{0}, done{0};
   };
@@ -419,8 +416,8 @@ ffi::Error int8_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t block) {
   auto dims = q.dimensions();  // [N, K]
   int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
-  Q8Args a{quantize_rows(x.typed_data(), rows, k_len, block, 128), q.typed_data(), scale.typed_data(),
-           y->typed_data(), n, 1};
+  Q8Rows xq = quantize_rows(x.typed_data(), rows, k_len, block, 128);
+  Q8Args a{&xq, q.typed_data(), scale.typed_data(), y->typed_data(), n, 1};
   run_split(pool, n, n * k_len, [a, rows, k_len](int64_t o0, int64_t o1) {
     run_outputs<Int8Q8Block, kQ8RowsMax>(a, rows, o0, o1, k_len);
   });
@@ -431,8 +428,8 @@ ffi::Error int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = q.dimensions();  // [N, P/2]
   int64_t n = dims[0], p = 2 * dims[1], groups = scale.dimensions()[1], rows = x.element_count() / p;
-  Q8Args a{quantize_rows(x.typed_data(), rows, p, p / groups, 8), q.typed_data(), scale.typed_data(),
-           y->typed_data(), n, groups};
+  Q8Rows xq = quantize_rows(x.typed_data(), rows, p, p / groups, 8);
+  Q8Args a{&xq, q.typed_data(), scale.typed_data(), y->typed_data(), n, groups};
   run_split(pool, n, n * p / 2, [a, rows, p](int64_t o0, int64_t o1) {
     run_outputs<Int4Q8Block, kQ8RowsMax>(a, rows, o0, o1, p / 2);
   });
