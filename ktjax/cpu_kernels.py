@@ -2,7 +2,8 @@
 
 matmul.cc: XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying, and a decode step is
 a few rows against every weight (benchmarks/RESULTS.md, "CPU kernels"). The kernels read the stored bytes once,
-from weights the Engine holds [out, in] (weight_quant.KernelQuantized), on XLA's own thread pool.
+from weights the Engine holds [out, in] (weight_quant.KernelQuantized), on XLA's own thread pool; float32 weights
+held [out, in] (weight_quant.OutIn kernel) run the same loops, which read them faster than XLA's few-row dot.
 attention.cc: a decode step's absorbed attention over the latent cache (dense or paged, every cache format),
 where XLA copies and converts each key block before two small einsums.
 
@@ -31,7 +32,8 @@ from .errors import KtjaxError
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("matmul.cc", "attention.cc"))
 HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
-TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4"}
+TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4",
+           np.dtype(np.float32): "KtjaxMatmulF32"}
 # activation_quant int8: the rows quantized to int8 per block and multiplied in integers (matmul.cc, "int8
 # activations"); int8 weights' blocks are Q8_BLOCK inputs, int4 weights' their groups
 Q8_TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8Q8", np.dtype(np.uint8): "KtjaxMatmulInt4Q8"}
@@ -149,13 +151,15 @@ def fits(rows: int) -> bool:
     return rows <= MAX_ROWS
 
 
-def matmul(x, values, scale, *, int8_activations: bool = False):
-    """x [T, K] float32 @ an int8 ([N, K], scales [N, 1]) or int4 ([N, P/2], scales [N, P/g]; x zero-padded to
-    P) weight held [out, in] -> [T, N] float32; int8_activations: x quantized to int8 per block first (the
-    setting activation_quant int8)."""
+def matmul(x, values, scale=None, *, int8_activations: bool = False):
+    """x [T, K] float32 @ a float32 ([N, K], no scales), int8 ([N, K], scales [N, 1]) or int4 ([N, P/2], scales
+    [N, P/g]; x zero-padded to P) weight held [out, in] -> [T, N] float32; int8_activations (int8 / int4 weights):
+    x quantized to int8 per block first (the setting activation_quant int8)."""
     _registered()  # a program traced here may be compiled or loaded from JAX's persistent cache: register first
     dtype = np.dtype(values.dtype)
     out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32)
+    if dtype == np.float32:
+        return jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")(x, values)
     if not int8_activations:
         return jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")(x, values, scale)
     block = {"block": np.int64(Q8_BLOCK)} if dtype == np.int8 else {}

@@ -22,7 +22,8 @@ from .config import ModelConfig
 from .errors import KtjaxError
 from .kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from .kv.sparse import is_sparse, selected_fraction
-from .model import DeepseekModel, RunOptions, hold_for_kernels, hold_out_in, stack_layers, unstack_layers
+from .model import (DeepseekModel, RunOptions, hold_for_kernels, hold_out_in, matmul_weight_dtypes, stack_layers,
+                    unstack_layers)
 from .runtime import CallSettings, RuntimeConfig, describe
 from .sampling import Sampling, sample
 from .units import format_bytes
@@ -159,8 +160,12 @@ class Engine:
     def _expert_axis(self) -> str | None:
         return sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
 
-    def _has_kernel_weights(self) -> bool:
+    def _has_quantized_weights(self) -> bool:
         return any(a.dtype in (jnp.int8, jnp.uint8) for a in jax.tree.leaves(self.state))
+
+    def _has_kernel_weights(self) -> bool:
+        """Whether any weight is of a format the kernels' matmuls read: int8, int4 or float32."""
+        return bool(matmul_weight_dtypes(self.state) & {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)})
 
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
@@ -175,10 +180,10 @@ class Engine:
         return f"{self.n_devices} {jax.default_backend()} device(s); the kernels run on one CPU device"
 
     def _use_cpu_kernels(self) -> bool:
-        """The setting cpu_kernels resolved: whether the CPU kernels run, the matmuls over int8/int4 weights (the
-        Engine holds those [out, in]) and, under attention auto, decode attention. They run on one CPU device (a
-        custom call is not partitioned over a mesh); auto falls back to XLA, with a note, where they cannot be
-        built, and does not build them when nothing would use them."""
+        """The setting cpu_kernels resolved: whether the CPU kernels run, the matmuls over int8/int4 and float32
+        weights (the Engine holds those [out, in]) and, under attention auto, decode attention. They run on one CPU
+        device (a custom call is not partitioned over a mesh); auto falls back to XLA, with a note, where they
+        cannot be built, and does not build them when nothing would use them."""
         setting = self.runtime.cpu_kernels
         if setting == "off":
             return False
@@ -203,7 +208,7 @@ class Engine:
         leaves = jax.tree.leaves(self.state, is_leaf=lambda x: isinstance(x, (KernelQuantized, QuantizedArray)))
         held = sum(isinstance(w, KernelQuantized) for w in leaves)
         if not held:
-            if not self._has_kernel_weights():
+            if not self._has_quantized_weights():
                 why = "the model's weights are not int8 / int4 (python -m ktjax.convert --weights int8|int4)"
             elif self._not_one_cpu:
                 why = self._not_one_cpu

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
@@ -151,6 +152,18 @@ def _map_matmul_weights(state, fn):
                                             is_leaf=lambda x: isinstance(x, (PerLayer, QuantizedArray)))
 
 
+def matmul_weight_dtypes(state) -> set:
+    """The dtypes of a model state's matmul weights' stored arrays (see _map_matmul_weights)."""
+    found = set()
+
+    def note(w):
+        found.update(np.dtype(a.dtype) for a in jax.tree.leaves(w))
+        return w
+
+    _map_matmul_weights(state, note)
+    return found
+
+
 def hold_out_in(state, consume: bool = False):
     """Every float matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as an OutIn
     [out, in] copy (weight_quant.OutIn); quantized weights, embeddings, the router and the absorbed w_uk / w_uv
@@ -169,11 +182,21 @@ def hold_out_in(state, consume: bool = False):
 def hold_for_kernels(state, consume: bool = False, int8_activations: bool = False):
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
     KernelQuantized [out, in] copy, which ktjax's CPU kernels read (int8_activations: their int8-activation
-    path); consume=True deletes each original once copied. Stacked experts (moe_impl ragged) keep their
-    layout."""
+    path), and every 2-D float32 one as an OutIn copy they read (weight_quant.OutIn kernel); consume=True
+    deletes each original once copied. Stacked experts (moe_impl ragged) keep their layout."""
+    def float_for_kernel(a):
+        if isinstance(a, OutIn):
+            return OutIn(a.values, kernel=a.values.dtype == jnp.float32 and a.values.ndim == 2)
+        if not isinstance(a, jax.Array) or a.dtype != jnp.float32 or a.ndim != 2:
+            return a
+        t = OutIn(_TRANSPOSE(a), kernel=True)
+        if consume:
+            a.delete()
+        return t
+
     def transposed(w):
         if not isinstance(w, QuantizedArray):
-            return w
+            return jax.tree.map(float_for_kernel, w, is_leaf=lambda x: isinstance(x, OutIn))
         values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
         if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
             return w

@@ -179,14 +179,18 @@ SETTINGS: dict[str, Setting] = {
                          ATTENTION_IMPLS),
     "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
                                 "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
-    "weight_layout": Setting("in-out", "how float matmul weights are held: in-out ([in, out], as stored) or out-in "
-                                       "(a transposed copy made at load; on a CPU, one-row decode steps run ~1.15x "
-                                       "faster, prefill ~1.1x slower, 4-16-row batches slower: "
+    "weight_layout": Setting("in-out", "how float matmul weights are held where cpu_kernels do not run (where "
+                                       "they do, float32 ones are held out-in for them): in-out ([in, out], as "
+                                       "stored) or out-in (a transposed copy made at load; on a CPU, one-row "
+                                       "decode steps run ~1.15x faster, prefill ~1.1x slower, 4-16-row batches "
+                                       "slower: "
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
     "cpu_kernels": Setting("auto", "ktjax's C++ kernels on a CPU: matmuls of up to 64 rows over int8/int4 "
                                    "weights (held [out, in]; decode steps 2-3x faster than XLA's dot, routed "
-                                   "experts' blocks in prefill too) and, under "
+                                   "experts' blocks in prefill too) and of up to 31 rows over float32 weights "
+                                   "(then held [out, in] whatever weight_layout says; 1-8 rows 1.1-1.7x XLA's "
+                                   "product) and, under "
                                    "attention auto, attention over the cache: auto = on a CPU with one "
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",

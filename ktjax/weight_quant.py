@@ -150,8 +150,11 @@ class QuantizedArray:
 class OutIn:
     """A float weight held transposed, [..., out, in] (the runtime setting weight_layout out-in): XLA's CPU
     matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]; a batch of 4-16
-    rows runs about 1.4x slower and a prefill about 12% slower (benchmarks/RESULTS.md, "Decode step")."""
+    rows runs about 1.4x slower and a prefill about 12% slower (benchmarks/RESULTS.md, "Decode step").
+    kernel: a float32 weight the Engine holds so for ktjax's CPU kernels (cpu_kernels on), which take its matmuls
+    of fewer than OUT_IN_ROWS rows (benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")."""
     values: jax.Array
+    kernel: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def __getitem__(self, index):
         if index is not Ellipsis:
@@ -227,6 +230,9 @@ def matmul(x, w):
         return _held_out_in_matmul(x, w)
     if isinstance(w, OutIn):
         rows = x.reshape(-1, x.shape[-1])
+        if w.kernel and cpu_kernels.fits(rows.shape[0]):
+            y = cpu_kernels.matmul(rows.astype(jnp.float32), w.values)
+            return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
         if rows.shape[0] < OUT_IN_ROWS:
             return jnp.einsum("ti,oi->to", rows, w.values.astype(x.dtype)).reshape(*x.shape[:-1], -1)
         # many rows: the weight as the left operand ([out, T], then transposed) runs near the [in, out] speed

@@ -15,15 +15,19 @@ from ktjax.errors import KtjaxError
 pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
 
 # (format, int4 group): the stored formats the kernels read
-FORMATS = [("int8", None), ("int4", 128), ("int4", 64), ("int4", 32)]
+QUANTIZED = [("int8", None), ("int4", 128), ("int4", 64), ("int4", 32)]
+FORMATS = QUANTIZED + [("float32", None)]
 # (K, N): K with a tail of < 16 inputs (int8) and not a multiple of the group (int4), N not a multiple of the
-# 4-output block (and N under one block); the last split over two threads
-SHAPES = [(40, 3), (100, 7), (300, 4096 + 3)]
+# 4-output block (and N under one block); the last two split over two threads; weight rows of 4 KiB or more
+# (the last) are read 4 at a time even for one row of x
+SHAPES = [(40, 3), (100, 7), (300, 4096 + 3), (4100, 1024 + 1)]
 
 
 def _weight(rng, fmt, group, k, n):
     """(the weight held for the kernels, the same as weight_quant stores it, the float64 [K, N] both stand for)."""
     w = rng.standard_normal((k, n)).astype(np.float32)
+    if fmt == "float32":
+        return wq.OutIn(jnp.asarray(w.T), kernel=True), jnp.asarray(w), w.astype(np.float64)
     values, scales = wq.quantize(w, fmt, group or wq.INT4_GROUP)
     stored = wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
     assert wq.kernel_reads(stored.values, stored.scale)
@@ -39,7 +43,7 @@ def test_kernels_match_numpy(rng, fmt, group, k, n):
     """y = x @ W within float32 summation error of the exact product: |err| <= (K + 2) u (|x| @ |W|), the bound
     for a sum of K products in float32 in any order (u = 2^-24; one more rounding for the scale)."""
     w, _, dense = _weight(rng, fmt, group, k, n)
-    for rows in (1, 5, 16):
+    for rows in (1, 5, 16, wq.OUT_IN_ROWS - 1):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         assert "KtjaxMatmul" in matmul.lower(x, w).as_text(), "the kernel did not run"
         got = np.asarray(matmul(x, w), np.float64)
@@ -60,13 +64,13 @@ def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
     np.testing.assert_array_equal(np.asarray(matmul(x[3:8], w)), batch[3:8])
 
 
-@pytest.mark.parametrize("fmt, group", FORMATS)
+@pytest.mark.parametrize("fmt, group", QUANTIZED)
 def test_more_rows_run_xla_on_the_held_weight(rng, fmt, group, monkeypatch):
     """More rows than cpu_kernels.MAX_ROWS (prefill chunks) take XLA's dot over the held [out, in] weight,
     dequantized in tiles of whole output rows (one tile; eight; and one again for a prime number of outputs,
     rather than thousands): within the same float32 bound of the exact product, with no transposed copy of the
     stored bytes."""
-    k = SHAPES[-1][0]
+    k = SHAPES[2][0]
     x = rng.standard_normal((cpu_kernels.MAX_ROWS + 1, k)).astype(np.float32)
     for n, tiles in ((4096, 1), (4096, 8), (4099, 8)):
         w, _, dense = _weight(rng, fmt, group, k, n)
@@ -122,18 +126,40 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_float32_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, rng):
+    """The tiny v2_lite model in float32 with cpu_kernels on (matmul weights held [out, in], OutIn kernel) and off:
+    logits through the cache in chunks of 4 tokens x 2 rows within float32 rounding, the same greedy tokens, the
+    decode step's matmuls in the float32 kernel, and Engine.model gives back the weights as stored."""
+    from flax import nnx
+
+    src, _ = hf_folder("v2_lite")
+    engines = {s: ktjax.load(src, cpu_kernels=s, cache_dtype="float32", chunk_size=4) for s in ("on", "off")}
+    ids = rng.integers(0, 97, size=(2, 12))
+    np.testing.assert_allclose(engines["on"].cached_logits(ids), engines["off"].cached_logits(ids), rtol=1e-4,
+                               atol=1e-4)
+    out = {s: e.generate(ids.tolist(), max_new_tokens=6, temperature=0).tokens for s, e in engines.items()}
+    assert out["on"] == out["off"]
+    decode = {s: next(p for key, p in e._compiled.items() if key[0] == "decode").as_text() for s, e in engines.items()}
+    assert cpu_kernels.TARGETS[np.dtype(np.float32)] in decode["on"]
+    assert cpu_kernels.TARGETS[np.dtype(np.float32)] not in decode["off"]
+    for a, b in zip(jax.tree.leaves(nnx.state(engines["on"].model)), jax.tree.leaves(nnx.state(engines["off"].model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_setting_resolution(tmp_path, hf_folder, monkeypatch):
-    """auto holds no weight for the kernels in a float model (only decode attention uses them there, and with
-    attention xla nothing does), and runs XLA, with a note, where the kernels cannot be built; on refuses, with
-    the reason; off never builds them."""
+    """auto holds a float32 model's 2-D matmul weights for the kernels (OutIn, kernel), builds nothing where
+    nothing would use them (bf16 weights under attention xla), and runs XLA, with a note, where the kernels
+    cannot be built; on refuses, with the reason; off never builds them."""
     from ktjax.convert import main as convert_main
 
     src, _ = hf_folder("v2_lite")
     float_model = ktjax.load(src, cpu_kernels="auto")
     assert float_model.cpu_kernels and float_model.attention == "cpu"
-    assert not any(isinstance(x, wq.KernelQuantized) for x in
-                   jax.tree.leaves(float_model.state, is_leaf=lambda x: isinstance(x, wq.KernelQuantized)))
-    assert not ktjax.load(src, cpu_kernels="auto", attention="xla").cpu_kernels  # nothing would use them
+    held = jax.tree.leaves(float_model.state, is_leaf=lambda x: isinstance(x, (wq.KernelQuantized, wq.OutIn)))
+    assert not any(isinstance(x, wq.KernelQuantized) for x in held)
+    assert any(isinstance(x, wq.OutIn) and x.kernel and x.values.dtype == jnp.float32 for x in held)
+    # nothing would use them
+    assert not ktjax.load(src, cpu_kernels="auto", attention="xla", dtype="bfloat16").cpu_kernels
     folder = str(tmp_path / "int8")
     assert convert_main(["--hf-dir", src, "--out", folder, "--weights", "int8", "--quiet"]) == 0
     monkeypatch.setattr(cpu_kernels, "available", lambda: "cpu_kernels: no C++ compiler found")

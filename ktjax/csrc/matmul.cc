@@ -1,4 +1,4 @@
-// Few-row matmuls y[T, N] = x[T, K] @ W^T over int8 / int4 weights held [N, K] (out, in), on the CPU: XLA FFI
+// Few-row matmuls y[T, N] = x[T, K] @ W^T over int8 / int4 / float32 weights held [N, K] (out, in), on the CPU: XLA FFI
 // handlers that ktjax/cpu_kernels.py builds and ktjax/weight_quant.py calls for up to cpu_kernels.MAX_ROWS rows
 // (decode steps, the routed experts' blocks of a prefill chunk).
 //
@@ -6,7 +6,9 @@
 // over int8 ran at ~5 GB/s of weights here, int4 at ~2), and a decode step is a few rows against every
 // weight. These kernels read the stored bytes once, front to back, widen them in registers and multiply: the
 // weight held [out, in] makes each output one contiguous dot product, and a thread's outputs one contiguous
-// block of memory (benchmarks/RESULTS.md, "CPU kernels").
+// block of memory (benchmarks/RESULTS.md, "CPU kernels"). float32 weights: XLA's product of a few rows reads an
+// [in, out] weight at 17-27 GB/s; held [out, in], the same loops read it at 28-34 ("Float32 weights in the CPU
+// kernels").
 //
 // Formats (ktjax/weight_quant.py, transposed): int8 values [N, K] with scales [N, 1] applied to the finished
 // sum; int4 values [N, P/2] (two per byte: packed column k g/2 + j holds input k g + j in its low nibble and
@@ -38,7 +40,10 @@ using namespace ktjax_simd;
 // One row of x (a decode step) has little to share between outputs: it takes them one at a time instead, the
 // weight as one stream front to back, which the hardware prefetcher follows best (1.3-1.5x the bandwidth of
 // interleaved rows here: benchmarks/RESULTS.md, "Integer activations").
+// Weight rows of a page or more are read kOut at a time even for one row of x (1.2-1.4x faster for such rows:
+// a stream crossing page boundaries one at a time leaves the prefetcher idle at each).
 constexpr int kOut = 4;
+constexpr int64_t kOneStreamBytes = 4096;
 constexpr int kRowsMax = 4; // x rows per block
 
 // int8: y[t, o] = scale[o] * sum_k x[t, k] q[o, k] for O outputs and R rows of x.
@@ -61,6 +66,31 @@ void int8_block(const float* x, int64_t k_len, const int8_t* q, const float* sca
       float sum = lane_sum(acc[o][r]);
       for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * k_len + kk], float(q[o * k_len + kk]), sum);
       y[r * n + o] = sum * scale[o];
+    }
+}
+
+// float32: y[t, o] = sum_k x[t, k] w[o, k], the same loop over stored float32 weights (no scale).
+template <int O, int R>
+void f32_block(const float* x, int64_t k_len, const float* w, float* y, int64_t n) {
+  f32v acc[O][R] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= k_len; k += kLanes) {
+    f32v wv[O], xv[R];
+    for (int o = 0; o < O; ++o) {
+      // the next block's rows (see kOut); for more rows of x the prefetches cost more than they bring here (32-row
+      // products 1.2-1.5x faster without: benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")
+      if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);
+      wv[o] = load_f32(w + o * k_len + k);
+    }
+    for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * k_len + k);
+    for (int o = 0; o < O; ++o)
+      for (int r = 0; r < R; ++r) acc[o][r] += wv[o] * xv[r];
+  }
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) {
+      float sum = lane_sum(acc[o][r]);
+      for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * k_len + kk], w[o * k_len + kk], sum);
+      y[r * n + o] = sum;
     }
 }
 
@@ -109,7 +139,7 @@ void run_outputs(const Args& a, int64_t rows, int64_t o0, int64_t o1, int64_t ro
   int64_t tile = std::max<int64_t>(kOut, kTileBytes / std::max<int64_t>(1, row_bytes) / kOut * kOut);
   for (int64_t ot = o0; ot < o1; ot += tile) {
     int64_t ot1 = std::min(o1, ot + tile);
-    const int64_t step = rows == 1 ? 1 : kOut;  // see kOut
+    const int64_t step = rows == 1 && row_bytes < kOneStreamBytes ? 1 : kOut;  // see kOut
     for (int64_t t = 0; t < rows; t += RowsMax) {
       int64_t r = std::min<int64_t>(RowsMax, rows - t);
       for (int64_t o = ot; o < ot1; o += step) {
@@ -139,6 +169,20 @@ template <int O, int R>
 struct Int8Block {
   static void run(const Int8Args& a, int64_t t, int64_t o) {
     int8_block<O, R>(a.x + t * a.k_len, a.k_len, a.q + o * a.k_len, a.scale + o, a.y + t * a.n + o, a.n);
+  }
+};
+
+struct F32Args {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t k_len, n;
+};
+
+template <int O, int R>
+struct F32Block {
+  static void run(const F32Args& a, int64_t t, int64_t o) {
+    f32_block<O, R>(a.x + t * a.k_len, a.k_len, a.w + o * a.k_len, a.y + t * a.n + o, a.n);
   }
 };
 
@@ -401,6 +445,17 @@ ffi::Error int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+ffi::Error f32_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto dims = w.dimensions();  // [N, K]
+  int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
+  F32Args a{x.typed_data(), w.typed_data(), y->typed_data(), k_len, n};
+  run_split(pool, n, 4 * n * k_len, [a, rows](int64_t o0, int64_t o1) {
+    run_outputs<F32Block, kRowsMax>(a, rows, o0, o1, 4 * a.k_len);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error int4_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   auto dims = q.dimensions();  // [N, P/2]
@@ -443,6 +498,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt8, int8_impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulF32, f32_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
