@@ -188,7 +188,7 @@ SETTINGS: dict[str, Setting] = {
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
     "cpu_kernels": Setting("auto", "ktjax's C++ kernels on a CPU: matmuls of up to 64 rows over int8/int4 "
                                    "weights (held [out, in]; decode steps 2-3x faster than XLA's dot, routed "
-                                   "experts' blocks in prefill too) and of up to 31 rows over float32 weights "
+                                   "experts' blocks in prefill too) and over float32 weights "
                                    "(then held [out, in] whatever weight_layout says; 1-8 rows 1.1-1.7x XLA's "
                                    "product) and, under "
                                    "attention auto, attention over the cache: auto = on a CPU with one "

@@ -152,7 +152,7 @@ class OutIn:
     matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]; a batch of 4-16
     rows runs about 1.4x slower and a prefill about 12% slower (benchmarks/RESULTS.md, "Decode step").
     kernel: a float32 weight the Engine holds so for ktjax's CPU kernels (cpu_kernels on), which take its matmuls
-    of fewer than OUT_IN_ROWS rows (benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")."""
+    of up to cpu_kernels.MAX_ROWS rows (benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")."""
     values: jax.Array
     kernel: bool = dataclasses.field(default=False, metadata={"static": True})
 
