@@ -39,6 +39,7 @@ TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmu
 Q8_TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8Q8", np.dtype(np.uint8): "KtjaxMatmulInt4Q8"}
 Q8_BLOCK = 128
 ATTENTION_TARGET = "KtjaxDecodeAttention"
+HEADS_TARGET = "KtjaxHeadsMatmulF32"  # the absorbed attention's per-head products (w_uk, w_uv)
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 # Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
 # prefill chunks): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
@@ -123,7 +124,7 @@ def _registered() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
         raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
-    for target in (*TARGETS.values(), *Q8_TARGETS.values(), ATTENTION_TARGET):
+    for target in (*TARGETS.values(), *Q8_TARGETS.values(), ATTENTION_TARGET, HEADS_TARGET):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -164,6 +165,15 @@ def matmul(x, values, scale=None, *, int8_activations: bool = False):
         return jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")(x, values, scale)
     block = {"block": np.int64(Q8_BLOCK)} if dtype == np.int8 else {}
     return jax.ffi.ffi_call(Q8_TARGETS[dtype], out, vmap_method="sequential")(x, values, scale, **block)
+
+
+def heads_matmul(x, w, *, in_out: bool):
+    """x [T, H, K] float32 by each head's float32 matrix: w [H, K, N] ([in, out] per head, as w_uk is stored) or
+    [H, N, K] ([out, in], as w_uv is) -> [T, H, N] float32."""
+    _registered()
+    n = w.shape[2] if in_out else w.shape[1]
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(HEADS_TARGET, out, vmap_method="sequential")(x, w, in_out=bool(in_out))
 
 
 def decode_attention(q_lat, q_pe, c_kv, scales, k_pe, page_table, layer, visible, *, fmt, scale: float):

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .indexer import Indexer
 from .kv.sparse import head_scores, is_sparse, topk_mask
 from .layers import Linear, RMSNorm, _init, apply_rope
+from .weight_quant import per_head
 
 # The reference (transformers and DeepSeek's code) builds q_a_layernorm and kv_a_layernorm with the
 # default epsilon, not rms_norm_eps.
@@ -132,9 +133,9 @@ def absorbed_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
 
 def absorb_query(q_nope, w_uk):
     """q_lat [b,s,h,c] = q_nope [b,s,h,d] @ w_uk [h,d,c]: the key up-projection folded into the query."""
-    return jnp.einsum("bshd,hdc->bshc", q_nope, w_uk.astype(q_nope.dtype))
+    return per_head(q_nope, w_uk, in_out=True)
 
 
 def expand_output(o_lat, w_uv):
     """o [b,s,h,d_v] = o_lat [b,s,h,c] @ w_uv [h,d_v,c]: the value up-projection applied after attention."""
-    return jnp.einsum("bshc,hdc->bshd", o_lat, w_uv.astype(o_lat.dtype))
+    return per_head(o_lat, w_uv, in_out=False)

@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
 from .mla import MLA
 from .moe import MoE, PerExpert, stack_experts
-from .weight_quant import KernelQuantized, OutIn, QuantizedArray, in_out, kernel_layout, kernel_reads
+from .weight_quant import KernelHeads, KernelQuantized, OutIn, QuantizedArray, in_out, kernel_layout, kernel_reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def stack_layers(state):
     layer axis (and each PerExpert along an expert axis under it), each weight [in, out]: a copy."""
     def stack(x):
         return jnp.stack([stack_experts(a) for a in x.arrays]) if _is_per_layer(x) else x
-    state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, (OutIn, KernelQuantized)))
+    state = jax.tree.map(in_out, state, is_leaf=lambda x: isinstance(x, (OutIn, KernelQuantized, KernelHeads)))
     return jax.tree.map(stack, state, is_leaf=_is_per_layer)
 
 
@@ -182,8 +182,8 @@ def hold_out_in(state, consume: bool = False):
 def hold_for_kernels(state, consume: bool = False, int8_activations: bool = False):
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
     KernelQuantized [out, in] copy, which ktjax's CPU kernels read (int8_activations: their int8-activation
-    path), and every 2-D float32 one as an OutIn copy they read (weight_quant.OutIn kernel); consume=True
-    deletes each original once copied. Stacked experts (moe_impl ragged) keep their layout."""
+    path), every 2-D float32 one as an OutIn copy they read (weight_quant.OutIn kernel), and the absorbed
+    attention's float32 w_uk / w_uv as KernelHeads (in place); consume=True deletes each original once copied. Stacked experts (moe_impl ragged) keep their layout."""
     def float_for_kernel(a):
         if isinstance(a, OutIn):
             return OutIn(a.values, kernel=a.values.dtype == jnp.float32 and a.values.ndim == 2)
@@ -206,7 +206,19 @@ def hold_for_kernels(state, consume: bool = False, int8_activations: bool = Fals
                 a.delete()
         return out
 
-    return _map_matmul_weights(state, transposed)
+    return _hold_head_weights(_map_matmul_weights(state, transposed))
+
+
+def _hold_head_weights(state):
+    """The absorbed attention's float32 w_uk / w_uv as KernelHeads (weight_quant.per_head), in place: the kernel
+    reads them as stored."""
+    def held(a):
+        return KernelHeads(a) if isinstance(a, jax.Array) and a.dtype == jnp.float32 and a.ndim == 3 else a
+
+    def visit(path, x):
+        return jax.tree.map(held, x) if {getattr(k, "key", None) for k in path} & {"w_uk", "w_uv"} else x
+
+    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=lambda x: isinstance(x, PerLayer))
 
 
 def _layer_states(state):

@@ -188,6 +188,38 @@ class KernelQuantized:
         return QuantizedArray(_swap_last(self.values), _swap_last(self.scale))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KernelHeads:
+    """A float32 per-head weight of the absorbed attention (w_uk [h, d, c] or w_uv [h, d_v, c], as stored) that the
+    Engine holds for ktjax's CPU kernels (cpu_kernels on): per_head multiplies by it there for up to
+    cpu_kernels.MAX_ROWS rows. Elsewhere (the naive form, long prefill chunks) it reads as the array it holds."""
+    values: jax.Array
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a KernelHeads weight is read whole")
+        return self
+
+    @property
+    def shape(self) -> tuple:
+        return self.values.shape
+
+    def astype(self, dtype):
+        return self.values.astype(dtype)
+
+
+def per_head(x, w, in_out: bool):
+    """x [..., h, k] by each head's matrix of w: [h, k, n] (in_out: w_uk) or [h, n, k] (w_uv) -> [..., h, n] in
+    x.dtype. ktjax's CPU kernel where w is held for it (KernelHeads) and the rows are few; else XLA's einsum (whose
+    batched dot ran these at 20-25 GFLOP/s for 16 rows: benchmarks/RESULTS.md, "Per-head products")."""
+    rows = x.size // (x.shape[-1] * x.shape[-2])
+    if isinstance(w, KernelHeads) and cpu_kernels.fits(rows):
+        y = cpu_kernels.heads_matmul(x.reshape(rows, *x.shape[-2:]).astype(jnp.float32), w.values, in_out=in_out)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
+    return jnp.einsum("...hk,hkn->...hn" if in_out else "...hk,hnk->...hn", x, w.astype(x.dtype))
+
+
 def _swap_last(arrays):
     """Each array transposed in its last two axes (an array, or the arrays of a PerLayer / PerExpert)."""
     return jax.tree.map(functools.partial(jnp.swapaxes, axis1=-1, axis2=-2), arrays)
@@ -195,9 +227,11 @@ def _swap_last(arrays):
 
 def in_out(w):
     """The weight in the layout weight_quant stores ([..., in, out]): a copy for an OutIn or KernelQuantized one,
-    anything else as it is."""
+    a KernelHeads one's array, anything else as it is."""
     if isinstance(w, OutIn):
         return jnp.swapaxes(w.values, -1, -2)
+    if isinstance(w, KernelHeads):
+        return w.values
     return w.in_out() if isinstance(w, KernelQuantized) else w
 
 

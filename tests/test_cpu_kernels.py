@@ -126,10 +126,34 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("in_out", [True, False], ids=["w_uk", "w_uv"])
+@pytest.mark.parametrize("heads, k, n", [(3, 40, 85), (4, 128, 515)])
+def test_per_head_products_match_numpy(rng, in_out, heads, k, n):
+    """weight_quant.per_head through the kernel (a KernelHeads weight, [in, out] per head as w_uk is stored or
+    [out, in] as w_uv is): within the float32 bound of the exact product for 1, 5 and 16 rows, outputs past the
+    kernel's groups of 64 included (the second shape splits over two threads), and a row's result does not depend
+    on its batch."""
+    w = rng.standard_normal((heads, k, n) if in_out else (heads, n, k)).astype(np.float32)
+    dense = (w if in_out else np.swapaxes(w, 1, 2)).astype(np.float64)  # [h, k, n]
+    held = wq.KernelHeads(jnp.asarray(w))
+    run = jax.jit(lambda x, w: wq.per_head(x, w, in_out))
+    for rows in (1, 5, 16):
+        x = rng.standard_normal((rows, 1, heads, k)).astype(np.float32)
+        assert cpu_kernels.HEADS_TARGET in run.lower(x, held).as_text(), "the kernel did not run"
+        got = np.asarray(run(x, held), np.float64)
+        exact = np.einsum("bshk,hkn->bshn", x.astype(np.float64), dense)
+        bound = (k + 2) * 2.0**-24 * np.einsum("bshk,hkn->bshn", np.abs(x.astype(np.float64)), np.abs(dense))
+        assert np.all(np.abs(got - exact) <= bound), (rows, float(np.max(np.abs(got - exact) - bound)))
+    batch = np.asarray(run(x, held))
+    for i in (0, 9, 15):
+        np.testing.assert_array_equal(np.asarray(run(x[i:i + 1], held))[0], batch[i])
+
+
 def test_float32_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, rng):
     """The tiny v2_lite model in float32 with cpu_kernels on (matmul weights held [out, in], OutIn kernel) and off:
     logits through the cache in chunks of 4 tokens x 2 rows within float32 rounding, the same greedy tokens, the
-    decode step's matmuls in the float32 kernel, and Engine.model gives back the weights as stored."""
+    decode step's matmuls and per-head products (w_uk, w_uv) in the kernels, and Engine.model gives back the
+    weights as stored."""
     from flax import nnx
 
     src, _ = hf_folder("v2_lite")
@@ -142,6 +166,7 @@ def test_float32_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, 
     decode = {s: next(p for key, p in e._compiled.items() if key[0] == "decode").as_text() for s, e in engines.items()}
     assert cpu_kernels.TARGETS[np.dtype(np.float32)] in decode["on"]
     assert cpu_kernels.TARGETS[np.dtype(np.float32)] not in decode["off"]
+    assert cpu_kernels.HEADS_TARGET in decode["on"] and cpu_kernels.HEADS_TARGET not in decode["off"]
     for a, b in zip(jax.tree.leaves(nnx.state(engines["on"].model)), jax.tree.leaves(nnx.state(engines["off"].model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -71,7 +71,7 @@ void int8_block(const float* x, int64_t k_len, const int8_t* q, const float* sca
 
 // float32: y[t, o] = sum_k x[t, k] w[o, k], the same loop over stored float32 weights (no scale).
 template <int O, int R>
-void f32_block(const float* x, int64_t k_len, const float* w, float* y, int64_t n) {
+void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, float* y, int64_t n) {
   f32v acc[O][R] = {};
   int64_t k = 0;
   for (; k + kLanes <= k_len; k += kLanes) {
@@ -82,14 +82,14 @@ void f32_block(const float* x, int64_t k_len, const float* w, float* y, int64_t 
       if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);
       wv[o] = load_f32(w + o * k_len + k);
     }
-    for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * k_len + k);
+    for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * x_row + k);
     for (int o = 0; o < O; ++o)
       for (int r = 0; r < R; ++r) acc[o][r] += wv[o] * xv[r];
   }
   for (int o = 0; o < O; ++o)
     for (int r = 0; r < R; ++r) {
       float sum = lane_sum(acc[o][r]);
-      for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * k_len + kk], w[o * k_len + kk], sum);
+      for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * x_row + kk], w[o * k_len + kk], sum);
       y[r * n + o] = sum;
     }
 }
@@ -177,12 +177,13 @@ struct F32Args {
   const float* w;
   float* y;
   int64_t k_len, n;
+  int64_t x_row = k_len, y_row = n;  // strides between rows of x and of y (per-head products: H k_len, H n)
 };
 
 template <int O, int R>
 struct F32Block {
   static void run(const F32Args& a, int64_t t, int64_t o) {
-    f32_block<O, R>(a.x + t * a.k_len, a.k_len, a.w + o * a.k_len, a.y + t * a.n + o, a.n);
+    f32_block<O, R>(a.x + t * a.x_row, a.x_row, a.k_len, a.w + o * a.k_len, a.y + t * a.y_row + o, a.y_row);
   }
 };
 
@@ -491,6 +492,99 @@ ffi::Error int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+
+// ---- per-head products: the absorbed attention's w_uk and w_uv (float32) ----
+//
+// x [T, H, K] -> y [T, H, N], head h by its own matrix. w_uv [H, N, K] is [out, in] per head: each head runs the
+// float32 loops above on its rows of x (strided by H K). w_uk [H, K, N] is [in, out] per head, as the checkpoint's
+// kv_b_proj gives it: kVecs vectors of outputs at a time, each output one lane that adds x[t, d] w[d, c] in the
+// order of d (the same arithmetic whatever the rows or the thread), the rows of w read front to back. XLA's
+// batched dot ran these at 20-25 GFLOP/s for 16 rows (benchmarks/RESULTS.md, "Per-head products").
+constexpr int kVecs = 4;
+
+template <int R>
+void in_out_block(const float* x, int64_t x_row, int64_t d_len, const float* w, int64_t n, float* y, int64_t y_row) {
+  f32v acc[R][kVecs] = {};
+  for (int64_t d = 0; d < d_len; ++d) {
+    f32v wv[kVecs];
+    for (int v = 0; v < kVecs; ++v) wv[v] = load_f32(w + d * n + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      f32v xs = splat(x[r * x_row + d]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += xs * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) store_f32(y + r * y_row + v * kLanes, acc[r][v]);
+}
+
+// One row of x over outputs [c0, c1) (whole vectors): the sums kept in y itself (a few KiB, in L1), so that w
+// is read a whole row at a time, front to back (in registers, a group's 256 bytes of each row at a time read
+// these weights at ~2/3 of XLA's rate from memory). The same arithmetic per output as in_out_block.
+void in_out_row(const float* x, int64_t d_len, const float* w, int64_t n, int64_t c0, int64_t c1, float* y) {
+  for (int64_t c = c0; c < c1; c += kLanes) store_f32(y + c, f32v{});
+  for (int64_t d = 0; d < d_len; ++d) {
+    f32v xs = splat(x[d]);
+    const float* wd = w + d * n;
+    for (int64_t c = c0; c < c1; c += kLanes) store_f32(y + c, load_f32(y + c) + xs * load_f32(wd + c));
+  }
+}
+
+// Outputs [c0, c1) of one head for all rows: whole groups of kVecs vectors, then one output at a time.
+void in_out_outputs(const float* x, int64_t x_row, int64_t rows, int64_t d_len, const float* w, int64_t n,
+                    int64_t c0, int64_t c1, float* y, int64_t y_row) {
+  constexpr int64_t group = kVecs * kLanes;
+  int64_t c = c0;
+  if (rows == 1) {  // the same outputs in vectors as below
+    int64_t whole = c0 + (c1 - c0) / group * group;
+    in_out_row(x, d_len, w, n, c0, whole, y);
+    c = whole;
+  }
+  for (; c + group <= c1; c += group)
+    for (int64_t t = 0; t < rows; t += kRowsMax) {
+      const float* xt = x + t * x_row;
+      float* yt = y + t * y_row + c;
+      switch (std::min<int64_t>(kRowsMax, rows - t)) {
+        case 4: in_out_block<4>(xt, x_row, d_len, w + c, n, yt, y_row); break;
+        case 3: in_out_block<3>(xt, x_row, d_len, w + c, n, yt, y_row); break;
+        case 2: in_out_block<2>(xt, x_row, d_len, w + c, n, yt, y_row); break;
+        default: in_out_block<1>(xt, x_row, d_len, w + c, n, yt, y_row);
+      }
+    }
+  for (; c < c1; ++c)
+    for (int64_t t = 0; t < rows; ++t) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < d_len; ++d) sum = __builtin_fmaf(x[t * x_row + d], w[d * n + c], sum);
+      y[t * y_row + c] = sum;
+    }
+}
+
+ffi::Error heads_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y, bool in_out) {
+  auto dims = w.dimensions();  // in_out: [H, K, N]; else [H, N, K]
+  int64_t heads = dims[0], k_len = in_out ? dims[1] : dims[2], n = in_out ? dims[2] : dims[1];
+  int64_t rows = x.element_count() / (heads * k_len);
+  const float *xs = x.typed_data(), *ws = w.typed_data();
+  float* ys = y->typed_data();
+  constexpr int64_t group = kVecs * kLanes;
+  // work items: (head, a group of outputs) for [in, out], (head, output) for [out, in]
+  int64_t per_head = in_out ? (n + group - 1) / group : n;
+  run_split(pool, heads * per_head, 4 * heads * n * k_len, [=](int64_t i0, int64_t i1) {
+    for (int64_t h = i0 / per_head; h * per_head < i1; ++h) {
+      int64_t lo = std::max(i0, h * per_head) - h * per_head, hi = std::min(i1, (h + 1) * per_head) - h * per_head;
+      const float* xh = xs + h * k_len;
+      float* yh = ys + h * n;
+      if (in_out) {
+        in_out_outputs(xh, heads * k_len, rows, k_len, ws + h * k_len * n, n, lo * group, std::min(n, hi * group), yh,
+                       heads * n);
+      } else {
+        F32Args a{xh, ws + h * n * k_len, yh, k_len, n, heads * k_len, heads * n};
+        run_outputs<F32Block, kRowsMax>(a, rows, lo, hi, 4 * k_len);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt8, int8_impl,
@@ -532,3 +626,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt4Q8, int4_q8_impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxHeadsMatmulF32, heads_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("in_out"));
