@@ -1,9 +1,11 @@
-"""ktjax's C++ CPU kernels against XLA on the same work: decode attention over one layer of the latent cache, and
-int8 / int4 matmuls by row count (the figures behind cpu_kernels.MAX_ROWS; benchmarks/RESULTS.md).
+"""ktjax's C++ CPU kernels against XLA on the same work: decode attention over one layer of the latent cache,
+int8 / int4 matmuls by row count (the figures behind cpu_kernels.MAX_ROWS; benchmarks/RESULTS.md), and float32
+matmuls and the absorbed attention's per-head products.
 
     python benchmarks/bench_cpu_kernels.py attention                 # 2k and 16k keys, bf16 / int8 / int4
     python benchmarks/bench_cpu_kernels.py attention --context 2048 16384 65536 --formats int4
     python benchmarks/bench_cpu_kernels.py matmul                    # V2-Lite shapes, 16 to 512 rows
+    python benchmarks/bench_cpu_kernels.py float32                   # float32 weights and w_uk / w_uv, 1 to 64 rows
 
 Best of --repeats calls of one jitted function, with the kernels built first; run it on a quiet machine.
 """
@@ -95,6 +97,52 @@ def matmul(a):
             print(f"[{d_in}, {d_out}] {fmt:>4}  " + " | ".join(cells), flush=True)
 
 
+def float32(a):
+    """Float32 weights cold from memory (enough distinct copies to pass the L3): XLA's dot over [in, out] (the
+    layout as stored), XLA's over [out, in], and the kernel over [out, in] (cpu_kernels on); then the absorbed
+    attention's per-head products (16 heads, 128 x 512: w_uk [in, out] and w_uv [out, in] per head), XLA's
+    einsum against the kernel. Cells: GB/s of weights read, then GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ktjax import cpu_kernels
+    from ktjax import weight_quant as wq
+
+    rng = np.random.default_rng(0)
+
+    def copies(shape):
+        count = max(2, (256 << 20) // (4 * int(np.prod(shape))))
+        return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(count)]
+
+    def cell(fn, x, ws, flops):
+        ms = best_ms(jax.jit(lambda x, *ws: sum(fn(x, w) for w in ws)), x, *ws, repeats=a.repeats) / len(ws)
+        return f"{4 * ws[0].size / ms / 1e6:5.1f} {flops / ms / 1e6:6.1f}"
+
+    print("float32 [in, out]: GB/s GFLOP/s of XLA [in, out] | XLA [out, in] | kernel [out, in]")
+    for d_in, d_out in [tuple(int(v) for v in s.split("x")) for s in a.shapes]:
+        in_out = copies((d_in, d_out))
+        out_in = [jnp.asarray(w.T) + 0 for w in in_out]
+        for rows in a.rows:
+            x, flops = jnp.asarray(rng.standard_normal((rows, d_in)), jnp.float32), 2 * rows * d_in * d_out
+            print(f"[{d_in}, {d_out}] {rows:>3} rows: " + " | ".join((
+                cell(lambda x, w: x @ w, x, in_out, flops),
+                cell(lambda x, w: jnp.einsum("ti,oi->to", x, w), x, out_in, flops),
+                cell(cpu_kernels.matmul, x, out_in, flops))), flush=True)
+        del in_out, out_in
+    print("per head (16 x 128 x 512): GB/s GFLOP/s of XLA's einsum | kernel")
+    for name, in_out, d_in in (("w_uk", True, 128), ("w_uv", False, 512)):
+        ws = copies((16, 128, 512))
+        held = [wq.KernelHeads(w) for w in ws]
+        for rows in a.rows:
+            x, flops = jnp.asarray(rng.standard_normal((rows, 1, 16, d_in)), jnp.float32), 2 * rows * 16 * 128 * 512
+            if not cpu_kernels.fits(rows):
+                continue
+            print(f"{name} {rows:>3} rows: " + " | ".join((
+                cell(lambda x, w: wq.per_head(x, w, in_out), x, ws, flops),
+                cell(lambda x, w: wq.per_head(x, w, in_out), x, held, flops))), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -109,11 +157,15 @@ def main(argv=None):
     mm.add_argument("--formats", nargs="+", default=["int8", "int4"])
     mm.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512])
     mm.add_argument("--repeats", type=int, default=20)
+    f32 = sub.add_parser("float32", help="float32 matmuls and per-head products by row count")
+    f32.add_argument("--shapes", nargs="+", default=["2048x1408", "1408x2048", "2048x10944"], help="IN x OUT")
+    f32.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    f32.add_argument("--repeats", type=int, default=10)
     a = p.parse_args(argv)
 
     from ktjax import cpu_kernels
     cpu_kernels.require()
-    (attention if a.what == "attention" else matmul)(a)
+    {"attention": attention, "matmul": matmul, "float32": float32}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,10 @@ class KernelHeads:
     def shape(self) -> tuple:
         return self.values.shape
 
+    @property
+    def dtype(self):
+        return self.values.dtype
+
     def astype(self, dtype):
         return self.values.astype(dtype)
 
