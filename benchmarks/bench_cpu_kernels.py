@@ -117,7 +117,7 @@ def float32(a):
 
     def cell(fn, x, ws, flops):
         ms = best_ms(jax.jit(lambda x, *ws: sum(fn(x, w) for w in ws)), x, *ws, repeats=a.repeats) / len(ws)
-        return f"{4 * ws[0].size / ms / 1e6:5.1f} {flops / ms / 1e6:6.1f}"
+        return f"{4 * int(np.prod(ws[0].shape)) / ms / 1e6:5.1f} {flops / ms / 1e6:6.1f}"
 
     print("float32 [in, out]: GB/s GFLOP/s of XLA [in, out] | XLA [out, in] | kernel [out, in]")
     for d_in, d_out in [tuple(int(v) for v in s.split("x")) for s in a.shapes]:
