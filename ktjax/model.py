@@ -183,7 +183,8 @@ def hold_for_kernels(state, consume: bool = False, int8_activations: bool = Fals
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
     KernelQuantized [out, in] copy, which ktjax's CPU kernels read (int8_activations: their int8-activation
     path), every 2-D float32 one as an OutIn copy they read (weight_quant.OutIn kernel), and the absorbed
-    attention's float32 w_uk / w_uv as KernelHeads (in place); consume=True deletes each original once copied. Stacked experts (moe_impl ragged) keep their layout."""
+    attention's float32 w_uk / w_uv as KernelHeads (in place); consume=True deletes each original once copied.
+    Stacked experts (moe_impl ragged) keep their layout."""
     def float_for_kernel(a):
         if isinstance(a, OutIn):
             return OutIn(a.values, kernel=a.values.dtype == jnp.float32 and a.values.ndim == 2)
