@@ -161,11 +161,11 @@ class Engine:
         return sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
 
     def _has_quantized_weights(self) -> bool:
-        return any(a.dtype in (jnp.int8, jnp.uint8) for a in jax.tree.leaves(self.state))
+        return bool(matmul_weight_dtypes(self.state) & {np.dtype(np.int8), np.dtype(np.uint8)})
 
     def _has_kernel_weights(self) -> bool:
-        """Whether any weight is of a format the kernels' matmuls read: int8, int4 or float32."""
-        return bool(matmul_weight_dtypes(self.state) & {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)})
+        """Whether any matmul weight is of a format the kernels read: int8, int4 or float32."""
+        return self._has_quantized_weights() or np.dtype(np.float32) in matmul_weight_dtypes(self.state)
 
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,

@@ -171,12 +171,17 @@ def hold_out_in(state, consume: bool = False):
     def transposed(a):
         if not isinstance(a, jax.Array) or not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim != 2:
             return a
-        t = OutIn(_TRANSPOSE(a))
-        if consume:
-            a.delete()
-        return t
+        return _out_in_copy(a, consume)
 
     return _map_matmul_weights(state, lambda w: w if isinstance(w, QuantizedArray) else jax.tree.map(transposed, w))
+
+
+def _out_in_copy(a, consume: bool, kernel: bool = False) -> OutIn:
+    """A 2-D float weight as an OutIn [out, in] copy; consume=True deletes the original once copied."""
+    t = OutIn(_TRANSPOSE(a), kernel=kernel)
+    if consume:
+        a.delete()
+    return t
 
 
 def hold_for_kernels(state, consume: bool = False, int8_activations: bool = False):
@@ -190,10 +195,7 @@ def hold_for_kernels(state, consume: bool = False, int8_activations: bool = Fals
             return OutIn(a.values, kernel=a.values.dtype == jnp.float32 and a.values.ndim == 2)
         if not isinstance(a, jax.Array) or a.dtype != jnp.float32 or a.ndim != 2:
             return a
-        t = OutIn(_TRANSPOSE(a), kernel=True)
-        if consume:
-            a.delete()
-        return t
+        return _out_in_copy(a, consume, kernel=True)
 
     def transposed(w):
         if not isinstance(w, QuantizedArray):

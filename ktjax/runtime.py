@@ -189,8 +189,8 @@ SETTINGS: dict[str, Setting] = {
     "cpu_kernels": Setting("auto", "ktjax's C++ kernels on a CPU: matmuls of up to 64 rows over int8/int4 "
                                    "weights (held [out, in]; decode steps 2-3x faster than XLA's dot, routed "
                                    "experts' blocks in prefill too) and over float32 weights "
-                                   "(then held [out, in] whatever weight_layout says; 1-8 rows 1.1-1.7x XLA's "
-                                   "product) and, under "
+                                   "(then held [out, in] whatever weight_layout says; 1-4 rows 1.1-1.4x XLA's "
+                                   "product over [in, out]) and, under "
                                    "attention auto, attention over the cache: auto = on a CPU with one "
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",

@@ -216,7 +216,8 @@ class KernelHeads:
 def per_head(x, w, in_out: bool):
     """x [..., h, k] by each head's matrix of w: [h, k, n] (in_out: w_uk) or [h, n, k] (w_uv) -> [..., h, n] in
     x.dtype. ktjax's CPU kernel where w is held for it (KernelHeads) and the rows are few; else XLA's einsum (whose
-    batched dot ran these at 20-25 GFLOP/s for 16 rows: benchmarks/RESULTS.md, "Per-head products")."""
+    batched dot ran w_uk at 6-45 GFLOP/s for 4-64 rows: benchmarks/RESULTS.md, "Float32 weights in the CPU
+    kernels")."""
     rows = x.size // (x.shape[-1] * x.shape[-2])
     if isinstance(w, KernelHeads) and cpu_kernels.fits(rows):
         y = cpu_kernels.heads_matmul(x.reshape(rows, *x.shape[-2:]).astype(jnp.float32), w.values, in_out=in_out)

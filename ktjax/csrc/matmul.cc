@@ -499,7 +499,8 @@ ffi::Error int4_q8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // float32 loops above on its rows of x (strided by H K). w_uk [H, K, N] is [in, out] per head, as the checkpoint's
 // kv_b_proj gives it: kVecs vectors of outputs at a time, each output one lane that adds x[t, d] w[d, c] in the
 // order of d (the same arithmetic whatever the rows or the thread), the rows of w read front to back. XLA's
-// batched dot ran these at 20-25 GFLOP/s for 16 rows (benchmarks/RESULTS.md, "Per-head products").
+// batched dot ran w_uk at 6-45 GFLOP/s for 4-64 rows (benchmarks/RESULTS.md, "Float32 weights in the CPU
+// kernels").
 constexpr int kVecs = 4;
 
 template <int R>
