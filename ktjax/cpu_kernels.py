@@ -40,6 +40,8 @@ Q8_TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8Q8", np.dtype(np.uint8): "Ktjax
 Q8_BLOCK = 128
 ATTENTION_TARGET = "KtjaxDecodeAttention"
 HEADS_TARGET = "KtjaxHeadsMatmulF32"  # the absorbed attention's per-head products (w_uk, w_uv)
+GROUPED_TARGET = "KtjaxGroupedMatmul"  # the routed experts: each group of rows by its own weight
+GROUPED_FORMATS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.uint8): 2}  # matmul.cc's; +2: int8 activations
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 # Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
 # prefill chunks): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
@@ -124,7 +126,7 @@ def _registered() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
         raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
-    for target in (*TARGETS.values(), *Q8_TARGETS.values(), ATTENTION_TARGET, HEADS_TARGET):
+    for target in (*TARGETS.values(), *Q8_TARGETS.values(), ATTENTION_TARGET, HEADS_TARGET, GROUPED_TARGET):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -165,6 +167,19 @@ def matmul(x, values, scale=None, *, int8_activations: bool = False):
         return jax.ffi.ffi_call(TARGETS[dtype], out, vmap_method="sequential")(x, values, scale)
     block = {"block": np.int64(Q8_BLOCK)} if dtype == np.int8 else {}
     return jax.ffi.ffi_call(Q8_TARGETS[dtype], out, vmap_method="sequential")(x, values, scale, **block)
+
+
+def grouped_matmul(x, group_sizes, weights, *, int8_activations: bool = False):
+    """x [M, K] float32 with its rows sorted by group, group_sizes [E] int32, and E weights (values, scale) held
+    [out, in] as `matmul` takes them (scale None for float32), all of one format -> [M, N] float32: group e's rows
+    times weight e, in one call (rows past the groups' total come out 0)."""
+    _registered()
+    dtype = np.dtype(weights[0][0].dtype)
+    fmt = GROUPED_FORMATS[dtype] + (2 if int8_activations and dtype != np.float32 else 0)
+    arrays = [a for values, scale in weights for a in (values,) + (() if scale is None else (scale,))]
+    out = jax.ShapeDtypeStruct((x.shape[0], weights[0][0].shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(GROUPED_TARGET, out, vmap_method="sequential")(
+        x, group_sizes.astype(jnp.int32), *arrays, format=np.int64(fmt), block=np.int64(Q8_BLOCK))
 
 
 def heads_matmul(x, w, *, in_out: bool):

@@ -4,7 +4,8 @@ Routed expert weights are stacked [experts, ...]. `gather` reads only the select
 handful of tokens: decoding); `ragged` sorts tokens by expert and runs jax.lax.ragged_dot, a real grouped
 GEMM on GPUs; `blocked` sorts tokens by expert into fixed-size blocks that each belong to one expert and
 runs one matmul per used block, because on the CPU ragged_dot lowers to a dense masked product over every
-expert (benchmarks/bench_moe.py measures the three).
+expert (benchmarks/bench_moe.py measures the three). Where ktjax's CPU kernels hold the experts, `blocked` needs
+no blocks: one kernel call per weight runs each expert's exact rows (weight_quant.grouped_matmul).
 
 On the CPU the Engine holds each layer's experts as separate arrays (`PerExpert`, made by
 `model.unstack_layers(split_experts=True)`): XLA on the CPU copies any slice of a stacked array before a matmul
@@ -184,12 +185,30 @@ def routed_experts(x, weights, idx, experts, impl: str):
     group_sizes = jnp.bincount(idx.reshape(-1), length=n_experts(experts[0])).astype(jnp.int32)
     if impl == "ragged":
         out = _experts_ragged(rows, group_sizes, *(stack_experts(w) for w in experts))
+    elif impl == "blocked" and _grouped_in_kernel(experts):
+        out = _swiglu(rows, *experts, functools.partial(_grouped_matmul, group_sizes))
     elif impl == "blocked":
         out = _experts_blocked(rows, group_sizes, experts)
     else:
         raise ValueError(f"unknown MoE implementation {impl!r}; one of {MOE_IMPLS}")
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[order // k].add(out.astype(x.dtype))
+
+
+def _grouped_in_kernel(experts) -> bool:
+    """Whether every routed weight is PerExpert arrays that ktjax's CPU kernels hold: then one call per weight runs
+    each expert's exact rows (weight_quant.grouped_matmul), with no padding to blocks and no switch per block."""
+    leaves = [jax.tree.leaves(w, is_leaf=_is_per_expert)[0] for w in experts]
+    return all(_is_per_expert(p) for p in leaves) and all(
+        weight_quant.groups_in_kernel(_per_expert_weights(w)) for w in experts)
+
+
+def _per_expert_weights(w) -> list:
+    return [_expert_at(w, i) for i in range(n_experts(w))]
+
+
+def _grouped_matmul(group_sizes, x, w):
+    return weight_quant.grouped_matmul(x, group_sizes, _per_expert_weights(w))
 
 
 def _swiglu(x, w_gate, w_up, w_down, matmul):

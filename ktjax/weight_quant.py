@@ -261,6 +261,27 @@ def _kernel_matmul(x, w: KernelQuantized):
     return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
+def groups_in_kernel(weights) -> bool:
+    """Whether grouped_matmul takes these per-group weights: all held for the CPU kernels, in one format."""
+    if all(isinstance(w, OutIn) and w.kernel for w in weights):
+        return True
+    return (all(isinstance(w, KernelQuantized) for w in weights)
+            and len({(w.values.dtype, w.int8_activations) for w in weights}) == 1)
+
+
+def grouped_matmul(x, group_sizes, weights):
+    """x [M, in] with its rows sorted by group, group_sizes [E], and E weights (groups_in_kernel) -> [M, out] in
+    x.dtype: group e's rows times weight e, in one kernel call (cpu_kernels.grouped_matmul)."""
+    rows = x.astype(jnp.float32)
+    first = weights[0]
+    if isinstance(first, KernelQuantized) and first.values.dtype == jnp.uint8:
+        rows = jnp.pad(rows, ((0, 0), (0, 2 * first.values.shape[-1] - rows.shape[1])))
+    pairs = [(w.values, getattr(w, "scale", None)) for w in weights]
+    y = cpu_kernels.grouped_matmul(rows, group_sizes, pairs,
+                                   int8_activations=getattr(first, "int8_activations", False))
+    return y.astype(x.dtype)
+
+
 def matmul(x, w):
     """x [..., in] @ w for a weight stored dense, FP8 (block scales), int8 or int4; the result in x.dtype."""
     if isinstance(w, KernelQuantized):

@@ -46,7 +46,8 @@ def _expert_copies(hlo: str, shapes: set[str]) -> list[str]:
 def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
     """XLA on the CPU copies a slice of a stacked expert weight before a matmul reads it; the Engine holds each
     expert as its own array (moe.PerExpert), so the compiled decode and prefill copy no expert matrix. The
-    check itself is shown to catch the copy of a stacked slice."""
+    check itself is shown to catch the copy of a stacked slice. (Two prompts: a chunk of one would route 16 x 3 =
+    48 rows, and the experts' activations [48, 24] would look like an expert matrix of this 48-wide model.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -62,7 +63,7 @@ def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
     assert isinstance(w_gate, PerExpert) and len(w_gate.arrays) == engine.cfg.n_routed_experts
     d, f = engine.cfg.hidden_size, engine.cfg.moe_intermediate_size
     shapes = {f"{d},{f}", f"{f},{d}"}
-    engine.generate([[5, 6, 7, 8, 9]])
+    engine.generate([[5, 6, 7, 8, 9], [4, 5]])
     programs = {key[0]: program for key, program in engine._compiled.items()}
     assert set(programs) == {"prefill", "decode"}
     for name, program in programs.items():

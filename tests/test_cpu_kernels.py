@@ -126,6 +126,36 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "q8"])
+@pytest.mark.parametrize("fmt, group", FORMATS)
+def test_grouped_products_equal_each_groups_own_product(rng, fmt, group, int8_activations):
+    """weight_quant.grouped_matmul (the routed experts' rows sorted by expert, every group by its own weight in one
+    call) gives, bit for bit, what the single-weight kernel gives each group's rows alone (test_kernels_match_numpy
+    holds that to numpy): groups empty, of one row, of more than cpu_kernels.MAX_ROWS rows, and rows past the
+    groups' total (padding) as zeros; for int8 / int4 weights with float and int8 activations alike."""
+    if int8_activations and fmt == "float32":
+        pytest.skip("int8 activations apply to int8 / int4 weights")
+    k, n = SHAPES[2]
+    sizes = [3, 0, 1, cpu_kernels.MAX_ROWS + 6, 0, 17]
+    weights = []
+    for _ in sizes:
+        w, _, _ = _weight(rng, fmt, group, k, n)
+        weights.append(wq.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
+    assert wq.groups_in_kernel(weights)
+    x = rng.standard_normal((sum(sizes) + 5, k)).astype(np.float32)
+    run = jax.jit(lambda x, sizes, ws: wq.grouped_matmul(x, sizes, ws))
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    assert cpu_kernels.GROUPED_TARGET in run.lower(x, group_sizes, weights).as_text()
+    got = np.asarray(run(x, group_sizes, weights))
+    start = np.cumsum([0] + sizes)
+    for e, w in enumerate(weights):
+        rows = x[start[e]:start[e + 1]]
+        if len(rows):
+            alone = np.asarray(wq._kernel_matmul(rows, w) if fmt != "float32" else cpu_kernels.matmul(rows, w.values))
+            np.testing.assert_array_equal(got[start[e]:start[e + 1]], alone, err_msg=f"group {e}")
+    np.testing.assert_array_equal(got[start[-1]:], 0.0)
+
+
 @pytest.mark.parametrize("in_out", [True, False], ids=["w_uk", "w_uv"])
 @pytest.mark.parametrize("heads, k, n", [(3, 40, 85), (4, 128, 515)])
 def test_per_head_products_match_numpy(rng, in_out, heads, k, n):

@@ -58,7 +58,7 @@ def _latent_values(p, c_vals, scales, fmt: CacheFormat):
 
 
 def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, out_shape, with_lse: bool = False,
-           key_positions=None, n_blocks=None, tail: int | None = None, selected=None):
+           key_positions=None, n_blocks=None, tail: int | None = None, selected=None, heads_first: bool = False):
     """Online softmax over the keys [0, max(lengths)): full blocks of `block` keys, then the rest in blocks of
     `tail` keys (default tail_block(block)), so that the keys read follow the fill. keys_fn(start, size) -> the
     block's keys (read once: XLA on the CPU copies each slice it takes); scores_fn(keys) -> [b,s,h,size]
@@ -68,8 +68,13 @@ def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, o
     sequence) passes key_positions(start, size) -> [b, size] (a slot never visible: a position past every
     length) and the n_blocks of `block` slots to walk (no tail blocks then). with_lse also returns the log-sum-exp of the visible scores [b,s,h]
     (NEG where none is visible), so that results over disjoint key sets (the shards of a sequence-sharded
-    cache) can be merged."""
-    b, s, h, _ = out_shape
+    cache) can be merged. heads_first: scores_fn gives [b,h,s,size] and values_fn [b,h,s,D] (batched products
+    with no transposes in the loop); the result is [b,s,h,D] either way.
+
+    A chunk of several queries first walks the full blocks that every query of every sequence sees whole (the
+    prefix before the chunk) without building a mask, then the rest masked: on the CPU the masks and selects
+    cost as much as the products over a prefix block (benchmarks/RESULTS.md, "Prefill attention")."""
+    b, s, h, d_out = out_shape
     tail = tail or tail_block(block)
     if n_blocks is None:
         longest = jnp.clip(jnp.max(lengths), 0, n_keys)  # a shard's local lengths may be negative or past its keys
@@ -78,32 +83,43 @@ def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, o
     else:
         n_full, n_tail = n_blocks, 0
 
-    def walk(start_of, size):
+    rows = (b, h, s) if heads_first else (b, s, h)
+
+    def walk(start_of, size, masked: bool = True):
         def body(j, carry):
             m, l, acc = carry
             start = start_of(j)
-            t = start + jnp.arange(size) if key_positions is None else key_positions(start, size)
-            t = jnp.broadcast_to(t, (b, size))[:, None, :]
-            visible = (t < lengths[:, None, None]) & (t <= q_positions[:, :, None])
-            if selected is not None:
-                visible = visible & jax.lax.dynamic_slice_in_dim(selected, start, size, axis=2)
-            visible = visible[:, :, None, :]  # [b, s, 1, size]
             keys = keys_fn(start, size)
-            scores = jnp.where(visible, scores_fn(keys), NEG)
+            scores = scores_fn(keys)
+            if masked:
+                t = start + jnp.arange(size) if key_positions is None else key_positions(start, size)
+                t = jnp.broadcast_to(t, (b, size))[:, None, :]
+                visible = (t < lengths[:, None, None]) & (t <= q_positions[:, :, None])
+                if selected is not None:
+                    visible = visible & jax.lax.dynamic_slice_in_dim(selected, start, size, axis=2)
+                visible = visible[:, None] if heads_first else visible[:, :, None]  # [b,1,s,size] / [b,s,1,size]
+                scores = jnp.where(visible, scores, NEG)
             m_new = jnp.maximum(m, scores.max(-1))
-            p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+            p = jnp.exp(scores - m_new[..., None])
+            if masked:
+                p = jnp.where(visible, p, 0.0)
             corr = jnp.exp(m - m_new)
             return m_new, l * corr + p.sum(-1), acc * corr[..., None] + values_fn(keys, p)
         return body
 
-    carry = (jnp.full((b, s, h), NEG, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
-             jnp.zeros(out_shape, jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, walk(lambda j: j * block, block), carry)
+    carry = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, d_out), jnp.float32))
+    n_clear = 0
+    if s > 1 and key_positions is None and selected is None:
+        seen = jnp.minimum(jnp.min(q_positions) + 1, jnp.min(lengths))  # keys [0, seen) visible to every query
+        n_clear = jnp.clip(seen // block, 0, n_full)
+        carry = jax.lax.fori_loop(0, n_clear, walk(lambda j: j * block, block, masked=False), carry)
+    carry = jax.lax.fori_loop(n_clear, n_full, walk(lambda j: j * block, block), carry)
     m, l, acc = jax.lax.fori_loop(0, n_tail, walk(lambda j: n_full * block + j * tail, tail), carry)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    if not with_lse:
-        return out
-    return out, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)
+    if heads_first:
+        out, lse = out.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
+    return (out, lse) if with_lse else out
 
 
 def _taker(take, layer):
@@ -160,7 +176,9 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
     ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
     `take`, n_keys, key_positions, n_blocks, tail and selected as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
-    q_nope, q_pe = q_nope.astype(jnp.float32), q_pe.astype(jnp.float32)
+    b, s, h, _ = q_nope.shape
+    # heads first ([b, h, s, d]): every product in the loop is a plain batched matmul over the heads
+    q_nope, q_pe = (q.astype(jnp.float32).transpose(0, 2, 1, 3) for q in (q_nope, q_pe))
     w_uk, w_uv = w_uk.astype(jnp.float32), w_uv.astype(jnp.float32)
     take = _taker(take, layer)
 
@@ -170,13 +188,12 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
 
     def scores_fn(keys):
         latents, k_rope = keys
-        k_nope = jnp.einsum("btc,hdc->bthd", latents, w_uk)
-        return (jnp.einsum("bshd,bthd->bsht", q_nope, k_nope) + jnp.einsum("bshr,btr->bsht", q_pe, k_rope)) * scale
+        k_nope = jnp.einsum("btc,hdc->bhtd", latents, w_uk)
+        return (jnp.einsum("bhsd,bhtd->bhst", q_nope, k_nope) + jnp.einsum("bhsr,btr->bhst", q_pe, k_rope)) * scale
 
     def values_fn(keys, p):
-        return jnp.einsum("bsht,bthd->bshd", p, jnp.einsum("btc,hdc->bthd", keys[0], w_uv))
+        return jnp.einsum("bhst,bhtd->bhsd", p, jnp.einsum("btc,hdc->bhtd", keys[0], w_uv))
 
-    b, s, h, _ = q_nope.shape
     return _flash(q_positions, lengths, n_keys or c_kv.shape[-2], block, keys_fn, scores_fn, values_fn,
-                  (b, s, h, w_uv.shape[1]), with_lse, key_positions, n_blocks, tail, selected)
+                  (b, s, h, w_uv.shape[1]), with_lse, key_positions, n_blocks, tail, selected, heads_first=True)
 
