@@ -94,6 +94,36 @@ def test_key_loop_walks_full_blocks_then_tail_blocks(rng, name):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("naive", [False, True], ids=["absorbed", "naive"])
+@pytest.mark.parametrize("block", [16, 48])
+def test_prefix_blocks_every_query_sees_run_unmasked(rng, naive, block):
+    """A chunk whose every query, in every sequence, sees the first keys whole (a prompt's later chunk): those full
+    blocks run without masks (kv/attention._flash), the rest masked; exact attention over the visible keys
+    either way, for the absorbed and the naive (heads-first) loop."""
+    fmt, c_kv, k_pe, stored, scales, q_lat, q_pe, _, _ = _attention_inputs(rng, "bf16", cache_lens=144)
+    lengths = np.array([140, 101, 144], np.int32)
+    q_pos = (lengths[:, None] - q_lat.shape[1] + np.arange(q_lat.shape[1])).astype(np.int32)
+    assert min(q_pos.min() + 1, lengths.min()) // block >= 2  # at least two blocks run unmasked
+    kp = jnp.asarray(k_pe).astype(fmt.k_pe_dtype)
+    deq = np.asarray(dequantize(fmt, stored, scales, c_kv.shape[-1]))
+    args = (stored, scales, kp, jnp.asarray(q_pos), jnp.asarray(lengths))
+    if naive:
+        h, dv, rank = q_lat.shape[2], 7, c_kv.shape[-1]
+        w_uk = rng.normal(size=(h, 6, rank)).astype(np.float32)
+        w_uv = rng.normal(size=(h, dv, rank)).astype(np.float32)
+        q_nope = rng.normal(size=q_pe.shape[:3] + (6,)).astype(np.float32)
+        out = np.asarray(naive_prefill(jnp.asarray(q_nope), jnp.asarray(q_pe), *args, jnp.asarray(w_uk),
+                                       jnp.asarray(w_uv), fmt=fmt, scale=0.3, block=block))
+        o_lat = latent_attention(np.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe, deq, np.asarray(kp, np.float32),
+                                 q_pos, lengths, 0.3)
+        ref = np.einsum("bshc,hdc->bshd", o_lat, w_uv)
+    else:
+        out = np.asarray(mla_prefill_xla(jnp.asarray(q_lat), jnp.asarray(q_pe), *args, fmt=fmt, scale=0.3,
+                                         block=block))
+        ref = latent_attention(q_lat, q_pe, deq, np.asarray(kp, np.float32), q_pos, lengths, 0.3)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def test_decode_is_the_one_query_case(rng):
     fmt, c_kv, k_pe, stored, scales, q_lat, q_pe, lengths, _ = _attention_inputs(rng, "int8", s=1)
     kp = jnp.asarray(k_pe, fmt.k_pe_dtype)

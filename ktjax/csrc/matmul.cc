@@ -45,6 +45,7 @@ using namespace ktjax_simd;
 constexpr int kOut = 4;
 constexpr int64_t kOneStreamBytes = 4096;
 constexpr int kRowsMax = 4; // x rows per block
+constexpr int kF32RowsMax = 6; // float32: 4 outputs x 6 rows = 24 sums in registers (1.0x-1.1x of 4 x 4)
 
 // int8: y[t, o] = scale[o] * sum_k x[t, k] q[o, k] for O outputs and R rows of x.
 template <int O, int R>
@@ -57,7 +58,7 @@ void int8_block(const float* x, int64_t k_len, const int8_t* q, const float* sca
       if (O > 1) __builtin_prefetch(q + (o + kOut) * k_len + k);  // the next block's rows (see kOut)
       w[o] = widen_s8(q + o * k_len + k);
     }
-    for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * k_len + k);
+    for (int r = 0; r < R; ++r) xv[r] = in_register(load_f32(x + r * k_len + k));
     for (int o = 0; o < O; ++o)
       for (int r = 0; r < R; ++r) acc[o][r] += w[o] * xv[r];
   }
@@ -80,11 +81,12 @@ void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, flo
       // the next block's rows (see kOut); for more rows of x the prefetches cost more than they bring here (32-row
       // products 1.2-1.5x faster without: benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")
       if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);
-      wv[o] = load_f32(w + o * k_len + k);
+      wv[o] = in_register(load_f32(w + o * k_len + k));
     }
-    for (int r = 0; r < R; ++r) xv[r] = load_f32(x + r * x_row + k);
-    for (int o = 0; o < O; ++o)
-      for (int r = 0; r < R; ++r) acc[o][r] += wv[o] * xv[r];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = in_register(load_f32(x + r * x_row + k));
+      for (int o = 0; o < O; ++o) acc[o][r] += wv[o] * xv[r];
+    }
   }
   for (int o = 0; o < O; ++o)
     for (int r = 0; r < R; ++r) {
@@ -110,8 +112,8 @@ void int4_block(const float* x, int64_t p, const uint8_t* q, const float* scale,
         widen_u4(q + o * packed + gi * half_g + j, lo[o], hi[o]);
       }
       for (int r = 0; r < R; ++r) {
-        x_lo[r] = load_f32(x + r * p + gi * 2 * half_g + j);
-        x_hi[r] = load_f32(x + r * p + gi * 2 * half_g + half_g + j);
+        x_lo[r] = in_register(load_f32(x + r * p + gi * 2 * half_g + j));
+        x_hi[r] = in_register(load_f32(x + r * p + gi * 2 * half_g + half_g + j));
       }
       for (int o = 0; o < O; ++o)
         for (int r = 0; r < R; ++r) {
@@ -147,6 +149,8 @@ void run_outputs(const Args& a, int64_t rows, int64_t o0, int64_t o1, int64_t ro
         // one instantiation per (outputs, rows) shape: the arithmetic of each output is the same in all of them
 #define KTJAX_CASE(M, R) \
   if (m == M && r == R) { if constexpr (R <= RowsMax) Block<M, R>::run(a, t, o); continue; }
+        KTJAX_CASE(4, 6) KTJAX_CASE(4, 5) KTJAX_CASE(3, 6) KTJAX_CASE(3, 5)
+        KTJAX_CASE(2, 6) KTJAX_CASE(2, 5) KTJAX_CASE(1, 6) KTJAX_CASE(1, 5)
         KTJAX_CASE(4, 4) KTJAX_CASE(4, 3) KTJAX_CASE(4, 2) KTJAX_CASE(4, 1)
         KTJAX_CASE(3, 4) KTJAX_CASE(3, 3) KTJAX_CASE(3, 2) KTJAX_CASE(3, 1)
         KTJAX_CASE(2, 4) KTJAX_CASE(2, 3) KTJAX_CASE(2, 2) KTJAX_CASE(2, 1)
@@ -452,7 +456,7 @@ ffi::Error f32_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   int64_t n = dims[0], k_len = dims[1], rows = x.element_count() / k_len;
   F32Args a{x.typed_data(), w.typed_data(), y->typed_data(), k_len, n};
   run_split(pool, n, 4 * n * k_len, [a, rows](int64_t o0, int64_t o1) {
-    run_outputs<F32Block, kRowsMax>(a, rows, o0, o1, 4 * a.k_len);
+    run_outputs<F32Block, kF32RowsMax>(a, rows, o0, o1, 4 * a.k_len);
   });
   return ffi::Error::Success();
 }
@@ -579,7 +583,7 @@ ffi::Error heads_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                        heads * n);
       } else {
         F32Args a{xh, ws + h * n * k_len, yh, k_len, n, heads * k_len, heads * n};
-        run_outputs<F32Block, kRowsMax>(a, rows, lo, hi, 4 * k_len);
+        run_outputs<F32Block, kF32RowsMax>(a, rows, lo, hi, 4 * k_len);
       }
     }
   });
@@ -669,7 +673,7 @@ ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     switch (format) {
       case kGroupedF32: {
         F32Args a{xs, (const float*)values[e], ys, k_len, n};
-        run_outputs<F32Block, kRowsMax>(a, count, o0, o1, 4 * k_len, t0);
+        run_outputs<F32Block, kF32RowsMax>(a, count, o0, o1, 4 * k_len, t0);
         break;
       }
       case kGroupedInt8: {
