@@ -43,8 +43,8 @@ HEADS_TARGET = "KtjaxHeadsMatmulF32"  # the absorbed attention's per-head produc
 GROUPED_TARGET = "KtjaxGroupedMatmul"  # the routed experts: each group of rows by its own weight
 GROUPED_FORMATS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.uint8): 2}  # matmul.cc's; +2: int8 activations
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
-# Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, routed experts' blocks, short
-# prefill chunks): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
+# Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, short prefill chunks; a chunk's
+# routed experts take the grouped call at any row count): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
 # "Decode attention in C++, and prefill with int8 / int4 weights").
 MAX_ROWS = 64
 # -w: jaxlib's FFI headers warn under GCC, and a failed build's message should show the error, not those.

@@ -177,8 +177,9 @@ SETTINGS: dict[str, Setting] = {
                                  "(pallas on a CPU runs the kernels in interpret mode, slowly; a "
                                  "sequence-sharded cache always runs xla)", _choice(ATTENTION_IMPLS),
                          ATTENTION_IMPLS),
-    "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked; auto picks per step "
-                                "(benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
+    "moe_impl": Setting("auto", "routed experts: gather, ragged or blocked (where cpu_kernels hold the "
+                                "experts, blocked runs each expert's exact rows in one kernel call per weight); "
+                                "auto picks per step (benchmarks/RESULTS.md)", _choice(MOE_IMPLS), MOE_IMPLS),
     "weight_layout": Setting("in-out", "how float matmul weights are held where cpu_kernels do not run (where "
                                        "they do, float32 ones are held out-in for them): in-out ([in, out], as "
                                        "stored) or out-in (a transposed copy made at load; on a CPU, one-row "
@@ -187,10 +188,10 @@ SETTINGS: dict[str, Setting] = {
                                        "benchmarks/RESULTS.md, 'Decode step')",
                              _choice(WEIGHT_LAYOUTS), WEIGHT_LAYOUTS),
     "cpu_kernels": Setting("auto", "ktjax's C++ kernels on a CPU: matmuls of up to 64 rows over int8/int4 "
-                                   "weights (held [out, in]; decode steps 2-3x faster than XLA's dot, routed "
-                                   "experts' blocks in prefill too) and over float32 weights "
-                                   "(then held [out, in] whatever weight_layout says; 1-4 rows 1.1-1.4x XLA's "
-                                   "product over [in, out]) and, under "
+                                   "weights (held [out, in]; decode steps 2-3x faster than XLA's dot) and over "
+                                   "float32 weights (then held [out, in] whatever weight_layout says; 1 row about "
+                                   "level with XLA's product over [in, out], 4-64 rows 1.05-1.5x), a prefill "
+                                   "chunk's routed experts (each expert's rows in one call per weight) and, under "
                                    "attention auto, attention over the cache: auto = on a CPU with one "
                                    "device, when a C++ compiler builds them (once, into $KTJAX_KERNEL_DIR, default "
                                    "~/.cache/ktjax/kernels), else XLA; on = require them; off = XLA",

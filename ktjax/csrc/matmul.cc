@@ -1,6 +1,6 @@
 // Few-row matmuls y[T, N] = x[T, K] @ W^T over int8 / int4 / float32 weights held [N, K] (out, in), on the CPU: XLA FFI
 // handlers that ktjax/cpu_kernels.py builds and ktjax/weight_quant.py calls for up to cpu_kernels.MAX_ROWS rows
-// (decode steps, the routed experts' blocks of a prefill chunk).
+// (decode steps), and for the routed experts of a prefill chunk (each expert's rows by its own weight, one call).
 //
 // Why: XLA's CPU dot turns an int8/int4 weight into a float32 copy before multiplying (a matrix-vector product
 // over int8 ran at ~5 GB/s of weights here, int4 at ~2), and a decode step is a few rows against every
