@@ -406,37 +406,44 @@ struct Int4Q8Block {
   }
 };
 
-// The N outputs in one contiguous range per thread (each a contiguous block of the weight), taken in turn from an
-// atomic counter by the calling thread and by helpers on XLA's intra-op pool. The call returns when
-// every range is done: the calling thread takes ranges until none is left, then waits only for ranges already
-// running elsewhere, never for a helper that has not woken up. (Returning a future that another thread completes
-// left the rest of the step idle for 0.1-0.35 ms per call: benchmarks/RESULTS.md, "Integer activations".) A
-// weight under kMinSplitBytes runs on one thread: a helper costs more than it saves.
+// Items [0, items) taken in turn from an atomic counter by the calling thread and by up to threads - 1 helpers on
+// XLA's intra-op pool. The call returns when every item is done: the calling thread takes items until none is left,
+// then waits only for items already running elsewhere, never for a helper that has not woken up. (Returning a
+// future that another thread completes left the rest of the step idle for 0.1-0.35 ms per call:
+// benchmarks/RESULTS.md, "Integer activations".)
+template <typename F>
+void run_items(ffi::ThreadPool pool, int64_t items, int64_t threads, F item) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), std::min(items, threads)));
+  if (threads == 1) {
+    for (int64_t i = 0; i < items; ++i) item(i);
+    return;
+  }
+  struct Counts {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counts = std::make_shared<Counts>();  // a helper may wake up after the call has returned
+  auto work = [counts, item, items]() {
+    for (int64_t i = counts->next++; i < items; i = counts->next++) {
+      item(i);
+      counts->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) pool.Schedule([work]() { work(); });
+  work();
+  while (counts->done.load(std::memory_order_acquire) < items) spin_pause();
+}
+
+// The N outputs in one contiguous range per thread (each a contiguous block of the weight). A weight under
+// kMinSplitBytes runs on one thread: a helper costs more than it saves.
 constexpr int64_t kMinSplitBytes = 256 << 10;
 
 template <typename F>
 void run_split(ffi::ThreadPool pool, int64_t n, int64_t bytes, F outputs) {
   int64_t blocks = (n + kOut - 1) / kOut;
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), blocks, bytes / kMinSplitBytes}));
-  if (threads == 1) {
-    outputs(0, n);
-    return;
-  }
   int64_t per = (blocks + threads - 1) / threads * kOut;
-  int64_t chunks = (n + per - 1) / per;
-  struct Counts {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counts = std::make_shared<Counts>();  // a helper may wake up after the call has returned
-  auto work = [counts, outputs, n, per, chunks]() {
-    for (int64_t i = counts->next++; i < chunks; i = counts->next++) {
-      outputs(i * per, std::min(n, (i + 1) * per));
-      counts->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([work]() { work(); });
-  work();
-  while (counts->done.load(std::memory_order_acquire) < chunks) spin_pause();
+  run_items(pool, (n + per - 1) / per, threads,
+            [outputs, n, per](int64_t i) { outputs(i * per, std::min(n, (i + 1) * per)); });
 }
 
 ffi::Error int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
@@ -601,28 +608,6 @@ ffi::Error heads_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // of a 512-token prefill chunk ran at ~90 GFLOP/s as blocks of 32 rows: benchmarks/RESULTS.md, "Prefill").
 // Work items are (group, a range of outputs), taken in turn by the calling thread and the pool's helpers.
 enum GroupedFormat : int64_t { kGroupedF32 = 0, kGroupedInt8 = 1, kGroupedInt4 = 2, kGroupedInt8Q8 = 3, kGroupedInt4Q8 = 4 };
-
-template <typename F>
-void run_items(ffi::ThreadPool pool, int64_t items, int64_t threads, F item) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), std::min(items, threads)));
-  if (threads == 1) {
-    for (int64_t i = 0; i < items; ++i) item(i);
-    return;
-  }
-  struct Counts {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counts = std::make_shared<Counts>();  // a helper may wake up after the call has returned
-  auto work = [counts, item, items]() {
-    for (int64_t i = counts->next++; i < items; i = counts->next++) {
-      item(i);
-      counts->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([work]() { work(); });
-  work();
-  while (counts->done.load(std::memory_order_acquire) < items) spin_pause();
-}
 
 ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_sizes,
                         ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int64_t format, int64_t block) {
