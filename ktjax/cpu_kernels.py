@@ -150,7 +150,8 @@ def require():
 
 
 def fits(rows: int) -> bool:
-    """Whether a matmul of `rows` rows goes to a kernel; longer ones (prefill chunks) run XLA's dot."""
+    """Whether a matmul of `rows` rows goes to a kernel; longer ones (prefill chunks) run XLA's dot, except the
+    routed experts' grouped call (grouped_matmul), which takes any row count."""
     return rows <= MAX_ROWS
 
 
@@ -175,6 +176,9 @@ def grouped_matmul(x, group_sizes, weights, *, int8_activations: bool = False):
     times weight e, in one call (rows past the groups' total come out 0)."""
     _registered()
     dtype = np.dtype(weights[0][0].dtype)
+    if dtype not in GROUPED_FORMATS or any(np.dtype(v.dtype) != dtype or v.shape != weights[0][0].shape
+                                           for v, _ in weights):
+        raise ValueError(f"grouped_matmul: weights of one shape and one of {list(map(str, GROUPED_FORMATS))}")
     fmt = GROUPED_FORMATS[dtype] + (2 if int8_activations and dtype != np.float32 else 0)
     arrays = [a for values, scale in weights for a in (values,) + (() if scale is None else (scale,))]
     out = jax.ShapeDtypeStruct((x.shape[0], weights[0][0].shape[0]), jnp.float32)

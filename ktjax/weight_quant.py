@@ -152,7 +152,8 @@ class OutIn:
     matrix-vector product reads a row-major [out, in] matrix at 1.6-1.9x the speed of [in, out]; a batch of 4-16
     rows runs about 1.4x slower and a prefill about 12% slower (benchmarks/RESULTS.md, "Decode step").
     kernel: a float32 weight the Engine holds so for ktjax's CPU kernels (cpu_kernels on), which take its matmuls
-    of up to cpu_kernels.MAX_ROWS rows (benchmarks/RESULTS.md, "Float32 weights in the CPU kernels")."""
+    of up to cpu_kernels.MAX_ROWS rows (benchmarks/RESULTS.md, "Float32 weights in the CPU kernels"), and, for a
+    routed expert, its rows of any batch (grouped_matmul)."""
     values: jax.Array
     kernel: bool = dataclasses.field(default=False, metadata={"static": True})
 
@@ -171,7 +172,8 @@ class KernelQuantized:
     """An int8 or int4 weight held transposed, [..., out, in] (values and scales both: int8 values [out, in] with
     scales [out, 1]; int4 packed [out, P/2] with scales [out, P/g]), for ktjax's CPU kernels (ktjax/cpu_kernels.py):
     each output is then one contiguous dot product. The Engine holds int8/int4 weights so when cpu_kernels is on;
-    matmuls of more rows (prefill chunks) run XLA's dot over it in tiles (_held_out_in_matmul). int8_activations
+    matmuls of more rows (prefill chunks) run XLA's dot over it in tiles (_held_out_in_matmul), except a routed
+    expert's, which the grouped call takes at any row count (grouped_matmul). int8_activations
     (the setting activation_quant int8): every matmul over it, of any row count, runs the kernels' int8-activation
     path (cpu_kernels.matmul)."""
     values: jax.Array
@@ -253,10 +255,16 @@ def kernel_layout(w: QuantizedArray, int8_activations: bool = False) -> KernelQu
     return KernelQuantized(_swap_last(w.values), _swap_last(w.scale), int8_activations)
 
 
-def _kernel_matmul(x, w: KernelQuantized):
+def _kernel_rows(x, w: KernelQuantized):
+    """x's rows as the kernels take them for w: float32, zero-padded to an int4 weight's P inputs."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if w.values.dtype == jnp.uint8:
         rows = jnp.pad(rows, ((0, 0), (0, 2 * w.values.shape[-1] - rows.shape[1])))
+    return rows
+
+
+def _kernel_matmul(x, w: KernelQuantized):
+    rows = _kernel_rows(x, w)
     y = cpu_kernels.matmul(rows, w.values, w.scale, int8_activations=w.int8_activations)
     return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -264,18 +272,16 @@ def _kernel_matmul(x, w: KernelQuantized):
 def groups_in_kernel(weights) -> bool:
     """Whether grouped_matmul takes these per-group weights: all held for the CPU kernels, in one format."""
     if all(isinstance(w, OutIn) and w.kernel for w in weights):
-        return True
+        return len({w.values.shape for w in weights}) == 1
     return (all(isinstance(w, KernelQuantized) for w in weights)
-            and len({(w.values.dtype, w.int8_activations) for w in weights}) == 1)
+            and len({(w.values.dtype, w.values.shape, w.scale.shape, w.int8_activations) for w in weights}) == 1)
 
 
 def grouped_matmul(x, group_sizes, weights):
     """x [M, in] with its rows sorted by group, group_sizes [E], and E weights (groups_in_kernel) -> [M, out] in
     x.dtype: group e's rows times weight e, in one kernel call (cpu_kernels.grouped_matmul)."""
-    rows = x.astype(jnp.float32)
     first = weights[0]
-    if isinstance(first, KernelQuantized) and first.values.dtype == jnp.uint8:
-        rows = jnp.pad(rows, ((0, 0), (0, 2 * first.values.shape[-1] - rows.shape[1])))
+    rows = _kernel_rows(x, first) if isinstance(first, KernelQuantized) else x.astype(jnp.float32)
     pairs = [(w.values, getattr(w, "scale", None)) for w in weights]
     y = cpu_kernels.grouped_matmul(rows, group_sizes, pairs,
                                    int8_activations=getattr(first, "int8_activations", False))

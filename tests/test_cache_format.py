@@ -94,15 +94,23 @@ def test_key_loop_walks_full_blocks_then_tail_blocks(rng, name):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+# (lengths, whether sequence 0's queries are padding at position cache_lens): the keys every query sees end
+# inside a block; exactly at a block edge (96); at the shortest length (a finished row's padding queries)
+PREFIX_CASES = [([140, 101, 144], False), ([100, 120, 144], False), ([96, 140, 144], True)]
+
+
 @pytest.mark.parametrize("naive", [False, True], ids=["absorbed", "naive"])
 @pytest.mark.parametrize("block", [16, 48])
-def test_prefix_blocks_every_query_sees_run_unmasked(rng, naive, block):
+@pytest.mark.parametrize("lengths, padded", PREFIX_CASES, ids=["inside", "edge", "shortest"])
+def test_prefix_blocks_every_query_sees_run_unmasked(rng, naive, block, lengths, padded):
     """A chunk whose every query, in every sequence, sees the first keys whole (a prompt's later chunk): those full
     blocks run without masks (kv/attention._flash), the rest masked; exact attention over the visible keys
     either way, for the absorbed and the naive (heads-first) loop."""
     fmt, c_kv, k_pe, stored, scales, q_lat, q_pe, _, _ = _attention_inputs(rng, "bf16", cache_lens=144)
-    lengths = np.array([140, 101, 144], np.int32)
+    lengths = np.array(lengths, np.int32)
     q_pos = (lengths[:, None] - q_lat.shape[1] + np.arange(q_lat.shape[1])).astype(np.int32)
+    if padded:
+        q_pos[0] = 144  # padding queries: past every key, they see a finished row's whole length
     assert min(q_pos.min() + 1, lengths.min()) // block >= 2  # at least two blocks run unmasked
     kp = jnp.asarray(k_pe).astype(fmt.k_pe_dtype)
     deq = np.asarray(dequantize(fmt, stored, scales, c_kv.shape[-1]))

@@ -156,6 +156,90 @@ def test_grouped_products_equal_each_groups_own_product(rng, fmt, group, int8_ac
     np.testing.assert_array_equal(got[start[-1]:], 0.0)
 
 
+def _grouped_call(x, sizes, arrays, fmt, n):
+    return jax.ffi.ffi_call(cpu_kernels.GROUPED_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
+        x, sizes, *arrays, format=np.int64(fmt), block=np.int64(cpu_kernels.Q8_BLOCK))
+
+
+def _int8_weight(rng, k, n):
+    w, _, _ = _weight(rng, "int8", None, k, n)
+    return w.values, w.scale
+
+
+# (case, call arguments from rng -> (x, sizes, arrays, format, n), what the error says): the handler refuses a
+# malformed call before it reads a buffer (cpu_kernels.grouped_matmul builds valid ones)
+GROUPED_REFUSALS = [
+    ("unknown format", lambda rng: (np.ones((4, 40), np.float32), np.array([4], np.int32),
+                                    [np.ones((3, 40), np.float32)], 7, 3), "unknown format"),
+    ("negative size", lambda rng: (np.ones((4, 40), np.float32), np.array([3, -1], np.int32),
+                                   [np.ones((3, 40), np.float32)] * 2, 0, 3), "negative group size"),
+    ("sizes past the rows", lambda rng: (np.ones((4, 40), np.float32), np.array([3, 2], np.int32),
+                                         [np.ones((3, 40), np.float32)] * 2, 0, 3), "exceed the rows"),
+    ("one size past the rows", lambda rng: (np.ones((4, 40), np.float32), np.array([9], np.int32),
+                                            [np.ones((3, 40), np.float32)], 0, 3), "exceed the rows"),
+    ("weight count", lambda rng: (np.ones((4, 40), np.float32), np.array([2, 2], np.int32),
+                                  [np.ones((3, 40), np.float32)], 0, 3), "one weight"),
+    ("x width", lambda rng: (np.ones((4, 41), np.float32), np.array([4], np.int32),
+                             [np.ones((3, 40), np.float32)], 0, 3), "x must be"),
+    ("weight shapes differ", lambda rng: (np.ones((4, 40), np.float32), np.array([2, 2], np.int32),
+                                          [np.ones((3, 40), np.float32), np.ones((2, 40), np.float32)], 0, 3),
+     "type and shape"),
+    ("weight types differ", lambda rng: (np.ones((4, 40), np.float32), np.array([2, 2], np.int32),
+                                         [*_int8_weight(rng, 40, 3), np.ones((3, 40), np.float32),
+                                          np.ones((3, 1), np.float32)], 1, 3), "type and shape"),
+    ("int8 scales", lambda rng: (np.ones((4, 40), np.float32), np.array([4], np.int32),
+                                 [_int8_weight(rng, 40, 3)[0], np.ones((3, 2), np.float32)], 1, 3), "type and shape"),
+]
+
+
+@pytest.mark.parametrize("case, make, message", GROUPED_REFUSALS, ids=[c[0] for c in GROUPED_REFUSALS])
+def test_grouped_call_refuses_malformed_arguments(rng, case, make, message):
+    cpu_kernels.require()
+    x, sizes, arrays, fmt, n = make(rng)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(_grouped_call(x, sizes, arrays, fmt, n))
+
+
+def test_groups_in_kernel_wants_one_format_and_shape(rng):
+    i8 = _weight(rng, "int8", None, 40, 3)[0]
+    i4 = _weight(rng, "int4", 32, 64, 3)[0]
+    f32 = _weight(rng, "float32", None, 40, 3)[0]
+    assert wq.groups_in_kernel([i8, i8]) and wq.groups_in_kernel([f32, f32])
+    for mixed in ([i8, i4], [i8, wq.KernelQuantized(i8.values, i8.scale, True)], [i8, f32],
+                  [f32, _weight(rng, "float32", None, 40, 5)[0]], [f32, wq.OutIn(f32.values)]):
+        assert not wq.groups_in_kernel(mixed)
+
+
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "q8"])
+@pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 32), ("float32", None)])
+def test_routed_experts_grouped_match_gather(rng, fmt, group, int8_activations):
+    """moe.routed_experts with kernel-held PerExpert weights: `blocked` (one grouped call per weight, each expert's
+    rows) against `gather` (one pair at a time through the single-weight kernel): the same products, so the same
+    outputs up to the order in which a token's experts are added."""
+    from ktjax import moe
+
+    if int8_activations and fmt == "float32":
+        pytest.skip("int8 activations apply to int8 / int4 weights")
+    n_exp, d, f, t, k = 5, 64, 48, 9, 2
+
+    def stack(d_in, d_out):
+        held = []
+        for _ in range(n_exp):
+            w, _, _ = _weight(rng, fmt, group, d_in, d_out)
+            held.append(wq.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
+        return moe.PerExpert(tuple(held))
+
+    experts = (stack(d, f), stack(d, f), stack(f, d))
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(n_exp - 1, size=k, replace=False) for _ in range(t)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+    run = jax.jit(moe.routed_experts, static_argnums=4)
+    assert cpu_kernels.GROUPED_TARGET in run.lower(x, weights, idx, experts, "blocked").as_text()
+    grouped = np.asarray(run(x, weights, idx, experts, "blocked"))
+    gathered = np.asarray(run(x, weights, idx, experts, "gather"))
+    np.testing.assert_allclose(grouped, gathered, rtol=1e-5, atol=1e-5 * np.abs(gathered).max())
+
+
 @pytest.mark.parametrize("in_out", [True, False], ids=["w_uk", "w_uv"])
 @pytest.mark.parametrize("heads, k, n", [(3, 40, 85), (4, 128, 515)])
 def test_per_head_products_match_numpy(rng, in_out, heads, k, n):
@@ -258,3 +342,20 @@ def test_a_build_that_cannot_work_says_why(monkeypatch, tmp_path, case, env, mes
     assert "Traceback" not in str(e.value)
     kernels = tmp_path / "kernels"
     assert not kernels.exists() or list(kernels.iterdir()) == []
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 cross-check")
+def test_kernels_compile_for_an_avx2_cpu(tmp_path):
+    """The sources build for an x86-64 CPU without AVX-512 (-march=haswell) as well: a 16-float vector has no
+    register of its own there, so the register pinning (simd.h in_register) must not ask for one. (This machine
+    builds for its own CPU; a failure there would only show as cpu_kernels auto falling back to XLA.)"""
+    import subprocess
+
+    compiler = cpu_kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    flags = [f for f in cpu_kernels.FLAGS if not f.startswith(("-march", "-O"))]
+    done = subprocess.run([compiler, "-O0", "-march=haswell", *flags, f"-I{jax.ffi.include_dir()}",
+                           *map(str, cpu_kernels.SOURCES), "-o", str(tmp_path / "avx2.so")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -609,33 +609,59 @@ ffi::Error heads_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // Work items are (group, a range of outputs), taken in turn by the calling thread and the pool's helpers.
 enum GroupedFormat : int64_t { kGroupedF32 = 0, kGroupedInt8 = 1, kGroupedInt4 = 2, kGroupedInt8Q8 = 3, kGroupedInt4Q8 = 4 };
 
+// The checks a caller's mistake needs before any buffer is read (cpu_kernels.grouped_matmul builds valid calls).
+ffi::Error grouped_check(ffi::AnyBuffer v, ffi::DataType want, int64_t n, int64_t stored_k) {
+  auto d = v.dimensions();
+  if (v.element_type() != want || d.size() != 2 || d[0] != n || d[1] != stored_k)
+    return ffi::Error::InvalidArgument("grouped matmul: every group's weight must have the first one's type and shape");
+  return ffi::Error::Success();
+}
+
 ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_sizes,
                         ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int64_t format, int64_t block) {
-  const bool scaled = format != kGroupedF32;
+  if (format < kGroupedF32 || format > kGroupedInt4Q8)
+    return ffi::Error::InvalidArgument("grouped matmul: unknown format");
+  const bool scaled = format != kGroupedF32, int4 = format == kGroupedInt4 || format == kGroupedInt4Q8;
+  const ffi::DataType want = format == kGroupedF32 ? ffi::DataType::F32 : int4 ? ffi::DataType::U8 : ffi::DataType::S8;
   const int64_t groups = group_sizes.element_count();
-  if (int64_t(weights.size()) != groups * (scaled ? 2 : 1))
+  if (groups < 1 || int64_t(weights.size()) != groups * (scaled ? 2 : 1))
     return ffi::Error::InvalidArgument("grouped matmul: one weight (and scale) per group expected");
   auto first = weights.get<ffi::AnyBuffer>(0);
   if (first.has_error()) return first.error();
   auto wd = first.value().dimensions();  // [N, K] (int4: [N, P/2])
-  const int64_t n = wd[0];
-  const int64_t k_len = (format == kGroupedInt4 || format == kGroupedInt4Q8) ? 2 * wd[1] : wd[1];
-  const int64_t rows = x.element_count() / k_len;
+  if (wd.size() != 2 || wd[0] < 1 || wd[1] < 1)
+    return ffi::Error::InvalidArgument("grouped matmul: weights must be [out, in] matrices");
+  const int64_t n = wd[0], k_len = int4 ? 2 * wd[1] : wd[1];
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || xd[1] != k_len || yd.size() != 2 || yd[0] != xd[0] || yd[1] != n)
+    return ffi::Error::InvalidArgument("grouped matmul: x must be [rows, in] and y [rows, out]");
+  if (format == kGroupedInt8Q8 && block < 1) return ffi::Error::InvalidArgument("grouped matmul: block must be >= 1");
+  const int64_t rows = xd[0];
   std::vector<int64_t> start(groups + 1, 0);
   const int32_t* sizes = group_sizes.typed_data();
-  for (int64_t e = 0; e < groups; ++e) start[e + 1] = start[e] + std::clamp<int64_t>(sizes[e], 0, rows);
-  if (start[groups] > rows) return ffi::Error::InvalidArgument("grouped matmul: group sizes exceed the rows");
+  for (int64_t e = 0; e < groups; ++e) {
+    if (sizes[e] < 0) return ffi::Error::InvalidArgument("grouped matmul: negative group size");
+    start[e + 1] = start[e] + sizes[e];
+    if (start[e + 1] > rows) return ffi::Error::InvalidArgument("grouped matmul: group sizes exceed the rows");
+  }
   std::vector<const void*> values(groups), scales(groups, nullptr);
   int64_t scale_groups = 1;
   for (int64_t e = 0; e < groups; ++e) {
     auto v = weights.get<ffi::AnyBuffer>(scaled ? 2 * e : e);
     if (v.has_error()) return v.error();
+    if (auto bad = grouped_check(v.value(), want, n, wd[1]); bad.failure()) return bad;
     values[e] = v.value().untyped_data();
     if (scaled) {
       auto sc = weights.get<ffi::AnyBuffer>(2 * e + 1);
       if (sc.has_error()) return sc.error();
+      auto sd = sc.value().dimensions();
+      if (e == 0 && sd.size() == 2) scale_groups = sd[1];
+      int64_t want_groups = int4 ? scale_groups : 1;  // int8: one scale per output; int4: whole groups of inputs
+      if (auto bad = grouped_check(sc.value(), ffi::DataType::F32, n, want_groups); bad.failure()) return bad;
+      if (int4 && (scale_groups < 1 || k_len % scale_groups != 0 || (k_len / scale_groups) % 32 != 0))
+        return ffi::Error::InvalidArgument("grouped matmul: int4 scales must split the inputs into groups of 32k");
       scales[e] = sc.value().untyped_data();
-      scale_groups = sc.value().dimensions()[1];
     }
   }
   float* ys = y->typed_data();
@@ -644,7 +670,7 @@ ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (format == kGroupedInt8Q8 || format == kGroupedInt4Q8)
     xq = quantize_rows(x.typed_data(), start[groups], k_len, format == kGroupedInt8Q8 ? block : k_len / scale_groups,
                        format == kGroupedInt8Q8 ? 128 : 8);
-  // each used group's outputs in `parts` ranges of whole kOut blocks, so that both halves of a group run at once
+  // each used group's outputs in `parts` ranges of whole kOut blocks (one per thread), taken in turn
   const int64_t parts = std::max<int64_t>(1, pool.num_threads());
   const int64_t per = ((n + parts - 1) / parts + kOut - 1) / kOut * kOut;
   std::vector<std::pair<int64_t, int64_t>> items;  // (group, first output)

@@ -28,7 +28,7 @@ inline void store_f32(float* p, f32v v) { std::memcpy(p, &v, sizeof(v)); }
 // v, kept in a register: GCC otherwise folds a vector that several FMAs use back into each of them as a memory
 // operand, one load per use (a block of 4 outputs x 4 rows then makes 20 loads for 16 FMAs).
 inline f32v in_register(f32v v) {
-#if defined(__GNUC__)
+#if defined(__AVX512F__)  // one zmm register; elsewhere a 16-float vector has no register of its own to pin
   asm("" : "+v"(v));
 #endif
   return v;

@@ -173,7 +173,7 @@ def naive_prefill(q_nope, q_pe, c_kv, scales, k_pe, q_positions, lengths, w_uk, 
                   n_keys: int | None = None, key_positions=None, n_blocks=None, tail: int | None = None,
                   selected=None):
     """Naive attention over the cache: each key block is dequantized and expanded to per-head K and V
-    ([b, block, h, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
+    ([b, h, block, d]) and dropped after use, so the expanded prefix is never held whole. -> [b,s,h,d_v].
     `take`, n_keys, key_positions, n_blocks, tail and selected as in mla_prefill_xla."""
     rank = w_uk.shape[-1]
     b, s, h, _ = q_nope.shape
