@@ -31,7 +31,7 @@ import numpy as np
 from .errors import KtjaxError
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("matmul.cc", "attention.cc"))
-HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("simd.h", "pool.h"))
 TARGETS = {np.dtype(np.int8): "KtjaxMatmulInt8", np.dtype(np.uint8): "KtjaxMatmulInt4",
            np.dtype(np.float32): "KtjaxMatmulF32"}
 # activation_quant int8: the rows quantized to int8 per block and multiplied in integers (matmul.cc, "int8
@@ -44,8 +44,8 @@ GROUPED_TARGET = "KtjaxGroupedMatmul"  # the routed experts: each group of rows 
 GROUPED_FORMATS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.uint8): 2}  # matmul.cc's; +2: int8 activations
 CACHE_FORMATS = {"float32": 0, "bf16": 1, "fp8": 2, "int8": 3, "int4": 4}  # attention.cc's Format
 # Up to this many rows the kernels beat XLA's dequantize-then-dot (decode steps, short prefill chunks; a chunk's
-# routed experts take the grouped call at any row count): they run at ~115-165 GFLOP/s at any row count, XLA at 50-120 below 128 rows (RESULTS.md,
-# "Decode attention in C++, and prefill with int8 / int4 weights").
+# routed experts take the grouped call at any row count): they run at ~115-165 GFLOP/s at any row count, XLA at
+# 50-120 below 128 rows (RESULTS.md, "Decode attention in C++, and prefill with int8 / int4 weights").
 MAX_ROWS = 64
 # -w: jaxlib's FFI headers warn under GCC, and a failed build's message should show the error, not those.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")

@@ -23,6 +23,7 @@
 #include <memory>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -241,8 +242,6 @@ struct Job {
   float scale;
   std::vector<int64_t> first;     // rows' first task
   std::vector<Partial> partials;  // one per task
-  std::atomic<int64_t> next{0};      // the next task to take
-  std::atomic<int64_t> finished{0};  // tasks done
 
   int64_t segments(int64_t b) const { return (visible[b] + kSegment - 1) / kSegment; }
 
@@ -318,19 +317,9 @@ ffi::Error decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::B
   for (int64_t b = 0; b < job->rows; ++b) job->first[b + 1] = job->first[b] + job->segments(b);
   int64_t tasks = job->first[job->rows];
   job->partials.resize(tasks);
-  // Each worker takes the next task until none is left (segments differ in length, rows in segments). The
-  // calling thread then waits only for tasks already running elsewhere, never for a helper that has not woken
-  // up, and merges (as matmul.cc's run_split: a future completed on another thread left the step idle).
-  int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tasks));
-  auto work = [job, tasks]() {
-    for (int64_t t = job->next++; t < tasks; t = job->next++) {
-      job->run_task(t);
-      job->finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < workers; ++i) pool.Schedule([work]() { work(); });
-  work();
-  while (job->finished.load(std::memory_order_acquire) < tasks) spin_pause();
+  // Each thread takes the next task until none is left (segments differ in length, rows in segments); the
+  // calling thread then merges (pool.h run_items).
+  ktjax_pool::run_items(pool, tasks, pool.num_threads(), [job](int64_t t) { job->run_task(t); });
   job->merge();
   return ffi::Error::Success();
 }

@@ -26,6 +26,7 @@
 #include <memory>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace ktjax_simd;
+using ktjax_pool::run_items;
 
 // Outputs per block: each a weight row read front to back. A block's rows are short streams (a few KiB) that
 // the hardware prefetcher does not follow far, so each read also asks for the same place in the next block.
@@ -405,33 +407,6 @@ struct Int4Q8Block {
     int4_q8_block<O, R>(*a.x, t, (const uint8_t*)a.q + o * packed, a.scale + o * a.groups, a.y + t * a.n + o, a.n);
   }
 };
-
-// Items [0, items) taken in turn from an atomic counter by the calling thread and by up to threads - 1 helpers on
-// XLA's intra-op pool. The call returns when every item is done: the calling thread takes items until none is left,
-// then waits only for items already running elsewhere, never for a helper that has not woken up. (Returning a
-// future that another thread completes left the rest of the step idle for 0.1-0.35 ms per call:
-// benchmarks/RESULTS.md, "Integer activations".)
-template <typename F>
-void run_items(ffi::ThreadPool pool, int64_t items, int64_t threads, F item) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), std::min(items, threads)));
-  if (threads == 1) {
-    for (int64_t i = 0; i < items; ++i) item(i);
-    return;
-  }
-  struct Counts {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counts = std::make_shared<Counts>();  // a helper may wake up after the call has returned
-  auto work = [counts, item, items]() {
-    for (int64_t i = counts->next++; i < items; i = counts->next++) {
-      item(i);
-      counts->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < threads; ++i) pool.Schedule([work]() { work(); });
-  work();
-  while (counts->done.load(std::memory_order_acquire) < items) spin_pause();
-}
 
 // The N outputs in one contiguous range per thread (each a contiguous block of the weight). A weight under
 // kMinSplitBytes runs on one thread: a helper costs more than it saves.

@@ -73,7 +73,8 @@ def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, o
 
     A chunk of several queries first walks the full blocks that every query of every sequence sees whole (the
     prefix before the chunk) without building a mask, then the rest masked: on the CPU the masks and selects
-    cost as much as the products over a prefix block (benchmarks/RESULTS.md, "Prefill attention")."""
+    cost as much as the products over a prefix block (benchmarks/RESULTS.md, "Prefill: attention without masks
+    over the prefix")."""
     b, s, h, d_out = out_shape
     tail = tail or tail_block(block)
     if n_blocks is None:
