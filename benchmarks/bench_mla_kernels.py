@@ -10,7 +10,8 @@ One decode step of one layer with DeepSeek-V3 attention dims (128 heads, kv_lora
 sequence at the full context. Columns: median kernel and reference times (ms, compilation excluded), the
 cache bytes the step must read (c_kv + scales + k_pe, from CacheFormat.bytes_per_token_per_layer), the
 kernel's achieved bandwidth (those bytes / kernel time) and its share of this device's copy bandwidth,
-measured first with a large array copy ((read + write) / time, best of `--repeats`). `max err` is
+measured first with a large array copy ((read + write) / time, best of `--repeats`), and its FLOP rate
+(`decode_flops`; benchmarks/sweep_mla_kernels.py measures the matrix rate to set it against). `max err` is
 |pallas - xla| on the output. `--jsonl` also writes each point as it is measured (the XLA path's bandwidth too),
 so a run cut short keeps what it measured.
 """
@@ -64,6 +65,13 @@ def random_cache(key, fmt, batch, context, rank, rope):
     return c_kv, scales, k_pe
 
 
+def decode_flops(batch: int, context: int, heads: int, rank: int, rope: int) -> int:
+    """FLOPs of one absorbed decode step: per key and head, scores over rank + rope channels and p @ c_kv over
+    rank. At V3 dims that is ~250 FLOP per bf16 cache byte, above a Hopper GPU's balance point: the matrix rate,
+    not only the bandwidth, bounds the kernel."""
+    return 2 * batch * heads * context * (2 * rank + rope)
+
+
 def bench_one(a, fmt, batch, context, copy_bw, key):
     cache_bytes = batch * context * fmt.bytes_per_token_per_layer(a.rank, a.rope)
     if cache_bytes > a.max_cache_gb * 1e9:
@@ -85,8 +93,9 @@ def bench_one(a, fmt, batch, context, copy_bw, key):
     t_kernel = time_median(kernel, *args, repeats=a.repeats)
     t_ref = time_median(reference, *args, repeats=a.repeats)
     err = float(jnp.max(jnp.abs(kernel(*args) - reference(*args))))
+    flops = decode_flops(batch, context, a.heads, a.rank, a.rope)
     return dict(format=fmt.name, context=context, batch=batch, pallas_ms=1e3 * t_kernel, xla_ms=1e3 * t_ref,
-                speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_gbps=cache_bytes / t_kernel / 1e9,
+                speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_tflops=flops / t_kernel / 1e12, pallas_gbps=cache_bytes / t_kernel / 1e9,
                 xla_gbps=cache_bytes / t_ref / 1e9, pallas_of_copy=cache_bytes / t_kernel / copy_bw,
                 xla_of_copy=cache_bytes / t_ref / copy_bw, max_err=err)
 
@@ -94,7 +103,7 @@ def bench_one(a, fmt, batch, context, copy_bw, key):
 def markdown_row(r) -> str:
     return (f"| {r['format']} | {r['context']} | {r['batch']} | {r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | "
             f"{r['speedup']:.2f}x | {r['cache_bytes'] / 1e6:.4g} | {r['pallas_gbps']:.3g} | "
-            f"{100 * r['pallas_of_copy']:.0f}% | {r['max_err']:.1e} |")
+            f"{100 * r['pallas_of_copy']:.0f}% | {r['pallas_tflops']:.3g} | {r['max_err']:.1e} |")
 
 
 def parse_args(argv=None):
@@ -139,8 +148,8 @@ def main(argv=None):
     header = [f"device: {device.device_kind} ({jax.default_backend()}, {mode}); jax {jax.__version__}; "
               f"heads={a.heads} rank={a.rank} rope={a.rope} queries={a.dtype}; copy bandwidth {copy_bw / 1e9:.1f} GB/s",
               "",
-              "| format | context | batch | pallas ms | xla ms | speedup | cache MB | GB/s | of copy | max err |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| format | context | batch | pallas ms | xla ms | speedup | cache MB | GB/s | of copy | TFLOP/s | max err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     if a.jsonl:
         write_jsonl(a.jsonl, dict(kind="header", device=device.device_kind, backend=jax.default_backend(),

@@ -7,7 +7,8 @@
 Steps, each in its own subprocess with its own timeout, all under one time budget (`--budget`):
 
   env           jax / jaxlib / flax / torch / transformers versions, the devices, nvidia-smi
-  pallas_tests  tests/test_pallas.py with the kernels compiled for the GPU (KTJAX_PALLAS_COMPILED=1)
+  pallas_tests  the Pallas kernel tests (dense, paged and sparse: KERNEL_TESTS) with the kernels compiled for the
+                GPU (KTJAX_PALLAS_COMPILED=1)
   kernel_bench  benchmarks/bench_mla_kernels.py: one decode step at V3 dims (128 heads, rank 512, rope 64),
                 batch 1 and 8, context 4k / 32k / 128k, every cache format, Pallas and XLA side by side
                 against the copy bandwidth measured in the same run
@@ -40,7 +41,8 @@ sys.path.insert(0, str(REPO))
 # ---- ktjax names this script relies on: the one place to change when modules move. ----
 from ktjax.kv.formats import FORMATS as CACHE_FORMATS  # noqa: E402  (the format names; imports no JAX)
 
-KERNEL_TESTS = "tests/test_pallas.py"              # honours KTJAX_PALLAS_COMPILED=1
+# Every kernel test module honours KTJAX_PALLAS_COMPILED=1 (tests/pallas_mode.py).
+KERNEL_TESTS = ["tests/test_pallas.py", "tests/test_paged_kernel.py", "tests/test_dsa_kernels.py"]
 KERNEL_BENCH = "benchmarks/bench_mla_kernels.py"
 GENERATE = [sys.executable, "-m", "ktjax.generate"]
 # -----------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ TAIL_CHARS = 4000
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 # Longest a step may take, in seconds (each is also cut to what is left of --budget).
-GPU_CAPS = dict(env=60, pallas_tests=150, kernel_bench=170, generate=150)
+GPU_CAPS = dict(env=60, pallas_tests=180, kernel_bench=170, generate=150)
 SMOKE_CAPS = dict(env=60, pallas_tests=120, kernel_bench=120, generate=240)
 GENERATE_RUN_CAP = 60          # one python -m ktjax.generate
 MIN_STEP_SECONDS = 10          # a step with less time left than this is skipped
@@ -210,7 +212,7 @@ class Check:
         xml = self.out / "pallas_tests.xml"
         xml.unlink(missing_ok=True)
         # -v: one line per test, so a run cut short by its timeout still says which tests passed.
-        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", KERNEL_TESTS, f"--junitxml={xml}",
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *KERNEL_TESTS, f"--junitxml={xml}",
                "-o", "junit_family=xunit1"]
         env = dict(self.child_env)
         if self.smoke:

@@ -1,7 +1,6 @@
-"""Sparse attention's Pallas kernels (interpret mode on the CPU) against the XLA path (kv/sparse.py), on every
-index-cache dtype and every latent-cache format; and the sparse code against a dense reference."""
-import warnings
-
+"""Sparse attention's Pallas kernels (interpret mode on the CPU; compiled on a GPU under KTJAX_PALLAS_COMPILED=1)
+against the XLA path (kv/sparse.py), on every index-cache dtype and every latent-cache format; and the sparse code
+against a dense reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,22 +9,20 @@ import pytest
 from ktjax.kv import formats as cf
 from ktjax.kv import pallas, quant, sparse
 from ktjax.kv.attention import mla_decode_xla
-from ktjax.kv.pallas import platform
+from pallas_mode import INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
 
 HEADS, DIM, T = 8, 16, 64      # index heads (padded to 16 in the kernel), index head dim, cache length
 RANK, ROPE, H = 20, 8, 4       # latent rank (odd: padded), rope dim, attention heads
 
 
+pytestmark = skip_without_gpu
+
+
 @pytest.fixture(autouse=True)
-def _quiet_interpret_notice():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", platform.InterpretModeWarning)
+def _kernel_test_context():
+    with kernel_test_context():
         yield
-
-
-def run_jitted(fn, *args):
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 def index_cache(rng, fmt, b=2):
@@ -42,7 +39,7 @@ def test_index_scores_kernel_matches_xla(rng, fmt_name, fp8_bits):
     q = jnp.asarray(rng.normal(size=(2, HEADS, DIM)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(2, HEADS)), jnp.float32)
     lengths = jnp.asarray([37, 64], jnp.int32)
-    got = run_jitted(lambda *a: pallas.index_scores_decode(*a, fmt=fmt, block_k=16, interpret=True,
+    got = run_jitted(lambda *a: pallas.index_scores_decode(*a, fmt=fmt, block_k=16, interpret=INTERPRET,
                                                            fp8_bits=fp8_bits), q, w, k_idx, k_scale, lengths)
     ref = sparse.index_scores(q[:, None], w[:, None], k_idx, k_scale, (lengths - 1)[:, None], lengths, fmt=fmt,
                               block=16)[:, 0]
@@ -66,7 +63,7 @@ def test_sparse_decode_kernel_matches_xla(rng, fmt_name):
     indices, valid = sparse.select_topk(scores, 24)
     assert int(valid[0].sum()) == 9 and bool(valid[1].all())
     kw = dict(fmt=fmt, scale=0.2)
-    got = run_jitted(lambda *a: pallas.sparse_decode(*a, interpret=True, **kw), q_lat, q_pe, c_kv, scales, k_pe,
+    got = run_jitted(lambda *a: pallas.sparse_decode(*a, interpret=INTERPRET, **kw), q_lat, q_pe, c_kv, scales, k_pe,
                      indices, valid)
     ref = sparse.sparse_attend_gathered(q_lat, q_pe, quant.to_bits(c_kv), scales, quant.to_bits(k_pe), indices,
                                         valid, **kw)

@@ -41,7 +41,7 @@ FAKE_TESTS = textwrap.dedent("""
 
 def test_cpu_smoke_writes_one_json(tmp_path, monkeypatch, capsys):
     (tmp_path / "test_stand_in.py").write_text(FAKE_TESTS)  # outside tests/: no conftest, no torch import
-    monkeypatch.setattr(gpu_check, "KERNEL_TESTS", str(tmp_path / "test_stand_in.py"))
+    monkeypatch.setattr(gpu_check, "KERNEL_TESTS", [str(tmp_path / "test_stand_in.py")])
     monkeypatch.setattr(gpu_check, "GENERATE", [sys.executable, "-c", FAKE_GENERATE])
     out = tmp_path / "out"
     rc = gpu_check.main(["--cpu-smoke", "--out", str(out), "--formats", "bf16", "int4", "--bench-formats", "bf16",
@@ -108,3 +108,23 @@ def test_counts_from_a_log_cut_short():
     counts = gpu_check.verbose_counts(log)
     assert (counts["tests"], counts["passed"], counts["failures"], counts["skipped"]) == (3, 1, 1, 1)
     assert counts["failing"] == [dict(test="tests/test_pallas.py::test_b", message="FAILED")]
+
+
+def test_tiling_sweep_measures_each_config_against_the_reference(tmp_path, monkeypatch):
+    """benchmarks/sweep_mla_kernels.py at tiny sizes (interpreted): one JSON point per (shape, tiling), each
+    with the kernel's output checked against the XLA reference, and a tiling that does not exist recorded as an
+    error, not a crash."""
+    import sweep_mla_kernels as sweep
+
+    monkeypatch.setattr(sweep, "CONFIGS", [(None, None, None, None, None), (16, 16, 4, 2, 2), (24, 16, 4, 2, None)])
+    out = tmp_path / "sweep.jsonl"
+    sweep.main(["--jsonl", str(out), "--shapes", "int8:64:1", "--heads", "4", "--rank", "64", "--rope", "16",
+                "--repeats", "1", "--copy-mb", "1", "--matmul-n", "64"])
+    header, *points = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["kind"] == "header" and header["copy_gbps"] > 0 and header["matmul_bf16_tflops"] > 0
+    assert [p["config"] for p in points] == [list(c) for c in sweep.CONFIGS]
+    for p in points[:2]:
+        # bf16 queries: the kernel's dots take bf16 operands (the probabilities rounded to 2^-9 relative) and the
+        # outputs are O(1), so bf16 rounding, not float32's, bounds the difference.
+        assert p["max_err"] < 2e-3 and p["ms"] > 0 and 0 < p["of_roof"]
+    assert "power of two" in points[2]["error"]

@@ -1,8 +1,7 @@
-"""The Pallas paged kernel (ktjax/kv/pallas/paged.py, interpret mode on the CPU) against the paged XLA path,
+"""The Pallas paged kernel (ktjax/kv/pallas/paged.py, interpret mode on the CPU; compiled on a GPU under
+KTJAX_PALLAS_COMPILED=1) against the paged XLA path,
 in every cache format: decode and prefill rows, pages scattered over the pool, ragged lengths. Outputs are
 poisoned (NaN-filled): an element the kernel never writes fails the comparison."""
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,18 +9,21 @@ import pytest
 
 from ktjax.kv import formats as cf
 from ktjax.kv.paged import PagedLatentCache
-from ktjax.kv.pallas import KernelConfig, platform
+from ktjax.kv.pallas import KernelConfig
 from ktjax.kv.pallas.paged import paged_attention
 from ktjax.kv.quant import quantize, to_bits
+from pallas_mode import INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
 
 RANK, ROPE, HEADS, PAGE, N_PAGES, LAYERS = 24, 8, 4, 16, 9, 2
 
 
+pytestmark = skip_without_gpu
+
+
 @pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", platform.InterpretModeWarning)
+def _kernel_test_context():
+    with kernel_test_context():
         yield
 
 
@@ -46,11 +48,9 @@ def test_paged_kernel_matches_paged_xla(fmt_name, num_splits):
         q_lat = jnp.asarray(rng.normal(size=(2, q_positions.shape[1], HEADS, RANK)), jnp.float32)
         q_pe = jnp.asarray(rng.normal(size=(2, q_positions.shape[1], HEADS, ROPE)), jnp.float32)
         want = cache.attend_latent(1, q_lat, q_pe, q_positions, lengths, scale=scale)
-        fn = jax.jit(lambda c, a, b, p, n: paged_attention(a, b, c, 1, p, n, scale=scale, config=config,
-                                                           interpret=True, poison_outputs=True))
-        args = (cache, q_lat, q_pe, q_positions, lengths)
-        # interpreted kernels spend their time in XLA's CPU compiler: skip its optimisation (as test_pallas)
-        got = fn.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+        got = run_jitted(lambda c, a, b, p, n: paged_attention(a, b, c, 1, p, n, scale=scale, config=config,
+                                                               interpret=INTERPRET, poison_outputs=True),
+                         cache, q_lat, q_pe, q_positions, lengths)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,6 @@ without one), with float32 XLA dots at full precision so that the references sta
 Outputs are poisoned: the kernel writes into NaN-filled buffers (input_output_aliases), so an element it
 never writes turns the merged result into NaN and fails the comparison.
 """
-import os
 import warnings
 
 import jax
@@ -24,6 +23,7 @@ from ktjax.kv.cache import LatentCache
 from ktjax.kv.pallas import layout as kl
 from ktjax.kv.pallas import mla_kernels as kernels
 from ktjax.kv.pallas import platform
+from pallas_mode import COMPILED, INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
 
 FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
@@ -31,17 +31,12 @@ FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 ROPE = 8
 BLOCK = 16          # the XLA reference's tile; cache lengths are multiples of it
-COMPILED = os.environ.get("KTJAX_PALLAS_COMPILED") == "1"
-INTERPRET = not COMPILED
-if COMPILED:
-    pytestmark = pytest.mark.skipif(not platform.on_gpu(), reason="KTJAX_PALLAS_COMPILED=1 needs a GPU")
+pytestmark = skip_without_gpu
 
 
 @pytest.fixture(autouse=True)
-def _quiet_interpret_notice():
-    # Compiled: XLA's float32 dots on a GPU default to TF32; the references must stay float32.
-    with warnings.catch_warnings(), jax.default_matmul_precision("highest" if COMPILED else None):
-        warnings.simplefilter("ignore", platform.InterpretModeWarning)
+def _kernel_test_context():
+    with kernel_test_context():
         yield
 
 
@@ -57,11 +52,6 @@ def make_queries(rng, lead, rank, rope=ROPE, dtype=jnp.float32):
     q_lat = jnp.asarray(rng.normal(size=(*lead, rank)), jnp.float32).astype(dtype)
     q_pe = jnp.asarray(rng.normal(size=(*lead, rope)), jnp.float32).astype(dtype)
     return q_lat, q_pe
-
-
-def run_jitted(fn, *args):
-    """jit and run; interpret-mode kernels spend their time in XLA's CPU backend, so skip its optimisation."""
-    return jax.jit(fn).lower(*args).compile({} if COMPILED else {"xla_backend_optimization_level": 0})(*args)
 
 
 def softmax_scale(rank, rope=ROPE):

@@ -161,11 +161,17 @@ def choose_num_splits(programs_per_split: int, cache_len: int, cores: int) -> in
     return int(max(1, min(wanted, cache_len // MIN_TOKENS_PER_SPLIT)))
 
 
-def kernel_config(config: KernelConfig, *, rows: int, batch: int, cache_len: int, rank_p: int) -> KernelConfig:
-    # 32 rows x 512 channels of f32 accumulator fit 8 warps' registers; V3's 128 heads take 4 row blocks, which
-    # launch next to each other (grid axis 0) so their shared cache tiles come from L2, not HBM.
-    block_m = config.block_m or min(32, next_pow2(rows, MIN_DOT))
-    block_k = config.block_k or (32 if rank_p >= 256 else 64)
+def kernel_config(config: KernelConfig, *, rows: int, batch: int, cache_len: int, rank_p: int,
+                  fmt: CacheFormat, dot_dtype) -> KernelConfig:
+    """The tiling for one call: `config`'s fields where set, else the defaults measured on an H200 (RESULTS.md,
+    "GPU check"; benchmarks/sweep_mla_kernels.py): with bf16 queries, blocks of 64 rows (V3's 128 heads in two
+    blocks sharing each cache tile through L2) and 8 warps; tiles of 64 keys for 1- and 2-byte caches, 32 for
+    int4 and float32 (a float32 tile of 64 keys does not fit shared memory twice). Float32 queries keep 32 rows:
+    their 64 x 512 accumulator and query chunks would not fit 8 warps' registers."""
+    bf16_queries = jnp.dtype(dot_dtype) == jnp.bfloat16
+    block_m = config.block_m or min(64 if bf16_queries else 32, next_pow2(rows, MIN_DOT))
+    wide_keys = bf16_queries and fmt.name in ("bf16", "fp8", "int8")
+    block_k = config.block_k or (64 if wide_keys or rank_p < 256 else 32)
     block_k = min(block_k, _largest_pow2_divisor(cache_len))
     row_blocks = pl.cdiv(rows, block_m)
     num_splits = config.num_splits or choose_num_splits(row_blocks * batch, cache_len, platform.core_count())
@@ -204,7 +210,9 @@ def mla_attention(q_lat, q_pe, c_kv, scales, k_pe, last_key, *, fmt: CacheFormat
     if c_kv.shape[1] % MIN_DOT:
         c_kv, scales, k_pe = (_pad_cache_len(x, MIN_DOT) for x in (c_kv, scales, k_pe))
     cache_len = c_kv.shape[1]
-    cfg = kernel_config(config, rows=rows, batch=batch, cache_len=cache_len, rank_p=layout.rank_p)
+    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
+    cfg = kernel_config(config, rows=rows, batch=batch, cache_len=cache_len, rank_p=layout.rank_p, fmt=fmt,
+                        dot_dtype=dot_dtype)
     row_blocks = pl.cdiv(rows, cfg.block_m)
     rows_p = row_blocks * cfg.block_m
 
@@ -215,7 +223,6 @@ def mla_attention(q_lat, q_pe, c_kv, scales, k_pe, last_key, *, fmt: CacheFormat
     q_pe = _pad_rows(pad_last(q_pe, rope_p), rows_p)
     k_pe = pad_last(k_pe, rope_p)
     last_key = _pad_rows(last_key.astype(jnp.int32), rows_p, value=-1)
-    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
 
     kernel = functools.partial(
         _kernel_with_optional_scales, has_scales=scales is not None, n_poisoned=3 if poison_outputs else 0,

@@ -55,8 +55,9 @@ def paged_mla_attention(q_lat, q_pe, cache, layer, last_key, *, scale: float, co
     lay = latent_layout(fmt, rank)
     rope_p = next_pow2(q_pe.shape[-1], MIN_DOT)
     table = cache.page_table.astype(jnp.int32)
+    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
     cfg = kernel_config(dataclasses.replace(config, block_k=ps), rows=rows, batch=batch,
-                        cache_len=table.shape[1] * ps, rank_p=lay.rank_p)
+                        cache_len=table.shape[1] * ps, rank_p=lay.rank_p, fmt=fmt, dot_dtype=dot_dtype)
     row_blocks = pl.cdiv(rows, cfg.block_m)
     rows_p = row_blocks * cfg.block_m
 
@@ -67,7 +68,6 @@ def paged_mla_attention(q_lat, q_pe, cache, layer, last_key, *, scale: float, co
     q_lat = _pad_rows(pad_last(q_lat, lay.rank_p), rows_p)
     q_pe = _pad_rows(pad_last(q_pe, rope_p), rows_p)
     last_key = _pad_rows(last_key.astype(jnp.int32), rows_p, value=-1)
-    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
 
     kernel = functools.partial(
         _paged_kernel, has_scales=scales is not None, n_poisoned=3 if poison_outputs else 0, layout=lay,
