@@ -7,7 +7,9 @@ logprobs) timed directly at a few batch sizes: the figures of benchmarks/RESULTS
     python benchmarks/bench_step.py --weights int8 --cpu-kernels off   # XLA's dot on int8 weights
     python benchmarks/bench_step.py --weights int4 --lm-head int8 --activation-quant int8   # integer products
 
-Best of --repeats steps after a warm one; run it on a quiet machine.
+Best of --repeats steps after a warm one; run it on a quiet machine. Each line also gives the weight bytes the
+step must read and the ceiling they set on batching (WeightBytes): n rows' tokens/s over one row's when both read
+their weights at the same rate and do nothing else.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main(argv=None):
                                       ("attention", a.attention), ("activation_quant", a.activation_quant))
                     if v}
         engine = ktjax.load(converted, cache_dtype=a.cache_dtype, moe_impl=a.moe_impl, **settings)
+    weight_bytes = WeightBytes.of(engine)
     page = 64
     per_row = -(-(a.context + 1) // page)
     sched = Scheduler(engine, max_batch=max(a.rows), page_size=page, n_pages=max(a.rows) * per_row + 8)
@@ -83,7 +86,46 @@ def main(argv=None):
                 jax.block_until_ready(out)
         pool = dataclasses.replace(cache, page_table=pool.page_table)
         best = min(times[1:])
-        print(f"{b:3d} rows: {best * 1e3:7.1f} ms per step, {b / best:6.1f} tokens/s", flush=True)
+        print(f"{b:3d} rows: {best * 1e3:7.1f} ms per step, {b / best:6.1f} tokens/s; weights read "
+              f"{weight_bytes.per_step(b) / 1e6:.0f} MB, at most {weight_bytes.ceiling(b):.2f}x one row's tokens/s "
+              "at equal bandwidth", flush=True)
+
+
+@dataclasses.dataclass
+class WeightBytes:
+    """The weight bytes a decode step of n rows must read, for the ceiling that bandwidth sets on batching: every
+    weight but the embedding (n rows of it) once, and of each MoE layer's routed experts only those the rows
+    select, E (1 - (1 - k/E)^n) distinct ones in expectation under independent routing (a random model's)."""
+    shared: int       # read by every step whatever n
+    routed: int       # all routed experts of all layers
+    n_experts: int
+    top_k: int
+
+    @classmethod
+    def of(cls, engine):
+        import jax
+
+        from ktjax.moe import PerExpert
+
+        shared = routed = 0
+        for path, leaf in jax.tree_util.tree_flatten_with_path(engine.state, is_leaf=lambda x: isinstance(x, PerExpert))[0]:
+            name = jax.tree_util.keystr(path)
+            nbytes = sum(x.nbytes for x in jax.tree.leaves(leaf))
+            if any(w in name for w in ("'w_gate'", "'w_up'", "'w_down'")):
+                routed += nbytes
+            elif "'embed'" not in name:
+                shared += nbytes
+        return cls(shared, routed, engine.cfg.n_routed_experts, engine.cfg.num_experts_per_tok)
+
+    def per_step(self, n: int) -> float:
+        if not self.n_experts:
+            return self.shared
+        distinct = self.n_experts * (1 - (1 - self.top_k / self.n_experts) ** n)
+        return self.shared + self.routed * distinct / self.n_experts
+
+    def ceiling(self, n: int) -> float:
+        """n rows' tokens/s over one row's, both reading their weights at the same rate and doing nothing else."""
+        return n * self.per_step(1) / self.per_step(n)
 
 
 if __name__ == "__main__":
