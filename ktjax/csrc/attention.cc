@@ -150,6 +150,53 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
   for (int64_t j = c.rank + c.rope; j < dim; ++j) out[j] = 0.f;
 }
 
+// scores[h, i] = scale * q[h] . keys[i] for H heads and the kKeys keys of a block (q [H, dim], keys [kKeys, dim],
+// scores [H, kKeys]), in tiles of H heads x 4 keys.
+template <int H>
+inline void score_tiles(const float* q, const float* keys, int64_t dim, float scale, float* scores) {
+  for (int64_t i0 = 0; i0 < kKeys; i0 += 4) {
+    f32v acc[H][4] = {};
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      f32v kv[4];
+      for (int i = 0; i < 4; ++i) kv[i] = in_register(load_f32(keys + (i0 + i) * dim + d));
+      for (int h = 0; h < H; ++h) {
+        f32v qv = in_register(load_f32(q + h * dim + d));
+        for (int i = 0; i < 4; ++i) acc[h][i] += qv * kv[i];
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      float sums[4];
+      lane_sums4(acc[h][0], acc[h][1], acc[h][2], acc[h][3], sums);
+      for (int i = 0; i < 4; ++i) scores[h * kKeys + i0 + i] = sums[i] * scale;
+    }
+  }
+}
+
+// acc[h, 0:V) = acc[h, 0:V) * corr[h] + sum_{i < n} p[h, i] keys[i, 0:V) for H heads and V = 16 or 32 channels
+// (TWO), keys [n, dim] and p [H, kKeys] as laid out in attend_segment, acc [H, rank].
+template <int H, bool TWO>
+inline void weigh_latents(const float* keys, int64_t dim, const float* p, const float* corr, float* acc, int64_t rank,
+                          int64_t n) {
+  f32v a0[H], a1[H];
+  for (int h = 0; h < H; ++h) {
+    a0[h] = load_f32(acc + h * rank) * splat(corr[h]);
+    a1[h] = TWO ? load_f32(acc + h * rank + kLanes) * splat(corr[h]) : f32v{};
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    f32v k0 = in_register(load_f32(keys + i * dim));
+    f32v k1 = TWO ? in_register(load_f32(keys + i * dim + kLanes)) : f32v{};
+    for (int h = 0; h < H; ++h) {
+      f32v w = splat(p[h * kKeys + i]);
+      a0[h] += w * k0;
+      if (TWO) a1[h] += w * k1;
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    store_f32(acc + h * rank, a0[h]);
+    if (TWO) store_f32(acc + h * rank + kLanes, a1[h]);
+  }
+}
+
 // One task: keys [t0, t1) of sequence b -> per head the running max m, the sum l of exp(score - m) and
 // acc = sum of exp(score - m) * latents ([heads, rank]). q: [heads, dim] (q_lat then q_pe, zero-padded).
 struct Partial {
@@ -171,18 +218,12 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
     }
     // Scores [heads, kKeys] in tiles of 4 heads x 4 keys, each a 16-lane dot product over dim.
     for (int64_t h0 = 0; h0 < heads; h0 += 4) {
-      int64_t hn = std::min<int64_t>(4, heads - h0);
-      for (int64_t i0 = 0; i0 < kKeys; i0 += 4) {
-        f32v acc[4][4] = {};
-        for (int64_t d = 0; d < dim; d += kLanes) {
-          f32v kv[4], qv[4];
-          for (int i = 0; i < 4; ++i) kv[i] = load_f32(keys.data() + (i0 + i) * dim + d);
-          for (int h = 0; h < 4; ++h) qv[h] = h < hn ? load_f32(q + (h0 + h) * dim + d) : f32v{};
-          for (int h = 0; h < 4; ++h)
-            for (int i = 0; i < 4; ++i) acc[h][i] += qv[h] * kv[i];
-        }
-        for (int h = 0; h < hn; ++h)
-          for (int i = 0; i < 4; ++i) scores[(h0 + h) * kKeys + i0 + i] = lane_sum(acc[h][i]) * scale;
+      float* s = scores.data() + h0 * kKeys;
+      switch (std::min<int64_t>(4, heads - h0)) {  // heads as a constant: no per-load test in the dot products
+        case 4: score_tiles<4>(q + h0 * dim, keys.data(), dim, scale, s); break;
+        case 3: score_tiles<3>(q + h0 * dim, keys.data(), dim, scale, s); break;
+        case 2: score_tiles<2>(q + h0 * dim, keys.data(), dim, scale, s); break;
+        default: score_tiles<1>(q + h0 * dim, keys.data(), dim, scale, s);
       }
     }
     // Online softmax per head over this block's keys (lanes = keys; the block's missing keys masked).
@@ -201,25 +242,16 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
     // acc[h, :] = acc[h, :] * corr[h] + sum_i p[h, i] keys[i, :rank], in tiles of 8 heads x 32 channels.
     for (int64_t h0 = 0; h0 < heads; h0 += 8) {
       int64_t hn = std::min<int64_t>(8, heads - h0);
+      const float* p = scores.data() + h0 * kKeys;
+      float* acc = out.acc.data() + h0 * rank;
       for (int64_t d = 0; d < rank_v; d += 2 * kLanes) {
         bool two = d + kLanes < rank_v;
-        f32v acc[8][2] = {};
-        for (int h = 0; h < hn; ++h) {
-          acc[h][0] = load_f32(out.acc.data() + (h0 + h) * rank + d) * splat(corr[h0 + h]);
-          if (two) acc[h][1] = load_f32(out.acc.data() + (h0 + h) * rank + d + kLanes) * splat(corr[h0 + h]);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          f32v k0v = load_f32(keys.data() + i * dim + d);
-          f32v k1v = two ? load_f32(keys.data() + i * dim + d + kLanes) : f32v{};
-          for (int h = 0; h < hn; ++h) {
-            f32v p = splat(scores[(h0 + h) * kKeys + i]);
-            acc[h][0] += p * k0v;
-            acc[h][1] += p * k1v;
-          }
-        }
-        for (int h = 0; h < hn; ++h) {
-          store_f32(out.acc.data() + (h0 + h) * rank + d, acc[h][0]);
-          if (two) store_f32(out.acc.data() + (h0 + h) * rank + d + kLanes, acc[h][1]);
+        switch (hn * 2 + two) {  // heads and vectors as constants, so that the sums stay in registers
+#define KTJAX_PV(H) \
+  case 2 * H: weigh_latents<H, false>(keys.data() + d, dim, p, corr.data() + h0, acc + d, rank, n); break; \
+  case 2 * H + 1: weigh_latents<H, true>(keys.data() + d, dim, p, corr.data() + h0, acc + d, rank, n); break;
+          KTJAX_PV(1) KTJAX_PV(2) KTJAX_PV(3) KTJAX_PV(4) KTJAX_PV(5) KTJAX_PV(6) KTJAX_PV(7) KTJAX_PV(8)
+#undef KTJAX_PV
         }
       }
       for (int h = 0; h < hn; ++h)  // channels past the last whole vector

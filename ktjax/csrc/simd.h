@@ -49,6 +49,24 @@ inline float lane_sum(f32v v) {
 #endif
 }
 
+// lane_sum of four vectors at once (the same pairs added in the same order, so the same four floats), in
+// shuffles that serve all four: 4 x 16 lanes -> 4 x 8 -> 4 x 4 -> 4 x 2 -> 4.
+inline void lane_sums4(f32v a, f32v b, f32v c, f32v d, float out[4]) {
+#if defined(__AVX512F__)
+  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4((__m512)a, (__m512)b, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_f32x4((__m512)a, (__m512)b, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4((__m512)c, (__m512)d, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_f32x4((__m512)c, (__m512)d, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 e = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  e = _mm512_add_ps(e, _mm512_permute_ps(e, _MM_SHUFFLE(1, 0, 3, 2)));
+  e = _mm512_add_ps(e, _mm512_permute_ps(e, _MM_SHUFFLE(2, 3, 0, 1)));
+  out[0] = e[0], out[1] = e[4], out[2] = e[8], out[3] = e[12];
+#else
+  out[0] = lane_sum(a), out[1] = lane_sum(b), out[2] = lane_sum(c), out[3] = lane_sum(d);
+#endif
+}
+
 // 16 int8 as floats. GCC's generic vector conversions scalarize this, so the widening is spelled with
 // intrinsics where the CPU has them.
 inline f32v widen_s8(const int8_t* p) {
