@@ -78,6 +78,42 @@ def test_publishing_a_duplicate_keeps_one_cached_copy():
     alloc.check()
 
 
+@pytest.mark.parametrize("stored, asked", [
+    ([-1, 0, 0, 0], [-2, 0, 0, 0]),   # hash(-1) == hash(-2) in CPython: the two pages' tuples hash alike
+    ([5, 6, 7, 8], [5, 6, 7, 9]),     # plain different pages
+])
+def test_pages_that_hash_alike_are_told_apart_by_their_tokens(stored, asked):
+    """A prompt must never read another prompt's page unless their tokens agree: with pages found by a hash of
+    the tokens alone, a page hashing like another user's would have returned that user's cache."""
+    assert hash((ROOT, tuple(stored))) == hash((ROOT, tuple(asked))) or stored[-1] != asked[-1]
+    alloc = PageAllocator(4, PS)
+    mine = alloc.allocate(2)
+    publish_all(alloc, mine, stored + [1, 2, 3, 4])
+    assert alloc.lookup(asked + [1, 2, 3, 4], count=False)[0] == []
+    hits, ids = alloc.lookup(stored + [1, 2, 3, 4], count=False)
+    assert hits == mine and len(set(ids)) == 2 and ROOT not in ids
+    alloc.release(hits)
+    alloc.check()
+
+
+def test_an_evicted_page_takes_its_id_along():
+    """A page evicted and then published again for another prefix gets a new id, so the pages cached after the
+    old prefix are not found after the new one."""
+    alloc = PageAllocator(3, PS)
+    first = alloc.allocate(2)
+    publish_all(alloc, first, [1] * PS + [2] * PS)
+    alloc.release(first[:1])              # the first page cached, unreferenced; the second still held
+    [page] = alloc.allocate(1)            # the free page
+    assert alloc.lookup([1] * PS, count=False)[0] == first[:1]
+    alloc.release(first[:1])
+    [reused] = alloc.allocate(1)          # evicts the first page
+    assert reused == first[0] and alloc.lookup([1] * PS + [2] * PS, count=False)[0] == []
+    publish_all(alloc, [reused], [3] * PS)
+    assert alloc.lookup([3] * PS + [2] * PS, count=False)[0] == [reused]   # not first[1]: another prefix
+    alloc.release([reused, reused, page, first[1]])
+    alloc.check()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(1, 14)), max_size=40))
 def test_random_sequences_keep_the_invariants(ops):
