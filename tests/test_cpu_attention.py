@@ -116,6 +116,45 @@ def test_kernel_matches_numpy_in_every_format(rng, fmt, rank, rope, heads):
             assert np.all(err <= bound), (type(cache).__name__, path, float(np.max(err - bound)))
 
 
+def _every_code(fmt, width, rng):
+    """A row of `width` stored bytes / elements of the format holding each of its codes at least once where the row
+    is long enough (e4m3's NaN codes 0x7f / 0xff excepted: the cache never stores NaN), else random ones."""
+    if fmt.name == "float32":
+        return rng.standard_normal(width).astype(np.float32)
+    if fmt.name == "bf16":
+        return rng.standard_normal(width).astype(np.float32).astype(fmt.store_dtype).view(np.uint16)
+    codes = np.arange(256, dtype=np.uint8) if fmt.name in ("fp8", "int4") else np.arange(-127, 128).astype(np.int8)
+    if fmt.name == "fp8":
+        codes = codes[(codes & 0x7F) != 0x7F]
+    return np.resize(rng.permutation(codes), width)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("rank", [512, 40])
+def test_one_visible_key_reads_back_its_latents_exactly(rng, fmt, rank):
+    """With one visible key every probability is exactly 1, so the kernel returns that key's latents as it
+    dequantized them: they must equal the format's own dequantize bit for bit, every stored code (fp8 and int4:
+    all 254 / 256 byte values; int8: -127..127) through the kernel's vector loops (rank 512) and its scalar ones
+    (rank 40)."""
+    fmt, rope, heads = FORMATS[fmt], 8, 3
+    width = fmt.stored_width(rank)
+    stored = np.stack([_every_code(fmt, width, rng) for _ in range(4)])                  # 4 slots of one page
+    scales = (rng.uniform(0.01, 3, (4, fmt.n_groups(rank))).astype(np.float32) if fmt.quantized else None)
+    k_pe = rng.standard_normal((4, rope)).astype(np.float32).astype(fmt.k_pe_dtype)
+    lead = lambda x: None if x is None else jnp.asarray(x)[None, None]                   # [layer, page, slot, .]
+    q_lat = jnp.asarray(rng.standard_normal((1, heads, rank)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((1, heads, rope)), jnp.float32)
+    out = cpu_kernels.decode_attention(q_lat, q_pe, lead(stored), lead(scales), lead(k_pe.view(np.uint16) if
+                                       fmt.k_pe_dtype != np.float32 else k_pe), jnp.zeros((1, 1), jnp.int32),
+                                       jnp.int32(0), jnp.ones((1,), jnp.int32), fmt=fmt, scale=0.5)
+    stored_as = stored if fmt.name in ("float32", "int8", "int4") else stored.view(fmt.store_dtype)
+    want = np.asarray(dequantize(fmt, jnp.asarray(stored_as[:1]), None if scales is None else
+                                 jnp.asarray(scales[:1]), rank))[0]
+    assert np.isfinite(want).all()
+    for h in range(heads):
+        np.testing.assert_array_equal(np.asarray(out)[0, h], want)
+
+
 def test_a_row_result_does_not_depend_on_its_batch(rng):
     """Each row's keys are split and merged in one order whatever the batch and the threads: a row alone gives
     the bits it gives among others (the server's greedy tokens equal the CLI's)."""

@@ -108,7 +108,11 @@ void key_row(const Cache& c, int64_t b, int64_t t, float* out, int64_t dim) {
     }
     case kFP8: {
       const uint8_t* v = c.c_kv + slot * c.width;
-      for (int64_t j = 0; j < c.rank; ++j) out[j] = kE4M3.v[v[j]] * s[j / c.group];
+      if (vec) {  // the same values as the table's, 16 at a time (a vector never straddles two groups)
+        for (int64_t j = 0; j < c.rank; j += kLanes) store_f32(out + j, widen_e4m3(v + j) * splat(s[j / c.group]));
+      } else {
+        for (int64_t j = 0; j < c.rank; ++j) out[j] = kE4M3.v[v[j]] * s[j / c.group];
+      }
       break;
     }
     case kInt8: {

@@ -117,6 +117,38 @@ inline f32v widen_bf16(const uint16_t* p) {
 #endif
 }
 
+// 16 float8 e4m3fn bit patterns as floats, exactly (no infinities; 0x7f / 0xff are NaN): a normal number is a
+// float32 with the exponent rebiased (7 -> 127) and the mantissa moved up, a subnormal one mantissa x 2^-9.
+inline f32v widen_e4m3(const uint8_t* p) {
+#if defined(__AVX512F__)
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(15));
+  __m512i mantissa = _mm512_and_si512(b, _mm512_set1_epi32(7));
+  __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exponent, _mm512_set1_epi32(120)), 23),
+                                   _mm512_slli_epi32(mantissa, 20));
+  __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa), _mm512_set1_ps(1.f / 512));
+  __m512i magnitude = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(exponent, _mm512_setzero_si512()), normal,
+                                              _mm512_castps_si512(subnormal));
+  __m512i low7 = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  magnitude = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(low7, _mm512_set1_epi32(0x7f)), magnitude,
+                                      _mm512_set1_epi32(0x7fc00000));  // NaN
+  __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(b, 7), 31);
+  return (f32v)_mm512_castsi512_ps(_mm512_or_si512(magnitude, sign));
+#else
+  f32v out;
+  for (int i = 0; i < kLanes; ++i) {
+    uint32_t c = p[i], exponent = (c >> 3) & 15, mantissa = c & 7, bits;
+    float sub = float(mantissa) * (1.f / 512);
+    if ((c & 0x7f) == 0x7f) bits = 0x7fc00000u;
+    else if (exponent == 0) std::memcpy(&bits, &sub, 4);
+    else bits = ((exponent + 120) << 23) | (mantissa << 20);
+    bits |= (c >> 7) << 31;
+    std::memcpy(&out[i], &bits, 4);
+  }
+  return out;
+#endif
+}
+
 // n bytes from p (n <= 0: none, n >= 64: 64) and zeros after them: a row's tail is read without touching what
 // follows it.
 inline u8v load_bytes(const void* p, int64_t n) {
