@@ -67,17 +67,21 @@ def main(argv=None):
     t_start = time.monotonic()
     copy_bw = copy_bandwidth(a.copy_mb, 5)
     peak = matmul_tflops(a.matmul_n, 5)
-    out = open(a.jsonl, "w")
-    write = lambda obj: (out.write(json.dumps(obj) + "\n"), out.flush(), print(json.dumps(obj), flush=True))
-    write(dict(kind="header", device=jax.devices()[0].device_kind, jax=jax.__version__, copy_gbps=copy_bw / 1e9,
-               matmul_bf16_tflops=peak / 1e12))
-    for shape, cfg in itertools.product(a.shapes, CONFIGS):
-        if time.monotonic() - t_start > a.deadline:
-            write(dict(kind="stopped", reason="deadline"))
-            break
-        name, context, batch = shape.split(":")
-        fmt, context, batch = cf.resolve(name), int(context), int(batch)
-        write(dict(kind="point", shape=shape, config=cfg, **measure(a, fmt, context, batch, cfg, copy_bw, peak)))
+    with open(a.jsonl, "w") as out:
+        def write(obj):
+            out.write(json.dumps(obj) + "\n")
+            out.flush()
+            print(json.dumps(obj), flush=True)
+
+        write(dict(kind="header", device=jax.devices()[0].device_kind, jax=jax.__version__,
+                   copy_gbps=copy_bw / 1e9, matmul_bf16_tflops=peak / 1e12))
+        for shape, cfg in itertools.product(a.shapes, CONFIGS):
+            if time.monotonic() - t_start > a.deadline:
+                write(dict(kind="stopped", reason="deadline"))
+                break
+            name, context, batch = shape.split(":")
+            fmt, context, batch = cf.resolve(name), int(context), int(batch)
+            write(dict(kind="point", shape=shape, config=cfg, **measure(a, fmt, context, batch, cfg, copy_bw, peak)))
 
 
 _REFERENCES = {}
@@ -92,7 +96,7 @@ def measure(a, fmt, context, batch, cfg, copy_bw, peak) -> dict:
     lengths = jnp.full((batch,), context, jnp.int32)
     scale = (a.rank + a.rope) ** -0.5
     args = (q_lat, q_pe, *cache, lengths)
-    ref_key = (fmt.name, context, batch)
+    ref_key = (fmt.name, context, batch, a.heads, a.rank, a.rope)
     if ref_key not in _REFERENCES:
         _REFERENCES[ref_key] = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=min(512, context)))(*args)
     block_m, block_k, num_warps, num_stages, num_splits = cfg

@@ -19,8 +19,9 @@ from ktjax.kv.quant import dequantize
 pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
 
 U = 2.0**-24
-# (rank, rope, heads): DeepSeek's widths (whole vectors), and widths that take the kernel's scalar tails
-WIDTHS = [(512, 64, 4), (40, 8, 3)]
+# (rank, rope, heads): DeepSeek's widths (whole vectors), widths that take the kernel's scalar tails, and 13 heads
+# over three vectors (head blocks of 8 + 5 and 4 + 4 + 4 + 1; a pair of vectors and a single one)
+WIDTHS = [(512, 64, 4), (40, 8, 3), (48, 16, 13)]
 # keys per row: none, one, a partial 16-key block, a segment boundary crossed (256 keys per task)
 LENGTHS = [0, 1, 37, 700]
 
@@ -133,7 +134,8 @@ def _every_code(fmt, width, rng):
 @pytest.mark.parametrize("rank", [512, 40])
 def test_one_visible_key_reads_back_its_latents_exactly(rng, fmt, rank):
     """With one visible key every probability is exactly 1, so the kernel returns that key's latents as it
-    dequantized them: they must equal the format's own dequantize bit for bit, every stored code (fp8 and int4:
+    dequantized them: they must equal the format's own dequantize exactly (zeros of either sign alike), every
+    stored code (fp8 and int4:
     all 254 / 256 byte values; int8: -127..127) through the kernel's vector loops (rank 512) and its scalar ones
     (rank 40)."""
     fmt, rope, heads = FORMATS[fmt], 8, 3

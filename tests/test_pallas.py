@@ -113,6 +113,25 @@ def test_decode_default_config(rng):
     np.testing.assert_allclose(out, ref, **F32_TOL)
 
 
+@pytest.mark.parametrize("wide, fmt_name, queries, tiles", [
+    (True, "bf16", jnp.bfloat16, (64, 64, 8)),      # Hopper: the H200 sweep's tiling
+    (True, "int8", jnp.bfloat16, (64, 64, 8)),
+    (True, "int4", jnp.bfloat16, (64, 32, 8)),
+    (True, "float32", jnp.bfloat16, (64, 32, 8)),   # a float32 tile of 64 keys would not fit twice
+    (True, "bf16", jnp.float32, (32, 32, 8)),       # float32 queries: 32 rows
+    (False, "bf16", jnp.bfloat16, (32, 32, 8)),     # less shared memory (A100, RTX): the narrow tiles
+])
+def test_default_tiling_per_device_and_format(monkeypatch, wide, fmt_name, queries, tiles):
+    monkeypatch.setattr(platform, "wide_tiles", lambda: wide)
+    fmt = cf.resolve(fmt_name)
+    pick = lambda config=pallas.KernelConfig(), cache_len=131072: kernels.kernel_config(  # noqa: E731
+        config, rows=128, batch=1, cache_len=cache_len, rank_p=512, fmt=fmt, dot_dtype=queries)
+    cfg = pick()
+    assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) == (*tiles, 2)
+    assert pick(cache_len=48).block_k == 16                       # the key tile divides the cache
+    assert pick(pallas.KernelConfig(block_m=16, block_k=16, num_warps=4)).block_m == 16   # a given config wins
+
+
 def test_decode_fp8_decoded_from_bits(rng):
     """The path for GPUs before Ada: e4m3 decoded from its bits by integer arithmetic."""
     fmt = cf.resolve("fp8")

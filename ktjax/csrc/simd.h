@@ -143,7 +143,9 @@ inline f32v widen_e4m3(const uint8_t* p) {
     else if (exponent == 0) std::memcpy(&bits, &sub, 4);
     else bits = ((exponent + 120) << 23) | (mantissa << 20);
     bits |= (c >> 7) << 31;
-    std::memcpy(&out[i], &bits, 4);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    out[i] = f;
   }
   return out;
 #endif

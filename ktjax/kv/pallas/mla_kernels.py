@@ -164,13 +164,14 @@ def choose_num_splits(programs_per_split: int, cache_len: int, cores: int) -> in
 def kernel_config(config: KernelConfig, *, rows: int, batch: int, cache_len: int, rank_p: int,
                   fmt: CacheFormat, dot_dtype) -> KernelConfig:
     """The tiling for one call: `config`'s fields where set, else the defaults measured on an H200 (RESULTS.md,
-    "GPU check"; benchmarks/sweep_mla_kernels.py): with bf16 queries, blocks of 64 rows (V3's 128 heads in two
-    blocks sharing each cache tile through L2) and 8 warps; tiles of 64 keys for 1- and 2-byte caches, 32 for
-    int4 and float32 (a float32 tile of 64 keys does not fit shared memory twice). Float32 queries keep 32 rows:
-    their 64 x 512 accumulator and query chunks would not fit 8 warps' registers."""
-    bf16_queries = jnp.dtype(dot_dtype) == jnp.bfloat16
-    block_m = config.block_m or min(64 if bf16_queries else 32, next_pow2(rows, MIN_DOT))
-    wide_keys = bf16_queries and fmt.name in ("bf16", "fp8", "int8")
+    "GPU check"; benchmarks/sweep_mla_kernels.py). With bf16 queries on a GPU whose shared memory holds them
+    (platform.wide_tiles: Hopper), blocks of 64 rows (V3's 128 heads in two blocks sharing each cache tile through
+    L2) and 8 warps, and tiles of 64 keys for 1- and 2-byte caches, 32 for int4 and float32 (a float32 tile of 64
+    keys does not fit shared memory twice). Elsewhere 32 rows and 32 keys; float32 queries keep 32 rows, as their
+    64 x 512 accumulator and query chunks would not fit 8 warps' registers."""
+    wide = jnp.dtype(dot_dtype) == jnp.bfloat16 and platform.wide_tiles()
+    block_m = config.block_m or min(64 if wide else 32, next_pow2(rows, MIN_DOT))
+    wide_keys = wide and fmt.name in ("bf16", "fp8", "int8")
     block_k = config.block_k or (64 if wide_keys or rank_p < 256 else 32)
     block_k = min(block_k, _largest_pow2_divisor(cache_len))
     row_blocks = pl.cdiv(rows, block_m)

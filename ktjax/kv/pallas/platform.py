@@ -54,6 +54,17 @@ def fp8_needs_bit_decode(interpret: bool) -> bool:
     return cap is not None and cap < FP8_NATIVE_MIN_CAPABILITY
 
 
+# The wide decode tiles (kernel_config) take ~200 KB of shared memory with two stages: Hopper (9.0) gives a program
+# up to 227 KB, an A100 163 KB, RTX 30xx / 40xx 99 KB.
+WIDE_TILES_MIN_CAPABILITY = (9, 0)
+
+
+def wide_tiles() -> bool:
+    """Whether the GPU's shared memory holds kernel_config's wide tiles (64 rows x 64 keys of bf16)."""
+    cap = compute_capability()
+    return cap is not None and cap >= WIDE_TILES_MIN_CAPABILITY
+
+
 def core_count() -> int:
     """Streaming multiprocessors on a GPU (for sizing the grid); 1 elsewhere, where the grid runs in sequence."""
     if not on_gpu():
