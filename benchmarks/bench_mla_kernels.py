@@ -72,32 +72,35 @@ def decode_flops(batch: int, context: int, heads: int, rank: int, rope: int) -> 
     return 2 * batch * heads * context * (2 * rank + rope)
 
 
+def decode_inputs(key, fmt, batch, context, heads, rank, rope, dtype):
+    """One decode step's arguments (q_lat, q_pe, c_kv, scales, k_pe, lengths), every sequence at the full context,
+    and the softmax scale."""
+    cache = random_cache(key, fmt, batch, context, rank, rope)
+    k_q, k_p = jax.random.split(jax.random.fold_in(key, 1))
+    q_lat = jax.random.normal(k_q, (batch, heads, rank), dtype)
+    q_pe = jax.random.normal(k_p, (batch, heads, rope), dtype)
+    return (q_lat, q_pe, *cache, jnp.full((batch,), context, jnp.int32)), (rank + rope) ** -0.5
+
+
 def bench_one(a, fmt, batch, context, copy_bw, key):
     cache_bytes = batch * context * fmt.bytes_per_token_per_layer(a.rank, a.rope)
     if cache_bytes > a.max_cache_gb * 1e9:
         return None
-    cache = random_cache(key, fmt, batch, context, a.rank, a.rope)
-    k_q, k_p = jax.random.split(jax.random.fold_in(key, 1))
-    dtype = jnp.dtype(a.dtype)
-    q_lat = jax.random.normal(k_q, (batch, a.heads, a.rank), dtype)
-    q_pe = jax.random.normal(k_p, (batch, a.heads, a.rope), dtype)
-    lengths = jnp.full((batch,), context, jnp.int32)
-    scale = (a.rank + a.rope) ** -0.5
+    args, scale = decode_inputs(key, fmt, batch, context, a.heads, a.rank, a.rope, jnp.dtype(a.dtype))
     block = min(512, context)
     config = pallas.KernelConfig(block_m=a.block_m, block_k=a.block_k, num_splits=a.num_splits,
                                  num_warps=a.num_warps, num_stages=a.num_stages)
     kernel = jax.jit(lambda *x: pallas.mla_decode(*x, fmt=fmt, scale=scale, block=block, config=config,
                                                   interpret=a.interpret))
     reference = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=block))
-    args = (q_lat, q_pe, *cache, lengths)
     t_kernel = time_median(kernel, *args, repeats=a.repeats)
     t_ref = time_median(reference, *args, repeats=a.repeats)
     err = float(jnp.max(jnp.abs(kernel(*args) - reference(*args))))
     flops = decode_flops(batch, context, a.heads, a.rank, a.rope)
     return dict(format=fmt.name, context=context, batch=batch, pallas_ms=1e3 * t_kernel, xla_ms=1e3 * t_ref,
-                speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_tflops=flops / t_kernel / 1e12, pallas_gbps=cache_bytes / t_kernel / 1e9,
-                xla_gbps=cache_bytes / t_ref / 1e9, pallas_of_copy=cache_bytes / t_kernel / copy_bw,
-                xla_of_copy=cache_bytes / t_ref / copy_bw, max_err=err)
+                speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_tflops=flops / t_kernel / 1e12,
+                pallas_gbps=cache_bytes / t_kernel / 1e9, xla_gbps=cache_bytes / t_ref / 1e9,
+                pallas_of_copy=cache_bytes / t_kernel / copy_bw, xla_of_copy=cache_bytes / t_ref / copy_bw, max_err=err)
 
 
 def markdown_row(r) -> str:

@@ -19,7 +19,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from bench_mla_kernels import copy_bandwidth, decode_flops, random_cache
+from bench_mla_kernels import copy_bandwidth, decode_flops, decode_inputs
 from timing import time_median
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
@@ -84,21 +84,23 @@ def main(argv=None):
             write(dict(kind="point", shape=shape, config=cfg, **measure(a, fmt, context, batch, cfg, copy_bw, peak)))
 
 
-_REFERENCES = {}
+_SHAPE = {}  # the current shape's inputs and reference output, made once for all its tilings (one shape held)
+
+
+def shape_inputs(a, fmt, context, batch):
+    """(args, scale, the XLA reference's output) for one shape, reused while the sweep stays on it."""
+    key = (fmt.name, context, batch, a.heads, a.rank, a.rope)
+    if key not in _SHAPE:
+        _SHAPE.clear()  # free the previous shape's cache (GBs on a GPU) first
+        args, scale = decode_inputs(jax.random.key(context * 131 + batch), fmt, batch, context, a.heads, a.rank,
+                                    a.rope, jnp.bfloat16)
+        reference = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=min(512, context)))
+        _SHAPE[key] = (args, scale, reference(*args))
+    return _SHAPE[key]
 
 
 def measure(a, fmt, context, batch, cfg, copy_bw, peak) -> dict:
-    key = jax.random.key(context * 131 + batch)
-    cache = random_cache(key, fmt, batch, context, a.rank, a.rope)
-    k_q, k_p = jax.random.split(jax.random.fold_in(key, 1))
-    q_lat = jax.random.normal(k_q, (batch, a.heads, a.rank), jnp.bfloat16)
-    q_pe = jax.random.normal(k_p, (batch, a.heads, a.rope), jnp.bfloat16)
-    lengths = jnp.full((batch,), context, jnp.int32)
-    scale = (a.rank + a.rope) ** -0.5
-    args = (q_lat, q_pe, *cache, lengths)
-    ref_key = (fmt.name, context, batch, a.heads, a.rank, a.rope)
-    if ref_key not in _REFERENCES:
-        _REFERENCES[ref_key] = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=min(512, context)))(*args)
+    args, scale, want = shape_inputs(a, fmt, context, batch)
     block_m, block_k, num_warps, num_stages, num_splits = cfg
     config = pallas.KernelConfig(block_m=block_m, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                                  num_stages=num_stages)
@@ -113,7 +115,7 @@ def measure(a, fmt, context, batch, cfg, copy_bw, peak) -> dict:
         return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     flops = decode_flops(batch, context, a.heads, a.rank, a.rope)
     nbytes = batch * context * fmt.bytes_per_token_per_layer(a.rank, a.rope)
-    err = float(jnp.max(jnp.abs(kernel(*args) - _REFERENCES[ref_key])))
+    err = float(jnp.max(jnp.abs(kernel(*args) - want)))
     return dict(ms=1e3 * t, tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
                 of_roof=max(flops / peak, nbytes / copy_bw) / t, max_err=err, compile_s=round(compile_s, 2))
 

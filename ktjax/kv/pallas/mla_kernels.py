@@ -161,6 +161,11 @@ def choose_num_splits(programs_per_split: int, cache_len: int, cores: int) -> in
     return int(max(1, min(wanted, cache_len // MIN_TOKENS_PER_SPLIT)))
 
 
+def dot_dtype_of(q_lat):
+    """The dots' operand dtype for these queries: bf16 queries give bf16 tensor-core operands, anything else float32."""
+    return jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
+
+
 def kernel_config(config: KernelConfig, *, rows: int, batch: int, cache_len: int, rank_p: int,
                   fmt: CacheFormat, dot_dtype) -> KernelConfig:
     """The tiling for one call: `config`'s fields where set, else the defaults measured on an H200 (RESULTS.md,
@@ -211,7 +216,7 @@ def mla_attention(q_lat, q_pe, c_kv, scales, k_pe, last_key, *, fmt: CacheFormat
     if c_kv.shape[1] % MIN_DOT:
         c_kv, scales, k_pe = (_pad_cache_len(x, MIN_DOT) for x in (c_kv, scales, k_pe))
     cache_len = c_kv.shape[1]
-    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
+    dot_dtype = dot_dtype_of(q_lat)
     cfg = kernel_config(config, rows=rows, batch=batch, cache_len=cache_len, rank_p=layout.rank_p, fmt=fmt,
                         dot_dtype=dot_dtype)
     row_blocks = pl.cdiv(rows, cfg.block_m)

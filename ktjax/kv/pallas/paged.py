@@ -19,7 +19,8 @@ from jax.experimental.pallas import triton as plgpu
 from ..quant import from_bits
 from . import platform
 from .layout import MIN_DOT, latent_layout, next_pow2, pad_last, stored_for_kernel
-from .mla_kernels import KernelConfig, _kernel_with_optional_scales, _pad_rows, kernel_config, merge_splits
+from .mla_kernels import (KernelConfig, _kernel_with_optional_scales, _pad_rows, dot_dtype_of, kernel_config,
+                          merge_splits)
 
 
 def kernel_fits(page_size: int) -> bool:
@@ -55,7 +56,7 @@ def paged_mla_attention(q_lat, q_pe, cache, layer, last_key, *, scale: float, co
     lay = latent_layout(fmt, rank)
     rope_p = next_pow2(q_pe.shape[-1], MIN_DOT)
     table = cache.page_table.astype(jnp.int32)
-    dot_dtype = jnp.bfloat16 if q_lat.dtype == jnp.bfloat16 else jnp.float32
+    dot_dtype = dot_dtype_of(q_lat)
     cfg = kernel_config(dataclasses.replace(config, block_k=ps), rows=rows, batch=batch,
                         cache_len=table.shape[1] * ps, rank_p=lay.rank_p, fmt=fmt, dot_dtype=dot_dtype)
     row_blocks = pl.cdiv(rows, cfg.block_m)
