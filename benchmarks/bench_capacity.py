@@ -16,7 +16,7 @@ import sys
 
 
 def run(fmt: str, capacity: int, tokens: int) -> dict:
-    cmd = [sys.executable, "-m", "ktjax.generate", "--json", "--ignore-eos", "--max-new-tokens", str(tokens),
+    cmd = [sys.executable, "-m", "ktjax.cli.generate", "--json", "--ignore-eos", "--max-new-tokens", str(tokens),
            "--cache-dtype", fmt, "--cache-lens", str(capacity)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["stats"]

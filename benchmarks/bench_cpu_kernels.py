@@ -1,5 +1,5 @@
 """ktjax's C++ CPU kernels against XLA on the same work: decode attention over one layer of the latent cache,
-int8 / int4 matmuls by row count (the figures behind cpu_kernels.MAX_ROWS; benchmarks/RESULTS.md), and float32
+int8 / int4 matmuls by row count (the figures behind cpu.kernels.MAX_ROWS; docs/results.md), and float32
 matmuls and the absorbed attention's per-head products.
 
     python benchmarks/bench_cpu_kernels.py attention                 # 2k and 16k keys, bf16 / int8 / int4
@@ -31,7 +31,7 @@ def attention(a):
     import jax.numpy as jnp
     import numpy as np
 
-    from ktjax import cpu_kernels
+    from ktjax.cpu import kernels as cpu_kernels
     from ktjax.kv.attention import mla_decode_xla
     from ktjax.kv.formats import FORMATS
     from ktjax.kv.quant import quantize, to_bits
@@ -72,8 +72,9 @@ def matmul(a):
     import jax.numpy as jnp
     import numpy as np
 
-    from ktjax import cpu_kernels
-    from ktjax import weight_quant as wq
+    from ktjax.cpu import kernels as cpu_kernels
+    from ktjax.cpu import weights as cw
+    from ktjax.model import quantized as wq
 
     rng = np.random.default_rng(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes]
@@ -81,8 +82,8 @@ def matmul(a):
     for d_in, d_out in shapes:
         w = rng.standard_normal((d_in, d_out)).astype(np.float32)
         for fmt in a.formats:
-            values, scales = wq.quantize(w, fmt)
-            held = wq.kernel_layout(wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales)))
+            values, scales = wq.quantize_weight(w, fmt)
+            held = cw.kernel_layout(wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales)))
             padded = held.values.shape[1] * (2 if fmt == "int4" else 1)
             cells = []
             for rows in a.rows:
@@ -91,7 +92,7 @@ def matmul(a):
                 tk = best_ms(jax.jit(cpu_kernels.matmul), xp, held.values, held.scale, repeats=a.repeats)
                 q8 = jax.jit(lambda x, v, s: cpu_kernels.matmul(x, v, s, int8_activations=True))
                 tq = best_ms(q8, xp, held.values, held.scale, repeats=a.repeats)
-                tx = best_ms(jax.jit(wq._held_out_in_matmul), x, held, repeats=a.repeats)
+                tx = best_ms(jax.jit(cw._held_out_in_matmul), x, held, repeats=a.repeats)
                 flops = 2 * rows * d_in * d_out / 1e6
                 cells.append(f"{rows:>4}: {flops / tk:4.0f} / {flops / tq:4.0f} / {flops / tx:4.0f}")
             print(f"[{d_in}, {d_out}] {fmt:>4}  " + " | ".join(cells), flush=True)
@@ -106,8 +107,9 @@ def float32(a):
     import jax.numpy as jnp
     import numpy as np
 
-    from ktjax import cpu_kernels
-    from ktjax import weight_quant as wq
+    from ktjax.cpu import kernels as cpu_kernels
+    from ktjax.cpu import weights as cw
+    from ktjax.model import quantized as wq
 
     rng = np.random.default_rng(0)
 
@@ -133,7 +135,7 @@ def float32(a):
     print("per head (16 x 128 x 512): GB/s GFLOP/s of XLA's einsum | kernel")
     for name, in_out, d_in in (("w_uk", True, 128), ("w_uv", False, 512)):
         ws = copies((16, 128, 512))
-        held = [wq.KernelHeads(w) for w in ws]
+        held = [cw.KernelHeads(w) for w in ws]
         for rows in a.rows:
             x, flops = jnp.asarray(rng.standard_normal((rows, 1, 16, d_in)), jnp.float32), 2 * rows * 16 * 128 * 512
             if not cpu_kernels.fits(rows):
@@ -163,8 +165,8 @@ def main(argv=None):
     f32.add_argument("--repeats", type=int, default=10)
     a = p.parse_args(argv)
 
-    from ktjax import cpu_kernels
-    cpu_kernels.require()
+    from ktjax.cpu import build as cpu_build
+    cpu_build.require()
     {"attention": attention, "matmul": matmul, "float32": float32}[a.what](a)
 
 

@@ -56,7 +56,7 @@ def build(folder, a):
 
 def convert_checkpoint(hf_dir: str, out: str, weights: str, lm_head: str | None = None) -> str:
     """hf_dir converted by ktjax's converter into `out` (--weights, and --lm-head when given) -> out."""
-    from ktjax.convert import main as convert_main
+    from ktjax.weights.convert import main as convert_main
 
     extra = ["--lm-head", lm_head] if lm_head else []
     if convert_main(["--hf-dir", hf_dir, "--out", out, "--weights", weights, "--quiet", *extra]) != 0:

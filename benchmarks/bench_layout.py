@@ -1,5 +1,5 @@
 """Matmuls over a float32 weight held [in, out] against [out, in], as the routed experts' and the dense layers'
-shapes need them: the figures behind the weight_layout setting (benchmarks/RESULTS.md, "Decode step").
+shapes need them: the figures behind the weight_layout setting (docs/results.md, "Decode step").
 
     python benchmarks/bench_layout.py                 # six [2048, 1408] weights, 1 to 512 rows
     python benchmarks/bench_layout.py --d-in 10944 --d-out 2048 --weights 1 --rows 1

@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 
 import ktjax
-from ktjax.config import ModelConfig
-from ktjax.engine import DecodeState
-from ktjax.model import DeepseekModel
-from ktjax.sampling import Sampling
+from ktjax.model.config import ModelConfig
+from ktjax.runtime.engine import DecodeState
+from ktjax.model.decoder import DeepseekModel
+from ktjax.runtime.sampling import Sampling
 
 CONFIG = dict(architectures=["DeepseekV32ForCausalLM"], vocab_size=8192, hidden_size=2048, intermediate_size=10944,
               num_hidden_layers=2, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512, qk_rope_head_dim=64,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_mla_kernels.py                          # GPU: contexts 4k..128k, batch 1..64
     python benchmarks/bench_mla_kernels.py --contexts 32768 --batches 1 8 --formats bf16 fp8
-    python benchmarks/bench_mla_kernels.py --markdown benchmarks/RESULTS.md   # append the table there
+    python benchmarks/bench_mla_kernels.py --markdown benchmarks/log/2026.md   # append the table to the log
     python benchmarks/bench_mla_kernels.py --smoke                  # CPU: interpret mode, tiny sizes
     python benchmarks/bench_mla_kernels.py --jsonl rows.jsonl       # also one JSON object per line (gpu_check.py)
 
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from timing import time_median  # benchmarks/timing.py
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
-from ktjax.kv import pallas
-from ktjax.kv.pallas import platform
+from ktjax import pallas
+from ktjax.pallas import platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
 
@@ -165,7 +165,7 @@ def main(argv=None):
         for context in a.contexts:
             for batch in a.batches:
                 try:
-                    point = bench_one(a, cf.resolve(name), batch, context, copy_bw,
+                    point = bench_one(a, cf.resolve_format(name), batch, context, copy_bw,
                                       jax.random.fold_in(key, len(rows)))
                 except Exception as e:  # noqa: BLE001 -- only with --keep-going
                     if not a.keep_going:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timing import time_median  # benchmarks/timing.py
-from ktjax.moe import pick_impl, routed_experts
+from ktjax.model.moe import pick_impl, routed_experts
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """One decode step of the server's compiled program (forward over the paged cache, per-row sampling and top-20
-logprobs) timed directly at a few batch sizes: the figures of benchmarks/RESULTS.md, "Decode step".
+logprobs) timed directly at a few batch sizes: the figures of docs/results.md, "Decode step".
 
     python benchmarks/bench_step.py                                # bench_generate's 2-layer V2-Lite-width model
     python benchmarks/bench_step.py --rows 1 16 --weight-layout in-out --moe-impl gather
@@ -105,7 +105,7 @@ class WeightBytes:
     def of(cls, engine):
         import jax
 
-        from ktjax.moe import PerExpert
+        from ktjax.model.moe import PerExpert
 
         shared = routed = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(engine.state, is_leaf=lambda x: isinstance(x, PerExpert))[0]:

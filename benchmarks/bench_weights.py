@@ -29,14 +29,15 @@ def _as_format(model, fmt):
     import jax.numpy as jnp
     from flax import nnx
 
-    from ktjax import weight_quant as wq
+    from ktjax.model import quantized as wq
+    from ktjax.weights import quantize as surgery
 
-    if fmt in wq.FORMATS:
-        return wq.quantize_model(model, fmt)
+    if fmt in wq.WEIGHT_FORMATS:
+        return surgery.quantize_model(model, fmt)
     if fmt == "bf16":
         for path, var in list(nnx.state(model).flat_state()):
-            if wq.quantized_paths(tuple(map(str, path))):
-                wq.set_param(model, tuple(map(str, path)), var[...].astype(jnp.bfloat16))
+            if surgery.quantized_paths(tuple(map(str, path))):
+                surgery.set_param(model, tuple(map(str, path)), var[...].astype(jnp.bfloat16))
     return model
 
 
@@ -45,10 +46,11 @@ def decode(args):
     from flax import nnx
 
     import ktjax
-    from ktjax import weight_quant as wq
-    from ktjax.config import ModelConfig
-    from ktjax.model import DeepseekModel
-    from ktjax.runtime import resolve
+    from ktjax.model import quantized as wq
+    from ktjax.weights import quantize as surgery
+    from ktjax.model.config import ModelConfig
+    from ktjax.model.decoder import DeepseekModel
+    from ktjax.runtime.settings import resolve
 
     cfg = ModelConfig.from_hf_dict(dict(V2_LITE, num_hidden_layers=args.layers, vocab_size=args.vocab))
     settings = resolve(cache_lens=256, max_new_tokens=args.steps, temperature=0, ignore_eos=True, chunk_size=64)
@@ -61,7 +63,7 @@ def decode(args):
         engine.generate(prompt)  # compile
         runs = [engine.generate(prompt).stats for _ in range(args.repeats)]
         quantized = sum(a.nbytes for p, v in nnx.state(model).flat_state()
-                        if wq.quantized_paths(tuple(map(str, p))) for a in jax.tree.leaves(v[...]))
+                        if surgery.quantized_paths(tuple(map(str, p))) for a in jax.tree.leaves(v[...]))
         print(f"| {fmt} | {quantized / 1e6:.0f} MB | {engine.weight_bytes / 1e6:.0f} MB | "
               f"{statistics.median(r['decode_tokens_per_s'] for r in runs):.2f} | "
               f"{statistics.median(r['prefill_tokens_per_s'] for r in runs):.1f} |", flush=True)
@@ -84,15 +86,16 @@ def matvec(args):
     import jax
     import jax.numpy as jnp
 
-    from ktjax import weight_quant as wq
+    from ktjax.model import quantized as wq
+    from ktjax.weights import quantize as surgery
 
     d, f = args.d_in, args.d_out
     rng = np.random.default_rng(0)
     w = rng.standard_normal((d, f)).astype(np.float32)
     x = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
-    q8 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int8")))
-    q4 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int4")))
-    q4_128 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize(w, "int4", 128)))
+    q8 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize_weight(w, "int8")))
+    q4 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize_weight(w, "int4")))
+    q4_128 = wq.QuantizedArray(*map(jnp.asarray, wq.quantize_weight(w, "int4", 128)))
     cases = {
         "float32 x @ w": (lambda x, w: x @ w, (jnp.asarray(w),)),
         # The same weight kept [out, in] (Hugging Face's layout): the contraction runs along contiguous memory.
@@ -101,7 +104,7 @@ def matvec(args):
         "bf16 in 8 tiles": (_bf16_tiles, (jnp.asarray(w, jnp.bfloat16),)),
         "int8 (x @ q.astype(f32)) * s, whole": (lambda x, q: (x @ q.values.astype(jnp.float32)) * q.scale, (q8,)),
         "int8 weight_quant.matmul (tiles)": (wq.matmul, (q8,)),
-        "int4 x @ dequantize(whole)": (lambda x, q: x @ wq.dequantize(q, jnp.float32), (q4,)),
+        "int4 x @ dequantize(whole)": (lambda x, q: x @ wq.dequantize_weight(q, jnp.float32), (q4,)),
         "int4 weight_quant.matmul (tiles), g=64": (wq.matmul, (q4,)),
         "int4 weight_quant.matmul (tiles), g=128": (wq.matmul, (q4_128,)),
     }
@@ -129,7 +132,7 @@ def write_folder(args):
     """Random bf16 weights (or, with --sparse, holes) for every tensor of the config, a tensor at a time."""
     total = write_synthetic_folder(args.dir, dict(V2_LITE, num_hidden_layers=args.layers), args.shard_bytes,
                                    "bfloat16", sparse=args.sparse)
-    from ktjax.units import format_bytes
+    from ktjax.util.units import format_bytes
 
     print(f"wrote {args.dir}: {args.layers} layers, {format_bytes(total)} of bf16 weights"
           + (" (sparse: no data written)" if args.sparse else ""))

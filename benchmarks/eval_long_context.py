@@ -52,7 +52,7 @@ def logit_drift(model_dir, corpus_ids, length, windows, seed, formats):
 def main(argv=None):
     from ktjax.demo import DEMO_MODEL_DIR
     from ktjax.demo.passkey import heldout_filler
-    from ktjax.tokenizer import Tokenizer
+    from ktjax.runtime.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEMO_MODEL_DIR)

@@ -44,7 +44,7 @@ from ktjax.kv.formats import FORMATS as CACHE_FORMATS  # noqa: E402  (the format
 # Every kernel test module honours KTJAX_PALLAS_COMPILED=1 (tests/pallas_mode.py).
 KERNEL_TESTS = ["tests/test_pallas.py", "tests/test_paged_kernel.py", "tests/test_dsa_kernels.py"]
 KERNEL_BENCH = "benchmarks/bench_mla_kernels.py"
-GENERATE = [sys.executable, "-m", "ktjax.generate"]
+GENERATE = [sys.executable, "-m", "ktjax.cli.generate"]
 # -----------------------------------------------------------------------------------------
 
 SCHEMA = 1

@@ -23,8 +23,8 @@ from bench_mla_kernels import copy_bandwidth, decode_flops, decode_inputs
 from timing import time_median
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
-from ktjax.kv import pallas
-from ktjax.kv.pallas import platform
+from ktjax import pallas
+from ktjax.pallas import platform
 
 # (block_m, block_k, num_warps, num_stages, num_splits or None for the default): the default tiling first.
 CONFIGS = [(None, None, None, None, None),
@@ -80,7 +80,7 @@ def main(argv=None):
                 write(dict(kind="stopped", reason="deadline"))
                 break
             name, context, batch = shape.split(":")
-            fmt, context, batch = cf.resolve(name), int(context), int(batch)
+            fmt, context, batch = cf.resolve_format(name), int(context), int(batch)
             write(dict(kind="point", shape=shape, config=cfg, **measure(a, fmt, context, batch, cfg, copy_bw, peak)))
 
 

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face DeepSeek folder into a ktjax checkpoint. See ktjax/convert.py, or run with --help.
+"""Convert a Hugging Face DeepSeek folder into a ktjax checkpoint. See ktjax/weights/convert.py, or run with --help.
 
     python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8}]
 """
@@ -7,8 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 
-from ktjax.convert import main  # noqa: E402  (main turns SIGTERM into a clean interruption, as Ctrl-C)
-
+from ktjax.util.process import run_command  # noqa: E402  (signal handlers before the converter's imports)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command("ktjax.weights.convert")

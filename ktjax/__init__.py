@@ -1,17 +1,17 @@
 """ktjax: DeepSeek MLA models in JAX, for long context on limited memory."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ktjax.util.version import __version__  # noqa: E402
 
-from .config import ModelConfig  # noqa: E402
-from .errors import KtjaxError  # noqa: E402
+from ktjax.model.config import ModelConfig  # noqa: E402
+from ktjax.errors import KtjaxError  # noqa: E402
 
 
 def load(path: str, **settings):
     """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine (with the
-    folder's tokenizer when it has one). `settings`: any runtime setting (ktjax/runtime.py); per-call ones
+    folder's tokenizer when it has one). `settings`: any runtime setting (ktjax/runtime/settings.py); per-call ones
     (temperature, max_new_tokens, ...) become the engine's defaults."""
-    from .runtime import resolve
+    from ktjax.runtime.settings import resolve
 
     return open_folder(path, *resolve(**settings))
 
@@ -20,16 +20,16 @@ def open_folder(path: str, runtime, defaults):
     """`load` with settings already resolved (runtime.resolve): the CLI validates its flags once, up front."""
     import os
 
-    from .checkpoint import is_checkpoint, load_checkpoint
-    from .loader import load_hf_model
-    from .sharding import make_mesh
+    from ktjax.weights.checkpoint import is_checkpoint, load_checkpoint
+    from ktjax.weights.loader import load_hf_model
+    from ktjax.weights.sharding import make_mesh
 
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
     generation, tokenizer = read_generation_config(path), _tokenizer(path)  # checked before any weight is read
     if runtime.memory_budget is not None:
-        from .memory import check_budget_holds_weights
+        from ktjax.runtime.memory import check_budget_holds_weights
         check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,
                                    1 if mesh is None else mesh.size)
     notes: list[str] = []
@@ -46,14 +46,14 @@ def open_folder(path: str, runtime, defaults):
 def load_model(cfg: ModelConfig, model, *, tokenizer=None, generation_config: dict | None = None, **settings):
     """An Engine for a model already in memory (a freshly built or quantized DeepseekModel): the mesh is built
     and the weights are placed here, as `load` does for a folder."""
-    from .runtime import resolve
+    from ktjax.runtime.settings import resolve
 
     return engine_for(cfg, model, *resolve(**settings), tokenizer=tokenizer, generation_config=generation_config)
 
 
 def engine_for(cfg: ModelConfig, model, runtime, defaults, *, tokenizer=None, generation_config: dict | None = None):
     """`load_model` with settings already resolved."""
-    from .sharding import make_mesh, place_state
+    from ktjax.weights.sharding import make_mesh, place_state
 
     mesh = make_mesh(runtime.mesh)
     notes: list[str] = []
@@ -66,7 +66,7 @@ def engine_for(cfg: ModelConfig, model, runtime, defaults, *, tokenizer=None, ge
 
 
 def _engine(cfg, model, runtime, defaults, mesh, notes, generation_config, tokenizer, own_weights=False):
-    from .engine import Engine
+    from ktjax.runtime.engine import Engine
 
     return Engine(cfg, model, runtime, defaults=defaults, generation_config=generation_config, mesh=mesh,
                   notes=notes, tokenizer=tokenizer, own_weights=own_weights)
@@ -76,7 +76,7 @@ def _tokenizer(folder: str):
     """The folder's tokenizer, or None when it has no tokenizer.json (token ids only)."""
     import os
 
-    from .tokenizer import Tokenizer
+    from ktjax.runtime.tokenizer import Tokenizer
 
     # lexists, not isfile: a tokenizer.json that is a FIFO or a folder is refused by from_folder, not ignored
     return Tokenizer.from_folder(folder) if os.path.lexists(os.path.join(folder, "tokenizer.json")) else None
@@ -86,7 +86,7 @@ def read_generation_config(folder: str) -> dict:
     """Sampling defaults and every end-of-sequence id from generation_config.json (empty if absent)."""
     import os
 
-    from .jsonio import read_json
+    from ktjax.util.jsonio import read_json
 
     path = os.path.join(folder, "generation_config.json")
     if not os.path.exists(path):
@@ -102,9 +102,10 @@ def _generation_defaults(raw) -> dict:
     """generation_config.json's sampling settings, type-checked here and range-checked as the same CLI flags are."""
     import math
 
-    from .config import token_ids
-    from .jsonio import json_type_name
-    from .runtime import CallSettings
+    from ktjax.model.config import token_ids
+    from ktjax.util.jsonio import json_type_name
+    from ktjax.util.text import short_repr
+    from ktjax.runtime.settings import CallSettings
 
     if not isinstance(raw, dict):
         raise KtjaxError(f"must hold a JSON object of settings, not a {json_type_name(raw)}")
@@ -112,11 +113,11 @@ def _generation_defaults(raw) -> dict:
     for key in ("temperature", "top_p"):
         value = out.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise KtjaxError(f"{key}={value!r} must be a number")
+            raise KtjaxError(f"{key}={short_repr(value)} must be a number")
     if not isinstance(out.get("top_k", 0), int) or isinstance(out.get("top_k"), bool):
-        raise KtjaxError(f"top_k={out['top_k']!r} must be an integer")
+        raise KtjaxError(f"top_k={short_repr(out['top_k'])} must be an integer")
     if not isinstance(out.get("do_sample", False), bool):
-        raise KtjaxError(f"do_sample={out['do_sample']!r} must be true or false")
+        raise KtjaxError(f"do_sample={short_repr(out['do_sample'])} must be true or false")
     CallSettings.from_overrides(**{k: out.get(k) for k in ("temperature", "top_k", "top_p")})
     out["eos_token_ids"] = token_ids(raw, "eos_token_id")
     return out

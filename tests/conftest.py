@@ -45,3 +45,14 @@ def serve_stack():
     yield stack
     stack[2].stop()
     stack[1].shutdown(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels_built():
+    """Skip where ktjax's C++ CPU kernels cannot be built (no compiler): used as a fixture, so that collecting the
+    tests never builds them."""
+    from ktjax.cpu import build
+
+    why = build.available()
+    if why is not None:
+        pytest.skip(why)

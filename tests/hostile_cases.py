@@ -12,7 +12,7 @@ import struct
 import numpy as np
 
 from ktjax.demo import DEMO_MODEL_DIR
-from ktjax.safetensors_io import DTYPES, SafetensorsFile
+from ktjax.weights.safetensors_io import DTYPES, SafetensorsFile
 
 SHARD = "model.safetensors"
 _DTYPE_NAMES = {np.dtype(t): name for name, t in DTYPES.items()}
@@ -157,6 +157,9 @@ SHARD_FILES = {
     "index names a missing shard": lambda d: _index_names(d, "gone.safetensors") or "download is incomplete",
     "index not JSON": lambda d: write_text(os.path.join(d, "model.safetensors.index.json"), "{") or
     "safetensors index is not valid JSON",
+    "index with an integer of 5000 digits": lambda d: write_text(os.path.join(d, "model.safetensors.index.json"),
+                                                                 '{"metadata": {"total_size": %s}}' % HUGE_INT) or
+    "safetensors index holds an integer of 5000 digits",
 }
 
 
@@ -198,6 +201,23 @@ def config_text(text, pattern):
     return damage
 
 
+# Past the bounded reader's limits (ktjax/util/jsonio.py): Python's int() raises past 4300 digits, its parser
+# recurses past ~1000 levels.
+HUGE_INT, DEEP = "1" * 5000, "[" * 20_000 + "]" * 20_000
+
+
+def json_raw(file, key, raw, pattern):
+    """`file`'s `key` set to the JSON text `raw` (json.dumps refuses to write a 5000-digit integer)."""
+    def damage(folder):
+        path = os.path.join(folder, file)
+        with open(path) as f:
+            data = json.load(f)
+        data[key] = "@RAW@"
+        write_text(path, json.dumps(data).replace('"@RAW@"', raw))
+        return rf"{file}: .*{pattern}"
+    return damage
+
+
 CONFIGS = {
     "10 million layers": config_edit("num_hidden_layers=10000000 must be", num_hidden_layers=10_000_000),
     "vocabulary of 10**12": config_edit("vocab_size=1000000000000 must be", vocab_size=10**12),
@@ -232,6 +252,8 @@ CONFIGS = {
     "config a number": config_text("42", "must hold a JSON object, not a number"),
     "config not JSON": config_text("{", "not valid JSON"),
     "config empty": config_text("", "not valid JSON"),
+    "integer of 5000 digits": json_raw("config.json", "vocab_size", HUGE_INT, "holds an integer of 5000 digits"),
+    "nested 20000 deep": json_raw("config.json", "rope_parameters", DEEP, "nested more than 64 deep"),
 }
 
 
@@ -261,6 +283,8 @@ GENERATION_CONFIGS = {
     "eos id an object": json_file_edit("generation_config.json", "eos_token_id=", eos_token_id={"id": 1}),
     "generation config a list": json_file_edit("generation_config.json", "not a JSON list", text="[]"),
     "generation config not JSON": json_file_edit("generation_config.json", "not valid JSON", text="{"),
+    "integer of 5000 digits": json_raw("generation_config.json", "top_k", HUGE_INT, "integer of 5000 digits"),
+    "nested 20000 deep": json_raw("generation_config.json", "eos_token_id", DEEP, "nested more than 64 deep"),
 }
 
 def tokenizer_is_a_fifo(folder):
@@ -280,6 +304,9 @@ TOKENIZER_CONFIGS = {
     "chat templates not objects": json_file_edit("tokenizer_config.json", "chat_template must be",
                                                  chat_template=["{{ x }}"]),
     "tokenizer config not JSON": json_file_edit("tokenizer_config.json", "not valid JSON", text="{"),
+    "integer of 5000 digits": json_raw("tokenizer_config.json", "model_max_length", HUGE_INT,
+                                       "integer of 5000 digits"),
+    "nested 20000 deep": json_raw("tokenizer_config.json", "chat_template", DEEP, "nested more than 64 deep"),
 }
 
 
@@ -381,10 +408,106 @@ def write_nan(key):
     def damage(ckpt):
         import tensorstore as ts
 
-        from ktjax.checkpoint import _spec
+        from ktjax.weights.checkpoint import _spec
         store = ts.open(_spec(ckpt, key), open=True).result()
         store[(0,) * store.ndim].write(np.nan).result()
+        reseal(ckpt, key)  # as if the writer had written the NaN: only the NaN check can catch it
         return rf"{key}'? holds 1 NaN or Inf"
+    return damage
+
+
+def reseal(ckpt, key):
+    """Record the array's digest as it is now, as a writer would have."""
+    from ktjax.weights.checkpoint import array_digest
+    with open(_manifest_path(ckpt)) as f:
+        manifest = json.load(f)
+    entry = manifest["tensors"][key]
+    entry["digest"] = array_digest(ckpt, key, entry)
+    write_text(_manifest_path(ckpt), json.dumps(manifest))
+
+
+# ---- damage written as a few bytes into a checksummed checkpoint (issue 32): refused naming the array --------
+
+DIGEST = "do not match its digest"
+
+
+def poke_chunk(key, pattern, edit, which=0):
+    """edit(bytearray of one chunk file) in place; the chunk keeps its size."""
+    def damage(ckpt):
+        path = _chunk_files(ckpt, key)[which]
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+        edit(raw)
+        with open(path, "wb") as f:
+            f.write(raw)
+        return rf"cannot read tensor '{key}'.*{pattern}"
+    return damage
+
+
+def flip_bit(raw, at=None):
+    raw[len(raw) // 2 if at is None else at] ^= 0x10
+
+
+def swap_chunks(key, a, b):
+    def damage(ckpt):
+        files = _chunk_files(ckpt, key)
+        os.rename(files[a], files[a] + ".tmp")
+        os.rename(files[b], files[a])
+        os.rename(files[a] + ".tmp", files[b])
+        return rf"cannot read tensor '{key}'.*{DIGEST}"
+    return damage
+
+
+def zarr_endian(key, endian):
+    def damage(ckpt):
+        path = os.path.join(_array(ckpt, key), "zarr.json")
+        with open(path) as f:
+            meta = json.load(f)
+        meta["codecs"][0]["configuration"] = {"endian": endian}
+        write_text(path, json.dumps(meta))
+        return rf"cannot read tensor '{key}'.*{DIGEST}"
+    return damage
+
+
+def relabel_everywhere(key, dtype):
+    """The dtype edited in both the array's zarr.json and the manifest, so they agree: only the digest knows."""
+    def damage(ckpt):
+        edit_json(os.path.join(_array(ckpt, key), "zarr.json"), data_type=dtype)
+        manifest_edit("", _set_tensor(key, dtype=dtype))(ckpt)
+        return rf"cannot read tensor '{key}'.*{DIGEST}"
+    return damage
+
+
+def layer_is_a_symlink(layer, target):
+    def damage(ckpt):
+        folder = os.path.join(ckpt, "params", "layers", f"{layer:03d}")
+        shutil.rmtree(folder)
+        os.symlink(f"{target:03d}", folder)
+        return rf"cannot read tensor 'layers/{layer:03d}/.*layers/{layer:03d} is a symbolic link, not a folder"
+    return damage
+
+
+def chunk_is_a_fifo(key):
+    def damage(ckpt):
+        chunk = _chunk_files(ckpt, key)[0]
+        os.remove(chunk)
+        os.mkfifo(chunk)
+        return rf"cannot read tensor '{key}'.*is a FIFO, not a regular file"
+    return damage
+
+
+def arrays_swapped_with_their_entries(a, b):
+    """Two same-shaped arrays exchanged, folders and manifest entries both: each looks whole but sits under the
+    other's name."""
+    def damage(ckpt):
+        os.rename(_array(ckpt, a), _array(ckpt, a) + ".tmp")
+        os.rename(_array(ckpt, b), _array(ckpt, a))
+        os.rename(_array(ckpt, a) + ".tmp", _array(ckpt, b))
+
+        def swap(m):
+            m["tensors"][a], m["tensors"][b] = m["tensors"][b], m["tensors"][a]
+        manifest_edit("", swap)(ckpt)
+        return rf"cannot read tensor '({a}|{b})'.*{DIGEST}"
     return damage
 
 
@@ -426,4 +549,135 @@ CHECKPOINTS = {
     r"'embed' has shape \(2048, 192\) but config.json implies \(1000, 192\)",
     "config of absurd size": lambda c: edit_json(os.path.join(c, "config.json"), num_hidden_layers=10**7) or
     "num_hidden_layers=10000000",
+    # checksums (issue 32): each refused naming the array
+    "bit flipped in a chunk": poke_chunk(EMBED, "Digest mismatch", flip_bit),
+    "bit flipped in an expert's chunk": poke_chunk(EXPERTS, "Digest mismatch", flip_bit, which=5),
+    "bit flipped in a chunk's crc32c": poke_chunk(EMBED, DIGEST, lambda raw: flip_bit(raw, at=-2)),
+    "chunk zeroed": poke_chunk(EMBED, DIGEST, lambda raw: raw.__setitem__(slice(None), bytes(len(raw)))),
+    "two expert chunks swapped": swap_chunks(EXPERTS, 0, 1),
+    "endianness edited in the array metadata": zarr_endian(EMBED, "big"),
+    "dtype edited in metadata and manifest alike": relabel_everywhere(EMBED, "float16"),
+    "layer folder a symlink to another layer": layer_is_a_symlink(1, 2),
+    "chunk a FIFO": chunk_is_a_fifo(EMBED),
+    "expert chunk a FIFO": chunk_is_a_fifo(EXPERTS),
+    "manifest calls a float tensor int8": manifest_edit(r"'embed' is stored as bfloat16 \[2048, 192\] but the "
+                                                        "manifest says int8", _set_tensor(EMBED, dtype="int8")),
+    "manifest calls an expert stack int8": manifest_edit(rf"'{EXPERTS}' is stored as \w+ .* but the manifest says "
+                                                         "int8", _set_tensor(EXPERTS, dtype="int8")),
+    "two layers' arrays swapped with their entries": arrays_swapped_with_their_entries(
+        "layers/001/attn.o_proj.kernel", "layers/002/attn.o_proj.kernel"),
+    "manifest entry without its digest": manifest_edit(r"cannot read tensor 'embed'.*has no digest",
+                                                       lambda m: m["tensors"][EMBED].pop("digest")),
+    "manifest digests of an unknown kind": manifest_edit("digests 'sha3'", lambda m: m.update(digests="sha3")),
+}
+
+
+# ---- structured inputs, text, output and signals of the command lines (issue 32) ------------------------------
+
+CHECKPOINT_LIMITS = {
+    "manifest with an integer of 5000 digits": json_raw("manifest.json", "layout_version", HUGE_INT,
+                                                        "checkpoint manifest holds an integer of 5000 digits"),
+    "manifest nested 20000 deep": json_raw("manifest.json", "source", DEEP, "nested more than 64 deep"),
+}
+
+
+def alias_bomb(key="temperature", levels=9):
+    """A YAML "billion laughs" inside one setting: 9**9 strings once every alias is expanded."""
+    lines = [f"{key}:", "  - &a0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    lines += [f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def preset(text):
+    def make(world):
+        path = os.path.join(world, "preset.yaml")
+        write_text(path, text)
+        return ["--config", path]
+    return make
+
+
+def fifo_at(name, flag):
+    def make(world):
+        os.mkfifo(os.path.join(world, name))
+        return [flag, os.path.join(world, name)]
+    return make
+
+
+def prompt_file(data: bytes, size: int | None = None):
+    """A prompt file of `data` (`size`: a sparse file of that many bytes instead)."""
+    def make(world):
+        path = os.path.join(world, "prompt.txt")
+        with open(path, "wb") as f:
+            f.write(data)
+            if size is not None:
+                f.truncate(size)
+        return ["--prompt-file", path]
+    return make
+
+
+NOT_UTF8 = "\udcff"  # how Python keeps the byte 0xff of a command-line argument (surrogateescape)
+
+# python -m ktjax.generate: world -> argv, and the one line's pattern (exit 2)
+GENERATE_ARGS = {
+    "preset: integer of 5000 digits": (preset(f"seed: {HUGE_INT}\n"), "holds an integer of 5000 digits"),
+    "preset: alias bomb in a known setting": (preset(alias_bomb()), "more than 10000 values with its aliases"),
+    "preset: alias bomb in an unknown key": (preset(alias_bomb("bomb")), "more than 10000 values"),
+    "preset: nested 20000 deep": (preset(f"temperature: {DEEP}\n"), "nested more than 32 deep"),
+    "preset: over 64 KiB": (preset("# " + "x" * 70_000 + "\n"), "larger than 64 KiB"),
+    "preset: a string of 60000 characters": (preset("cache_dtype: " + "x" * 60_000 + "\n"),
+                                             r"cache_dtype='x+\.\.\.x+': unknown"),
+    "preset: a FIFO": (fifo_at("preset.yaml", "--config"), "not a regular file"),
+    "--seed of 5000 digits": (lambda w: ["--seed", HUGE_INT], r"seed='1+\.\.\.1+': must be a whole number"),
+    "--max-new-tokens of 5000 digits": (lambda w: ["--max-new-tokens", HUGE_INT], "max_new_tokens='1+\\.\\.\\."),
+    "--memory-budget of 5000 digits": (lambda w: ["--memory-budget", HUGE_INT], "memory size '1+\\.\\.\\."),
+    "--prompt not UTF-8": (lambda w: ["--prompt", "caf" + NOT_UTF8], "--prompt: byte 0xff at character 3"),
+    "--prompt-file name not UTF-8": (lambda w: ["--prompt-file", "a" + NOT_UTF8], "--prompt-file: byte 0xff"),
+    "--model name not UTF-8": (lambda w: ["--model", NOT_UTF8], "--model: byte 0xff"),
+    "--prompt-file not UTF-8 text": (prompt_file(b"ok \xff\xfe"), "not UTF-8 text \\(byte 3\\)"),
+    "--prompt-file a FIFO": (fifo_at("prompt.fifo", "--prompt-file"), "not a regular file"),
+    "--prompt-file past the window by its bytes": (prompt_file(b"word " * 40_000),
+                                                   r"200000 bytes are at least \d+ tokens .* window of 1024"),
+    "--prompt-file over 64 MiB": (prompt_file(b"", size=65 * 2**20), "more than any model's window holds"),
+}
+
+# python -m ktjax.serve: world -> argv, and the pattern (exit 2, before any model is loaded)
+SERVE_ARGS = {
+    "--port of 5000 digits": (lambda w: ["--port", HUGE_INT], "must be a whole number from 0 to 65535"),
+    "--header-timeout -1": (lambda w: ["--header-timeout", "-1"], "must be a number of seconds"),
+    "--config a FIFO": (fifo_at("preset.yaml", "--config"), "not a regular file"),
+    "--config alias bomb": (preset(alias_bomb()), "more than 10000 values"),
+    "--api-key not UTF-8": (lambda w: ["--api-key", "key" + NOT_UTF8], "--api-key: byte 0xff"),
+}
+
+# the converter: world -> (--hf-dir, --out), and the pattern (exit 2, nothing written)
+CONVERT_ARGS = {
+    "--out not UTF-8": (lambda w: (DEMO_MODEL_DIR, os.path.join(w, "ckpt" + NOT_UTF8)), "--out .*byte 0xff"),
+    "--hf-dir not UTF-8": (lambda w: (os.path.join(w, NOT_UTF8), os.path.join(w, "ckpt")), "--hf-dir .*byte 0xff"),
+}
+
+
+def _broken_pipe():
+    read, write = os.pipe()
+    os.close(read)
+    return os.fdopen(write, "w")
+
+
+# stdout as the command finds it: () -> a file object (None: closed), exit code, the one line (None: quiet)
+STDOUTS = {
+    "a broken pipe (| head -c 3)": (_broken_pipe, 1, None),
+    "a full device (> /dev/full)": (lambda: open("/dev/full", "w"), 1, "No space left on device"),
+    "closed (>&-)": (lambda: None, 1, "stdout is closed"),
+}
+
+# Engine.generate's token ids: prompts, and the pattern of the one KtjaxError
+TOKEN_IDS = {
+    "floats": ([[1.5, 2.0]], r"must be integers, got 1\.5 \(float\)"),
+    "whole floats": ([[1.0, 2.0]], r"must be integers, got 1\.0"),
+    "strings": ([["1", "2"]], "must be integers, got '1' \\(str\\)"),
+    "booleans": ([[True, False]], "must be integers, got True"),
+    "a boolean among integers": ([[5, True]], "must be integers, got True"),
+    "numpy floats": (np.array([[1.0, 2.0]]), "must be integers, got np.float64"),
+    "an integer past the vocabulary": ([[1, 10**30]], r"must lie in \[0, 2048\)"),
+    "a number, not a list": ([1, 2], "each prompt must be a list of token ids"),
+    "an empty prompt": ([[]], "at least one token"),
 }

@@ -1,5 +1,5 @@
 """One process of a two-process run on one machine (tests/test_sharding.py, slow): 4 forced CPU devices per
-process, joined by ktjax.sharding.initialize_multihost into one mesh of 8 that spans both processes.
+process, joined by ktjax.weights.sharding.initialize_multihost into one mesh of 8 that spans both processes.
 
 usage: python tests/multihost_check.py PROCESS_ID PORT MODEL_FOLDER OUT.json
 """
@@ -12,7 +12,7 @@ import json  # noqa: E402
 
 import jax  # noqa: E402
 
-from ktjax.sharding import initialize_multihost  # noqa: E402
+from ktjax.weights.sharding import initialize_multihost  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [7, 8, 9]]
 

@@ -8,7 +8,7 @@ import warnings
 import jax
 import pytest
 
-from ktjax.kv.pallas import platform
+from ktjax.pallas import platform
 
 COMPILED = os.environ.get("KTJAX_PALLAS_COMPILED") == "1"
 INTERPRET = not COMPILED

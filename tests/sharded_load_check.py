@@ -15,11 +15,11 @@ import numpy as np  # noqa: E402
 
 import ktjax  # noqa: E402
 from hf_models import rel_err  # noqa: E402  (tests/, this script's folder)
-from ktjax.config import ModelConfig  # noqa: E402
-from ktjax.convert import main as convert  # noqa: E402
-from ktjax.loader import load_hf_model  # noqa: E402
-from ktjax.model import PerLayer  # noqa: E402
-from ktjax.sharding import make_mesh  # noqa: E402
+from ktjax.model.config import ModelConfig  # noqa: E402
+from ktjax.weights.convert import main as convert  # noqa: E402
+from ktjax.weights.loader import load_hf_model  # noqa: E402
+from ktjax.model.decoder import PerLayer  # noqa: E402
+from ktjax.weights.sharding import make_mesh  # noqa: E402
 
 hf, work, out = sys.argv[1:4]
 ids = np.random.default_rng(0).integers(0, 97, size=(2, 11))

@@ -36,8 +36,8 @@ _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 def hf_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor a Hugging Face folder of `config` holds, in ktjax's loading order."""
-    from ktjax.config import ModelConfig
-    from ktjax.loader import layer_entries, top_entries
+    from ktjax.model.config import ModelConfig
+    from ktjax.weights.loader import layer_entries, top_entries
 
     cfg = ModelConfig.from_hf_dict(config)
     specs = [(n, s) for e in top_entries(cfg) for n, s in zip(e.sources, e.shapes)]

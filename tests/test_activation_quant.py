@@ -1,4 +1,4 @@
-"""activation_quant int8: the CPU kernels' int8-activation matmuls (ktjax/csrc/matmul.cc, "int8 activations")
+"""activation_quant int8: the CPU kernels' int8-activation matmuls (ktjax/cpu/csrc/matmul.cc, "int8 activations")
 against a numpy model of the same quantization with exact integer products, the activations' rounding bound
 against the float product, rows independent of their batch, and the setting in the Engine."""
 import jax
@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import ktjax
-from ktjax import cpu_kernels
-from ktjax import weight_quant as wq
+from ktjax.cpu import kernels as cpu_kernels
+from ktjax.cpu import weights as cw
+from ktjax.model import quantized as wq
 from ktjax.errors import KtjaxError
 
-pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")  # built at first use, not at collection
 
 U = 2.0**-24  # float32 unit roundoff
 # (format, int4 group): the int8 weights' block is cpu_kernels.Q8_BLOCK; int4's the weight's group (128 takes the
@@ -24,15 +25,15 @@ def _weight(rng, fmt, group, k, n):
     """(the held KernelQuantized with int8 activations, the weight as int64 values [N, P] (P: K, or int4's padded
     inputs), its scales float64 [N, P / block] per activation block, the activation block, offset)."""
     w = rng.standard_normal((k, n)).astype(np.float32)
-    values, scales = wq.quantize(w, fmt, group or wq.INT4_GROUP)
-    held = wq.kernel_layout(wq.QuantizedArray(jax.numpy.asarray(values), jax.numpy.asarray(scales)), True)
+    values, scales = wq.quantize_weight(w, fmt, group or wq.INT4_GROUP)
+    held = cw.kernel_layout(wq.QuantizedArray(jax.numpy.asarray(values), jax.numpy.asarray(scales)), True)
     if fmt == "int8":
         block = cpu_kernels.Q8_BLOCK
         q = values.T.astype(np.int64)
         per_block = np.repeat(scales.T.astype(np.float64), -(-k // block), axis=1)
     else:
         block = group
-        q = wq.unpack_int4(values, group).T.astype(np.int64) - 8
+        q = wq.unpack_weight_int4(values, group).T.astype(np.int64) - 8
         per_block = scales.T.astype(np.float64)
     return held, q, per_block, block
 
@@ -142,7 +143,7 @@ def test_a_row_result_does_not_depend_on_its_batch(rng, fmt, group):
 
 @pytest.fixture(scope="module")
 def int4_model(hf_folder, tmp_path_factory):
-    from ktjax.convert import main as convert_main
+    from ktjax.weights.convert import main as convert_main
 
     src, _ = hf_folder("v2_lite")
     folder = str(tmp_path_factory.mktemp("q8") / "int4")

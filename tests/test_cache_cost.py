@@ -52,9 +52,9 @@ def test_routed_experts_are_read_in_place_on_the_cpu(hf_folder, rng):
     import jax.numpy as jnp
     import numpy as np
 
-    from ktjax.model import stack_layers
-    from ktjax.moe import PerExpert, routed_experts
-    from ktjax.weight_quant import in_out
+    from ktjax.model.decoder import stack_layers
+    from ktjax.model.moe import PerExpert, routed_experts
+    from ktjax.model.quantized import in_out
 
     folder, _ = hf_folder("v3")
     engine = ktjax.load(folder, max_new_tokens=3, ignore_eos=True, chunk_size=16)

@@ -5,11 +5,11 @@ import pytest
 
 from numpy_references import latent_attention, quantize_round_trip
 
-from ktjax.config import ModelConfig
+from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError
 from ktjax.kv.attention import mla_decode_xla, mla_prefill_xla, naive_prefill, tail_block
 from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
-from ktjax.kv.formats import FORMATS, resolve
+from ktjax.kv.formats import FORMATS, resolve_format
 from ktjax.kv.quant import dequantize, quantize
 
 # Per-row relative L2 error of a round trip on Gaussian rows, (mean, max) over rows. Measured (seed 1234):
@@ -50,7 +50,7 @@ def test_int4_packs_two_halves(rng):
 
 
 def _attention_inputs(rng, fmt_name, b=3, s=5, h=4, rank=20, rope=8, cache_lens=48):
-    fmt = resolve(fmt_name)
+    fmt = resolve_format(fmt_name)
     c_kv = rng.normal(size=(b, cache_lens, rank)).astype(np.float32)
     k_pe = rng.normal(size=(b, cache_lens, rope)).astype(np.float32)
     stored, scales = quantize(fmt, jnp.asarray(c_kv))
@@ -186,7 +186,7 @@ def test_cache_lens_rounding_and_unknown_format():
     assert plan_cache_lens(100) == (112, 112)
     assert plan_cache_lens(513) == (1024, 512)
     with pytest.raises(KtjaxError, match="int3"):
-        resolve("int3")
+        resolve_format("int3")
 
 
 @pytest.mark.parametrize("name", ["bf16", "int4"])

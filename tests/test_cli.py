@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from ktjax.generate import main
+from ktjax.cli.generate import main
 from tokenizer_fixture import write_tokenizer
 
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -66,7 +66,7 @@ def test_several_prompts_give_lists(capsys, model_dir):
 def test_chat_prompt_matches_transformers_template(model_dir):
     from transformers import AutoTokenizer
 
-    from ktjax.tokenizer import Tokenizer
+    from ktjax.runtime.tokenizer import Tokenizer
 
     messages = [{"role": "user", "content": "Reading a long document, the quick fox"}]
     ref = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, add_generation_prompt=True,
@@ -92,7 +92,7 @@ def test_yaml_preset_and_flags_win(capsys, model_dir, tmp_path):
 
 
 def test_shipped_presets_are_valid():
-    from ktjax.runtime import load_yaml, resolve
+    from ktjax.runtime.settings import load_yaml, resolve
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     names = sorted(os.listdir(root))
@@ -132,9 +132,9 @@ def test_prompt_longer_than_cache_is_refused_before_work(capsys, model_dir):
     assert "{" not in out
 
 
-def test_every_setting_is_documented_in_readme():
-    from ktjax.runtime import SETTINGS
+def test_every_setting_is_documented_in_the_settings_doc():
+    from ktjax.runtime.settings import SETTINGS
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "settings.md")).read()
     for key in SETTINGS:
         assert f"`{key}`" in readme and f"`--{key.replace('_', '-')}`" in readme

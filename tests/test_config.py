@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ktjax.config import ModelConfig, yarn_mscale
+from ktjax.model.config import ModelConfig, yarn_mscale
 from ktjax.errors import KtjaxError
 from hf_models import CONFIGS, YARN
 
@@ -61,7 +61,7 @@ def test_unsupported_values_name_the_field(change, named):
     (b"[1, 2]", "must hold a JSON object, not a JSON list"),
 ])
 def test_a_broken_config_file_is_one_message_naming_it(tmp_path, content, fault):
-    """Every JSON file a folder holds is read by ktjax.jsonio.read_json: these faults read alike in all."""
+    """Every JSON file a folder holds is read by ktjax.util.jsonio.read_json: these faults read alike in all."""
     path = tmp_path / "config.json"
     if content is not None:
         path.write_bytes(content)

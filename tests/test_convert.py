@@ -14,8 +14,8 @@ import pytest
 from hf_models import _COMMON, hf_logits, rel_err
 import ktjax
 from folder_edits import BAD_INPUTS, shards
-from ktjax.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
-from ktjax.convert import main
+from ktjax.weights.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
+from ktjax.weights.convert import main
 from ktjax.errors import KtjaxError
 from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_quantize_blocks
 from synthetic_folders import WIDE_EXPERTS, write_synthetic_folder
@@ -266,8 +266,8 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
     import jax
 
     kept = _engine(fp8_converted("fp8"), moe_impl=moe_impl, absorb_for_prefill=True)
-    from ktjax.model import PerLayer
-    from ktjax.moe import PerExpert
+    from ktjax.model.decoder import PerLayer
+    from ktjax.model.moe import PerExpert
 
     def first(x):  # a parameter's first array: per-layer arrays, and per-expert ones under them on the CPU
         return first(x.arrays[0]) if isinstance(x, (PerLayer, PerExpert)) else x
@@ -288,7 +288,7 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_fp8_to_int8_int4_quantizes_the_dequantized_weights(fp8_folder, fp8_converted, weights):
-    from ktjax import weight_quant
+    from ktjax.model import quantized as weight_quant
 
     _, tensors = fp8_folder
     out = fp8_converted(weights)
@@ -297,7 +297,7 @@ def test_fp8_to_int8_int4_quantizes_the_dequantized_weights(fp8_folder, fp8_conv
         if key.endswith(("w_uk", "w_uv")):  # kept: float32, exactly dequantized as with --weights source
             assert manifest[key]["dtype"] == "float32" and np.array_equal(read_tensor(out, key), want), key
             continue
-        values, scales = weight_quant.quantize(want, weights)
+        values, scales = weight_quant.quantize_weight(want, weights)
         assert np.array_equal(read_tensor(out, key), values), key
         assert np.array_equal(read_tensor(out, key + "_scale"), scales), key
     assert manifest["embed"]["dtype"] == np.dtype(tensors["model.embed_tokens.weight"].dtype).name  # kept
@@ -371,7 +371,7 @@ def test_fp8_weights_need_an_fp8_source(v2_lite_copy, tmp_path, capsys):
 @pytest.mark.parametrize("failure,code,message", [(OSError(28, "No space left on device"), 1, "No space left"),
                                                    (KeyboardInterrupt(), 130, "interrupted")])
 def test_failure_while_writing_leaves_nothing(v2_lite_copy, tmp_path, capsys, monkeypatch, failure, code, message):
-    from ktjax.checkpoint import CheckpointWriter
+    from ktjax.weights.checkpoint import CheckpointWriter
 
     calls = []
     real_write = CheckpointWriter.write
@@ -406,7 +406,7 @@ _MEASURE = textwrap.dedent("""
     import json, resource, sys
     sys.path.insert(0, {root!r})
     import jax, flax, tensorstore, tqdm, ml_dtypes  # imported before the baseline: not the conversion's memory
-    from ktjax.convert import main
+    from ktjax.weights.convert import main
 
     def status(field):
         for line in open("/proc/self/status"):

@@ -1,4 +1,4 @@
-"""ktjax's C++ decode attention (ktjax/csrc/attention.cc) against float64 numpy on the dequantized cache, in
+"""ktjax's C++ decode attention (ktjax/cpu/csrc/attention.cc) against float64 numpy on the dequantized cache, in
 every cache format, over the dense and the paged cache; row results that do not depend on the batch; the model
 with it and with the XLA path."""
 import dataclasses
@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 import ktjax
-from ktjax import cpu_kernels
+from ktjax.cpu import kernels as cpu_kernels
+from ktjax.cpu.attention import ATTENTION as CPU_ATTENTION
 from ktjax.kv.cache import LatentCache
 from ktjax.kv.formats import FORMATS
 from ktjax.kv.paged import PagedLatentCache
 from ktjax.kv.quant import dequantize
 
-pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")  # built at first use, not at collection
 
 U = 2.0**-24
 # (rank, rope, heads): DeepSeek's widths (whole vectors), widths that take the kernel's scalar tails, and 13 heads
@@ -83,11 +84,11 @@ def _caches(fmt, rank, rope, rows, rng):
     """(dense, paged) caches with the XLA path and the kernel: the paged one with pages of 16 slots handed out
     in a scrambled order, so each row's keys are scattered over the pool."""
     cfg, fmt = _cfg(rank, rope), FORMATS[fmt]
-    dense = LatentCache.create(cfg, fmt, rows, 768, block=256, attention="cpu")
+    dense = LatentCache.create(cfg, fmt, rows, 768, block=256, attention=CPU_ATTENTION)
     width, page = 768 // 16, 16
     order = rng.permutation(rows * width).astype(np.int32).reshape(rows, width)
     paged = PagedLatentCache.create(cfg, fmt, rows * width + 3, page, batch=rows, max_pages=width,
-                                    attention="cpu").with_table(jnp.asarray(order))
+                                    attention=CPU_ATTENTION).with_table(jnp.asarray(order))
     return dense, paged
 
 
@@ -109,7 +110,7 @@ def test_kernel_matches_numpy_in_every_format(rng, fmt, rank, rope, heads):
         positions = (lengths - 1)[:, None]
         for path in ("cpu", "xla"):
             run = jax.jit(lambda c, ql, qp: c.attend_latent(1, ql, qp, positions, lengths, scale=scale))
-            got = dataclasses.replace(cache, attention=path)
+            got = dataclasses.replace(cache, attention={"cpu": CPU_ATTENTION, "xla": None}[path])
             if path == "cpu":
                 assert "KtjaxDecodeAttention" in run.lower(got, q_lat, q_pe).as_text()
             out = np.asarray(run(got, q_lat, q_pe), np.float64)[:, 0]

@@ -1,4 +1,4 @@
-"""ktjax's C++ CPU matmul kernels (ktjax/csrc/matmul.cc) against numpy on the dequantized weight, row results
+"""ktjax's C++ CPU matmul kernels (ktjax/cpu/csrc/matmul.cc) against numpy on the dequantized weight, row results
 that do not depend on the batch, the model with and without them, and the setting's resolution."""
 import re
 
@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 import ktjax
-from ktjax import cpu_kernels
-from ktjax import weight_quant as wq
+from ktjax.cpu import build as cpu_build
+from ktjax.cpu import kernels as cpu_kernels
+from ktjax.cpu import weights as cw
+from ktjax.model import quantized as wq
 from ktjax.errors import KtjaxError
 
-pytestmark = pytest.mark.skipif(cpu_kernels.available() is not None, reason=f"{cpu_kernels.available()}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")  # built at first use, not at collection
 
 # (format, int4 group): the stored formats the kernels read
 QUANTIZED = [("int8", None), ("int4", 128), ("int4", 64), ("int4", 32)]
@@ -27,11 +29,11 @@ def _weight(rng, fmt, group, k, n):
     """(the weight held for the kernels, the same as weight_quant stores it, the float64 [K, N] both stand for)."""
     w = rng.standard_normal((k, n)).astype(np.float32)
     if fmt == "float32":
-        return wq.OutIn(jnp.asarray(w.T), kernel=True), jnp.asarray(w), w.astype(np.float64)
-    values, scales = wq.quantize(w, fmt, group or wq.INT4_GROUP)
+        return cw.KernelOutIn(jnp.asarray(w.T)), jnp.asarray(w), w.astype(np.float64)
+    values, scales = wq.quantize_weight(w, fmt, group or wq.INT4_GROUP)
     stored = wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
-    assert wq.kernel_reads(stored.values, stored.scale)
-    return wq.kernel_layout(stored), stored, wq.dequantize_np(values, scales, k).astype(np.float64)
+    assert cw.kernel_reads(stored.values, stored.scale)
+    return cw.kernel_layout(stored), stored, wq.dequantize_weight_np(values, scales, k).astype(np.float64)
 
 
 matmul = jax.jit(wq.matmul)
@@ -105,15 +107,15 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
     with the kernels (the same check finds XLA's conversions with them off)."""
     from flax import nnx
 
-    from ktjax.convert import main as convert_main
+    from ktjax.weights.convert import main as convert_main
 
     src, _ = hf_folder("v2_lite")
     folder = str(tmp_path / weights)
     assert convert_main(["--hf-dir", src, "--out", folder, "--weights", weights, "--lm-head", "int8", "--quiet"]) == 0
     engines = {s: ktjax.load(folder, cpu_kernels=s, cache_dtype="float32", chunk_size=4) for s in ("on", "off")}
-    held = [x for x in jax.tree.leaves(engines["on"].state, is_leaf=lambda x: isinstance(x, wq.KernelQuantized))
-            if isinstance(x, wq.KernelQuantized)]
-    assert engines["on"].cpu_kernels and not engines["off"].cpu_kernels and held
+    held = [x for x in jax.tree.leaves(engines["on"].state, is_leaf=lambda x: isinstance(x, cw.KernelQuantized))
+            if isinstance(x, cw.KernelQuantized)]
+    assert engines["on"].backend.cpu_kernels and not engines["off"].backend.cpu_kernels and held
     ids = rng.integers(0, 97, size=(2, 12))
     np.testing.assert_allclose(engines["on"].cached_logits(ids), engines["off"].cached_logits(ids), rtol=1e-4,
                                atol=1e-4)
@@ -129,7 +131,7 @@ def test_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, tmp_path
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "q8"])
 @pytest.mark.parametrize("fmt, group", FORMATS)
 def test_grouped_products_equal_each_groups_own_product(rng, fmt, group, int8_activations):
-    """weight_quant.grouped_matmul (the routed experts' rows sorted by expert, every group by its own weight in one
+    """quantized.grouped_matmul (the routed experts' rows sorted by expert, every group by its own weight in one
     call) gives, bit for bit, what the single-weight kernel gives each group's rows alone (test_kernels_match_numpy
     holds that to numpy): groups empty, of one row, of more than cpu_kernels.MAX_ROWS rows, and rows past the
     groups' total (padding) as zeros; for int8 / int4 weights with float and int8 activations alike."""
@@ -140,8 +142,8 @@ def test_grouped_products_equal_each_groups_own_product(rng, fmt, group, int8_ac
     weights = []
     for _ in sizes:
         w, _, _ = _weight(rng, fmt, group, k, n)
-        weights.append(wq.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
-    assert wq.groups_in_kernel(weights)
+        weights.append(cw.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
+    assert wq.grouped(weights)
     x = rng.standard_normal((sum(sizes) + 5, k)).astype(np.float32)
     run = jax.jit(lambda x, sizes, ws: wq.grouped_matmul(x, sizes, ws))
     group_sizes = jnp.asarray(sizes, jnp.int32)
@@ -151,7 +153,7 @@ def test_grouped_products_equal_each_groups_own_product(rng, fmt, group, int8_ac
     for e, w in enumerate(weights):
         rows = x[start[e]:start[e + 1]]
         if len(rows):
-            alone = np.asarray(wq._kernel_matmul(rows, w) if fmt != "float32" else cpu_kernels.matmul(rows, w.values))
+            alone = np.asarray(cw.kernel_matmul(rows, w) if fmt != "float32" else cpu_kernels.matmul(rows, w.values))
             np.testing.assert_array_equal(got[start[e]:start[e + 1]], alone, err_msg=f"group {e}")
     np.testing.assert_array_equal(got[start[-1]:], 0.0)
 
@@ -194,7 +196,7 @@ GROUPED_REFUSALS = [
 
 @pytest.mark.parametrize("case, make, message", GROUPED_REFUSALS, ids=[c[0] for c in GROUPED_REFUSALS])
 def test_grouped_call_refuses_malformed_arguments(rng, case, make, message):
-    cpu_kernels.require()
+    cpu_build.require()
     x, sizes, arrays, fmt, n = make(rng)
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(_grouped_call(x, sizes, arrays, fmt, n))
@@ -204,10 +206,10 @@ def test_groups_in_kernel_wants_one_format_and_shape(rng):
     i8 = _weight(rng, "int8", None, 40, 3)[0]
     i4 = _weight(rng, "int4", 32, 64, 3)[0]
     f32 = _weight(rng, "float32", None, 40, 3)[0]
-    assert wq.groups_in_kernel([i8, i8]) and wq.groups_in_kernel([f32, f32])
-    for mixed in ([i8, i4], [i8, wq.KernelQuantized(i8.values, i8.scale, True)], [i8, f32],
+    assert wq.grouped([i8, i8]) and wq.grouped([f32, f32])
+    for mixed in ([i8, i4], [i8, cw.KernelQuantized(i8.values, i8.scale, True)], [i8, f32],
                   [f32, _weight(rng, "float32", None, 40, 5)[0]], [f32, wq.OutIn(f32.values)]):
-        assert not wq.groups_in_kernel(mixed)
+        assert not wq.grouped(mixed)
 
 
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "q8"])
@@ -216,7 +218,7 @@ def test_routed_experts_grouped_match_gather(rng, fmt, group, int8_activations):
     """moe.routed_experts with kernel-held PerExpert weights: `blocked` (one grouped call per weight, each expert's
     rows) against `gather` (one pair at a time through the single-weight kernel): the same products, so the same
     outputs up to the order in which a token's experts are added."""
-    from ktjax import moe
+    from ktjax.model import moe
 
     if int8_activations and fmt == "float32":
         pytest.skip("int8 activations apply to int8 / int4 weights")
@@ -226,7 +228,7 @@ def test_routed_experts_grouped_match_gather(rng, fmt, group, int8_activations):
         held = []
         for _ in range(n_exp):
             w, _, _ = _weight(rng, fmt, group, d_in, d_out)
-            held.append(wq.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
+            held.append(cw.KernelQuantized(w.values, w.scale, int8_activations) if fmt != "float32" else w)
         return moe.PerExpert(tuple(held))
 
     experts = (stack(d, f), stack(d, f), stack(f, d))
@@ -243,13 +245,13 @@ def test_routed_experts_grouped_match_gather(rng, fmt, group, int8_activations):
 @pytest.mark.parametrize("in_out", [True, False], ids=["w_uk", "w_uv"])
 @pytest.mark.parametrize("heads, k, n", [(3, 40, 85), (4, 128, 515)])
 def test_per_head_products_match_numpy(rng, in_out, heads, k, n):
-    """weight_quant.per_head through the kernel (a KernelHeads weight, [in, out] per head as w_uk is stored or
+    """quantized.per_head through the kernel (a KernelHeads weight, [in, out] per head as w_uk is stored or
     [out, in] as w_uv is): within the float32 bound of the exact product for 1, 5 and 16 rows, outputs past the
     kernel's groups of 64 included (the second shape splits over two threads), and a row's result does not depend
     on its batch."""
     w = rng.standard_normal((heads, k, n) if in_out else (heads, n, k)).astype(np.float32)
     dense = (w if in_out else np.swapaxes(w, 1, 2)).astype(np.float64)  # [h, k, n]
-    held = wq.KernelHeads(jnp.asarray(w))
+    held = cw.KernelHeads(jnp.asarray(w))
     run = jax.jit(lambda x, w: wq.per_head(x, w, in_out))
     for rows in (1, 5, 16):
         x = rng.standard_normal((rows, 1, heads, k)).astype(np.float32)
@@ -264,7 +266,7 @@ def test_per_head_products_match_numpy(rng, in_out, heads, k, n):
 
 
 def test_float32_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, rng):
-    """The tiny v2_lite model in float32 with cpu_kernels on (matmul weights held [out, in], OutIn kernel) and off:
+    """The tiny v2_lite model in float32 with cpu_kernels on (matmul weights held [out, in], KernelOutIn) and off:
     logits through the cache in chunks of 4 tokens x 2 rows within float32 rounding, the same greedy tokens, the
     decode step's matmuls and per-head products (w_uk, w_uv) in the kernels, and Engine.model gives back the
     weights as stored."""
@@ -286,31 +288,32 @@ def test_float32_engine_with_kernels_gives_the_xla_logits_and_tokens(hf_folder, 
 
 
 def test_setting_resolution(tmp_path, hf_folder, monkeypatch):
-    """auto holds a float32 model's 2-D matmul weights for the kernels (OutIn, kernel), builds nothing where
+    """auto holds a float32 model's 2-D matmul weights for the kernels (KernelOutIn), builds nothing where
     nothing would use them (bf16 weights under attention xla), and runs XLA, with a note, where the kernels
     cannot be built; on refuses, with the reason; off never builds them."""
-    from ktjax.convert import main as convert_main
+    from ktjax.weights.convert import main as convert_main
 
     src, _ = hf_folder("v2_lite")
     float_model = ktjax.load(src, cpu_kernels="auto")
-    assert float_model.cpu_kernels and float_model.attention == "cpu"
-    held = jax.tree.leaves(float_model.state, is_leaf=lambda x: isinstance(x, (wq.KernelQuantized, wq.OutIn)))
-    assert not any(isinstance(x, wq.KernelQuantized) for x in held)
-    assert any(isinstance(x, wq.OutIn) and x.kernel and x.values.dtype == jnp.float32 for x in held)
+    assert float_model.backend.cpu_kernels and float_model.attention == "cpu"
+    held = jax.tree.leaves(float_model.state, is_leaf=lambda x: isinstance(x, (cw.KernelQuantized, cw.KernelOutIn)))
+    assert not any(isinstance(x, cw.KernelQuantized) for x in held)
+    assert any(isinstance(x, cw.KernelOutIn) and x.values.dtype == jnp.float32 for x in held)
     # nothing would use them
-    assert not ktjax.load(src, cpu_kernels="auto", attention="xla", dtype="bfloat16").cpu_kernels
+    assert not ktjax.load(src, cpu_kernels="auto", attention="xla", dtype="bfloat16").backend.cpu_kernels
     folder = str(tmp_path / "int8")
     assert convert_main(["--hf-dir", src, "--out", folder, "--weights", "int8", "--quiet"]) == 0
-    monkeypatch.setattr(cpu_kernels, "available", lambda: "cpu_kernels: no C++ compiler found")
+    monkeypatch.setattr(cpu_build, "available", lambda: "cpu_kernels: no C++ compiler found")
     engine = ktjax.load(folder, cpu_kernels="auto")
-    assert not engine.cpu_kernels and engine.attention == "auto" and any("no C++ compiler" in n for n in engine.notes)
+    assert not engine.backend.cpu_kernels and engine.attention == "xla"
+    assert any("no C++ compiler" in n for n in engine.notes)
 
     def refuse():
         raise KtjaxError("cpu_kernels: no C++ compiler found")
-    monkeypatch.setattr(cpu_kernels, "require", refuse)
+    monkeypatch.setattr(cpu_build, "require", refuse)
     with pytest.raises(KtjaxError, match=r"no C\+\+ compiler"):
         ktjax.load(folder, cpu_kernels="on")
-    assert not ktjax.load(folder, cpu_kernels="off").cpu_kernels
+    assert not ktjax.load(folder, cpu_kernels="off").backend.cpu_kernels
 
 
 def _failing_compiler(tmp_path):
@@ -338,24 +341,7 @@ def test_a_build_that_cannot_work_says_why(monkeypatch, tmp_path, case, env, mes
     for key, value in env(tmp_path).items():
         monkeypatch.setenv(key, value)
     with pytest.raises(KtjaxError, match=message) as e:
-        cpu_kernels.build()
+        cpu_build.build()
     assert "Traceback" not in str(e.value)
     kernels = tmp_path / "kernels"
     assert not kernels.exists() or list(kernels.iterdir()) == []
-
-
-@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 cross-check")
-def test_kernels_compile_for_an_avx2_cpu(tmp_path):
-    """The sources build for an x86-64 CPU without AVX-512 (-march=haswell) as well: a 16-float vector has no
-    register of its own there, so the register pinning (simd.h in_register) must not ask for one. (This machine
-    builds for its own CPU; a failure there would only show as cpu_kernels auto falling back to XLA.)"""
-    import subprocess
-
-    compiler = cpu_kernels._compiler()
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    flags = [f for f in cpu_kernels.FLAGS if not f.startswith(("-march", "-O"))]
-    done = subprocess.run([compiler, "-O0", "-march=haswell", *flags, f"-I{jax.ffi.include_dir()}",
-                           *map(str, cpu_kernels.SOURCES), "-o", str(tmp_path / "avx2.so")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]

@@ -9,7 +9,7 @@ import pytest
 
 import ktjax
 from ktjax.demo import DEMO_MODEL_DIR
-from ktjax.tokenizer import Tokenizer
+from ktjax.runtime.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_random_weights_fallback_has_the_trained_architecture():
     """One definition of the demo architecture: only the vocabulary differs (a byte-level tokenizer)."""
     import dataclasses
 
-    from ktjax.config import ModelConfig
+    from ktjax.model.config import ModelConfig
     from ktjax.demo import demo_model, demo_tokenizer
 
     cfg, _ = demo_model()
@@ -59,7 +59,7 @@ def test_random_weights_fallback_has_the_trained_architecture():
 
 def test_cli_falls_back_to_random_weights_and_says_so(tmp_path, monkeypatch, capsys):
     import ktjax.demo
-    from ktjax.generate import main
+    from ktjax.cli.generate import main
 
     monkeypatch.setattr(ktjax.demo, "DEMO_MODEL_DIR", str(tmp_path / "trimmed"))
     assert main(["--max-new-tokens", "4"]) == 0

@@ -6,7 +6,7 @@ import pytest
 
 import ktjax
 from hf_models import CONFIGS, hf_logits, rel_err
-from ktjax.config import ModelConfig
+from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError
 from ktjax.kv.cache import LatentCache, cache_bytes
 from ktjax.kv.formats import FORMATS
@@ -77,7 +77,7 @@ def test_selected_indices_match_transformers(v32, rng):
     import torch
 
     from ktjax.kv.sparse import head_scores, topk_mask
-    from ktjax.layers import rope_cos_sin
+    from ktjax.model.layers import rope_cos_sin
 
     folder, oracle = v32
     engine = ktjax.load(folder)
@@ -116,7 +116,7 @@ def test_selected_indices_match_transformers(v32, rng):
 
 def _layer_indexer(model, cfg, i):
     """Layer i's indexer, out of its stack."""
-    from ktjax.model import layer_of
+    from ktjax.model.decoder import layer_of
 
     stack, j = (model.dense_layers, i) if i < cfg.num_dense_layers else (model.moe_layers, i - cfg.num_dense_layers)
     return layer_of(stack.attn.indexer, j)
@@ -243,7 +243,7 @@ def test_sequence_sharded_cache_merges_the_global_topk(v32, tmp_path):
 
 
 def _convert(folder, out, weights):
-    from ktjax.convert import main
+    from ktjax.weights.convert import main
 
     assert main(["--hf-dir", folder, "--out", str(out), "--quiet", "--weights", weights]) == 0
     return str(out)
@@ -261,8 +261,8 @@ def test_int8_weights_quantize_the_indexer_projections(v32, tmp_path):
     from safetensors.numpy import load_file
     import glob
 
-    from ktjax import weight_quant
-    from ktjax.checkpoint import read_manifest, read_tensor, scale_key
+    from ktjax.model import quantized as weight_quant
+    from ktjax.weights.checkpoint import read_manifest, read_tensor, scale_key
 
     out = _convert(v32[0], tmp_path / "ckpt", "int8")
     hf = {}
@@ -272,14 +272,15 @@ def test_int8_weights_quantize_the_indexer_projections(v32, tmp_path):
     for i in range(3):
         for name in ("wq_b", "wk"):
             key = f"layers/{i:03d}/attn.indexer.{name}.kernel"
-            values, scales = weight_quant.quantize(hf[f"model.layers.{i}.self_attn.indexer.{name}.weight"].T, "int8")
+            weight = hf[f"model.layers.{i}.self_attn.indexer.{name}.weight"].T
+            values, scales = weight_quant.quantize_weight(weight, "int8")
             assert np.array_equal(read_tensor(out, key), values), key
             assert np.array_equal(read_tensor(out, scale_key(key)), scales), key
         assert manifest[f"layers/{i:03d}/attn.indexer.weights_proj.kernel"]["dtype"] == "float32"
 
 
 def test_index_topk_setting():
-    from ktjax.runtime import resolve
+    from ktjax.runtime.settings import resolve
 
     assert resolve(index_topk="64")[0].index_topk == 64
     assert resolve()[0].index_topk is None  # the config's
@@ -289,7 +290,7 @@ def test_index_topk_setting():
 
 
 def test_cli_index_topk_flag_is_validated(capsys):
-    from ktjax.generate import main
+    from ktjax.cli.generate import main
 
     assert main(["--index-topk", "0", "--prompt", "hi"]) == 2
     assert "index_topk" in capsys.readouterr().err

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from ktjax.kv import formats as cf
-from ktjax.kv import pallas, quant, sparse
+from ktjax.kv import quant, sparse
+from ktjax import pallas
+from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
 from ktjax.kv.attention import mla_decode_xla
 from pallas_mode import INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
@@ -34,7 +36,7 @@ def index_cache(rng, fmt, b=2):
 @pytest.mark.parametrize("fmt_name, fp8_bits", [("float32", False), ("bf16", False), ("fp8", False),
                                                 ("int4", True)])
 def test_index_scores_kernel_matches_xla(rng, fmt_name, fp8_bits):
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     k_idx, k_scale = index_cache(rng, fmt)
     q = jnp.asarray(rng.normal(size=(2, HEADS, DIM)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(2, HEADS)), jnp.float32)
@@ -52,7 +54,7 @@ def test_index_scores_kernel_matches_xla(rng, fmt_name, fp8_bits):
 def test_sparse_decode_kernel_matches_xla(rng, fmt_name):
     """Attention over the selected rows: the kernel against sparse_attend_gathered; sequence 0 has fewer
     visible tokens (9) than k (24), so its selection ends in invalid entries."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     c_kv, scales = quant.quantize(fmt, jnp.asarray(rng.normal(size=(2, T, RANK)), jnp.float32))
     k_pe = jnp.asarray(rng.normal(size=(2, T, ROPE)), jnp.float32).astype(fmt.k_pe_dtype)
     q_lat = jnp.asarray(rng.normal(size=(2, H, RANK)), jnp.float32)
@@ -74,7 +76,7 @@ def test_sparse_decode_kernel_matches_xla(rng, fmt_name):
 def test_gathered_attention_over_every_token_is_dense_attention(rng, fmt_name):
     """Selecting every visible token reproduces the dense blockwise attention (kv/attention.py), in every
     format: the gathered path reads the same stored values and scales."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     c_kv, scales = quant.quantize(fmt, jnp.asarray(rng.normal(size=(2, T, RANK)), jnp.float32))
     k_pe = jnp.asarray(rng.normal(size=(2, T, ROPE)), jnp.float32).astype(fmt.k_pe_dtype)
     c_kv, k_pe = quant.to_bits(c_kv), quant.to_bits(k_pe)
@@ -104,11 +106,11 @@ def test_cache_decodes_alike_through_pallas_and_xla(rng, fmt_name):
     """LatentCache.attend_sparse for a decode step: the Pallas path (kernel scores, XLA top-k, kernel attention
     over the gathered rows) against the XLA path, over the same written cache (bf16 and e4m3 index keys)."""
     from hf_models import CONFIGS
-    from ktjax.config import ModelConfig
+    from ktjax.model.config import ModelConfig
     from ktjax.kv.cache import LatentCache
 
     cfg = ModelConfig.from_hf_dict(dict(CONFIGS["v32"][1], architectures=["DeepseekV32ForCausalLM"]))
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     b, rank, heads = 2, cfg.kv_lora_rank, cfg.num_attention_heads
     positions = jnp.broadcast_to(jnp.arange(T), (b, T))
     new = (jnp.asarray(rng.normal(size=(b, T, rank)), jnp.float32),
@@ -120,8 +122,8 @@ def test_cache_decodes_alike_through_pallas_and_xla(rng, fmt_name):
           jnp.asarray(rng.normal(size=(b, 1, cfg.index_n_heads)), jnp.float32)))
     lengths = jnp.asarray([11, 57], jnp.int32)  # 11 < index_topk 16 < 57
     outs = {}
-    for path in ("xla", "pallas"):
-        cache = LatentCache.create(cfg, fmt, b, T, block=16, attention=path).write(1, positions, *new)
+    for path, kernel in (("xla", None), ("pallas", PALLAS_ATTENTION)):
+        cache = LatentCache.create(cfg, fmt, b, T, block=16, attention=kernel).write(1, positions, *new)
         outs[path] = run_jitted(lambda c, *a: c.attend_sparse(1, *a, (lengths - 1)[:, None], lengths, scale=0.2,
                                                               topk=16), cache, *q)
     np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), rtol=1e-5, atol=1e-5)
@@ -132,7 +134,7 @@ def test_index_kernel_lowers_to_valid_triton_ir(fmt_name, fp8_bits):
     """At V3.2's index shape (64 heads of 128) the scoring kernel lowers to Triton IR that passes MLIR
     verification, e4m3 keys natively or decoded from bits (pre-Ada). Running it needs a GPU."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     b, n_keys, heads, dim = 2, 1024, 64, 128
     shapes = [jax.ShapeDtypeStruct((b, heads, dim), jnp.float32), jax.ShapeDtypeStruct((b, heads), jnp.float32),
               jax.ShapeDtypeStruct((b, n_keys, dim), cf.container(cf.index_store_dtype(fmt))),

@@ -7,7 +7,7 @@ import pytest
 
 import ktjax
 from ktjax.errors import KtjaxError
-from ktjax.sampling import Sampling, sample
+from ktjax.runtime.sampling import Sampling, sample
 
 FORMATS = ["float32", "bf16", "fp8", "int8", "int4"]
 
@@ -120,7 +120,7 @@ def test_cache_lens_auto_fits_the_budget(hf_folder):
     with pytest.raises(KtjaxError, match="memory budget"):
         tiny.plan_cache(batch=1, needed=20)
     assert engine.plan_cache(batch=1, needed=20).cache_lens <= engine.cfg.max_position_embeddings  # the window
-    from ktjax.memory import weight_bytes_on_load
+    from ktjax.runtime.memory import weight_bytes_on_load
     assert weight_bytes_on_load(folder, 4) == engine.weight_bytes
     with pytest.raises(KtjaxError, match=r"memory budget 1\.0 KiB is smaller than the weights"):
         ktjax.load(folder, memory_budget="1KiB")  # refused from the headers, before any weight is read

@@ -1,26 +1,39 @@
-"""Hostile and faulty inputs (issue 14): every case ends with its exit code (2 bad input, 1 an I/O failure, 130
-interrupted) and one line of message, never a traceback or a hang; nothing is left behind and no bystander
-file is touched. The damaged folders come from tests/hostile_cases.py."""
+"""Hostile and faulty inputs (issues 14 and 32): every case ends with its exit code (2 bad input, 1 an I/O
+failure, 130 interrupted) and one line of message, never a traceback or a hang; nothing is left behind and no
+bystander file is touched. The damaged folders, flags and streams come from tests/hostile_cases.py."""
 import errno
 import fcntl
+import io
 import os
 import re
 import shutil
 import signal
+import sys
 
 import pytest
 
 import hostile_cases as hc
 import ktjax
-from ktjax import convert as conversion
-from ktjax import tokenizer as tokenizer_module
-from ktjax.checkpoint import CheckpointWriter
-from ktjax.convert import main as convert_main
+from ktjax.weights import convert as conversion
+from ktjax.runtime import tokenizer as tokenizer_module
+from ktjax.weights.checkpoint import CheckpointWriter
+from ktjax.weights.convert import main as convert_main
 from ktjax.errors import KtjaxError
-from ktjax.generate import main as generate_main
+from ktjax.cli.generate import main as generate_main
 
 SENTINEL = "not yours to delete"
 LEFTOVER_MARKS = (".partial-", ".old-", ".lock")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """The handlers these tests rely on, whatever the process started with (SIGINT begins ignored in a job
+    started in the background, `nohup ... &`), and the previous ones put back afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture
@@ -113,15 +126,18 @@ def checkpoint(world, demo_checkpoint):
     return shutil.copytree(demo_checkpoint, world / "ckpt")
 
 
-@pytest.mark.parametrize("damage", hc.CHECKPOINTS)
+CHECKPOINT_CASES = {**hc.CHECKPOINTS, **hc.CHECKPOINT_LIMITS}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_CASES)
 def test_cli_refuses_a_damaged_checkpoint(world, checkpoint, capsys, damage):
-    pattern = hc.CHECKPOINTS[damage](str(checkpoint))
+    pattern = CHECKPOINT_CASES[damage](str(checkpoint))
     finish(world, capsys, run_cli(checkpoint), 2, pattern)
 
 
-@pytest.mark.parametrize("damage", hc.CHECKPOINTS)
+@pytest.mark.parametrize("damage", CHECKPOINT_CASES)
 def test_load_refuses_a_damaged_checkpoint(world, checkpoint, damage):
-    run_api(checkpoint, hc.CHECKPOINTS[damage](str(checkpoint)))
+    run_api(checkpoint, CHECKPOINT_CASES[damage](str(checkpoint)))
 
 
 def test_an_intact_checkpoint_still_loads(checkpoint):
@@ -397,3 +413,180 @@ def test_cli_refuses_bad_settings_and_prompts(world, capsys, case):
     """Settings are refused by their one parser (flags and YAML alike), prompts before any prefill."""
     make, pattern = SETTING_CASES[case]
     finish(world, capsys, generate_main(make(world)), 2, pattern)
+
+
+# ---- the command lines' flags, presets, text, stdout and signals (issue 32) --------------------------------------
+
+@pytest.mark.parametrize("case", hc.GENERATE_ARGS)
+def test_generate_refuses_flags_presets_and_prompts_past_a_bound(world, capsys, case):
+    """Structured input past a limit, text that cannot be UTF-8, a prompt that cannot fit: one line, exit 2."""
+    make, pattern = hc.GENERATE_ARGS[case]
+    argv = make(world)
+    argv += [] if "--max-new-tokens" in argv else ["--max-new-tokens", "1"]
+    finish(world, capsys, generate_main([*argv, "--no-progress"]), 2, pattern)
+
+
+@pytest.mark.parametrize("case", hc.SERVE_ARGS)
+def test_serve_refuses_flags_and_presets_past_a_bound(world, capsys, case):
+    from ktjax.cli.serve import main as serve_main
+
+    make, pattern = hc.SERVE_ARGS[case]
+    finish(world, capsys, serve_main(make(world)), 2, pattern)
+
+
+@pytest.mark.parametrize("case", hc.CONVERT_ARGS)
+def test_converter_refuses_paths_that_are_not_utf8(world, capsys, case):
+    where, pattern = hc.CONVERT_ARGS[case]
+    hf_dir, out = where(str(world))
+    finish(world, capsys, convert(hf_dir, out), 2, pattern)
+    assert os.listdir(world) == ["cwd"]
+
+
+def _with_stdout(monkeypatch, make):
+    stream = make()
+    monkeypatch.setattr(sys, "stdout", stream)
+    return stream
+
+
+@pytest.mark.parametrize("command", ["generate", "convert --dry-run"])
+@pytest.mark.parametrize("case", hc.STDOUTS)
+def test_a_stdout_that_fails_ends_with_one_line_and_exit_1(world, model, capsys, monkeypatch, case, command):
+    make, code, pattern = hc.STDOUTS[case]
+    stream = _with_stdout(monkeypatch, make)
+    try:
+        rc = (generate_main(["--max-new-tokens", "2", "--no-progress"]) if command == "generate" else
+              convert(model, world / "ckpt", "--dry-run"))
+    finally:
+        if stream is not None:
+            stream.close()  # the failed bytes now go to /dev/null: closing raises nothing
+    err = capsys.readouterr().err
+    assert rc == code and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    if pattern is None:  # a broken pipe: the reader took what it wanted, nothing to say
+        assert errors == [], err
+    else:
+        assert len(errors) == 1 and re.search(pattern, errors[0]) and err.strip().endswith(errors[0]), err
+    assert not (world / "ckpt").exists()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ktjax.load(hc.DEMO_MODEL_DIR, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("case", hc.TOKEN_IDS)
+def test_token_ids_must_be_integers(engine, case):
+    prompts, pattern = hc.TOKEN_IDS[case]
+    with pytest.raises(KtjaxError, match=pattern):
+        engine.generate(prompts)
+
+
+def test_whole_integer_ids_of_any_integer_type_are_the_same_prompt(engine):
+    import numpy as np
+
+    expected = engine.generate([[1, 2, 3]]).tokens
+    assert engine.generate(np.array([[1, 2, 3]], np.int32)).tokens == expected
+    assert engine.generate([(np.int64(1), 2, 3)]).tokens == expected
+
+
+# ---- prompts: stdin, and only what the window can hold read and tokenized ----------------------------------------
+
+def test_prompt_file_dash_reads_stdin_with_a_cap(monkeypatch):
+    from ktjax.cli import generate as cli
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("piped prompt é".encode())))
+    assert cli.read_prompt_file("-") == "piped prompt é"
+    monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 10)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x" * 11)))
+    with pytest.raises(KtjaxError, match="more than 0 MiB on stdin"):
+        cli.read_prompt_file("-")
+
+
+def test_truncate_left_reads_a_file_s_end_from_a_whole_character(tmp_path, monkeypatch):
+    from ktjax.cli import generate as cli
+
+    path = tmp_path / "prompt.txt"
+    path.write_text("a" + "é" * 2500)  # 5001 bytes; the last 999 begin inside an "é"
+    monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 999)
+    assert cli.read_prompt_file(str(path), tail=True) == "é" * 499
+    with pytest.raises(KtjaxError, match="5001 bytes, more than any model's window holds"):
+        cli.read_prompt_file(str(path))
+
+
+def test_truncate_left_tokenizes_only_the_end_and_keeps_the_same_tokens(monkeypatch):
+    """The window keeps the last tokens; tokenizing only the end (window x the longest token's bytes, and a
+    margin) gives those same tokens as tokenizing the whole text does."""
+    from ktjax.cli.generate import encode_prompt, max_token_bytes
+
+    engine = ktjax.load(hc.DEMO_MODEL_DIR, max_new_tokens=24, truncate_left=True)
+    with open(__file__, encoding="utf-8") as f:
+        text = f.read() * 20  # hundreds of kilobytes of code and prose: over 100,000 tokens
+    whole = engine.tokenizer.encode(text)
+    seen = []
+    real_encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda t: seen.append(len(t.encode())) or real_encode(t))
+    ids = encode_prompt(engine, text, "--prompt-file README.md")
+    room = engine.cfg.max_position_embeddings - 24
+    assert seen and seen[0] <= (room + 64) * max_token_bytes(engine.tokenizer) < len(text.encode()) // 10
+    assert ids[-room:] == whole[-room:]
+
+
+def test_a_prompt_past_the_window_is_refused_before_it_is_tokenized(monkeypatch):
+    from ktjax.cli.generate import encode_prompt
+
+    engine = ktjax.load(hc.DEMO_MODEL_DIR, max_new_tokens=8)
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda t: pytest.fail("tokenized a prompt that cannot fit"))
+    with pytest.raises(KtjaxError, match=r"2000000 bytes are at least 55556 tokens"):
+        encode_prompt(engine, "ab " * 666_666 + "ab", "--prompt-file big.txt")
+
+
+# ---- signals: from the first import to the last byte ------------------------------------------------------------
+
+@pytest.mark.parametrize("signum,line", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted by SIGTERM")])
+def test_a_signal_while_generating_stops_with_one_line_and_130(world, capsys, monkeypatch, signum, line):
+    from ktjax.runtime.engine import Engine
+
+    real_generate = Engine.generate
+
+    def generate_under_fire(self, prompts, **kwargs):
+        start = kwargs.get("on_start")
+
+        def on_start():
+            os.kill(os.getpid(), signum)  # raises here, in the main thread, through generate's own handler
+            start()
+        return real_generate(self, prompts, **{**kwargs, "on_start": on_start})
+
+    monkeypatch.setattr(Engine, "generate", generate_under_fire)
+    before = signal.getsignal(signal.SIGTERM)
+    finish(world, capsys, generate_main(["--max-new-tokens", "2", "--no-progress"]), 130, f"^{line}$")
+    assert signal.getsignal(signal.SIGTERM) is before  # main() put the handlers back
+
+
+SELF_SIGNALLING = '''
+import os, signal
+os.kill(os.getpid(), signal.{sig})  # as Ctrl-C or a SIGTERM while the command's modules are imported
+def main():
+    return 0
+'''
+
+
+@pytest.mark.parametrize("sig,line", [("SIGINT", "interrupted"), ("SIGTERM", "interrupted by SIGTERM")])
+def test_a_signal_during_imports_stops_with_one_line_and_130(world, capsys, monkeypatch, sig, line):
+    from ktjax.util.process import run_main
+
+    (world / f"signals_at_import_{sig}.py").write_text(SELF_SIGNALLING.format(sig=sig))
+    monkeypatch.syspath_prepend(str(world))
+    finish(world, capsys, run_main(f"signals_at_import_{sig}"), 130, f"^{line}$")
+    # and after main() has its code, a late signal changes nothing (Python restores the default handlers while
+    # it exits: a SIGTERM there would turn exit 0 into 143)
+    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_an_ignored_sigint_stays_ignored(world, monkeypatch):
+    """A job started with `&` by a script, or under nohup, begins with SIGINT ignored: the command keeps it so."""
+    from ktjax.util.process import run_main
+
+    (world / "ignored_sigint.py").write_text(SELF_SIGNALLING.format(sig="SIGINT"))
+    monkeypatch.syspath_prepend(str(world))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    assert run_main("ignored_sigint") == 0

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ktjax.config import ModelConfig
+from ktjax.model.config import ModelConfig
 from ktjax.demo import DEMO_MODEL_DIR
 from ktjax.errors import KtjaxError
-from ktjax.safetensors_io import DTYPES, parse_header
+from ktjax.weights.safetensors_io import DTYPES, parse_header
 
 QUICK = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=5000, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

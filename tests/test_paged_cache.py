@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import ktjax
-from ktjax.engine import _prefill_chunk
+from ktjax.runtime.engine import _prefill_chunk
 from ktjax.kv.cache import LatentCache
-from ktjax.kv.formats import resolve
+from ktjax.kv.formats import resolve_format
 from ktjax.kv.paged import PagedLatentCache
+from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
 
 PAGE, CHUNK, SEQ = 8, 5, 29
 
@@ -53,12 +54,12 @@ SLOW = pytest.mark.slow  # each case compiles the model twice: the fast run keep
                                         pytest.param("bf16", True, marks=SLOW),
                                         pytest.param("int4", False, marks=SLOW)])
 def test_paged_logits_equal_dense(engine, fmt, absorb):
-    cfg, f = engine.cfg, resolve(fmt)
+    cfg, f = engine.cfg, resolve_format(fmt)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, SEQ))
     # The same key blocks on both sides (4 pages of 8 = the dense block of 32), so both sum in the same order.
-    dense = LatentCache.create(cfg, f, 2, 32, block=32, attention="xla")
+    dense = LatentCache.create(cfg, f, 2, 32, block=32, attention=None)
     width = 4  # 32 positions per sequence
-    paged = PagedLatentCache.create(cfg, f, 11, PAGE, attention="xla").with_table(
+    paged = PagedLatentCache.create(cfg, f, 11, PAGE, attention=None).with_table(
         jnp.asarray(scattered_table(2, width, 11)))
     want = teacher_forced(engine, dense, tokens, absorb)
     got = teacher_forced(engine, paged, tokens, absorb)
@@ -67,7 +68,7 @@ def test_paged_logits_equal_dense(engine, fmt, absorb):
 
 def test_padding_and_unused_rows_write_nothing(engine):
     cfg = engine.cfg
-    paged = PagedLatentCache.create(cfg, resolve("int8"), 4, PAGE).with_table(jnp.asarray([[2, 0], [1, 3]]))
+    paged = PagedLatentCache.create(cfg, resolve_format("int8"), 4, PAGE).with_table(jnp.asarray([[2, 0], [1, 3]]))
     c_kv = jnp.ones((2, 3, cfg.kv_lora_rank))
     k_pe = jnp.ones((2, 3, cfg.qk_rope_head_dim))
     out = paged.write(0, jnp.asarray([[0, 9, 16], [15, 99, -1]]), c_kv, k_pe)
@@ -82,13 +83,14 @@ def test_pallas_paged_path_through_the_model(engine):
     logits (absorbed attention: the kernel's path)."""
     import warnings
 
-    from ktjax.kv.pallas import platform
+    from ktjax.pallas import platform
 
-    cfg, f = engine.cfg, resolve("bf16")
+    cfg, f = engine.cfg, resolve_format("bf16")
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, SEQ))
     table = jnp.asarray(scattered_table(2, 2, 5, seed=1))
-    caches = {path: dataclasses.replace(PagedLatentCache.create(cfg, f, 5, 16), attention=path).with_table(table)
-              for path in ("xla", "pallas")}
+    kernels = {"xla": None, "pallas": PALLAS_ATTENTION}
+    caches = {path: dataclasses.replace(PagedLatentCache.create(cfg, f, 5, 16), attention=kernel).with_table(table)
+              for path, kernel in kernels.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", platform.InterpretModeWarning)
         got = {path: teacher_forced(engine, c, tokens, absorb=True) for path, c in caches.items()}

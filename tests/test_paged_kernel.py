@@ -1,4 +1,4 @@
-"""The Pallas paged kernel (ktjax/kv/pallas/paged.py, interpret mode on the CPU; compiled on a GPU under
+"""The Pallas paged kernel (ktjax/pallas/paged.py, interpret mode on the CPU; compiled on a GPU under
 KTJAX_PALLAS_COMPILED=1) against the paged XLA path,
 in every cache format: decode and prefill rows, pages scattered over the pool, ragged lengths. Outputs are
 poisoned (NaN-filled): an element the kernel never writes fails the comparison."""
@@ -9,8 +9,9 @@ import pytest
 
 from ktjax.kv import formats as cf
 from ktjax.kv.paged import PagedLatentCache
-from ktjax.kv.pallas import KernelConfig
-from ktjax.kv.pallas.paged import paged_attention
+from ktjax.pallas import KernelConfig
+from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
+from ktjax.pallas.paged import paged_attention
 from ktjax.kv.quant import quantize, to_bits
 from pallas_mode import INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
@@ -32,13 +33,13 @@ def random_pool(rng, fmt, table):
     stored, scales = quantize(fmt, jnp.asarray(rng.normal(size=lead + (RANK,)), jnp.float32))
     k_pe = jnp.asarray(rng.normal(size=lead + (ROPE,)), jnp.float32).astype(fmt.k_pe_dtype)
     return PagedLatentCache(to_bits(stored), scales, to_bits(k_pe), jnp.asarray(table, jnp.int32), fmt=fmt,
-                            rank=RANK, attention="xla")
+                            rank=RANK, attention=None)
 
 
 @pytest.mark.parametrize("fmt_name,num_splits", [("float32", 1), ("bf16", 2), ("fp8", 2), ("int8", 1), ("int4", 2)])
 def test_paged_kernel_matches_paged_xla(fmt_name, num_splits):
     rng = np.random.default_rng(7)
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     table = rng.permutation(N_PAGES)[:8].reshape(2, 4)   # 64 positions per sequence
     cache = random_pool(rng, fmt, table)
     lengths = jnp.array([61, 18], jnp.int32)
@@ -59,13 +60,13 @@ def test_paged_kernel_lowers_to_valid_triton_ir(fmt_name):
     """DeepSeek dimensions, a pool of a non-power-of-two page count: Triton IR that passes MLIR verification
     (compiling and running it needs a GPU)."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     lead = (3, 100, 64)
     sds = jax.ShapeDtypeStruct
     cache = PagedLatentCache(sds(lead + (fmt.stored_width(512),), cf.container(fmt.store_dtype)),
                              sds(lead + (fmt.n_groups(512),), jnp.float32) if fmt.quantized else None,
                              sds(lead + (64,), cf.container(fmt.k_pe_dtype)), sds((4, 32), jnp.int32), fmt=fmt,
-                             rank=512, attention="pallas")
+                             rank=512, attention=PALLAS_ATTENTION)
     q_lat, q_pe = sds((4, 1, 16, 512), jnp.bfloat16), sds((4, 1, 16, 64), jnp.bfloat16)
     fn = jax.jit(lambda c, a, b, p, n: paged_attention(a, b, c, 2, p, n, scale=0.1, interpret=False,
                                                        config=KernelConfig(num_splits=4)))

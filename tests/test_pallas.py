@@ -17,12 +17,13 @@ import pytest
 
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
-from ktjax.kv import pallas
+from ktjax import pallas
 from ktjax.kv import quant
 from ktjax.kv.cache import LatentCache
-from ktjax.kv.pallas import layout as kl
-from ktjax.kv.pallas import mla_kernels as kernels
-from ktjax.kv.pallas import platform
+from ktjax.pallas import layout as kl
+from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
+from ktjax.pallas import mla_kernels as kernels
+from ktjax.pallas import platform
 from pallas_mode import COMPILED, INTERPRET, kernel_test_context, run_jitted, skip_without_gpu
 from triton_ir import triton_modules
 
@@ -80,7 +81,7 @@ def reference_decode(fmt, q_lat, q_pe, cache, lengths):
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_decode_matches_reference(rng, fmt_name, rank, num_splits):
     """Ragged batch, lengths off the tile grid (1, 37, full); rank 20 pads (and re-packs int4), 256 fits as is."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     cache = make_cache(rng, fmt, 3, 64, rank)
     q_lat, q_pe = make_queries(rng, (3, 4), rank)
     lengths = jnp.array([1, 37, 64], jnp.int32)
@@ -91,7 +92,7 @@ def test_decode_matches_reference(rng, fmt_name, rank, num_splits):
 @pytest.mark.parametrize("fmt_name", ["fp8", "int8", "int4"])
 def test_decode_short_last_group(rng, fmt_name):
     """rank 200: the last scale group is shorter (72 of 128, 8 of 64); many heads span two row blocks."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     cache = make_cache(rng, fmt, 2, 48, 200)
     q_lat, q_pe = make_queries(rng, (2, 20), 200)
     lengths = jnp.array([48, 17], jnp.int32)
@@ -103,7 +104,7 @@ def test_decode_short_last_group(rng, fmt_name):
 
 def test_decode_default_config(rng):
     """No KernelConfig: tiles and splits chosen by the wrapper."""
-    fmt = cf.resolve("int8")
+    fmt = cf.resolve_format("int8")
     cache = make_cache(rng, fmt, 2, 96, 32)
     q_lat, q_pe = make_queries(rng, (2, 3), 32)
     lengths = jnp.array([96, 50], jnp.int32)
@@ -123,7 +124,7 @@ def test_decode_default_config(rng):
 ])
 def test_default_tiling_per_device_and_format(monkeypatch, wide, fmt_name, queries, tiles):
     monkeypatch.setattr(platform, "wide_tiles", lambda: wide)
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     pick = lambda config=pallas.KernelConfig(), cache_len=131072: kernels.kernel_config(  # noqa: E731
         config, rows=128, batch=1, cache_len=cache_len, rank_p=512, fmt=fmt, dot_dtype=queries)
     cfg = pick()
@@ -134,7 +135,7 @@ def test_default_tiling_per_device_and_format(monkeypatch, wide, fmt_name, queri
 
 def test_decode_fp8_decoded_from_bits(rng):
     """The path for GPUs before Ada: e4m3 decoded from its bits by integer arithmetic."""
-    fmt = cf.resolve("fp8")
+    fmt = cf.resolve_format("fp8")
     cache = make_cache(rng, fmt, 2, 64, 256)
     q_lat, q_pe = make_queries(rng, (2, 4), 256)
     lengths = jnp.array([64, 29], jnp.int32)
@@ -151,7 +152,7 @@ def test_e4m3_bit_decode_exact():
 
 def test_decode_bf16_queries_run_bf16_dots(rng):
     """bf16 queries take the tensor-core path (bf16 operands, f32 accumulation): bf16-level agreement."""
-    fmt = cf.resolve("bf16")
+    fmt = cf.resolve_format("bf16")
     cache = make_cache(rng, fmt, 2, 64, 64)
     q_lat, q_pe = make_queries(rng, (2, 4), 64, dtype=jnp.bfloat16)
     lengths = jnp.array([64, 23], jnp.int32)
@@ -168,7 +169,7 @@ def test_decode_bf16_queries_run_bf16_dots(rng):
 def test_prefill_matches_reference(rng, fmt_name, num_splits):
     """A chunk of 5 queries per sequence at different offsets, causal by position; one query sees nothing
     (position -1) and one sits past its sequence's length."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     rank = 20 if num_splits == 1 else 128
     cache = make_cache(rng, fmt, 2, 64, rank)
     q_lat, q_pe = make_queries(rng, (2, 5, 4), rank)
@@ -189,10 +190,11 @@ def test_prefill_matches_reference(rng, fmt_name, num_splits):
 @pytest.mark.parametrize("fmt_name", ["bf16", "fp8", "int4"])
 def test_cache_attends_alike_through_pallas_and_xla(rng, fmt_name):
     """The cache holds narrow floats as their bits (formats.container): both paths read them back."""
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     layer = make_cache(rng, fmt, 2, 32, 24)
     caches = {path: LatentCache(*(None if x is None else quant.to_bits(x)[None] for x in layer), fmt=fmt, rank=24,
-                                block=BLOCK, attention=path) for path in ("pallas", "xla")}
+                                block=BLOCK, attention=kernel)
+              for path, kernel in (("pallas", PALLAS_ATTENTION), ("xla", None))}
     lengths = jnp.array([32, 9], jnp.int32)
     scale = softmax_scale(24)
     for q_positions in (jnp.array([[31], [8]], jnp.int32), jnp.array([[30, 31], [7, 8]], jnp.int32)):  # decode, prefill
@@ -203,7 +205,7 @@ def test_cache_attends_alike_through_pallas_and_xla(rng, fmt_name):
 
 @pytest.mark.skipif(COMPILED, reason="compiled kernels give no interpret-mode notice")
 def test_interpret_notice_once(rng):
-    fmt = cf.resolve("float32")
+    fmt = cf.resolve_format("float32")
     cache = make_cache(rng, fmt, 1, 16, 16)
     q_lat, q_pe = make_queries(rng, (1, 2), 16)
     platform.warn_interpreted_once.cache_clear()
@@ -238,11 +240,11 @@ def test_num_splits_fill_the_gpu_but_stay_long():
 def test_deepseek_rank_needs_no_copy():
     """R = 512: every format's stored layout is the kernel's layout (no padding, no int4 re-pack)."""
     for name in FORMATS:
-        fmt = cf.resolve(name)
+        fmt = cf.resolve_format(name)
         lay = kl.latent_layout(fmt, 512)
         assert (lay.rank_p, lay.width_p, lay.n_groups_p, lay.repack_int4) == (
             512, fmt.stored_width(512), fmt.n_groups(512), False)
-    int4 = kl.latent_layout(cf.resolve("int4"), 512)
+    int4 = kl.latent_layout(cf.resolve_format("int4"), 512)
     assert [(c.col, c.part, c.group, c.out) for c in int4.chunks[:4]] == [
         (0, "low", 0, 0), (0, "high", 4, 256), (64, "low", 1, 64), (64, "high", 5, 320)]
 
@@ -265,7 +267,7 @@ def test_lowers_to_valid_triton_ir(fmt_name, fp8_bits):
     """Each format lowers to Triton IR that passes MLIR verification (power-of-two tensors, dot types).
     Compiling it with Triton and running it needs a GPU; see the GPU checklist in the report."""
     pytest.importorskip("jax._src.pallas.triton.lowering")
-    fmt = cf.resolve(fmt_name)
+    fmt = cf.resolve_format(fmt_name)
     config = pallas.KernelConfig(num_splits=4)
     modules = _lower_for_cuda(fmt, config=config, fp8_bits=fp8_bits)
     assert len(modules) == 1 and modules[0].operation.verify()

@@ -1,4 +1,4 @@
-"""The parameter table (ktjax/params.py) is the single source of parameter names: every parameter of the model
+"""The parameter table (ktjax/weights/params.py) is the single source of parameter names: every parameter of the model
 has exactly one row, and the loader, sharding, the quantizer and the demo model's export all follow it."""
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 from flax import nnx
 
 from hf_models import CONFIGS
-from ktjax import params, sharding
-from ktjax import weight_quant as wq
-from ktjax.config import ModelConfig
-from ktjax.loader import layer_entries, top_entries
-from ktjax.model import DeepseekModel, RunOptions
+from ktjax.weights import params
+from ktjax.weights import sharding
+from ktjax.model import quantized as wq
+from ktjax.weights import quantize as surgery
+from ktjax.model.config import ModelConfig
+from ktjax.weights.loader import layer_entries, top_entries
+from ktjax.model.decoder import DeepseekModel, RunOptions
 
 ARCH = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM", "v32": "DeepseekV32ForCausalLM"}
 VARIANTS = {  # beyond tests/hf_models.py: tied embeddings, MLP biases with a dense layer, no shared experts
@@ -95,7 +97,7 @@ def test_sharding_and_quantizer_follow_the_table():
     cfg = config("v3")
     for path in state_paths(cfg):
         row, stack, _ = params.lookup(path)
-        assert wq.quantized_paths(path) == row.quantize
+        assert surgery.quantized_paths(path) == row.quantize
         ndim = len(row.axes or ()) + (stack is not None)
         if row.axes:
             assert sharding.logical_axes(path, ndim) == ((None,) if stack else ()) + row.axes
@@ -107,7 +109,7 @@ def test_sharding_and_quantizer_follow_the_table():
 
 def test_quantize_model_quantizes_exactly_the_rows_that_say_so():
     cfg = config("v2")
-    model = wq.quantize_model(DeepseekModel(cfg, rngs=nnx.Rngs(0)), "int8")
+    model = surgery.quantize_model(DeepseekModel(cfg, rngs=nnx.Rngs(0)), "int8")
     for path, var in nnx.state(model).flat_state():
         row, _, _ = params.lookup(tuple(map(str, path)))
         assert isinstance(var[...], wq.QuantizedArray) == row.quantize, path

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ktjax.config import ModelConfig
+from ktjax.model.config import ModelConfig
 from hf_models import CONFIGS
 from numpy_references import route_ref
 
@@ -23,7 +23,7 @@ CASES = [  # (arch, scoring, method, n_group, topk_group, k, norm)
 
 @pytest.mark.parametrize("arch,scoring,method,n_group,topk_group,k,norm", CASES)
 def test_route_matches_deepseek_gate(rng, arch, scoring, method, n_group, topk_group, k, norm):
-    from ktjax.moe import route
+    from ktjax.model.moe import route
 
     kind, kwargs = CONFIGS["v3" if arch == "v3" else "v2"]
     raw = dict(kwargs, architectures=["DeepseekV3ForCausalLM" if arch == "v3" else "DeepseekV2ForCausalLM"],
@@ -48,7 +48,7 @@ def test_route_matches_deepseek_gate(rng, arch, scoring, method, n_group, topk_g
 
 def test_expert_implementations_agree(rng):
     """gather, ragged and blocked compute the same routed output, including experts that get no token."""
-    from ktjax.moe import routed_experts
+    from ktjax.model.moe import routed_experts
 
     t, d, f, e, k = 37, 16, 24, 8, 3
     x = rng.normal(size=(t, d)).astype(np.float32)
@@ -73,14 +73,14 @@ def test_experts_held_apart_equal_the_stacks(rng, weights):
     restores the stacks."""
     import jax
 
-    from ktjax import weight_quant as wq
-    from ktjax.model import PerLayer, stack_layers, unstack_layers
-    from ktjax.moe import routed_experts
+    from ktjax.model import quantized as wq
+    from ktjax.model.decoder import PerLayer, stack_layers, unstack_layers
+    from ktjax.model.moe import routed_experts
 
     t, d, f, e, k, layers = 9, 32, 24, 8, 3, 2
     stacks = [rng.normal(size=(layers, e) + s).astype(np.float32) * 0.3 for s in ((d, f), (d, f), (f, d))]
     if weights != "float32":
-        stacks = [wq.QuantizedArray(*(jnp.asarray(a) for a in wq.quantize(s, weights))) for s in stacks]
+        stacks = [wq.QuantizedArray(*(jnp.asarray(a) for a in wq.quantize_weight(s, weights))) for s in stacks]
     else:
         stacks = [jnp.asarray(s) for s in stacks]
     state = {"moe_layers": {"mlp": dict(zip(("w_gate", "w_up", "w_down"), stacks))}}

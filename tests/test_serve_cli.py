@@ -18,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def run_main(capsys, argv):
-    from ktjax.serve.__main__ import main
+    from ktjax.cli.serve import main
 
     rc = main(argv)
     return rc, capsys.readouterr().err
@@ -50,7 +50,7 @@ def test_a_port_in_use_is_one_message(capsys):
 
 
 def test_missing_dependency_says_what_to_install(capsys, monkeypatch):
-    import ktjax.serve.__main__ as cli
+    import ktjax.cli.serve as cli
 
     monkeypatch.setattr(cli, "NEEDS", cli.NEEDS + ("no_such_module_ktjax",))
     rc, err = run_main(capsys, [])
@@ -58,8 +58,8 @@ def test_missing_dependency_says_what_to_install(capsys, monkeypatch):
 
 
 def test_help_and_readme_document_every_flag():
-    from ktjax.runtime import SETTINGS
-    from ktjax.serve.__main__ import build_parser
+    from ktjax.runtime.settings import SETTINGS
+    from ktjax.cli.serve import build_parser
 
     parser = build_parser()
     text = parser.format_help()
@@ -73,7 +73,7 @@ def test_help_and_readme_document_every_flag():
 
 
 def test_served_name_is_the_folder_name():
-    from ktjax.serve.__main__ import build_parser, served_name
+    from ktjax.cli.serve import build_parser, served_name
 
     assert served_name(build_parser().parse_args(["--model", "/x/DeepSeek-V2-Lite/"])) == "DeepSeek-V2-Lite"
     assert served_name(build_parser().parse_args(["--served-model-name", "ds"])) == "ds"
@@ -81,7 +81,7 @@ def test_served_name_is_the_folder_name():
 
 
 def test_generate_does_not_import_the_server_stack():
-    code = ("import sys, ktjax.generate as g; g.parse(['--prompt', 'x']); "
+    code = ("import sys, ktjax.cli.generate as g; g.parse(['--prompt', 'x']); "
             "print([m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'starlette') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -1,13 +1,21 @@
 """Hostile requests AS A TABLE: each gets its status and an OpenAI-shaped error naming the field, and the server
-still answers afterwards. Plus the API key, the scheduler's refusals (429, 503) and draining."""
+still answers afterwards. Plus the API key, the scheduler's refusals (429, 503) and draining; slow and idle
+clients dropped; signals while the server warms up and drains (issue 32)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import httpx
 import pytest
 
-from serve_harness import MODEL, RefusingScheduler, ServerThread
+from serve_harness import MODEL, RefusingScheduler, ServerThread, free_port
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -76,6 +84,19 @@ CASES = [
     ("prompt past the window", "POST", COMPLETIONS, text(prompt=[5] * 5000), 413, "prompt"),
     ("prompt + max_tokens past the window", "POST", COMPLETIONS, text(prompt=[5] * 1000, max_tokens=100), 413,
      "prompt"),
+    # issue 32: text that UTF-8 cannot hold (JSON's "\ud800" escape), structured input past a limit, ids not ints
+    ("lone surrogate in the prompt", "POST", COMPLETIONS, text(prompt="a\ud800"), 400, "prompt"),
+    ("lone surrogate in a message", "POST", CHAT, chat(messages=[{"role": "user", "content": "\udc00x"}]), 400,
+     "messages.0.content"),
+    ("lone surrogate in a content part", "POST", CHAT,
+     chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]), 400,
+     "messages.0.content.0.text"),
+    ("lone surrogate in a stop string", "POST", COMPLETIONS, text(stop=["\ud800"]), 400, "stop.0"),
+    ("lone surrogate in the model name", "POST", CHAT, chat(model="\ud800"), 400, "model"),
+    ("lone surrogate in a field name", "POST", COMPLETIONS, text()[:-1] + ', "\\ud800": 1}', 400, None),
+    ("integer of 5000 digits", "POST", COMPLETIONS, text()[:-1] + ', "seed": ' + "1" * 5000 + "}", 400, None),
+    ("float token ids", "POST", COMPLETIONS, text(prompt=[1.5, 2.0]), 400, "prompt.0"),
+    ("boolean token ids", "POST", COMPLETIONS, text(prompt=[True, 2]), 400, "prompt.0"),
 ]
 
 
@@ -158,3 +179,134 @@ def test_chunked_body_over_the_limit_is_413(serve_stack):
     r = httpx.post(serve_stack[2].url + COMPLETIONS, content=body(), timeout=60)
     assert_openai_error(r, 413)
     assert httpx.get(serve_stack[2].url + "/health").status_code == 200
+
+
+def test_more_than_one_authorization_header_is_400(serve_stack, side_servers):
+    """A proxy in front may read the first and we the last: refused with or without an API key."""
+    twice = [("Authorization", "Bearer sekret"), ("Authorization", "Bearer sekret")]
+    for url in (side_servers["key"].url, serve_stack[2].url):
+        error = assert_openai_error(httpx.get(url + "/health", headers=twice), 400)
+        assert "2 Authorization headers" in error["message"]
+
+
+# ---- slow and idle clients: python -m ktjax.serve's own uvicorn settings, with half-second timeouts -------------
+
+@pytest.fixture(scope="module")
+def strict_server(serve_stack):
+    import uvicorn
+    from argparse import Namespace
+
+    from ktjax.cli.serve import server_config
+    from ktjax.serve.app import create_app
+    from ktjax.serve.scheduler import QueueFull
+
+    app = create_app(serve_stack[0], RefusingScheduler(QueueFull("busy")), model_name=MODEL, body_timeout=0.5)
+    args = Namespace(host="127.0.0.1", port=free_port(), log_level="warning", shutdown_timeout=1.0,
+                     header_timeout=0.5, idle_timeout=0.5)
+    server = uvicorn.Server(server_config(app, args))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.02)
+    yield args.port
+    server.should_exit = True
+    thread.join(30)
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """Whether the server closes `sock` within `seconds`, while the client sends `trickle` a byte at a time."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.1)
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.send(trickle[:1])
+                trickle = trickle[1:]
+            if sock.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset, broken pipe: closed
+            return True
+    return False
+
+
+@pytest.mark.parametrize("client", ["idle after connecting", "headers a byte at a time (slowloris)",
+                                    "idle after a response"])
+def test_slow_and_idle_clients_are_disconnected(strict_server, client):
+    with socket.create_connection(("127.0.0.1", strict_server)) as sock:
+        if client == "idle after a response":
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        slowloris = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: a\r\n" * 20
+        assert _closed_within(sock, 3.0, slowloris if "slowloris" in client else b"")
+    assert httpx.get(f"http://127.0.0.1:{strict_server}/health").status_code == 200  # others are still served
+
+
+def test_a_body_that_trickles_gets_408(strict_server):
+    with socket.create_connection(("127.0.0.1", strict_server), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b'{"model": ')
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+# ---- signals while warming up (exit 130) and while draining (exit 0) ----------------------------------------------
+
+@pytest.fixture
+def signal_handlers():
+    """SIGINT raises (it begins ignored under `nohup ... &`), and the previous handlers come back afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum,line", [(signal.SIGINT, "interrupted: the server never started"),
+                                         (signal.SIGTERM, "interrupted by SIGTERM: the server never started")])
+def test_a_signal_during_warm_up_stops_with_one_line_and_130(capsys, monkeypatch, signal_handlers, signum, line):
+    from ktjax.cli.serve import main
+    from ktjax.serve.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "warmup", lambda self: os.kill(os.getpid(), signum))
+    rc = main(["--port", str(free_port()), "--log-level", "error"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == line, err
+
+
+@pytest.mark.slow  # a real server process: its warm-up compiles every bucket (about a minute on 2 cores)
+def test_two_sigterms_during_a_drain_exit_0_once_the_stream_finished(tmp_path):
+    port, root = free_port(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ktjax.serve", "--port", str(port), "--max-batch", "1",
+                                 "--chunk-size", "32", "--shutdown-timeout", "60", "--log-level", "warning"],
+                                cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                                stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        body = {"model": MODEL, "prompt": "The", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                events += [line] if line.startswith("data: ") else []
+                if len(events) == 3:
+                    proc.send_signal(signal.SIGTERM)
+                    time.sleep(0.1)
+                    proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "data: [DONE]"
+        assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()
+        assert "Traceback" not in (tmp_path / "server.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,19 +1,15 @@
 """Settings resolved once: the CLI, YAML and ktjax.load accept and refuse the same values (one validator),
-per-call settings never recompile, and README.md's table is generated from the one definition."""
+per-call settings never recompile (docs/settings.md's table is checked by tests/test_docs.py)."""
 import dataclasses
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
 import ktjax
-from ktjax import runtime
+from ktjax.runtime import settings as runtime
 from ktjax.errors import KtjaxError
-from ktjax.generate import main, parse
-
-HERE = os.path.dirname(__file__)
+from ktjax.cli.generate import main, parse
 
 # (key, value as a user types it, what the engine sees, or None where it must be refused)
 CASES = [
@@ -96,8 +92,8 @@ def test_cache_dtype_is_resolved_once_from_flag_to_kernel(capsys, monkeypatch):
     from ktjax.kv.cache import LatentCache
 
     calls, created = [], []
-    resolve = formats.resolve
-    monkeypatch.setattr(formats, "resolve", lambda name: calls.append(name) or resolve(name))
+    resolve_format = formats.resolve_format
+    monkeypatch.setattr(formats, "resolve_format", lambda name: calls.append(name) or resolve_format(name))
     original_create = LatentCache.create.__func__
     monkeypatch.setattr(LatentCache, "create", classmethod(
         lambda cls, cfg, fmt, *a, **kw: created.append(fmt) or original_create(cls, cfg, fmt, *a, **kw)))
@@ -150,15 +146,6 @@ def test_prompt_past_the_model_window_is_refused_before_prefill(hf_folder):
         engine.generate([[3] * window])
     out = engine.generate([[3] * window], truncate_left=True, max_new_tokens=2)
     assert out.stats["prompt_tokens"] == window - 2
-
-
-def test_readme_settings_table_is_generated_from_runtime():
-    spec = importlib.util.spec_from_file_location("settings_table", os.path.join(HERE, "..", "docs",
-                                                                                "settings_table.py"))
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    with open(table.README, encoding="utf-8") as f:
-        assert table.replaced(f.read(), table.render()) == open(table.README, encoding="utf-8").read()
 
 
 def test_help_derives_from_the_table(capsys, monkeypatch):

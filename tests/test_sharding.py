@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ktjax.errors import KtjaxError
-from ktjax.runtime import RuntimeConfig, parse_mesh
+from ktjax.runtime.settings import RuntimeConfig, parse_mesh
 
 HERE = os.path.dirname(__file__)
 # The project's float32 bound (README): logits agree to 1e-4 of the largest logit.
@@ -95,7 +95,7 @@ def test_replication_fallback_is_a_note(report):
 
 
 def test_cli_mesh_8_reports_per_device_cache_bytes(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ktjax.generate", "--mesh", "8", "--json", "--max-new-tokens", "4",
+    proc = subprocess.run([sys.executable, "-m", "ktjax.cli.generate", "--mesh", "8", "--json", "--max-new-tokens", "4",
                            "--cache-dtype", "int8", "--ignore-eos"], env=_forced_cpu_env(), capture_output=True,
                           text=True, timeout=600, cwd=os.path.join(HERE, ".."))
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -11,7 +11,7 @@ import pytest
 
 import ktjax
 from ktjax.demo import train
-from ktjax.model import RunOptions
+from ktjax.model.decoder import RunOptions
 
 
 def test_trains_and_exports_a_folder_ktjax_reads_back(tmp_path, capsys):

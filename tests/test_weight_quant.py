@@ -9,14 +9,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ktjax
-from ktjax import weight_quant as wq
-from ktjax.checkpoint import read_manifest, read_tensor
-from ktjax.convert import main as convert_main, make_plan
-from ktjax.moe import routed_experts
+from ktjax.model import quantized as wq
+from ktjax.weights import quantize as surgery
+from ktjax.weights.checkpoint import read_manifest, read_tensor
+from ktjax.weights.convert import main as convert_main, make_plan
+from ktjax.model.moe import routed_experts
 
 # Logits error against the unquantized model on the tiny random "v3" model (48-wide, MoE top-3 of 8 with
 # group routing, q_lora, YaRN), 2 x 24 positions: the median over positions of |dlogits| / |logits|, and
-# the relative Frobenius norm over all of them. Measured (README): int8 median 0.017, all 0.083; int4
+# the relative Frobenius norm over all of them. Measured (docs/long-context.md): int8 median 0.017, all 0.083; int4
 # median 0.38, all 0.47. The gap between median and all is positions whose top-k expert choice flips;
 # int4's size is round-to-nearest on 48-wide random layers (~11% RMS error per weight).
 INT8_LOGITS_ERR = {"median": 0.03, "all": 0.12}
@@ -39,8 +40,8 @@ def logits_error(got, ref) -> dict:
 @pytest.mark.parametrize("fmt, weight_err", [("int8", 0.5 / 127), ("int4", 0.5 / 7)])
 def test_quantize_roundtrip_within_half_a_step(rng, fmt, weight_err):
     w = rng.standard_normal((3, 300, 30)).astype(np.float32)  # a stack; 300 inputs pad to three int4 groups
-    values, scales = wq.quantize(w, fmt)
-    back = wq.dequantize_np(values, scales, 300)
+    values, scales = wq.quantize_weight(w, fmt)
+    back = wq.dequantize_weight_np(values, scales, 300)
     # Symmetric rounding: every weight within half a step of its channel's (or group's) absmax / qmax.
     assert np.all(np.abs(back - w) <= weight_err * np.abs(w).max(axis=-2, keepdims=True) + 1e-7)
     shape, dtype, scale_shape = wq.stored_shapes(fmt, w.shape)
@@ -49,27 +50,27 @@ def test_quantize_roundtrip_within_half_a_step(rng, fmt, weight_err):
 
 def test_int4_packs_each_group_in_two_contiguous_halves(rng):
     nibbles = rng.integers(0, 16, (256, 3)).astype(np.uint8)
-    packed = wq.pack_int4(nibbles, 128)
+    packed = wq.pack_weight_int4(nibbles, 128)
     assert packed.shape == (128, 3)
     np.testing.assert_array_equal(packed[:64] & 15, nibbles[:64])        # group 0, first half: low nibble
     np.testing.assert_array_equal(packed[:64] >> 4, nibbles[64:128])     # group 0, second half: high nibble
     np.testing.assert_array_equal(packed[64:] & 15, nibbles[128:192])
-    np.testing.assert_array_equal(wq.unpack_int4(packed, 128), nibbles)
+    np.testing.assert_array_equal(wq.unpack_weight_int4(packed, 128), nibbles)
 
 
 def test_zero_channel_stays_zero():
     w = np.zeros((128, 2), np.float32)
     w[:, 1] = 1.0
-    for fmt in wq.FORMATS:
-        values, scales = wq.quantize(w, fmt)
-        np.testing.assert_array_equal(wq.dequantize_np(values, scales, 128), w)
+    for fmt in wq.WEIGHT_FORMATS:
+        values, scales = wq.quantize_weight(w, fmt)
+        np.testing.assert_array_equal(wq.dequantize_weight_np(values, scales, 128), w)
 
 
 @pytest.mark.parametrize("shape", [(2048, 1408), (1408, 2048), (48, 24), (3, 100, 30)])
 def test_bytes_equal_the_formula_and_int4_is_under_0_3_of_bf16(shape):
     bf16 = int(np.prod(shape)) * 2
-    for fmt in wq.FORMATS:
-        values, scales = wq.quantize(np.ones(shape, np.float32), fmt)
+    for fmt in wq.WEIGHT_FORMATS:
+        values, scales = wq.quantize_weight(np.ones(shape, np.float32), fmt)
         assert values.nbytes + scales.nbytes == wq.stored_bytes(fmt, shape)
     if shape[-2] % wq.INT4_GROUP == 0:  # real dims; tiny odd ones pad up to a group
         assert wq.stored_bytes("int4", shape) <= 0.3 * bf16
@@ -78,7 +79,7 @@ def test_bytes_equal_the_formula_and_int4_is_under_0_3_of_bf16(shape):
 
 # ---- the matmuls -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", wq.FORMATS)
+@pytest.mark.parametrize("fmt", wq.WEIGHT_FORMATS)
 @pytest.mark.parametrize("tokens", [1, 5, wq.PREFILL_ROWS + 3])
 def test_tiled_matmul_equals_the_dequantized_weight(rng, monkeypatch, fmt, tokens):
     """Decode-sized tiles, and from PREFILL_ROWS rows on the prefill tiles of whole input rows (whole groups)."""
@@ -87,25 +88,25 @@ def test_tiled_matmul_equals_the_dequantized_weight(rng, monkeypatch, fmt, token
     group = 32  # 200 inputs: 7 groups, the last one padded
     w = rng.standard_normal((200, 30)).astype(np.float32)
     x = rng.standard_normal((tokens, 200)).astype(np.float32)
-    values, scales = wq.quantize(w, fmt, group)
-    want = x @ wq.dequantize_np(values, scales, 200)
+    values, scales = wq.quantize_weight(w, fmt, group)
+    want = x @ wq.dequantize_weight_np(values, scales, 200)
     weight = wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales))
     got = np.asarray(wq.matmul(jnp.asarray(x), weight))
     assert np.abs(got - want).max() <= MATMUL_EXACT * np.abs(want).max()
-    whole = np.asarray(wq.dequantize(weight, jnp.float32))[:200]
-    np.testing.assert_allclose(whole, wq.dequantize_np(values, scales, 200), rtol=1e-6, atol=1e-7)
+    whole = np.asarray(wq.dequantize_weight(weight, jnp.float32))[:200]
+    np.testing.assert_allclose(whole, wq.dequantize_weight_np(values, scales, 200), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fmt", wq.FORMATS)
+@pytest.mark.parametrize("fmt", wq.WEIGHT_FORMATS)
 @pytest.mark.parametrize("impl", ["gather", "blocked", "ragged"])
 def test_expert_paths_multiply_the_stored_experts(rng, fmt, impl):
     e, d, f, t, k = 4, 40, 24, 6, 2
     dense = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((e, d, f), (e, d, f), (e, f, d))]
-    quantized = [wq.quantize(w, fmt) for w in dense]
+    quantized = [wq.quantize_weight(w, fmt) for w in dense]
     x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
     weights = jnp.asarray(rng.random((t, k)), jnp.float32)
-    deq = tuple(jnp.asarray(wq.dequantize_np(v, s, w.shape[-2])) for (v, s), w in zip(quantized, dense))
+    deq = tuple(jnp.asarray(wq.dequantize_weight_np(v, s, w.shape[-2])) for (v, s), w in zip(quantized, dense))
     want = routed_experts(x, weights, idx, deq, "gather")
     got = routed_experts(x, weights, idx, tuple(wq.QuantizedArray(jnp.asarray(v), jnp.asarray(s))
                                                 for v, s in quantized), impl)
@@ -118,8 +119,8 @@ def test_expert_paths_multiply_the_stored_experts(rng, fmt, impl):
 def v3_engines(hf_folder):
     folder, _ = hf_folder("v3")
     base = ktjax.load(folder)
-    quantized = {fmt: ktjax.engine_for(base.cfg, wq.quantize_model(base.model, fmt), base.runtime, base.defaults)
-                 for fmt in wq.FORMATS}
+    quantized = {fmt: ktjax.engine_for(base.cfg, surgery.quantize_model(base.model, fmt), base.runtime, base.defaults)
+                 for fmt in wq.WEIGHT_FORMATS}
     return folder, base, quantized
 
 
@@ -156,12 +157,12 @@ def test_greedy_agreement_over_32_steps(v3_engines, rng):
 def test_quantized_parameter_bytes(v3_engines):
     _, base, quantized = v3_engines
     state = dict(__import__("flax").nnx.state(base.model).flat_state())
-    want = {fmt: 0 for fmt in wq.FORMATS}
+    want = {fmt: 0 for fmt in wq.WEIGHT_FORMATS}
     kept = 0
     for path, var in state.items():
         path = tuple(map(str, path))
-        if wq.quantized_paths(path):
-            for fmt in wq.FORMATS:
+        if surgery.quantized_paths(path):
+            for fmt in wq.WEIGHT_FORMATS:
                 want[fmt] += wq.stored_bytes(fmt, var.shape)
         else:
             kept += var.nbytes
@@ -171,7 +172,7 @@ def test_quantized_parameter_bytes(v3_engines):
 
 # ---- the converter ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", wq.FORMATS)
+@pytest.mark.parametrize("fmt", wq.WEIGHT_FORMATS)
 def test_converted_checkpoint_equals_quantizing_in_memory(v3_engines, tmp_path, rng, fmt):
     folder, base, quantized = v3_engines
     out = tmp_path / fmt
@@ -191,9 +192,9 @@ def test_converted_checkpoint_equals_quantizing_in_memory(v3_engines, tmp_path, 
 
 @pytest.mark.parametrize("weights", ["float32", "int4"])
 def test_lm_head_int8(v3_engines, tmp_path, weights):
-    """--lm-head int8 stores lm_head as weight_quant.quantize makes it (one scale per vocabulary entry), with any
+    """--lm-head int8 stores lm_head as weight_quant.quantize_weight makes it (one scale per vocabulary entry), with any
     --weights; the plan's bytes are what is written, and the plan says lm_head is quantized."""
-    from ktjax.convert import describe
+    from ktjax.weights.convert import describe
 
     folder, base, _ = v3_engines
     out = tmp_path / weights
@@ -202,7 +203,7 @@ def test_lm_head_int8(v3_engines, tmp_path, weights):
     assert convert_main(["--hf-dir", folder, "--out", str(out), "--weights", weights, "--lm-head", "int8",
                          "--quiet"]) == 0
     assert read_manifest(str(out))["bytes"] == plan.bytes_out
-    want_values, want_scales = wq.quantize(np.asarray(base.model.lm_head.kernel[...]), "int8")
+    want_values, want_scales = wq.quantize_weight(np.asarray(base.model.lm_head.kernel[...]), "int8")
     np.testing.assert_array_equal(read_tensor(str(out), "lm_head.kernel"), want_values)
     np.testing.assert_array_equal(read_tensor(str(out), "lm_head.kernel_scale"), want_scales)
 
@@ -222,7 +223,7 @@ def test_int4_from_bf16_keeps_the_rest_bf16(hf_folder, tmp_path):
     assert tensors["layers/001/mlp.router"]["dtype"] == "bfloat16"
     assert tensors["layers/001/mlp.w_gate"]["dtype"] == "uint8"
     assert tensors["layers/001/mlp.w_gate_scale"]["dtype"] == "float32"
-    want = wq.quantize(read_tensor(str(bf16), "layers/001/mlp.w_gate").astype(np.float32), "int4")[0]
+    want = wq.quantize_weight(read_tensor(str(bf16), "layers/001/mlp.w_gate").astype(np.float32), "int4")[0]
     np.testing.assert_array_equal(read_tensor(str(out), "layers/001/mlp.w_gate"), want)
 
 
@@ -247,7 +248,7 @@ def test_weight_layout_out_in_gives_the_in_out_logits(hf_folder, rng):
     import jax
 
     import ktjax
-    from ktjax.weight_quant import OutIn
+    from ktjax.model.quantized import OutIn
 
     folder, _ = hf_folder("v3")
     # a float32 cache: a bf16 one would round two nearly equal latents apart

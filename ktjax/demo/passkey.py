@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from . import SPECIALS
+from ktjax.demo.tokens import SPECIALS
 
 KEY_INTRO = " The pass key is {key}. Remember it. {key} is the pass key."
 KEY_QUESTION = " What is the pass key? The pass key is"

@@ -29,12 +29,12 @@ import time
 
 import numpy as np
 
-from . import CHAT_TEMPLATE, SPECIALS
-from .passkey import passkey_example, teacher_forced_accuracy
+from ktjax.demo.tokens import CHAT_TEMPLATE, SPECIALS
+from ktjax.demo.passkey import passkey_example, teacher_forced_accuracy
 
 BOS, EOS = SPECIALS[:2]
 # One run of ~25 minutes on a 2-core CPU that learns retrieval (54% of keys at 256 tokens). The shipped demo
-# model trained about an hour, in three runs (94%; benchmarks/RESULTS.md has both recipes).
+# model trained about an hour, in three runs (94%; docs/results.md has both recipes).
 DEFAULT_STAGES = "128:32:200:0.2,64:64:500:0.85,256:16:250:0.7"
 MIN_PASSKEY_LEN = 32  # shortest pass-key example
 
@@ -139,15 +139,15 @@ def prepare(args):
     import jax.numpy as jnp
     from flax import nnx
 
-    from ..config import ModelConfig
-    from ..jsonio import read_json
-    from ..model import DeepseekModel
+    from ktjax.model.config import ModelConfig
+    from ktjax.util.jsonio import read_json
+    from ktjax.model.decoder import DeepseekModel
 
     text = load_corpus(args.text_dir)
     if args.init:  # continue training an exported model, with its tokenizer
         from tokenizers import Tokenizer
 
-        from ..loader import load_hf_model
+        from ktjax.weights.loader import load_hf_model
         tok = Tokenizer.from_file(os.path.join(args.init, "tokenizer.json"))
         raw = read_json(os.path.join(args.init, "config.json"), "model config")
         raw.pop("torch_dtype", None)  # export_hf writes the dtype it is asked for
@@ -171,7 +171,7 @@ def fit(model, tok, corpus_ids: np.ndarray, args):
     import optax
     from flax import nnx
 
-    from ..model import RunOptions
+    from ktjax.model.decoder import RunOptions
 
     graphdef, params = nnx.split(model)
     print(f"model: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M parameters", flush=True)
@@ -231,10 +231,10 @@ def train(args):
 
 
 def _hf_tensors(model, cfg) -> dict[str, np.ndarray]:
-    """Our parameters under Hugging Face names and layouts: the parameter table's inverse (ktjax/params.py)."""
+    """Our parameters under Hugging Face names and layouts: the parameter table's inverse (ktjax/weights/params.py)."""
     from flax import nnx
 
-    from ..params import hf_tensors
+    from ktjax.weights.params import hf_tensors
 
     return hf_tensors(cfg, nnx.state(model).to_pure_dict())
 
@@ -245,7 +245,7 @@ def export_hf(model, raw_config: dict, tok, folder: str, dtype: str = "bfloat16"
     into place at the end: an interrupted export leaves `folder` as it was."""
     import tempfile
 
-    from ..units import format_bytes
+    from ktjax.util.units import format_bytes
 
     out = os.path.abspath(folder)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -265,7 +265,7 @@ def _write_hf_folder(model, raw_config: dict, tok, tmp: str, dtype: str) -> int:
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from ..config import ModelConfig
+    from ktjax.model.config import ModelConfig
 
     cfg = ModelConfig.from_hf_dict(raw_config)
     target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32

@@ -1,10 +1,11 @@
 """The latent cache subsystem: formats (formats.py, importable before JAX starts), quantization (quant.py),
 the cache with write() and attend() (cache.py), its layout on one device or sequence-sharded over a mesh
-(layout.py), the XLA attention (attention.py) and the Pallas kernels (pallas/), each kernel beside the XLA
-function it is tested against. A new cache format touches this package only.
+(layout.py), the XLA attention (attention.py): the reference every attention kernel is tested against
+(docs/design.md). A new cache format starts here (docs/contributing.md, recipe 1, lists every file it
+touches).
 
 Import the JAX parts from their modules (`from ktjax.kv.cache import LatentCache`); this file stays light.
 """
-from .formats import ALIASES, FORMATS, NAMES, CacheFormat, resolve
+from ktjax.kv.formats import ALIASES, FORMATS, NAMES, CacheFormat, resolve_format
 
-__all__ = ["ALIASES", "FORMATS", "NAMES", "CacheFormat", "resolve"]
+__all__ = ["ALIASES", "FORMATS", "NAMES", "CacheFormat", "resolve_format"]

@@ -8,16 +8,16 @@ apply each group's scale to partial scores and to the probabilities. `naive_pref
 
 The cache arrays are one layer's ([b, T, ...]) or the whole stack ([L, b, T, ...]) with `layer` naming the
 layer: each key block is then sliced straight out of the stack, so a step reads the blocks it attends to and
-never copies a layer. These are the references of the Pallas kernels in kv/pallas/ (same signatures, one
-layer); kv/cache.py decides which one runs.
+never copies a layer. These are the references of the backends' attention kernels (the GPU ones take the same
+signatures, one layer); the cache's AttentionKernel (kv/cache.py) decides which one runs.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .formats import CacheFormat
-from .quant import dequantize, from_bits, grouped, stored_values
+from ktjax.kv.formats import CacheFormat
+from ktjax.kv.quant import dequantize, from_bits, grouped, stored_values
 
 NEG = -1e30
 TAIL_BLOCK = 64
@@ -73,7 +73,7 @@ def _flash(q_positions, lengths, n_keys, block, keys_fn, scores_fn, values_fn, o
 
     A chunk of several queries first walks the full blocks that every query of every sequence sees whole (the
     prefix before the chunk) without building a mask, then the rest masked: on the CPU the masks and selects
-    cost as much as the products over a prefix block (benchmarks/RESULTS.md, "Prefill: attention without masks
+    cost as much as the products over a prefix block (benchmarks/log/2026.md, "Prefill: attention without masks
     over the prefix")."""
     b, s, h, d_out = out_shape
     tail = tail or tail_block(block)

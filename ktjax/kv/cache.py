@@ -4,8 +4,9 @@ DeepSeek Sparse Attention also caches each token's index key k_idx [batch, cache
 bf16/float32, or e4m3 with a per-token scale under a quantized format), laid out like the latents.
 
 The model asks the cache to `write` a layer's new latents and to `attend` (absorbed or naive) over a layer;
-the cache knows its format, where it lies (one device or sequence-sharded, kv/layout.py) and which
-attention runs over it (the XLA path or the Pallas kernels): `attention_path` is the one rule.
+the cache knows its format, where it lies (one device or sequence-sharded, kv/layout.py) and which attention
+runs over it: its `attention` field holds a backend's AttentionKernel, chosen by the backend door
+(ktjax/runtime/backend.py), or None for the XLA path of kv/attention.py, which is also every kernel's reference.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .attention import mla_decode_xla, mla_prefill_xla, naive_prefill
-from .formats import SCALE_DTYPE, CacheFormat, container, index_scaled, index_store_dtype
-from .layout import CacheLayout, write_rows
-from .quant import from_bits, quantize, to_bits
-from .sparse import (index_scores, quantize_index_keys, select_topk, select_topk_sharded,
+from ktjax.kv.attention import mla_decode_xla, mla_prefill_xla, naive_prefill
+from ktjax.kv.formats import SCALE_DTYPE, CacheFormat, container, index_scaled, index_store_dtype
+from ktjax.kv.layout import CacheLayout, write_rows
+from ktjax.kv.quant import quantize, to_bits
+from ktjax.kv.sparse import (index_scores, quantize_index_keys, select_topk, select_topk_sharded,
                      selection_mask, sparse_attend_gathered)
 
 # Attention walks the cache in blocks of this many tokens; cache_lens is a multiple of the block.
@@ -37,17 +38,24 @@ def plan_cache_lens(requested: int, shards: int = 1) -> tuple[int, int]:
     return -(-local // block) * block * shards, block
 
 
-def attention_path(setting: str, layout: CacheLayout | None) -> str:
-    """The attention that runs for an `attention` setting (auto, xla or pallas, or cpu: the Engine's auto where
-    the CPU kernels run): auto is the Pallas kernel on a GPU and XLA elsewhere; cpu runs decode steps through
-    the C++ kernel (ktjax/csrc/attention.cc) and prefill chunks through XLA; a sequence-sharded cache always
-    runs XLA, because the merge across devices needs each device's log-sum-exp, which the kernels do not
-    return."""
-    if layout is not None:
-        return "xla"
-    if setting == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return setting
+class AttentionKernel:
+    """Attention over a cache by a backend's kernels. A cache's static `attention` field holds one (so it must be
+    hashable: a frozen dataclass), or None for the XLA path. The cache calls it only where it lies on one device;
+    each method returns the output, or None to decline, and the cache then runs its XLA path."""
+    name = "xla"  # the value the settings table declares for it (the setting attention)
+
+    def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
+        """LatentCache.attend_latent (a dense cache) -> o_lat [b,s,h,R] float32, or None."""
+        return None
+
+    def paged_latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
+        """PagedLatentCache.attend_latent -> o_lat [b,s,h,R] float32, or None."""
+        return None
+
+    def sparse_decode(self, cache, layer, q_lat, q_pe, q_idx, weights, lengths, *, topk: int, scale: float):
+        """A decode step's sparse attention (DSA) over a dense cache: q_lat [b,h,R], q_pe [b,h,r], index queries
+        q_idx [b,H,D] and weights [b,H] -> o_lat [b,h,R] float32, or None."""
+        return None
 
 
 @jax.tree_util.register_dataclass
@@ -59,14 +67,14 @@ class LatentCache:
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))        # attention's key block
-    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla", "pallas" or "cpu"
+    attention: AttentionKernel | None = dataclasses.field(metadata=dict(static=True))  # None: the XLA path
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))  # None: one device
     k_idx: jax.Array | None = None  # [L, B, T, D]: index keys (index_store_dtype bits), models with an indexer
     k_idx_scale: jax.Array | None = None  # [L, B, T, 1] float32, e4m3 index keys only
 
     @classmethod
-    def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int, attention: str = "auto",
-               layout: CacheLayout | None = None) -> "LatentCache":
+    def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int,
+               attention: AttentionKernel | None = None, layout: CacheLayout | None = None) -> "LatentCache":
         lead = (cfg.num_hidden_layers, batch, cache_lens)
         r = cfg.kv_lora_rank
         indexed = getattr(cfg, "has_indexer", False)
@@ -82,7 +90,7 @@ class LatentCache:
             zeros = jax.jit(zeros, out_shardings=layout.sharding)
         c_kv, scales, k_pe, k_idx, k_idx_scale = zeros()
         return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, k_idx=k_idx, k_idx_scale=k_idx_scale, fmt=fmt, rank=r,
-                   block=block, attention=attention_path(attention, layout), layout=layout)
+                   block=block, attention=attention, layout=layout)
 
     @property
     def cache_lens(self) -> int:
@@ -132,12 +140,16 @@ class LatentCache:
         kw = dict(fmt=self.fmt, scale=scale)
         gathered = q_lat.shape[1] == 1 and naive_weights is None
 
+        if gathered and self.layout is None and self.attention is not None:
+            q_idx, w = index_queries
+            out = self.attention.sparse_decode(self, layer, q_lat[:, 0], q_pe[:, 0], q_idx[:, 0], w[:, 0], lengths,
+                                               topk=topk, scale=scale)
+            if out is not None:
+                return out[:, None]
+
         def attend(queries, weights, latent_cache, index_cache, pos, lens, layer_at, axis):
             q_lat, q_pe, q_idx, w = queries
             lse = axis is not None
-            if gathered and self.attention == "pallas":  # one device: layer_at is the layer
-                return self._sparse_decode_pallas(layer_at, q_lat[:, 0], q_pe[:, 0], q_idx[:, 0], w[:, 0], lens,
-                                                  topk, scale)[:, None]
             indices, valid = self._select(index_cache, q_idx, w, pos, lens, topk, layer_at, axis)
             if gathered:
                 out = sparse_attend_gathered(q_lat[:, 0], q_pe[:, 0], *latent_cache, indices[:, 0], valid[:, 0],
@@ -159,36 +171,18 @@ class LatentCache:
         return attend(queries, weights, self.buffers, (self.k_idx, self.k_idx_scale), q_positions, lengths, layer,
                       None)
 
-    def _sparse_decode_pallas(self, layer, q_lat, q_pe, q_idx, weights, lengths, topk: int, scale: float):
-        """A decode step's sparse attention with the Pallas kernels (kv/pallas/sparse_kernels.py): index
-        scores, XLA's top-k, attention over the gathered rows -> o_lat [b,h,R] float32."""
-        from . import pallas
-        c_kv, scales, k_pe = self.layer(layer)
-        k_idx, k_scale = (None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
-                          for x in (self.k_idx, self.k_idx_scale))
-        scores = pallas.index_scores_decode(q_idx, weights, k_idx, k_scale, lengths, fmt=self.fmt)
-        indices, valid = select_topk(scores, topk)
-        c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
-        return pallas.sparse_decode(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, fmt=self.fmt, scale=scale)
-
     def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
         [0, lengths[b]) (the cache already holds the queries' own latents) -> o_lat [b,s,h,R] float32."""
         kw = dict(fmt=self.fmt, scale=scale, block=self.block)
-        if self.attention == "cpu" and q_lat.shape[1] == 1:  # [L, B, T, ...] is B pages of T slots
-            table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None]
-            return cpu_decode(q_lat, q_pe, self, table, layer, q_positions, lengths, scale)
         if self.layout is not None:
             def partial(queries, _, layer_cache, pos, lens):
                 return mla_prefill_xla(*queries, *layer_cache, pos, lens, with_lse=True, **kw)
             return self.layout.attend(partial, (q_lat, q_pe), (), self.buffers, layer, q_positions, lengths)
-        if self.attention == "pallas":
-            from . import pallas
-            c_kv, scales, k_pe = self.layer(layer)
-            c_kv, k_pe = from_bits(c_kv, self.fmt.store_dtype), from_bits(k_pe, self.fmt.k_pe_dtype)
-            if q_lat.shape[1] == 1:
-                return pallas.mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
-            return pallas.mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)
+        if self.attention is not None:
+            out = self.attention.latent(self, layer, q_lat, q_pe, q_positions, lengths, scale=scale)
+            if out is not None:
+                return out
         return mla_prefill_xla(q_lat, q_pe, *self.buffers, q_positions, lengths, layer=layer, **kw)
 
     def attend_naive(self, layer, q_nope, q_pe, w_uk, w_uv, q_positions, lengths, *, scale: float):
@@ -207,16 +201,6 @@ class LatentCache:
         def take(x):
             return None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
         return take(self.c_kv), take(self.scales), take(self.k_pe)
-
-
-def cpu_decode(q_lat, q_pe, cache, page_table, layer, q_positions, lengths, scale: float):
-    """One query per sequence (q_lat [b,1,h,R], q_pe [b,1,h,r]) over a page pool through `page_table` with the
-    C++ kernel -> o_lat [b,1,h,R] float32; the keys it sees are the XLA path's (t < lengths, t <= position)."""
-    from ..cpu_kernels import decode_attention
-    visible = jnp.clip(jnp.minimum(lengths, q_positions[:, 0] + 1), 0, page_table.shape[1] * cache.c_kv.shape[2])
-    out = decode_attention(q_lat[:, 0], q_pe[:, 0], cache.c_kv, cache.scales, cache.k_pe, page_table, layer, visible,
-                           fmt=cache.fmt, scale=scale)
-    return out[:, None]
 
 
 def cache_bytes(cfg, fmt: CacheFormat, batch: int, cache_lens: int) -> int:

@@ -2,7 +2,7 @@
 
 Plain constants and numpy dtypes only, no JAX: the CLI validates `--cache-dtype` and prints byte figures
 before JAX starts. This is the one place that knows the format names, their aliases and the bytes formula;
-the settings (ktjax/runtime.py), the memory planner, the cache and the statistics all read it.
+the settings (ktjax/runtime/settings.py), the memory planner, the cache and the statistics all read it.
 
 c_kv is quantized symmetrically in groups of channels, one float32 scale per group and token; the last group
 is shorter when kv_lora_rank is not a multiple of the group size. int4 packs channel j in the low nibble and
@@ -19,7 +19,7 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-from ..errors import KtjaxError
+from ktjax.errors import KtjaxError
 
 SCALE_DTYPE = np.dtype(np.float32)
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -97,7 +97,7 @@ NAMES = tuple(FORMATS)
 ALIASES = {"bfloat16": "bf16", "fp32": "float32", "float8": "fp8", "e4m3": "fp8"}
 
 
-def resolve(name) -> CacheFormat:
+def resolve_format(name) -> CacheFormat:
     """A format by name or alias (any case), or one clear error; a CacheFormat passes through."""
     if isinstance(name, CacheFormat):
         return name

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """How a cache [L, B, T, ...] lies on a mesh: T over `seq_axis`, B over `batch_axis` (either may be None).
-    ktjax/sharding.py builds it from the partition rules."""
+    ktjax/weights/sharding.py builds it from the partition rules."""
     mesh: Mesh
     seq_axis: str | None
     batch_axis: str | None

@@ -9,8 +9,8 @@ assignment of pages, and its width (pages per sequence) bounds what attention re
 
 PagedLatentCache has LatentCache's methods (write, attend_latent, attend_naive), so the model runs over it
 unchanged. Attention walks each sequence's pages in key blocks of whole pages (gathered per block, never the
-whole prefix at once) with kv/attention.py's online softmax, or the Pallas kernel that reads the page table
-(kv/pallas/paged.py).
+whole prefix at once) with kv/attention.py's online softmax, or a backend's kernel that reads the page table
+(the cache's `attention`, an AttentionKernel: kv/cache.py).
 """
 from __future__ import annotations
 
@@ -22,21 +22,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..errors import KtjaxError
-from .attention import mla_prefill_xla, naive_prefill, tail_block
-from .cache import MAX_KV_BLOCK, attention_path, cpu_decode
-from .formats import SCALE_DTYPE, CacheFormat, container
-from .layout import CacheLayout, merge_partials
-from .quant import quantize, to_bits
+from ktjax.errors import KtjaxError
+from ktjax.kv.attention import mla_prefill_xla, naive_prefill, tail_block
+from ktjax.kv.cache import MAX_KV_BLOCK, AttentionKernel
+from ktjax.kv.formats import SCALE_DTYPE, CacheFormat, container
+from ktjax.kv.layout import CacheLayout, merge_partials
+from ktjax.kv.quant import quantize, to_bits
 
 DEFAULT_PAGE_SIZE = 64
-
-
-def paged_attention_path(setting: str, page_size: int) -> str:
-    """attention_path's rule, and the XLA path for pages the kernel cannot tile (not a power of two >= 16)."""
-    from .pallas.paged import kernel_fits
-    path = attention_path(setting, None)
-    return path if path != "pallas" or kernel_fits(page_size) else "xla"
 
 
 def pages_per_block(page_size: int, table_width: int) -> int:
@@ -56,14 +49,14 @@ class PagedLatentCache:
     page_table: jax.Array      # [B, max_pages] int32: page of each sequence's p // page_size-th page
     fmt: CacheFormat = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
-    attention: str = dataclasses.field(metadata=dict(static=True))    # "xla", "pallas" or "cpu"
+    attention: AttentionKernel | None = dataclasses.field(metadata=dict(static=True))  # None: the XLA path
     # None: one device. Else the pool's pages are split over layout.seq_axis (device k holds pages
     # [k n_pages/N, (k+1) n_pages/N)), everything else replicated; attention merges the devices' partials.
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, n_pages: int, page_size: int = DEFAULT_PAGE_SIZE, *,
-               batch: int = 1, max_pages: int = 1, attention: str = "auto",
+               batch: int = 1, max_pages: int = 1, attention: AttentionKernel | None = None,
                layout: CacheLayout | None = None) -> "PagedLatentCache":
         lead = (cfg.num_hidden_layers, n_pages, page_size)
         r = cfg.kv_lora_rank
@@ -82,9 +75,7 @@ class PagedLatentCache:
             zeros = jax.jit(zeros, out_shardings=NamedSharding(layout.mesh, pool_spec(layout)))
         c_kv, scales, k_pe = zeros()
         return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, page_table=jnp.zeros((batch, max_pages), jnp.int32),
-                   fmt=fmt, rank=r, attention="xla" if layout is not None else paged_attention_path(attention,
-                                                                                                   page_size),
-                   layout=layout)
+                   fmt=fmt, rank=r, attention=attention, layout=layout)
 
     @property
     def n_pages(self) -> int:
@@ -209,11 +200,10 @@ class PagedLatentCache:
     def attend_latent(self, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         """Absorbed attention of q_lat [b,s,h,R] / q_pe [b,s,h,r] at q_positions [b,s] over `layer`'s keys
         [0, lengths[b]) -> o_lat [b,s,h,R] float32."""
-        if self.attention == "pallas":
-            from .pallas.paged import paged_attention
-            return paged_attention(q_lat, q_pe, self, layer, q_positions, lengths, scale=scale)
-        if self.attention == "cpu" and q_lat.shape[1] == 1:
-            return cpu_decode(q_lat, q_pe, self, self.page_table, layer, q_positions, lengths, scale)
+        if self.layout is None and self.attention is not None:
+            out = self.attention.paged_latent(self, layer, q_lat, q_pe, q_positions, lengths, scale=scale)
+            if out is not None:
+                return out
 
         def partial(queries, _, buffers, pos, lens, kw, with_lse):
             return mla_prefill_xla(*queries, *buffers, pos, lens, fmt=self.fmt, scale=scale, with_lse=with_lse,

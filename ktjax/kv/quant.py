@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .formats import SCALE_DTYPE, CacheFormat, container
+from ktjax.kv.formats import SCALE_DTYPE, CacheFormat, container
 
 
 def to_bits(x):

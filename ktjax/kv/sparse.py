@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import NEG, _block
-from .formats import CacheFormat, index_scaled, index_store_dtype
-from .quant import dequantize, from_bits
+from ktjax.kv.attention import NEG, _block
+from ktjax.kv.formats import CacheFormat, index_scaled, index_store_dtype
+from ktjax.kv.quant import dequantize, from_bits
 
 E4M3_MAX = 448.0
 

@@ -16,21 +16,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import KtjaxError
-from .metrics import ServerMetrics
-from .protocol import ApiError, ChatRequest, CompletionRequest, error_body, parse_request
-from .scheduler import Finished, PromptTooLong, QueueFull, RequestParams, ShuttingDown, TokenEvent
-from .textstream import TextStream
+from ktjax.errors import KtjaxError
+from ktjax.serve.metrics import ServerMetrics
+from ktjax.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_body, parse_request
+from ktjax.serve.scheduler import Finished, PromptTooLong, QueueFull, RequestParams, ShuttingDown, TokenEvent
+from ktjax.serve.textstream import TextStream
 
 MAX_BODY_BYTES = 4 << 20
+BODY_TIMEOUT_S = 60.0  # for the whole body (python -m ktjax.serve --body-timeout): a trickling client gets 408
 log = logging.getLogger("ktjax.serve")
 
 
 def create_app(engine, scheduler, *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app for one engine and its (started) scheduler; app.state.draining = True makes it refuse new work
     (503) while running requests finish."""
-    server = Server(engine, scheduler, model_name, max_body_bytes)
+    server = Server(engine, scheduler, model_name, max_body_bytes, body_timeout)
     app = FastAPI(title="ktjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     app.state.server = server
@@ -61,7 +62,8 @@ def create_app(engine, scheduler, *, model_name: str, api_key: str | None = None
 
 
 class Gate:
-    """ASGI middleware in front of every route: the API key, then refusal while draining."""
+    """ASGI middleware in front of every route: one Authorization header (two could be read differently by a
+    proxy in front and by us: 400), the API key, then refusal while draining."""
 
     def __init__(self, app, api_key: str | None, state):
         self.app, self.state = app, state
@@ -69,7 +71,9 @@ class Gate:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            refusal = self._refusal(dict(scope["headers"]).get(b"authorization", b""))
+            given = [value for name, value in scope["headers"] if name == b"authorization"]
+            refusal = self._refusal(given[0] if given else b"") if len(given) <= 1 else JSONResponse(
+                error_body(400, f"{len(given)} Authorization headers: send one", None, "invalid_request"), 400)
             if refusal is not None:
                 return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
@@ -129,12 +133,13 @@ class Job:
 
 
 class Server:
-    def __init__(self, engine, scheduler, model_name: str, max_body_bytes: int):
+    def __init__(self, engine, scheduler, model_name: str, max_body_bytes: int,
+                 body_timeout: float = BODY_TIMEOUT_S):
         if engine.tokenizer is None:
             raise KtjaxError("serving needs a tokenizer: the model folder has no tokenizer.json")
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.tokenizer = engine.tokenizer
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         stats = scheduler.stats()
         self.page_size = stats.get("page_size", 64)
         self.window = engine.cfg.max_position_embeddings  # a request's prompt + completion
@@ -184,6 +189,13 @@ class Server:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             raise ApiError(413, f"the body of {int(declared)} bytes is over the limit of {self.max_body_bytes}",
                            None, "request_too_large")
+        try:
+            return await asyncio.wait_for(self._read_body(request), self.body_timeout)
+        except asyncio.TimeoutError:  # a client that trickles its body (slowloris) does not hold the server
+            raise ApiError(408, f"the body did not arrive within {self.body_timeout:g} s", None,
+                           "request_timeout") from None
+
+    async def _read_body(self, request: Request) -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

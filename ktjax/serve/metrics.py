@@ -81,12 +81,9 @@ class SchedulerCollector:
 
 def device_memory() -> tuple[int, int]:
     """(in use, peak) bytes on the default device; a CPU reports the process's resident set."""
-    import jax
+    from ktjax.runtime.memory import device_memory_stats, peak_memory_bytes
 
-    from ..memory import peak_memory_bytes
-
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    stats = device_memory_stats()
     if stats and "bytes_in_use" in stats:
         return int(stats["bytes_in_use"]), peak_memory_bytes()
     try:

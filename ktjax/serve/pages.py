@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import itertools
 
-from ..errors import KtjaxError
+from ktjax.errors import KtjaxError
 
 ROOT = 0  # the id "before" a sequence's first page
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..kv.paged import PagedLatentCache
-from ..sampling import Sampling, sample
+from ktjax.kv.paged import PagedLatentCache
+from ktjax.runtime.sampling import Sampling, sample
 
 TOP_LOGPROBS = 20   # the most top-logprobs a request may ask for
 BUCKET_GROWTH = 4   # page-table widths grow by this factor: attention's loop stops at the longest sequence

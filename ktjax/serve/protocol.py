@@ -144,20 +144,50 @@ class CompletionRequest(_Sampling):
 
 
 def parse_json(raw: bytes) -> object:
-    """The body as JSON; NaN and Infinity (which Python's json accepts) are refused."""
+    """The body as JSON, read by the bounded reader of model files (integers of at most 64 digits, nesting at
+    most 64 deep); NaN and Infinity (which Python's json accepts) are refused."""
+    from ktjax.util.jsonio import JSONLimitError, loads_bounded
+
     def no_constants(name):
         raise ValueError(f"{name} is not JSON")
 
     try:
-        return json.loads(raw, parse_constant=no_constants)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return loads_bounded(raw, parse_constant=no_constants)
+    except JSONLimitError as e:
+        raise ApiError(400, f"the body {e}") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+
+
+def _not_text(data) -> tuple[str | None, str] | None:
+    """(the field, what is wrong) for the first string in the body that cannot be UTF-8 (JSON's "\ud800" escape
+    gives a lone surrogate, which the tokenizer and the response's encoder fail on), or None."""
+    from ktjax.util.text import utf8_error
+
+    stack = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) and utf8_error(value):
+            return path or None, utf8_error(value)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if utf8_error(key):
+                    return path or None, f"a field name: {utf8_error(key)}"
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)
+                         if isinstance(item, (str, dict, list)))
+    return None
 
 
 def parse_request(cls: type[_Strict], raw: bytes):
     data = parse_json(raw)
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    bad = _not_text(data)
+    if bad is not None:
+        field, problem = bad
+        raise ApiError(400, f"{field or 'the body'}: {problem}", field, "invalid_value")
     try:
         request = cls.model_validate(data)
     except ValidationError as e:

@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import sharding
-from ..errors import KtjaxError
-from ..kv.layout import CacheLayout
-from ..kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
-from ..runtime import CallSettings
-from .pages import ROOT, PageAllocator
-from .programs import TOP_LOGPROBS, Programs, RowSampling, bucket_of, pow2_at_least
+from ktjax.weights import sharding
+from ktjax.errors import KtjaxError
+from ktjax.kv.layout import CacheLayout
+from ktjax.kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
+from ktjax.runtime.settings import CallSettings
+from ktjax.serve.pages import ROOT, PageAllocator
+from ktjax.serve.programs import TOP_LOGPROBS, Programs, RowSampling, bucket_of, pow2_at_least
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ class Scheduler:
         layout = None
         if sharding.seq_shards(eng.mesh) > 1:
             layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
+        kernel = eng.backend.attention_kernel(layout=layout, page_size=self.page_size)
         pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
-                                       attention=eng.attention, layout=layout)
+                                       attention=kernel, layout=layout)
         if eng.mesh is not None:
             rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
             pool = pool.with_table(jax.device_put(pool.page_table, rep))

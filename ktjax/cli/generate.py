@@ -1,0 +1,324 @@
+"""python -m ktjax.generate: read a prompt into the latent cache and generate from it.
+
+With no --model it runs the built-in demo model. Settings come from defaults, then a --config YAML preset,
+then flags (flags win); every setting is defined once in ktjax/runtime/settings.py (SETTINGS), which also validates
+the flags, the YAML and ktjax.load's keywords alike. Bad input exits with code 2 and one message; Ctrl-C
+or SIGTERM stops cleanly with code 130; a stdout that is full or closed exits 1 (a broken pipe, as `| head`
+makes, quietly). `--prompt-file -` reads the prompt from stdin.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+
+from ktjax.errors import KtjaxError
+from ktjax.util.files import open_regular
+from ktjax.util.process import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, OutputFailed, import_uninterrupted, interrupted_by,
+                                interrupted_line, report_output_failure, require_stdout, signals_interrupt, write_out)
+from ktjax.util.text import utf8_error
+from ktjax.runtime.settings import SETTINGS, describe, load_yaml, resolve
+
+DEFAULT_PROMPT = "The key to reading a long document is"
+MAX_PROMPT_BYTES = 64 * 2**20  # read of one prompt file; with --truncate-left, of its end
+TAIL_MARGIN_TOKENS = 64        # tokens beyond the window read with --truncate-left (where the cut fell)
+# Imported with Ctrl-C held (seconds; a signal inside a C extension's import prints a traceback), after the flags
+# are checked: what loading a model and running it imports.
+ENGINE_MODULES = ("jax", "flax.nnx", "tensorstore", "tokenizers", "ktjax.runtime.engine", "ktjax.weights.loader",
+                  "ktjax.weights.checkpoint", "ktjax.runtime.tokenizer")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear message and exit code 2, also when called in-process
+        raise KtjaxError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ktjax.generate", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a Hugging Face DeepSeek folder or a converted ktjax checkpoint "
+                                   "(default: the built-in demo model)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
+    p.add_argument("--prompt-file", action="append", help="read a prompt from a file (- or /dev/stdin: from "
+                                                         "stdin); repeatable; at most 64 MiB")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat "
+                                                       "template")
+    p.add_argument("--config", help="a YAML preset of settings (configs/*.yaml); flags override it")
+    p.add_argument("--json", action="store_true", help="print one compact JSON object {completion, "
+                                                       "completion_ids, stats} as the last line of stdout instead "
+                                                       "of streamed text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar during a long prefill")
+    add_setting_flags(p)
+    return p
+
+
+def add_setting_flags(p: argparse.ArgumentParser):
+    """One flag per setting of ktjax/runtime/settings.py's table, its help and choices taken from there; values are
+    checked by the table's own parsers (after merging with --config), not by argparse."""
+    for key, setting in SETTINGS.items():
+        flag = "--" + key.replace("_", "-")
+        text = setting.help + ("" if setting.default is None else f" (default: {describe(setting.default)})")
+        text = text.replace("%", "%%")  # argparse %-formats help strings; the table's text is plain
+        if setting.switch:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            metavar = "{" + ",".join(setting.choices) + "}" if setting.choices else key.upper()
+            p.add_argument(flag, default=None, metavar=metavar, help=text)
+
+
+def parse(argv) -> tuple[argparse.Namespace, tuple]:
+    """Flags -> (args, (RuntimeConfig, CallSettings)), every value checked once, before JAX starts."""
+    args = build_parser().parse_args(argv)
+    check_text_flags(args)
+    resolved = resolve_settings(args)
+    args.prompts = list(args.prompt or [])
+    args.prompt_names = ["--prompt"] * len(args.prompts)
+    for path in args.prompt_file or []:
+        args.prompts.append(read_prompt_file(path, tail=resolved[1].truncate_left))
+        args.prompt_names.append(f"--prompt-file {path}")
+    if not args.prompts:
+        args.prompts, args.prompt_names = [DEFAULT_PROMPT], ["the default prompt"]
+    if any(not p for p in args.prompts):
+        raise KtjaxError("a prompt is empty")
+    return args, resolved
+
+
+def check_text_flags(args: argparse.Namespace):
+    """Every flag's text must be UTF-8: bytes that are not (which Python keeps as lone surrogates) would fail in
+    the tokenizer, a file name or a JSON encoder much later. Shared with python -m ktjax.serve."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and utf8_error(text):
+                raise KtjaxError(f"--{name.replace('_', '-')}: {utf8_error(text)}; pass UTF-8 text")
+
+
+def read_prompt_file(path: str, tail: bool = False) -> str:
+    """A prompt file's text: a regular file of at most MAX_PROMPT_BYTES (with `tail`, its last MAX_PROMPT_BYTES:
+    --truncate-left keeps the end anyway), or stdin for "-" and /dev/stdin (a pipe: at most MAX_PROMPT_BYTES)."""
+    what = f"--prompt-file {path}"
+    try:
+        if _is_stdin(path):
+            stream = getattr(sys.stdin, "buffer", None)
+            if stream is None:
+                raise KtjaxError(f"{what}: stdin is closed")
+            data = stream.read(MAX_PROMPT_BYTES + 1)
+            if len(data) > MAX_PROMPT_BYTES:
+                raise KtjaxError(f"{what}: more than {MAX_PROMPT_BYTES >> 20} MiB on stdin, more than any model's "
+                                 "window holds; pass a file (with --truncate-left, its end is read)")
+        else:
+            with os.fdopen(open_regular(path, "--prompt-file"), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_PROMPT_BYTES and not tail:
+                    raise KtjaxError(f"{what}: {size} bytes, more than any model's window holds (at most "
+                                     f"{MAX_PROMPT_BYTES >> 20} MiB are read); pass --truncate-left to keep its end")
+                f.seek(max(0, size - MAX_PROMPT_BYTES))
+                data = _from_a_character(f.read(MAX_PROMPT_BYTES)) if size > MAX_PROMPT_BYTES else f.read()
+    except OSError as e:
+        raise KtjaxError(f"{what}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KtjaxError(f"{what}: not UTF-8 text (byte {e.start})") from None
+
+
+def _is_stdin(path: str) -> bool:
+    """"-", or a name of the pipe or terminal that is stdin (/dev/stdin, /dev/fd/0)."""
+    if path == "-":
+        return True
+    try:
+        st, st0 = os.stat(path), os.fstat(0)
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (st0.st_dev, st0.st_ino)
+
+
+def _from_a_character(data: bytes) -> bytes:
+    """`data` from its first whole UTF-8 character (a cut may fall inside one: at most 3 bytes to skip)."""
+    skip = 0
+    while skip < min(3, len(data)) and data[skip] & 0xC0 == 0x80:
+        skip += 1
+    return data[skip:]
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple:
+    """--config, then the setting flags over it, then the model folder checked -> (RuntimeConfig, CallSettings);
+    sets args.model to the folder named by either (None: the demo model). Shared with python -m ktjax.serve."""
+    settings = load_yaml(args.config) if args.config else {}
+    model = args.model or settings.pop("model", None)
+    settings.pop("model", None)
+    settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    resolved = resolve(**settings)
+    if model is not None and not os.path.isdir(model):
+        raise KtjaxError(f"--model {model}: no such folder")
+    if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
+            not os.path.isfile(os.path.join(model, "manifest.json")):
+        raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
+    if model is not None and not os.path.lexists(os.path.join(model, "tokenizer.json")):
+        raise KtjaxError(f"--model {model}: no tokenizer.json, so no text in or out; copy the model's tokenizer "
+                         "files into the folder, or pass token ids through the Python API (engine.generate)")
+    args.model = model
+    return resolved
+
+
+def enable_compilation_cache():
+    """JAX's persistent compilation cache, on by default: a second run skips compilation."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/ktjax/jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_engine(args, resolved):
+    from ktjax import engine_for, open_folder
+    from ktjax.demo import DEMO_MODEL_DIR, RANDOM_WEIGHTS_NOTICE, TRAINED_NOTICE, demo_model, demo_tokenizer
+
+    if args.model:
+        return open_folder(args.model, *resolved)
+    if os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.json")):
+        print(f"ktjax: {TRAINED_NOTICE}", file=sys.stderr)
+        return open_folder(DEMO_MODEL_DIR, *resolved)
+    print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
+    cfg, model = demo_model(resolved[0].jnp_dtype)
+    return engine_for(cfg, model, *resolved, tokenizer=demo_tokenizer())
+
+
+def main(argv=None) -> int:
+    with signals_interrupt():
+        try:
+            args, resolved = parse(argv)
+            require_stdout()  # before minutes of loading, for a completion nobody can read
+            import_uninterrupted(*ENGINE_MODULES)
+            enable_compilation_cache()
+            return run(load_engine(args, resolved), args)
+        except KtjaxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OutputFailed as e:
+            return report_output_failure(e)
+        except Exception as e:  # Ctrl-C or SIGTERM, also where an import turned it into an ImportError
+            if not interrupted_by(e):
+                raise
+            print("\n" + interrupted_line(e), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            print("\n" + interrupted_line(e), file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def run(engine, args) -> int:
+    from ktjax.runtime.tokenizer import StreamDecoder
+
+    prompts = [encode_prompt(engine, text, name, args.chat) for text, name in zip(args.prompts, args.prompt_names)]
+    stream = not args.json and len(prompts) == 1
+    decoder = StreamDecoder(engine.tokenizer)
+    echoed = False
+
+    def echo():  # once the prompts passed every check: an error never glues onto the echoed prompt
+        nonlocal echoed
+        if stream:
+            echoed = True
+            write_out(args.prompts[0])
+
+    def on_tokens(new):
+        text = decoder.push(new[0])
+        if text:
+            write_out(text)
+
+    try:
+        result = engine.generate(prompts, on_tokens=on_tokens if stream else None, on_start=echo,
+                                 progress=not args.no_progress and sys.stderr.isatty())
+    except (KtjaxError, KeyboardInterrupt):
+        if echoed:
+            try:
+                write_out(decoder.flush() + "\n")
+            except OutputFailed:  # the error being raised says more
+                pass
+        raise
+    texts = result.texts
+    if args.json:
+        one = len(prompts) == 1
+        write_out(json.dumps({"completion": texts[0] if one else texts,
+                              "completion_ids": result.tokens[0] if one else result.tokens,
+                              "stats": result.stats}, separators=(",", ":")) + "\n")
+        return 0
+    if stream:
+        write_out(decoder.flush() + "\n")
+    else:
+        for prompt, text in zip(args.prompts, texts):
+            write_out(f"--- {prompt!r}\n{prompt}{text}\n")
+    print_stats(result.stats)
+    return 0
+
+
+def encode_prompt(engine, text: str, name: str, chat: bool = False) -> list[int]:
+    """A prompt's tokens, the work bounded by the model's window: a prompt whose bytes alone prove it longer than
+    the window (this tokenizer's tokens each stand for at most max_token_bytes) is refused before it is
+    tokenized, and with --truncate-left only its end (what the window keeps, and a margin) is tokenized."""
+    encode = engine.encode_chat if chat else engine.tokenizer.encode
+    call, window = engine.defaults, engine.cfg.max_position_embeddings
+    room = window - call.max_new_tokens
+    size = len(text.encode("utf-8"))
+    per_token = max_token_bytes(engine.tokenizer) if size > max(room, 0) else None
+    if per_token is None or -(-size // per_token) <= room:
+        return encode(text)  # the engine checks the tokens against the window and the cache
+    if not call.truncate_left or room < 1:
+        raise KtjaxError(
+            f"{name}: {size} bytes are at least {-(-size // per_token)} tokens (a token of this tokenizer stands for "
+            f"at most {per_token} bytes) + max_new_tokens {call.max_new_tokens} exceeds the model's window of "
+            f"{window} positions (max_position_embeddings); use a shorter prompt, lower --max-new-tokens"
+            + (", or pass --truncate-left to drop the oldest tokens" if room >= 1 else ""))
+    tail = _from_a_character(text.encode("utf-8")[-(room + TAIL_MARGIN_TOKENS) * per_token:]).decode("utf-8")
+    return encode(tail)  # the engine keeps the last tokens the window has room for
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token can stand for, where the tokenizer provably turns every byte of the text
+    into tokens (byte-level BPE; no normalizer; no pre-tokenizer or added token that drops or swallows text):
+    then B bytes are at least B / this many tokens. None for any other tokenizer."""
+    try:
+        spec = json.loads(tokenizer.tok.to_str())
+    except Exception:  # not a `tokenizers` tokenizer
+        return None
+    normalizer = spec.get("normalizer")
+    if normalizer and normalizer != {"type": "Sequence", "normalizers": []}:
+        return None
+    pre, kinds = [spec.get("pre_tokenizer") or {}], set()
+    while pre:
+        part = pre.pop()
+        kinds.add(part.get("type"))
+        pre.extend(part.get("pretokenizers") or [])
+        if part.get("behavior") == "Removed":
+            return None
+    model = spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    if "ByteLevel" not in kinds or not kinds <= {"ByteLevel", "Sequence", "Split", "Digits", "Punctuation"} or \
+            model.get("type") != "BPE" or any(t.get("lstrip") or t.get("rstrip") for t in added):
+        return None
+    # a byte-level vocabulary spells each byte as one character; added tokens match the text as it is
+    longest = max(max(map(len, model.get("vocab") or {}), default=0),
+                  max((len((t.get("content") or "").encode("utf-8")) for t in added), default=0))
+    return longest or None
+
+
+def print_stats(s: dict, file=None):
+    from ktjax.util.units import format_bytes
+
+    file = file or sys.stderr
+    print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "
+          f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, "
+          f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)
+    per_device = (f", {format_bytes(s['cache_bytes_per_device'])} per device"
+                  if s.get("cache_bytes_per_device", s["cache_bytes"]) != s["cache_bytes"] else "")
+    print(f"cache {s['cache_dtype']} x {s['cache_lens']} tokens = {format_bytes(s['cache_bytes'])}{per_device} "
+          f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])} | "
+          f"peak memory {format_bytes(s['peak_memory_bytes'])} | {s['devices']} {s['backend']} device(s)",
+          file=file)
+    for note in s.get("sharding_notes") or []:
+        print(f"note: {note}", file=file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

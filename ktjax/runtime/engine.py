@@ -1,0 +1,521 @@
+"""The Engine: a loaded model, its load-time settings and its mesh, with compiled entry points.
+
+`logits` runs the full causal forward (no cache). `generate` prefills prompts chunk by chunk into the latent
+cache and then decodes many steps per dispatch inside a jax.lax.while_loop, the cache donated throughout.
+Programs are compiled per shape (batch, chunk, cache) and reused by every call: per-call settings
+(sampling, max_new_tokens, seed, stop handling) are traced values, never static ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktjax.runtime import backend, memory
+from ktjax.weights import sharding
+from ktjax.model.config import ModelConfig
+from ktjax.errors import KtjaxError
+from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
+from ktjax.kv.sparse import is_sparse, selected_fraction
+from ktjax.model.decoder import DeepseekModel, RunOptions, stack_layers, unstack_layers
+from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
+from ktjax.runtime.sampling import Sampling, sample
+from ktjax.util.units import format_bytes
+
+MIN_BUCKET = 16
+STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
+
+
+def seq_bucket(n: int) -> int:
+    """Pad lengths to powers of two (at least 16), so that many lengths share a few compiled programs."""
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    logits: jax.Array    # [b, vocab] for the next token
+    lengths: jax.Array   # [b] tokens in the cache
+    done: jax.Array      # [b]
+    n_gen: jax.Array     # [b] tokens generated so far
+    bad_step: jax.Array  # [b] the generation step whose logits were not finite, -1 while all were
+    key: jax.Array
+
+
+def _forward(graphdef, opts: RunOptions, state, tokens):
+    return nnx.merge(graphdef, state)(tokens, opts)
+
+
+def _prefill_chunk(graphdef, opts: RunOptions, state, cache, tokens, positions, lengths, logits_index):
+    return nnx.merge(graphdef, state).forward_cached(tokens, positions, cache, lengths, logits_index, opts)
+
+
+def _decode_steps(graphdef, opts: RunOptions, state, cache, ds: DecodeState, n_steps, max_new, stop_ids,
+                  sampling: Sampling):
+    """Up to n_steps decode steps (stopping early when every sequence is done): sample from ds.logits, record
+    the token, and feed it through the model. Returns (cache, ds, tokens [b, STEPS_PER_DISPATCH] (-1 = none))."""
+    model = nnx.merge(graphdef, state)
+    b = ds.lengths.shape[0]
+    cache_lens = cache.cache_lens
+
+    def cond(carry):
+        i, _, ds, _ = carry
+        return (i < n_steps) & ~jnp.all(ds.done)
+
+    def body(carry):
+        i, cache, ds, out = carry
+        key, sub = jax.random.split(ds.key)
+        emit = ~ds.done
+        broken = emit & ~jnp.all(jnp.isfinite(ds.logits), axis=-1)  # stop, never sample from NaN
+        bad_step = jnp.where(broken & (ds.bad_step < 0), ds.n_gen, ds.bad_step)
+        emit = emit & ~broken
+        tok = sample(ds.logits, sub, sampling)
+        out = out.at[:, i].set(jnp.where(emit, tok, -1))
+        n_gen = ds.n_gen + emit
+        done = ds.done | broken | (emit & jnp.isin(tok, stop_ids)) | (n_gen >= max_new)
+
+        # Feed the token (finished sequences write nothing). Always, even after the last token: a lax.cond
+        # around it would copy the whole cache at every step; this costs one forward pass per call.
+        pos = jnp.where(done, cache_lens, ds.lengths)[:, None]
+        logits, cache = model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32),
+                                             opts)
+        lengths = jnp.where(done, ds.lengths, ds.lengths + 1)
+        return i + 1, cache, DecodeState(logits, lengths, done, n_gen, bad_step, key), out
+
+    out = jnp.full((b, STEPS_PER_DISPATCH), -1, jnp.int32)
+    _, cache, ds, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, ds, out))
+    return cache, ds, out
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]
+    stats: dict
+    texts: list[str] | None = None  # decoded completions, when the engine has a tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    cache_lens: int
+    block: int
+
+
+class Engine:
+    """Build one with ktjax.load (a folder) or ktjax.load_model (an in-memory model): they build the mesh and
+    place the weights; the Engine takes both as they are. It keeps the layer stacks as per-layer arrays: with
+    own_weights (ktjax.load, whose model nobody else holds) the stacked originals are freed as they are split,
+    otherwise the caller's model keeps them."""
+
+    def __init__(self, cfg: ModelConfig, model: DeepseekModel, runtime: RuntimeConfig, *,
+                 defaults: CallSettings | None = None, generation_config: dict | None = None, mesh=None,
+                 notes: list[str] | None = None, tokenizer=None, own_weights: bool = False):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.defaults = defaults or CallSettings()
+        self.generation_config = generation_config or {}
+        self.mesh = mesh
+        self.notes = list(notes or [])
+        self.tokenizer = tokenizer
+        # Split once; the compiled programs take the pure state, its layer stacks as separate per-layer arrays
+        # (model/decoder.py: read in place, where a scanned stack's slices are copied at every step).
+        self.graphdef, state = nnx.split(model)
+        in_place = backend.reads_experts_in_place(self._expert_axis, runtime.moe_impl)
+        self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
+        # What runs the matmuls and the attention, chosen once (runtime/backend.py); the weights held for it.
+        self.backend = backend.choose(runtime, self.state, self.n_devices)
+        self.state = self.backend.hold(self.state, consume=own_weights)
+        self.notes += self.backend.notes
+        self._compiled: dict = {}
+        self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
+
+    @property
+    def n_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def model(self) -> DeepseekModel:
+        """The model with its layer stacks stacked again, as the loaders build it: a copy of the layer weights
+        (the engine runs on its per-layer arrays)."""
+        return nnx.merge(self.graphdef, stack_layers(self.state))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self.state))
+
+    @property
+    def weight_bytes_per_device(self) -> int:
+        return sharding.per_device_bytes(self.state)
+
+    @property
+    def _expert_axis(self) -> str | None:
+        return sharding.expert_axis(self.mesh, self.cfg.n_routed_experts)
+
+    def run_options(self, absorb: bool) -> RunOptions:
+        return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
+                          self.index_topk)
+
+    @property
+    def attention(self) -> str:
+        """The attention over a cache on one device, resolved (a value of the setting attention)."""
+        return self.backend.attention
+
+    @property
+    def index_topk(self) -> int:
+        """Keys per query of sparse attention (DSA): the index_topk setting, else the config's; 0 = no indexer."""
+        if not self.cfg.has_indexer:
+            return 0
+        return self.runtime.index_topk or self.cfg.index_topk
+
+    def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None) -> LatentCache:
+        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
+        layout = sharding.cache_layout(self.mesh, batch, notes)
+        kernel = self.backend.attention_kernel(layout=layout, notes=notes)
+        return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
+                                  attention=kernel, layout=layout)
+
+    def _input(self, shape, dtype):
+        """An abstract replicated input of a compiled program (on the mesh when there is one)."""
+        spec = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
+    def _compile(self, key, build: Callable):
+        """The compiled program for `key`, built (and counted) on first use."""
+        if key not in self._compiled:
+            self._compiled[key] = build()
+            self.compile_count += 1
+        return self._compiled[key]
+
+    # -- token checks -------------------------------------------------------------------------------------
+    def _token_batch(self, token_ids, allow_single: bool = False):
+        """(token_ids as an integer array [batch, seq >= 1] of valid ids, whether it was one sequence [seq]
+        taken as a batch of one: only with allow_single), or one clear error."""
+        try:
+            tokens = np.asarray(token_ids)
+        except ValueError:
+            raise KtjaxError("token_ids must be rectangular: every sequence of the batch the same length") from None
+        single = allow_single and tokens.ndim == 1
+        tokens = tokens[None] if single else tokens
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise KtjaxError(f"token_ids must be integers of shape [batch, seq] with seq >= 1, got "
+                             f"{np.shape(token_ids)} {tokens.dtype}")
+        self._check_ids(tokens)
+        return tokens, single
+
+    def _check_ids(self, tokens) -> list[list[int]]:
+        """Sequences of token ids as lists of ints in [0, vocab_size), each of at least one id, or one clear
+        error. An id must be an integer: int() would quietly make 1.5 or True into 1 (and "7" into 7)."""
+        from ktjax.util.text import short_repr
+
+        out = []
+        for seq in tokens:
+            if isinstance(seq, np.ndarray) and seq.ndim == 1 and np.issubdtype(seq.dtype, np.integer):
+                out.append(seq.tolist())
+                continue
+            if not isinstance(seq, (list, tuple, np.ndarray)):
+                raise KtjaxError(f"each prompt must be a list of token ids or a string, got {short_repr(seq)}")
+            bad = [x for x in seq if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))]
+            if bad:
+                raise KtjaxError(f"token ids must be integers, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
+            out.append([int(x) for x in seq])
+        if not out or not all(out):
+            raise KtjaxError("every prompt needs at least one token")
+        lo, hi = min(map(min, out)), max(map(max, out))
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise KtjaxError(f"token ids must lie in [0, {self.cfg.vocab_size}); got "
+                             f"{short_repr(lo)}..{short_repr(hi)}")
+        return out
+
+    # -- full forward -------------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """Full-forward logits [batch, seq, vocab] (float32) for token ids [batch, seq] (or one sequence [seq])."""
+        tokens, single = self._token_batch(token_ids, allow_single=True)
+        b, s = tokens.shape
+        padded = np.zeros((b, seq_bucket(s)), np.int32)
+        padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
+        opts = self.run_options(self.runtime.absorb(self.cfg, padded.shape[1]))
+        forward = self._compile(("forward", opts), lambda: jax.jit(functools.partial(_forward, self.graphdef, opts)))
+        out = forward(self.state, jnp.asarray(padded))
+        return np.asarray(out[0, :s] if single else out[:, :s])
+
+    def cached_logits(self, token_ids) -> np.ndarray:
+        """Logits at every position [batch, seq, vocab], computed through the latent cache chunk by chunk
+        (chunk_size, cache_dtype and absorb_for_prefill as set): what decoding sees, for checking it against
+        the full forward and for teacher-forced comparisons of cache formats."""
+        tokens, _ = self._token_batch(token_ids)
+        b, s = tokens.shape
+        plan = self.plan_cache(b, s)
+        chunk = self._chunk(s)
+        cache = self.new_cache(b, plan)
+        prefill = self._prefill_program(cache, b, chunk, all_logits=True)
+        logits, _ = self._prefill(prefill, cache, [list(t) for t in tokens], chunk, all_logits=True)
+        return np.asarray(logits)[:, :s]
+
+    # -- planning -----------------------------------------------------------------------------------------
+    def plan_cache(self, batch: int, needed: int) -> CachePlan:
+        """The cache for `batch` sequences that need `needed` positions each."""
+        rt = self.runtime
+        shards = sharding.seq_shards(self.mesh)
+        if rt.cache_lens != "auto":
+            # Unset: a power-of-two bucket of what is needed, so that new prompts rarely compile new programs.
+            requested = seq_bucket(needed) if rt.cache_lens is None else rt.cache_lens
+            return CachePlan(*plan_cache_lens(requested, shards))
+        fmt = rt.cache_dtype
+        budget = rt.memory_budget or memory.available_bytes()
+        block = plan_cache_lens(rt.chunk_size)[1]
+        act = memory.activation_bytes(self.cfg, batch, rt.chunk_size, block, jnp.dtype(rt.jnp_dtype).itemsize)
+        # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
+        fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
+        if fits < needed:
+            raise KtjaxError(
+                f"memory budget {format_bytes(budget)} holds weights "
+                f"({format_bytes(self.weight_bytes)}) and activations ({format_bytes(act)}) but "
+                f"only {fits} cached tokens per sequence in {fmt.name} ({fmt.bytes_per_token(self.cfg)} "
+                f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
+                "prompt or fewer --max-new-tokens")
+        # Never past the model's window: positions beyond it are never used.
+        requested = max(needed, min(fits, self.cfg.max_position_embeddings))
+        cache_lens, block = plan_cache_lens(requested, shards)
+        if cache_lens > fits:  # rounding up must not leave the budget
+            cache_lens = max(needed, requested // (block * shards) * block * shards)
+            cache_lens, block = plan_cache_lens(cache_lens, shards)
+        return CachePlan(cache_lens, block)
+
+    def _chunk(self, longest_prompt: int) -> int:
+        """The prefill chunk: chunk_size, or one power-of-two chunk for a shorter prompt."""
+        return min(self.runtime.chunk_size, seq_bucket(longest_prompt))
+
+    def _fit_prompts(self, prompts, call: CallSettings, cache_lens: int):
+        """Prompts that leave room for max_new_tokens in the cache and the model's window, cut from the left
+        with truncate_left, else one error with the numbers."""
+        longest, max_new = max(map(len, prompts)), call.max_new_tokens
+        window = self.cfg.max_position_embeddings
+        room = min(cache_lens, window) - max_new
+        if longest <= room:
+            return prompts
+        limit = (f"the model's window of {window} positions (max_position_embeddings)" if window <= cache_lens
+                 else f"the cache of {cache_lens} tokens")
+        if not call.truncate_left or room < 1:
+            raise KtjaxError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new} = {longest + max_new} exceeds {limit}; "
+                "use a shorter prompt, lower --max-new-tokens" + (", raise --cache-lens" if window > cache_lens
+                                                                  else "") +
+                (", or pass --truncate-left to drop the oldest tokens" if room >= 1 else ""))
+        return [p[-room:] for p in prompts]
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompts, *, on_tokens: Callable | None = None, on_start: Callable | None = None,
+                 progress: bool = False, **settings) -> Generation:
+        """Generate from prompts: token-id lists, or strings when the engine has a tokenizer. `settings` are
+        per-call settings (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, truncate_left) over
+        the engine's defaults; they reuse the compiled programs. on_start() is called once the prompts have
+        passed every check, before the prefill; on_tokens(list of new-token lists) after each dispatch, for
+        streaming."""
+        call = CallSettings.from_overrides(self.defaults, **settings)
+        prompts = [self._encode(p) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+        prompts = self._check_ids(prompts)
+        result = self._generate(prompts, call, on_tokens, on_start, progress)
+        if self.tokenizer is not None:
+            result.texts = [self.tokenizer.decode(ids) for ids in result.tokens]
+        return result
+
+    def generate_text(self, prompts: list[str], *, chat: bool = False, **settings) -> list[str]:
+        """Text in, text out: each prompt (wrapped as a user message in the model's chat template with
+        chat=True) -> its completion."""
+        if self.tokenizer is None:
+            raise KtjaxError("this engine has no tokenizer (the model folder has no tokenizer.json); pass token ids "
+                             "to generate")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.encode_chat(p) if chat else self._encode(p) for p in prompts]
+        return self.generate(ids, **settings).texts
+
+    def encode_chat(self, text: str) -> list[int]:
+        return self.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+    def _encode(self, prompt):
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise KtjaxError("text prompts need a tokenizer (the model folder has no tokenizer.json); pass token "
+                             "ids")
+        return self.tokenizer.encode(prompt)
+
+    def sampling_and_stops(self, call: CallSettings) -> tuple[Sampling, list[int]]:
+        """Sampling values and stop ids: per-call settings over generation_config.json's defaults."""
+        gd = self.generation_config
+        temperature = call.temperature if call.temperature is not None else (
+            gd.get("temperature", 0.0) if gd.get("do_sample", False) else 0.0)
+        top_k = call.top_k if call.top_k is not None else gd.get("top_k", 0)
+        top_p = call.top_p if call.top_p is not None else gd.get("top_p", 1.0)
+        eos = set(gd.get("eos_token_ids", [])) | set(self.cfg.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_ids)
+        stops = [] if call.ignore_eos else sorted(eos)
+        return Sampling.make(float(temperature), int(top_k or 0), float(top_p or 1.0)), stops
+
+    def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
+        rt, cfg = self.runtime, self.cfg
+        b = len(prompts)
+        # Never plan past the model's window: a longer request is cut or refused by _fit_prompts.
+        plan = self.plan_cache(b, min(max(map(len, prompts)) + call.max_new_tokens, self.cfg.max_position_embeddings))
+        prompts = self._fit_prompts(prompts, call, plan.cache_lens)
+        chunk = self._chunk(max(map(len, prompts)))
+        sampling, stops = self.sampling_and_stops(call)
+        stop_ids = jnp.asarray(stops or [-1], jnp.int32)
+        notes = list(self.notes)
+        fmt = rt.cache_dtype
+        try:
+            cache = self.new_cache(b, plan, notes)
+            cache_bytes_per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
+            t0 = time.perf_counter()
+            prefill = self._prefill_program(cache, b, chunk, all_logits=False)
+            decode = self._decode_program(cache, b, stop_ids.shape)
+            compile_s = time.perf_counter() - t0
+            if on_start is not None:
+                on_start()
+            t0 = time.perf_counter()
+            logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
+            prefill_s = time.perf_counter() - t0
+            ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
+                             jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+            tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling,
+                                                         on_tokens)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                raise KtjaxError(f"out of memory with a {fmt.name} cache of {plan.cache_lens} tokens x {b} sequences "
+                                 f"({format_bytes(cache_bytes(cfg, fmt, b, plan.cache_lens))}); use a smaller "
+                                 "--cache-lens or a narrower --cache-dtype (int8, int4)") from None
+            raise
+        n_prompt, n_gen = sum(map(len, prompts)), sum(map(len, tokens))
+        stats = {
+            "prompt_tokens": n_prompt, "generated_tokens": n_gen,
+            "prefill_tokens_per_s": n_prompt / prefill_s if prefill_s > 0 else 0.0,
+            # Tokens per decode pass: a sequence's first token comes from the prefill's logits, each later one
+            # from a forward pass inside the timed decode loop.
+            "decode_tokens_per_s": sum(max(len(t) - 1, 0) for t in tokens) / decode_s if decode_s > 0 else 0.0,
+            "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
+            "cache_dtype": fmt.name, "cache_lens": plan.cache_lens, "cache_bytes": cache_bytes(cfg, fmt, b,
+                                                                                               plan.cache_lens),
+            "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_bytes_per_device,
+            "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
+            "peak_memory_bytes": memory.peak_memory_bytes(), "devices": self.n_devices,
+            "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
+            "sharding_notes": notes, "backend": jax.default_backend(),
+            "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
+            **self.backend.stats(cache.attention), "index_topk": self.index_topk,
+            "activation_quant": rt.activation_quant,
+            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
+        }
+        return Generation(tokens, stats)
+
+    def _selected_fraction(self, prompts, tokens, cache_lens: int) -> float:
+        """Of the (query, visible key) pairs of this generation, the fraction sparse attention attended to
+        (1.0 when dense: no indexer, or index_topk >= cache_lens)."""
+        if not is_sparse(self.index_topk, cache_lens):
+            return 1.0
+        seen = np.concatenate([np.arange(1, len(p) + len(t) + 1) for p, t in zip(prompts, tokens)])
+        return selected_fraction(seen, self.index_topk)
+
+    # -- compiled programs ----------------------------------------------------------------------------------
+    def _cache_key(self, cache: LatentCache):
+        return (cache.fmt, cache.cache_lens, cache.block, cache.attention, cache.layout, cache.c_kv.shape[1])
+
+    def _prefill_program(self, cache: LatentCache, b: int, chunk: int, all_logits: bool):
+        opts = self.run_options(self.runtime.absorb(self.cfg, chunk))
+
+        def build():
+            i32, tok = self._input((b,), jnp.int32), self._input((b, chunk), jnp.int32)
+            rep = None if self.mesh is None else tok.sharding
+            out = None if self.mesh is None else (rep, jax.tree.map(lambda x: x.sharding, cache))
+            fn = jax.jit(functools.partial(_prefill_chunk, self.graphdef, opts), donate_argnums=(1,),
+                         out_shardings=out)
+            return fn.lower(self.state, cache, tok, tok, i32, None if all_logits else i32).compile()
+
+        return self._compile(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
+
+    def _decode_program(self, cache: LatentCache, b: int, stops_shape):
+        opts = self.run_options(True)
+
+        def build():
+            i32 = self._input((b,), jnp.int32)
+            ds = DecodeState(self._input((b, self.cfg.vocab_size), jnp.float32), i32, self._input((b,), jnp.bool_),
+                             i32, i32, jax.random.key(0))
+            scalar = self._input((), jnp.int32)
+            rep = None if self.mesh is None else scalar.sharding
+            out = None if self.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
+            fn = jax.jit(functools.partial(_decode_steps, self.graphdef, opts), donate_argnums=(1,),
+                         out_shardings=out)
+            return fn.lower(self.state, cache, ds, scalar, scalar, self._input(stops_shape, jnp.int32),
+                            Sampling.make()).compile()
+
+        return self._compile(("decode", opts, self._cache_key(cache), b, stops_shape), build)
+
+    # -- running them -------------------------------------------------------------------------------------
+    def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: bool = False):
+        """Prefill prompts chunk by chunk. -> (logits [b, vocab] at each prompt's last token, or every
+        position's [b, chunks * chunk, vocab] with all_logits; the cache)."""
+        b = len(prompts)
+        lens = np.array([len(p) for p in prompts])
+        ids = np.zeros((b, -(-lens.max() // chunk) * chunk), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        n_chunks = ids.shape[1] // chunk
+        bar = None
+        if progress and n_chunks > 1:
+            from tqdm import tqdm
+            bar = tqdm(total=int(lens.sum()), unit="tok", desc="prefill", leave=False)
+        outputs, last = [], None
+        for c in range(n_chunks):
+            pos = c * chunk + np.arange(chunk)[None, :]
+            valid = pos < lens[:, None]
+            logits_index = None if all_logits else jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
+            logits, cache = prefill(self.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                    jnp.asarray(np.where(valid, pos, cache.cache_lens), jnp.int32),
+                                    jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32), logits_index)
+            if all_logits:
+                outputs.append(np.asarray(logits))
+            else:
+                ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
+                last = logits if last is None else jnp.where(ends_here, logits, last)
+            if bar is not None:
+                jax.block_until_ready(logits)
+                bar.update(int(valid.sum()))
+        if bar is not None:
+            bar.close()
+        return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
+
+    def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens):
+        """-> (tokens per sequence, time to first token after the prefill, decode seconds)."""
+        tokens = [[] for _ in range(ds.lengths.shape[0])]
+        t0 = time.perf_counter()
+        ttft = None
+        steps = 1  # the first dispatch emits one token, so the time to first token is honest
+        while True:
+            cache, ds, out = decode(self.state, cache, ds, jnp.int32(steps), jnp.int32(max_new), stop_ids, sampling)
+            out = np.asarray(out)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            new = [[int(t) for t in row if t >= 0] for row in out]
+            for acc, n in zip(tokens, new):
+                acc.extend(n)
+            if on_tokens is not None and any(new):
+                on_tokens(new)
+            _raise_if_broken(np.asarray(ds.bad_step))
+            if bool(np.all(np.asarray(ds.done))):
+                break
+            steps = STEPS_PER_DISPATCH
+        return tokens, ttft, time.perf_counter() - t0
+
+
+def _raise_if_broken(bad_step: np.ndarray):
+    for i, step in enumerate(bad_step):
+        if step >= 0:
+            raise KtjaxError(f"the model produced non-finite logits (NaN or Inf) at generation step {int(step)} of "
+                             f"sequence {i}: the weights or the computation are broken; check the checkpoint "
+                             "(re-convert it) or try --dtype float32")
