@@ -16,6 +16,7 @@ import numpy as np
 
 from timing import time_median  # benchmarks/timing.py
 from ktjax.model.moe import pick_impl, routed_experts
+from ktjax.runtime.backend import grouped_moe_impl
 
 
 def main(argv=None):
@@ -51,7 +52,7 @@ def main(argv=None):
                 continue
             fn = jax.jit(lambda x, w, idx, experts, impl=impl: routed_experts(x, w, idx, experts, impl))
             row.append(f"{1e3 * time_median(fn, x, w, idx, experts, repeats=a.repeats):.1f}")
-        print(f"| {t} | " + " | ".join(row) + f" | {pick_impl('auto', t, a.top_k, a.experts)} |", flush=True)
+        print(f"| {t} | " + " | ".join(row) + f" | {pick_impl('auto', t, a.top_k, a.experts, grouped_moe_impl())} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from ktjax.errors import KtjaxError  # noqa: E402
 
 def load(path: str, **settings):
     """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine (with the
-    folder's tokenizer when it has one). `settings`: any runtime setting (ktjax/runtime/settings.py); per-call ones
-    (temperature, max_new_tokens, ...) become the engine's defaults."""
+    folder's tokenizer when it has one). `path` may also be a Hugging Face Hub id, `org/name` or
+    `org/name@revision`, fetched into huggingface_hub's cache (ktjax/weights/hub.py). `settings`: any runtime
+    setting (ktjax/runtime/settings.py); per-call ones (temperature, max_new_tokens, ...) become the engine's
+    defaults."""
     from ktjax.runtime.settings import resolve
 
     return open_folder(path, *resolve(**settings))
@@ -21,9 +23,11 @@ def open_folder(path: str, runtime, defaults):
     import os
 
     from ktjax.weights.checkpoint import is_checkpoint, load_checkpoint
+    from ktjax.weights.hub import resolve_model
     from ktjax.weights.loader import load_hf_model
     from ktjax.weights.sharding import make_mesh
 
+    path = resolve_model(path)  # a Hub id -> its snapshot folder; a local path stays as it is
     if not os.path.isdir(path):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read

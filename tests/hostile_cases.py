@@ -669,7 +669,7 @@ STDOUTS = {
     "closed (>&-)": (lambda: None, 1, "stdout is closed"),
 }
 
-# Engine.generate's token ids: prompts, and the pattern of the one KtjaxError
+# Engine.generate's prompts (token ids, or text for the tokenizer): prompts, and the pattern of the one KtjaxError
 TOKEN_IDS = {
     "floats": ([[1.5, 2.0]], r"must be integers, got 1\.5 \(float\)"),
     "whole floats": ([[1.0, 2.0]], r"must be integers, got 1\.0"),
@@ -680,4 +680,6 @@ TOKEN_IDS = {
     "an integer past the vocabulary": ([[1, 10**30]], r"must lie in \[0, 2048\)"),
     "a number, not a list": ([1, 2], "each prompt must be a list of token ids"),
     "an empty prompt": ([[]], "at least one token"),
+    "text with a lone surrogate": (["a\ud800b"], r"the prompt is not text: character 1 is a lone surrogate"),
+    "chat text with a lone surrogate": (None, r"the prompt is not text: .*lone surrogate"),
 }

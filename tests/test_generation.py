@@ -117,13 +117,51 @@ def test_cache_lens_auto_fits_the_budget(hf_folder):
     per_token = engine.runtime.cache_dtype.bytes_per_token(engine.cfg)
     assert 20 <= cache_lens and engine.weight_bytes + 2 * cache_lens * per_token <= 64 * 2**20
     tiny = ktjax.load(folder, cache_lens="auto", memory_budget="1MiB")
-    with pytest.raises(KtjaxError, match="memory budget"):
-        tiny.plan_cache(batch=1, needed=20)
+    with pytest.raises(KtjaxError, match="memory budget 1.0 MiB is too small for the weights"):
+        tiny.plan_cache(batch=1, needed=512)  # a 512-token chunk's activations alone take more
     assert engine.plan_cache(batch=1, needed=20).cache_lens <= engine.cfg.max_position_embeddings  # the window
     from ktjax.runtime.memory import weight_bytes_on_load
     assert weight_bytes_on_load(folder, 4) == engine.weight_bytes
     with pytest.raises(KtjaxError, match=r"memory budget 1\.0 KiB is smaller than the weights"):
         ktjax.load(folder, memory_budget="1KiB")  # refused from the headers, before any weight is read
+
+
+def test_planner_says_what_capped_the_cache(hf_folder, rng):
+    """auto capped by the window or by the budget says which; an explicit cache_lens past the window is capped
+    with a note (generating exactly as a cache of the window's size); a budget that cannot hold the weights and
+    activations is refused as such, not as holding them."""
+    from ktjax.kv.cache import plan_cache_lens
+    from ktjax.runtime import memory
+
+    folder, _ = hf_folder("v2_lite")
+    window = 512  # tests/hf_models.py's max_position_embeddings
+    engine = ktjax.load(folder, cache_lens="auto", memory_budget="4GiB")
+    roomy = engine.plan_cache(batch=1, needed=20)
+    assert roomy.cache_lens == plan_cache_lens(window)[0]
+    assert "capped at the model's window of 512 positions" in roomy.note
+    act = memory.activation_bytes(engine.cfg, 1, 32, plan_cache_lens(32)[1])  # 20 tokens: one 32-token chunk
+    per_token = engine.runtime.cache_dtype.bytes_per_token(engine.cfg)
+    budget = int((engine.weight_bytes + act + 200 * per_token) / memory.HEADROOM) + 1  # room for 200 tokens
+    tight = ktjax.load(folder, cache_lens="auto", memory_budget=str(budget)).plan_cache(batch=1, needed=20)
+    assert 20 <= tight.cache_lens <= 200 and "what the memory budget" in tight.note and "window" not in tight.note
+
+    prompt = rng.integers(0, 97, size=12).tolist()
+    past = ktjax.load(folder, cache_lens=4096, max_new_tokens=6, ignore_eos=True)
+    out = past.generate([prompt])
+    assert out.stats["cache_lens"] == plan_cache_lens(window)[0]
+    assert any("cache_lens 4096 capped at the model's window of 512" in n for n in out.stats["sharding_notes"])
+    assert out.tokens == ktjax.load(folder, cache_lens=window, max_new_tokens=6, ignore_eos=True).generate(
+        [prompt]).tokens
+
+    budget = int((engine.weight_bytes + act / 2) / memory.HEADROOM)  # the weights fit, the activations do not
+    small = ktjax.load(folder, cache_lens="auto", memory_budget=str(budget))
+    with pytest.raises(KtjaxError, match=r"is too small for the weights \(.*\) and activations \(.*: 1 x a "
+                                         r"32-token prefill chunk\), .* before any cache; raise --memory-budget, "
+                                         r"or use narrower weights") as refused:
+        small.plan_cache(batch=1, needed=20)
+    assert "holds" not in str(refused.value)
+    with pytest.raises(KtjaxError, match=r"holds the weights .* but only \d+ cached tokens per sequence"):
+        ktjax.load(folder, cache_lens="auto", memory_budget="64MiB").plan_cache(batch=1, needed=10**7)
 
 
 def test_non_finite_logits_stop_generation_with_a_message(hf_folder):

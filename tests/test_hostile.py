@@ -478,7 +478,10 @@ def engine():
 def test_token_ids_must_be_integers(engine, case):
     prompts, pattern = hc.TOKEN_IDS[case]
     with pytest.raises(KtjaxError, match=pattern):
-        engine.generate(prompts)
+        if prompts is None:  # the chat template's path
+            engine.generate_text(["a\ud800b"], chat=True)
+        else:
+            engine.generate(prompts)
 
 
 def test_whole_integer_ids_of_any_integer_type_are_the_same_prompt(engine):

@@ -154,15 +154,86 @@ def test_completion_logprobs_shape(client):
     assert "".join(lp.tokens) == r.choices[0].text
 
 
-def test_metrics_page(stack, client):
-    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
-    text = httpx.get(stack[2].url + "/metrics").text
-    for name in ("ktjax_time_to_first_token_seconds_bucket", "ktjax_inter_token_latency_seconds_bucket",
-                 "ktjax_decode_tokens_total", "ktjax_prefill_tokens_total", "ktjax_decode_tokens_per_second",
-                 "ktjax_running", "ktjax_waiting", "ktjax_pages_used", "ktjax_pages_free", "ktjax_pages_cached",
-                 "ktjax_prefix_cache_hit_rate", "ktjax_cache_bytes", "ktjax_device_memory_bytes",
-                 'ktjax_requests_total{reason="length"}'):
-        assert name in text, name
+# Fields clients send with neutral values (issue 31): accepted, and the output is what it is without them.
+NEUTRAL_FIELDS = [
+    ("response_format text", dict(response_format={"type": "text"})),
+    ("empty logit_bias", dict(logit_bias={})),
+    ("zero logit biases", dict(logit_bias={"5": 0})),
+    ("empty tools", dict(tools=[])),
+    ("tool_choice none", dict(tool_choice="none")),
+    ("parallel_tool_calls without tools", dict(parallel_tool_calls=False)),
+    ("user", dict(user="someone")),
+    ("all of them", dict(response_format={"type": "text"}, logit_bias={}, tools=[], tool_choice="none",
+                         parallel_tool_calls=True, user="someone")),
+]
+
+
+@pytest.mark.parametrize("name, fields", NEUTRAL_FIELDS, ids=[n for n, _ in NEUTRAL_FIELDS])
+def test_neutral_openai_fields_are_accepted(stack, client, name, fields):
+    engine = stack[0]
+    _, text = reference(engine, engine.encode_chat(PROMPT), n=4)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=4,
+                                       temperature=0, **fields)
+    assert r.choices[0].message.content == text
+
+
+def test_neutral_completion_fields_are_accepted(stack, client):
+    _, text = reference(stack[0], stack[0].tokenizer.encode(PROMPT), n=4)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={},
+                                  echo=False, best_of=1, user="someone")
+    assert r.choices[0].text == text
+
+
+def test_a_refused_field_is_named_to_the_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format" and "json_object" in e.value.body["message"]
+
+
+def scrape(url: str) -> dict:
+    """/metrics as {name: (type, {labels: value})}, read by Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: (f.type, {tuple(sorted(s.labels.items())): s.value for s in f.samples if s.name in
+                              (f.name, f.name + "_total", f.name + "_count")})
+            for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics[name][1].get(tuple(sorted(labels.items())), 0.0)
+
+
+def test_metrics_follow_prometheus_conventions(stack, client):
+    """Counters for what accumulates (token counts move by exactly one request's work), gauges that are levels
+    (none named _total), latency histograms, 4xx responses counted, a peak never below its current value."""
+    url = stack[2].url
+    before = scrape(url)
+    r = client.completions.create(model=MODEL, prompt=PROMPT + " again", max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": ""}).status_code == 400
+    after = scrape(url)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert value(after, "ktjax_prefill_tokens") - value(before, "ktjax_prefill_tokens") == \
+        r.usage.prompt_tokens - cached
+    # the first token comes from the prefill; each later one from a decode step
+    assert value(after, "ktjax_decode_tokens") - value(before, "ktjax_decode_tokens") == 4 - 1
+    for name in ("ktjax_prefill_tokens", "ktjax_decode_tokens", "ktjax_steps", "ktjax_requests",
+                 "ktjax_http_responses", "ktjax_prefix_cache_hit_tokens", "ktjax_prefix_cache_lookup_tokens"):
+        assert after[name][0] == "counter", name
+    for name in ("ktjax_time_to_first_token_seconds", "ktjax_inter_token_latency_seconds",
+                 "ktjax_queue_wait_seconds", "ktjax_request_duration_seconds"):
+        assert after[name][0] == "histogram", name
+        assert value(after, name) > value(before, name), name  # a _count that moved
+    gauges = [n for n, (kind, _) in after.items() if kind == "gauge"]
+    assert not [n for n in gauges if n.endswith("_total") or "per_second" in n], gauges
+    assert {"ktjax_running", "ktjax_waiting", "ktjax_pages_capacity", "ktjax_pages_used", "ktjax_pages_free",
+            "ktjax_pages_cached", "ktjax_cache_bytes", "ktjax_device_memory_bytes"} <= set(gauges)
+    assert value(after, "ktjax_pages_capacity") == stack[1].stats()["pages_total"]
+    assert value(after, "ktjax_requests", reason="length") == value(before, "ktjax_requests", reason="length") + 1
+    assert value(after, "ktjax_http_responses", code="400") == value(before, "ktjax_http_responses", code="400") + 1
+    assert value(after, "ktjax_http_responses", code="200") >= value(before, "ktjax_http_responses", code="200") + 2
+    assert value(after, "ktjax_device_memory_peak_bytes") >= value(after, "ktjax_device_memory_bytes") > 0
 
 
 def test_client_disconnect_cancels(stack):

@@ -65,7 +65,7 @@ def test_help_and_readme_document_every_flag():
     text = parser.format_help()
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     serve_section = readme.split("## Serve", 1)[1].split("\n## ", 1)[0]
-    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in ("help", "version")]
     for flag in flags:
         assert flag in text
         if flag.lstrip("-").replace("-", "_") not in SETTINGS:  # the settings have their own table
@@ -135,3 +135,24 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_help_groups_common_flags_first_and_version(capsys):
+    from importlib import metadata
+
+    import ktjax
+    from ktjax.cli.serve import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    out = capsys.readouterr().out
+    order = [out.index(f"\n{title}:\n") for title in ("options", "server", "settings", "sampling", "memory",
+                                                     "advanced", "examples")]
+    assert stop.value.code == 0 and order == sorted(order), order
+    for flag in ("--model", "--port", "--api-key", "--version"):
+        assert order[0] < out.index("\n  " + flag) < order[1], flag
+    assert order[1] < out.index("\n  --max-batch") < order[2] and "/v1/completions" in out[order[6]:]
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"ktjax {ktjax.__version__} (jax {metadata.version('jax')}")

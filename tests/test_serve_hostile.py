@@ -97,6 +97,21 @@ CASES = [
     ("integer of 5000 digits", "POST", COMPLETIONS, text()[:-1] + ', "seed": ' + "1" * 5000 + "}", 400, None),
     ("float token ids", "POST", COMPLETIONS, text(prompt=[1.5, 2.0]), 400, "prompt.0"),
     ("boolean token ids", "POST", COMPLETIONS, text(prompt=[True, 2]), 400, "prompt.0"),
+    # issue 31: OpenAI fields with a value that is not neutral are refused by name (neutral ones: test_serve.py)
+    ("response_format json_object", "POST", CHAT, chat(response_format={"type": "json_object"}), 400,
+     "response_format"),
+    ("response_format json_schema", "POST", CHAT,
+     chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), 400,
+     "response_format"),
+    ("response_format a string", "POST", CHAT, chat(response_format="text"), 400, "response_format"),
+    ("a logit bias", "POST", COMPLETIONS, text(logit_bias={"5": 100}), 400, "logit_bias"),
+    ("a logit bias on chat", "POST", CHAT, chat(logit_bias={"5": -100}), 400, "logit_bias"),
+    ("a tool", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("tool_choice required", "POST", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("tool_choice a function", "POST", CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}),
+     400, "tool_choice"),
+    ("echo", "POST", COMPLETIONS, text(echo=True), 400, "echo"),
+    ("best_of 2", "POST", COMPLETIONS, text(best_of=2), 400, "best_of"),
 ]
 
 
@@ -141,13 +156,23 @@ def side_servers(serve_stack):
         s.stop()
 
 
-@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/nope"])
-def test_api_key_on_every_route(side_servers, path):
+@pytest.mark.parametrize("path", ["/metrics", "/v1/models", "/v1/models/" + MODEL, "/nope", "/health/x",
+                                  "/healthz"])
+def test_api_key_on_every_route_but_health(side_servers, path):
     url = side_servers["key"].url + path
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         assert_openai_error(httpx.get(url, headers=headers), 401)
     ok = httpx.get(url, headers={"Authorization": "Bearer sekret"})
-    assert ok.status_code == (404 if path == "/nope" else 200)
+    assert ok.status_code == (200 if path.startswith(("/metrics", "/v1/")) else 404)
+
+
+def test_health_is_open_with_an_api_key(side_servers):
+    """A load balancer checks /health without the key; what it answers says nothing but ok."""
+    url = side_servers["key"].url + "/health"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer sekret"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}, headers
+    assert_openai_error(httpx.post(side_servers["key"].url + COMPLETIONS, content=text()), 401)
 
 
 def test_scheduler_refusals_map_to_429_and_503(side_servers):
@@ -270,10 +295,55 @@ def test_a_signal_during_warm_up_stops_with_one_line_and_130(capsys, monkeypatch
     from ktjax.cli.serve import main
     from ktjax.serve.scheduler import Scheduler
 
-    monkeypatch.setattr(Scheduler, "warmup", lambda self: os.kill(os.getpid(), signum))
+    monkeypatch.setattr(Scheduler, "warmup", lambda self, progress=None: os.kill(os.getpid(), signum))
     rc = main(["--port", str(free_port()), "--log-level", "error"])
     err = capsys.readouterr().err
     assert rc == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == line, err
+
+
+def test_warm_up_is_logged_from_the_first_moment(caplog, monkeypatch, signal_handlers):
+    """Issue 31: a cold start says what it does at once, then "compiling N programs", then "ready in X s" once it
+    listens; JAX's INFO lines (its "Unable to initialize backend 'tpu'") stay out; SIGTERM then exits 0."""
+    import logging
+
+    from ktjax.cli.serve import main
+    from ktjax.serve.scheduler import Scheduler
+
+    programs, seen = [], {}
+
+    def warmup(self, progress):  # no compiling here (minutes): only the count and the progress it reports
+        programs.append(len(self.programs.prefill_shapes()) + len(self.programs.decode_shapes()))
+        for done in range(1, programs[0] + 1):
+            progress(done, programs[0])
+
+    monkeypatch.setattr(Scheduler, "warmup", warmup)
+    port = free_port()
+
+    def stop_once_ready():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        seen["jax info"] = logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.INFO)
+        seen["ktjax info"] = logging.getLogger("ktjax.serve").isEnabledFor(logging.INFO)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    caplog.set_level(logging.DEBUG)  # a root logger open to everything, as basicConfig(level=INFO) left it
+    root_level = logging.getLogger().level
+    stopper = threading.Thread(target=stop_once_ready, daemon=True)
+    stopper.start()
+    assert main(["--port", str(port), "--log-level", "info"]) == 0
+    stopper.join(10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ktjax.serve"]
+    assert lines[0].startswith("starting: loading the demo model"), lines
+    assert programs and programs[0] > 1 and f"compiling {programs[0]} programs" in lines[1], (programs, lines)
+    assert lines[2].startswith(f"compiled {programs[0]} of {programs[0]} programs in "), lines
+    assert lines[3].startswith("ready in ") and lines[3].endswith(f"http://127.0.0.1:{port}"), lines
+    assert seen == {"jax info": False, "ktjax info": True}
+    assert logging.getLogger().level == root_level  # put back: main() runs in-process here
 
 
 @pytest.mark.slow  # a real server process: its warm-up compiles every bucket (about a minute on 2 cores)

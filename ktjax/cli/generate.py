@@ -9,73 +9,76 @@ makes, quietly). `--prompt-file -` reads the prompt from stdin.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import stat
 import sys
 
+from ktjax.cli.common import (ENGINE_MODULES, Parser, add_setting_flags, add_version_flag, check_text_flags,
+                              enable_compilation_cache, load_engine, model_folder, resolve_settings)
 from ktjax.errors import KtjaxError
 from ktjax.util.files import open_regular
 from ktjax.util.process import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, OutputFailed, import_uninterrupted, interrupted_by,
                                 interrupted_line, report_output_failure, require_stdout, signals_interrupt, write_out)
-from ktjax.util.text import utf8_error
-from ktjax.runtime.settings import SETTINGS, describe, load_yaml, resolve
 
 DEFAULT_PROMPT = "The key to reading a long document is"
 MAX_PROMPT_BYTES = 64 * 2**20  # read of one prompt file; with --truncate-left, of its end
 TAIL_MARGIN_TOKENS = 64        # tokens beyond the window read with --truncate-left (where the cut fell)
-# Imported with Ctrl-C held (seconds; a signal inside a C extension's import prints a traceback), after the flags
-# are checked: what loading a model and running it imports.
-ENGINE_MODULES = ("jax", "flax.nnx", "tensorstore", "tokenizers", "ktjax.runtime.engine", "ktjax.weights.loader",
-                  "ktjax.weights.checkpoint", "ktjax.runtime.tokenizer")
+INSTRUCTION_SEPARATOR = "\n\n"  # between --prompt's instruction and a --prompt-file's text
 
+EXAMPLES = """examples:
+  python -m ktjax.generate --prompt "The key to reading a long document is" --max-new-tokens 32
+  python -m ktjax.generate --model MODEL --prompt "Summarise this:" --prompt-file report.txt --chat
+  cat report.txt | python -m ktjax.generate --model MODEL --prompt-file - --truncate-left
+  python -m ktjax.generate --model MODEL --config configs/deepseek-v2-lite-long-int8.yaml --json
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear message and exit code 2, also when called in-process
-        raise KtjaxError(message)
+prompts: each --prompt is one prompt (repeat for a batch), and so is each --prompt-file. Given together,
+the one --prompt is an instruction: each file becomes one prompt, the instruction, a blank line, then the
+file's text (with --truncate-left the file's oldest text is dropped, never the instruction).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ktjax.generate", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a Hugging Face DeepSeek folder or a converted ktjax checkpoint "
-                                   "(default: the built-in demo model)")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
-    p.add_argument("--prompt-file", action="append", help="read a prompt from a file (- or /dev/stdin: from "
-                                                         "stdin); repeatable; at most 64 MiB")
+    p = Parser(prog="python -m ktjax.generate", usage="%(prog)s [--model MODEL] [--prompt TEXT] [--prompt-file FILE] "
+               "[options]", description=__doc__, epilog=EXAMPLES)
+    p.add_argument("--model", help="a Hugging Face DeepSeek folder, a converted ktjax checkpoint, or a Hugging "
+                                   "Face Hub id (org/name or org/name@revision; downloaded into the Hugging Face "
+                                   "cache unless there) (default: the built-in demo model)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text; repeat for a batch of prompts; with --prompt-file, the instruction put before "
+                        "the file's text (see below)")
+    p.add_argument("--prompt-file", action="append", metavar="FILE",
+                   help="read a prompt from a file (- or /dev/stdin: from stdin); repeatable; at most 64 MiB")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the model's chat "
                                                        "template")
-    p.add_argument("--config", help="a YAML preset of settings (configs/*.yaml); flags override it")
     p.add_argument("--json", action="store_true", help="print one compact JSON object {completion, "
                                                        "completion_ids, stats} as the last line of stdout instead "
                                                        "of streamed text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar during a long prefill")
+    add_version_flag(p)
     add_setting_flags(p)
     return p
 
 
-def add_setting_flags(p: argparse.ArgumentParser):
-    """One flag per setting of ktjax/runtime/settings.py's table, its help and choices taken from there; values are
-    checked by the table's own parsers (after merging with --config), not by argparse."""
-    for key, setting in SETTINGS.items():
-        flag = "--" + key.replace("_", "-")
-        text = setting.help + ("" if setting.default is None else f" (default: {describe(setting.default)})")
-        text = text.replace("%", "%%")  # argparse %-formats help strings; the table's text is plain
-        if setting.switch:
-            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
-        else:
-            metavar = "{" + ",".join(setting.choices) + "}" if setting.choices else key.upper()
-            p.add_argument(flag, default=None, metavar=metavar, help=text)
-
-
 def parse(argv) -> tuple[argparse.Namespace, tuple]:
-    """Flags -> (args, (RuntimeConfig, CallSettings)), every value checked once, before JAX starts."""
+    """Flags -> (args, (RuntimeConfig, CallSettings)), every value checked once, before JAX starts. Sets
+    args.prompts (texts), args.prompt_names (for messages) and args.instruction (None, or the --prompt put
+    before each --prompt-file's text)."""
     args = build_parser().parse_args(argv)
     check_text_flags(args)
     resolved = resolve_settings(args)
-    args.prompts = list(args.prompt or [])
-    args.prompt_names = ["--prompt"] * len(args.prompts)
-    for path in args.prompt_file or []:
+    texts, files = list(args.prompt or []), list(args.prompt_file or [])
+    args.instruction = None
+    if texts and files:
+        if len(texts) > 1:
+            raise KtjaxError(f"{len(texts)} --prompt with --prompt-file: with a file, --prompt is the one "
+                             "instruction put before each file's text; pass one --prompt, or the prompts alone")
+        args.instruction, texts = texts[0], []
+        if not args.instruction:
+            raise KtjaxError("the --prompt instruction is empty")
+    args.prompts, args.prompt_names = texts, ["--prompt"] * len(texts)
+    for path in files:
         args.prompts.append(read_prompt_file(path, tail=resolved[1].truncate_left))
         args.prompt_names.append(f"--prompt-file {path}")
     if not args.prompts:
@@ -85,13 +88,9 @@ def parse(argv) -> tuple[argparse.Namespace, tuple]:
     return args, resolved
 
 
-def check_text_flags(args: argparse.Namespace):
-    """Every flag's text must be UTF-8: bytes that are not (which Python keeps as lone surrogates) would fail in
-    the tokenizer, a file name or a JSON encoder much later. Shared with python -m ktjax.serve."""
-    for name, value in vars(args).items():
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and utf8_error(text):
-                raise KtjaxError(f"--{name.replace('_', '-')}: {utf8_error(text)}; pass UTF-8 text")
+def shown_prompt(args, text: str) -> str:
+    """A prompt as the model reads it (before any chat template): the instruction, if any, then the text."""
+    return text if args.instruction is None else args.instruction + INSTRUCTION_SEPARATOR + text
 
 
 def read_prompt_file(path: str, tail: bool = False) -> str:
@@ -142,49 +141,6 @@ def _from_a_character(data: bytes) -> bytes:
     return data[skip:]
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple:
-    """--config, then the setting flags over it, then the model folder checked -> (RuntimeConfig, CallSettings);
-    sets args.model to the folder named by either (None: the demo model). Shared with python -m ktjax.serve."""
-    settings = load_yaml(args.config) if args.config else {}
-    model = args.model or settings.pop("model", None)
-    settings.pop("model", None)
-    settings.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
-    resolved = resolve(**settings)
-    if model is not None and not os.path.isdir(model):
-        raise KtjaxError(f"--model {model}: no such folder")
-    if model is not None and not os.path.isfile(os.path.join(model, "config.json")) and \
-            not os.path.isfile(os.path.join(model, "manifest.json")):
-        raise KtjaxError(f"--model {model}: neither a Hugging Face folder (config.json) nor a converted checkpoint")
-    if model is not None and not os.path.lexists(os.path.join(model, "tokenizer.json")):
-        raise KtjaxError(f"--model {model}: no tokenizer.json, so no text in or out; copy the model's tokenizer "
-                         "files into the folder, or pass token ids through the Python API (engine.generate)")
-    args.model = model
-    return resolved
-
-
-def enable_compilation_cache():
-    """JAX's persistent compilation cache, on by default: a second run skips compilation."""
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/ktjax/jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def load_engine(args, resolved):
-    from ktjax import engine_for, open_folder
-    from ktjax.demo import DEMO_MODEL_DIR, RANDOM_WEIGHTS_NOTICE, TRAINED_NOTICE, demo_model, demo_tokenizer
-
-    if args.model:
-        return open_folder(args.model, *resolved)
-    if os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.json")):
-        print(f"ktjax: {TRAINED_NOTICE}", file=sys.stderr)
-        return open_folder(DEMO_MODEL_DIR, *resolved)
-    print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
-    cfg, model = demo_model(resolved[0].jnp_dtype)
-    return engine_for(cfg, model, *resolved, tokenizer=demo_tokenizer())
-
-
 def main(argv=None) -> int:
     with signals_interrupt():
         try:
@@ -211,7 +167,8 @@ def main(argv=None) -> int:
 def run(engine, args) -> int:
     from ktjax.runtime.tokenizer import StreamDecoder
 
-    prompts = [encode_prompt(engine, text, name, args.chat) for text, name in zip(args.prompts, args.prompt_names)]
+    prompts = [encode_prompt(engine, text, name, args.chat, args.instruction)
+               for text, name in zip(args.prompts, args.prompt_names)]
     stream = not args.json and len(prompts) == 1
     decoder = StreamDecoder(engine.tokenizer)
     echoed = False
@@ -220,7 +177,7 @@ def run(engine, args) -> int:
         nonlocal echoed
         if stream:
             echoed = True
-            write_out(args.prompts[0])
+            write_out(shown_prompt(args, args.prompts[0]))
 
     def on_tokens(new):
         text = decoder.push(new[0])
@@ -238,6 +195,8 @@ def run(engine, args) -> int:
                 pass
         raise
     texts = result.texts
+    from ktjax.runtime.memory import weights_note
+    result.stats["weights_note"] = weights_note(model_folder(args), engine.runtime.jnp_dtype)
     if args.json:
         one = len(prompts) == 1
         write_out(json.dumps({"completion": texts[0] if one else texts,
@@ -247,31 +206,50 @@ def run(engine, args) -> int:
     if stream:
         write_out(decoder.flush() + "\n")
     else:
-        for prompt, text in zip(args.prompts, texts):
+        for prompt, text in zip(map(functools.partial(shown_prompt, args), args.prompts), texts):
             write_out(f"--- {prompt!r}\n{prompt}{text}\n")
     print_stats(result.stats)
     return 0
 
 
-def encode_prompt(engine, text: str, name: str, chat: bool = False) -> list[int]:
+def encode_prompt(engine, text: str, name: str, chat: bool = False, instruction: str | None = None) -> list[int]:
     """A prompt's tokens, the work bounded by the model's window: a prompt whose bytes alone prove it longer than
     the window (this tokenizer's tokens each stand for at most max_token_bytes) is refused before it is
-    tokenized, and with --truncate-left only its end (what the window keeps, and a margin) is tokenized."""
+    tokenized, and with --truncate-left only its end (what the window keeps, and a margin) is tokenized. With an
+    `instruction` the prompt is the instruction, a blank line, then `text`; --truncate-left cuts only `text`."""
     encode = engine.encode_chat if chat else engine.tokenizer.encode
     call, window = engine.defaults, engine.cfg.max_position_embeddings
     room = window - call.max_new_tokens
-    size = len(text.encode("utf-8"))
+    head = "" if instruction is None else instruction + INSTRUCTION_SEPARATOR
+    size = len((head + text).encode("utf-8"))
     per_token = max_token_bytes(engine.tokenizer) if size > max(room, 0) else None
-    if per_token is None or -(-size // per_token) <= room:
-        return encode(text)  # the engine checks the tokens against the window and the cache
-    if not call.truncate_left or room < 1:
-        raise KtjaxError(
-            f"{name}: {size} bytes are at least {-(-size // per_token)} tokens (a token of this tokenizer stands for "
-            f"at most {per_token} bytes) + max_new_tokens {call.max_new_tokens} exceeds the model's window of "
-            f"{window} positions (max_position_embeddings); use a shorter prompt, lower --max-new-tokens"
-            + (", or pass --truncate-left to drop the oldest tokens" if room >= 1 else ""))
-    tail = _from_a_character(text.encode("utf-8")[-(room + TAIL_MARGIN_TOKENS) * per_token:]).decode("utf-8")
-    return encode(tail)  # the engine keeps the last tokens the window has room for
+    if per_token is not None and -(-size // per_token) > room:
+        if not call.truncate_left or room < 1:
+            raise KtjaxError(
+                f"{name}: {size} bytes are at least {-(-size // per_token)} tokens (a token of this tokenizer "
+                f"stands for at most {per_token} bytes) + max_new_tokens {call.max_new_tokens} exceeds the model's "
+                f"window of {window} positions (max_position_embeddings); use a shorter prompt, lower "
+                "--max-new-tokens" + (", or pass --truncate-left to drop the oldest tokens" if room >= 1 else ""))
+        text = _from_a_character(text.encode("utf-8")[-(room + TAIL_MARGIN_TOKENS) * per_token:]).decode("utf-8")
+    ids = encode(head + text)  # the engine checks the tokens against the window and the cache (and cuts them)
+    if not head or not call.truncate_left:
+        return ids
+    cache_lens = engine.runtime.cache_lens
+    room = min(window, cache_lens if isinstance(cache_lens, int) else window) - call.max_new_tokens
+    return _keep_instruction(ids, encode(head), room, name)
+
+
+def _keep_instruction(ids: list[int], head: list[int], room: int, name: str) -> list[int]:
+    """`ids` cut to `room` tokens by dropping the oldest tokens after the instruction's (the tokens `ids` shares
+    with the instruction encoded alone: a chat template's opening, the instruction), not the instruction."""
+    if len(ids) <= room:
+        return ids
+    keep = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+    if room - keep < 1:
+        raise KtjaxError(f"{name}: the instruction takes {keep} of the {room} tokens a prompt may have (the window "
+                         "or the cache, less max_new_tokens), leaving none for the file's text; shorten --prompt "
+                         "or lower --max-new-tokens")
+    return ids[:keep] + ids[len(ids) - (room - keep):]
 
 
 def max_token_bytes(tokenizer) -> int | None:
@@ -312,8 +290,9 @@ def print_stats(s: dict, file=None):
           f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)
     per_device = (f", {format_bytes(s['cache_bytes_per_device'])} per device"
                   if s.get("cache_bytes_per_device", s["cache_bytes"]) != s["cache_bytes"] else "")
+    why = f" ({s['weights_note']})" if s.get("weights_note") else ""
     print(f"cache {s['cache_dtype']} x {s['cache_lens']} tokens = {format_bytes(s['cache_bytes'])}{per_device} "
-          f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])} | "
+          f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])}{why} | "
           f"peak memory {format_bytes(s['peak_memory_bytes'])} | {s['devices']} {s['backend']} device(s)",
           file=file)
     for note in s.get("sharding_notes") or []:

@@ -12,48 +12,61 @@ disconnected (slowloris), and so is a keep-alive connection idle for --idle-time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 
 from ktjax.errors import KtjaxError
-from ktjax.cli.generate import _Parser, add_setting_flags, check_text_flags, resolve_settings
+from ktjax.cli.common import Parser, add_setting_flags, add_version_flag, check_text_flags, resolve_settings
 from ktjax.util.process import EXIT_BAD_INPUT, EXIT_INTERRUPTED, interrupted_by, interrupted_line, signals_interrupt
 from ktjax.util.text import short_repr
 
 NEEDS = ("fastapi", "uvicorn", "prometheus_client")
 INSTALL_HINT = "pip install 'ktjax[serve]' (or: pip install fastapi uvicorn prometheus_client)"
+EXAMPLES = """examples:
+  python -m ktjax.serve --port 8000
+  python -m ktjax.serve --model MODEL --max-batch 16 --cache-dtype int8 --api-key SECRET
+  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hello", "max_tokens": 16}'
+"""
+log = logging.getLogger("ktjax.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ktjax.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a Hugging Face DeepSeek folder or a converted ktjax checkpoint "
-                                   "(default: the built-in demo model)")
-    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder's name)")
+    p = Parser(prog="python -m ktjax.serve", usage="%(prog)s [--model MODEL] [--port N] [options]",
+               description=__doc__, epilog=EXAMPLES)
+    p.add_argument("--model", help="a Hugging Face DeepSeek folder, a converted ktjax checkpoint, or a Hugging "
+                                   "Face Hub id (org/name or org/name@revision; downloaded into the Hugging Face "
+                                   "cache unless there) (default: the built-in demo model)")
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder's name, "
+                                               "or the Hub id)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for "
                                                        "every interface)")
     p.add_argument("--port", type=_int_flag(0, 65535), default=8000, help="port (default: 8000)")
-    p.add_argument("--max-batch", type=_int_flag(1, 4096), default=8,
-                   help="requests decoded together (default: 8)")
-    p.add_argument("--page-size", type=_int_flag(1, 65536), default=64,
-                   help="tokens per cache page (default: 64)")
-    p.add_argument("--max-queue", type=_int_flag(0, 1 << 20), default=64,
-                   help="requests waiting beyond the batch before new ones get 429 (default: 64)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route (default: none)")
-    p.add_argument("--shutdown-timeout", type=_float_flag(), default=30.0,
-                   help="seconds running requests get to finish after SIGTERM (default: 30)")
-    p.add_argument("--header-timeout", type=_float_flag(), default=10.0,
-                   help="seconds a client gets to send a request's headers, from connecting or from the end of "
-                        "its previous response; a slower one is disconnected (default: 10)")
-    p.add_argument("--body-timeout", type=_float_flag(), default=60.0,
-                   help="seconds a client gets to send a request's body; a slower one gets 408 (default: 60)")
-    p.add_argument("--idle-timeout", type=_float_flag(), default=5.0,
-                   help="seconds a keep-alive connection may stay idle between requests (default: 5)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                   help="log level (default: info; one line per finished request at info)")
-    p.add_argument("--config", help="a YAML preset of settings (configs/*.yaml); flags override it")
-    add_setting_flags(p)
+    add_version_flag(p)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health (default: "
+                                    "none)")
+    server = p.add_argument_group("server")
+    server.add_argument("--max-batch", type=_int_flag(1, 4096), default=8,
+                        help="requests decoded together (default: 8)")
+    server.add_argument("--page-size", type=_int_flag(1, 65536), default=64,
+                        help="tokens per cache page (default: 64)")
+    server.add_argument("--max-queue", type=_int_flag(0, 1 << 20), default=64,
+                        help="requests waiting beyond the batch before new ones get 429 (default: 64)")
+    server.add_argument("--shutdown-timeout", type=_float_flag(), default=30.0,
+                        help="seconds running requests get to finish after SIGTERM (default: 30)")
+    server.add_argument("--header-timeout", type=_float_flag(), default=10.0,
+                        help="seconds a client gets to send a request's headers, from connecting or from the end of "
+                             "its previous response; a slower one is disconnected (default: 10)")
+    server.add_argument("--body-timeout", type=_float_flag(), default=60.0,
+                        help="seconds a client gets to send a request's body; a slower one gets 408 (default: 60)")
+    server.add_argument("--idle-timeout", type=_float_flag(), default=5.0,
+                        help="seconds a keep-alive connection may stay idle between requests (default: 5)")
+    server.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="log level (default: info; one line per finished request at info)")
+    add_setting_flags(p, config_help="a YAML preset of settings (configs/*.yaml); flags override it; per-call "
+                                     "settings become the requests' defaults")
     return p
 
 
@@ -105,7 +118,9 @@ def served_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
     from ktjax.demo import DEMO_MODEL_DIR
-    return os.path.basename(os.path.normpath(args.model or DEMO_MODEL_DIR))
+    from ktjax.weights.hub import hub_model_id
+    folder = args.model or DEMO_MODEL_DIR
+    return hub_model_id(folder) or os.path.basename(os.path.normpath(folder))
 
 
 def main(argv=None) -> int:
@@ -127,28 +142,43 @@ def main(argv=None) -> int:
 
 
 def serve(args, resolved) -> int:
-    from ktjax.cli.generate import ENGINE_MODULES
+    with server_logging(args.log_level):
+        return _serve(args, resolved)
+
+
+def _serve(args, resolved) -> int:
+    import time
+
+    from ktjax.cli.common import ENGINE_MODULES
     from ktjax.util.process import import_uninterrupted
 
+    started = time.perf_counter()
+    log.info("starting: loading %s, then compiling its programs (a cold start takes a minute or more) ...",
+             args.model or "the demo model")
     import_uninterrupted(*ENGINE_MODULES, "uvicorn", "fastapi", "ktjax.serve.app", "ktjax.serve.scheduler")
     import uvicorn
 
-    from ktjax.cli.generate import enable_compilation_cache, load_engine
+    from ktjax.cli.common import enable_compilation_cache, load_engine
     from ktjax.serve.app import create_app
     from ktjax.serve.scheduler import Scheduler
 
     check_address(args.host, args.port)  # before minutes of loading and compiling
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     enable_compilation_cache()
     engine = load_engine(args, resolved)
     scheduler = Scheduler(engine, max_batch=args.max_batch, page_size=args.page_size, max_queue=args.max_queue)
     try:
-        scheduler.warmup()  # minutes: Ctrl-C or SIGTERM here raises, and main() reports it
+        programs = len(scheduler.programs.prefill_shapes()) + len(scheduler.programs.decode_shapes())
+        log.info("loaded in %.1f s; compiling %d programs (prefill chunks and decode batches; JAX's compilation "
+                 "cache makes the next start faster) ...", time.perf_counter() - started, programs)
+        # minutes: Ctrl-C or SIGTERM here raises, and main() reports it
+        scheduler.warmup(compile_progress(time.perf_counter()))
         scheduler.start()
         app = create_app(engine, scheduler, model_name=served_name(args), api_key=args.api_key,
                          body_timeout=args.body_timeout)
         server = DrainingServer(server_config(app, args))
         server.on_exit = lambda: setattr(app.state, "draining", True)
+        server.on_ready = lambda: log.info("ready in %.1f s: http://%s:%d", time.perf_counter() - started,
+                                           args.host, server.config.port)
         # From here a signal drains: uvicorn takes SIGTERM/SIGINT while it runs, then re-raises each it caught
         # (into these handlers, which tell the finished server again: nothing happens). One that arrives before
         # uvicorn takes over makes it stop as soon as it has started.
@@ -158,6 +188,38 @@ def serve(args, resolved) -> int:
     finally:
         scheduler.shutdown(timeout=args.shutdown_timeout)
     return 0
+
+
+def compile_progress(start: float, every_s: float = 10.0):
+    """warmup's progress(done, total) as a log line at most every `every_s` seconds, and at the end."""
+    import time
+
+    last = [start]
+
+    def progress(done: int, total: int):
+        now = time.perf_counter()
+        if done == total or now - last[0] >= every_s:
+            last[0] = now
+            log.info("compiled %d of %d programs in %.1f s", done, total, now - start)
+    return progress
+
+
+@contextlib.contextmanager
+def server_logging(level: str):
+    """ktjax's lines at --log-level (uvicorn sets its own); other libraries' only from WARNING unless at debug:
+    JAX's INFO line "Unable to initialize backend 'tpu'" would read as the cause of a slow start. The levels
+    come back afterwards (main() runs in-process in tests)."""
+    root, ours = logging.getLogger(), logging.getLogger("ktjax")
+    before = root.level, ours.level
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    number = getattr(logging, level.upper())
+    root.setLevel(number if number == logging.DEBUG else max(number, logging.WARNING))
+    ours.setLevel(number)
+    try:
+        yield
+    finally:
+        root.setLevel(before[0])
+        ours.setLevel(before[1])
 
 
 def server_config(app, args):
@@ -208,8 +270,13 @@ def _server_class():
 
     class Draining(uvicorn.Server):
         """uvicorn's server; on SIGTERM/SIGINT the app is told to refuse new requests (503) at once, while
-        uvicorn stops listening and waits for the running ones."""
-        on_exit = None
+        uvicorn stops listening and waits for the running ones. on_ready runs once it listens."""
+        on_exit = on_ready = None
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit and self.on_ready is not None:
+                self.on_ready()
 
         def handle_exit(self, sig, frame):
             if self.on_exit is not None:

@@ -57,6 +57,10 @@ class AttentionKernel:
         q_idx [b,H,D] and weights [b,H] -> o_lat [b,h,R] float32, or None."""
         return None
 
+    def paged_sparse_decode(self, cache, layer, q_lat, q_pe, q_idx, weights, lengths, *, topk: int, scale: float):
+        """sparse_decode over a PagedLatentCache (its pages through the page table), or None."""
+        return None
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -7,9 +7,13 @@ share one pool and a page full of a common prefix can be shared between sequence
 decides which page goes where). The page table is a traced field: one compiled program serves every
 assignment of pages, and its width (pages per sequence) bounds what attention reads.
 
-PagedLatentCache has LatentCache's methods (write, attend_latent, attend_naive), so the model runs over it
-unchanged. Attention walks each sequence's pages in key blocks of whole pages (gathered per block, never the
-whole prefix at once) with kv/attention.py's online softmax, or a backend's kernel that reads the page table
+A model with DeepSeek Sparse Attention (V3.2) also keeps each token's index key in pools k_idx [L, n_pages,
+page_size, D] (and k_idx_scale [.., 1] for e4m3 keys), laid out like the latents, so a page shared through the
+prefix cache shares its index keys too.
+
+PagedLatentCache has LatentCache's methods (write, attend_latent, attend_naive, attend_sparse), so the model
+runs over it unchanged. Attention walks each sequence's pages in key blocks of whole pages (gathered per block,
+never the whole prefix at once) with kv/attention.py's online softmax, or a backend's kernel that reads the page table
 (the cache's `attention`, an AttentionKernel: kv/cache.py).
 """
 from __future__ import annotations
@@ -25,9 +29,11 @@ from jax.sharding import PartitionSpec as P
 from ktjax.errors import KtjaxError
 from ktjax.kv.attention import mla_prefill_xla, naive_prefill, tail_block
 from ktjax.kv.cache import MAX_KV_BLOCK, AttentionKernel
-from ktjax.kv.formats import SCALE_DTYPE, CacheFormat, container
+from ktjax.kv.formats import SCALE_DTYPE, CacheFormat, container, index_scaled, index_store_dtype
 from ktjax.kv.layout import CacheLayout, merge_partials
 from ktjax.kv.quant import quantize, to_bits
+from ktjax.kv.sparse import (index_scores, quantize_index_keys, select_topk, selection_mask,
+                             sparse_attend_gathered)
 
 DEFAULT_PAGE_SIZE = 64
 
@@ -53,6 +59,8 @@ class PagedLatentCache:
     # None: one device. Else the pool's pages are split over layout.seq_axis (device k holds pages
     # [k n_pages/N, (k+1) n_pages/N)), everything else replicated; attention merges the devices' partials.
     layout: CacheLayout | None = dataclasses.field(default=None, metadata=dict(static=True))
+    k_idx: jax.Array | None = None        # [L, n_pages, page_size, D]: index keys, models with an indexer
+    k_idx_scale: jax.Array | None = None  # [L, n_pages, page_size, 1] float32, e4m3 index keys only
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, n_pages: int, page_size: int = DEFAULT_PAGE_SIZE, *,
@@ -60,6 +68,7 @@ class PagedLatentCache:
                layout: CacheLayout | None = None) -> "PagedLatentCache":
         lead = (cfg.num_hidden_layers, n_pages, page_size)
         r = cfg.kv_lora_rank
+        indexed = getattr(cfg, "has_indexer", False)
         if layout is not None and layout.seq_axis is None:
             layout = None
         if layout is not None and n_pages % layout.mesh.shape[layout.seq_axis]:
@@ -68,14 +77,16 @@ class PagedLatentCache:
 
         def zeros():
             scales = jnp.ones(lead + (fmt.n_groups(r),), SCALE_DTYPE) if fmt.quantized else None
+            k_idx = jnp.zeros(lead + (cfg.index_head_dim,), container(index_store_dtype(fmt))) if indexed else None
+            k_idx_scale = jnp.ones(lead + (1,), SCALE_DTYPE) if indexed and index_scaled(fmt) else None
             return (jnp.zeros(lead + (fmt.stored_width(r),), container(fmt.store_dtype)), scales,
-                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)))
+                    jnp.zeros(lead + (cfg.qk_rope_head_dim,), container(fmt.k_pe_dtype)), k_idx, k_idx_scale)
 
         if layout is not None:  # each device allocates its own pages, never the whole pool
             zeros = jax.jit(zeros, out_shardings=NamedSharding(layout.mesh, pool_spec(layout)))
-        c_kv, scales, k_pe = zeros()
+        c_kv, scales, k_pe, k_idx, k_idx_scale = zeros()
         return cls(c_kv=c_kv, scales=scales, k_pe=k_pe, page_table=jnp.zeros((batch, max_pages), jnp.int32),
-                   fmt=fmt, rank=r, attention=attention, layout=layout)
+                   fmt=fmt, rank=r, attention=attention, layout=layout, k_idx=k_idx, k_idx_scale=k_idx_scale)
 
     @property
     def n_pages(self) -> int:
@@ -95,8 +106,13 @@ class PagedLatentCache:
         return self.c_kv, self.scales, self.k_pe
 
     @property
+    def all_buffers(self) -> tuple:
+        """Every pool, what a write updates: the latents', then the index keys' (None without an indexer)."""
+        return self.c_kv, self.scales, self.k_pe, self.k_idx, self.k_idx_scale
+
+    @property
     def pool_bytes(self) -> int:
-        return sum(x.nbytes for x in self.buffers if x is not None)
+        return sum(x.nbytes for x in self.all_buffers if x is not None)
 
     def with_table(self, page_table) -> "PagedLatentCache":
         return dataclasses.replace(self, page_table=page_table)
@@ -112,13 +128,12 @@ class PagedLatentCache:
 
     def write(self, layer, positions, c_kv, k_pe, k_idx=None) -> "PagedLatentCache":
         """Store new latents c_kv [b,s,R] / k_pe [b,s,r] of `layer` at positions [b,s] through the page table;
-        positions >= cache_lens (padding) are dropped. Pages hold no DSA index keys (k_idx) yet."""
-        if k_idx is not None:
-            raise KtjaxError("the paged cache holds no sparse-attention index keys yet: DeepSeek-V3.2 models run "
-                             "with the dense cache (python -m ktjax.generate), not the server")
+        positions >= cache_lens (padding) are dropped. With index pools, also the index keys k_idx [b,s,D]."""
         q, scales = quantize(self.fmt, c_kv)
+        k_q, k_scale = quantize_index_keys(self.fmt, k_idx) if self.k_idx is not None else (None, None)
         page, slot = self.locate(positions)
-        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)))
+        new = (to_bits(q), scales, to_bits(k_pe.astype(self.fmt.k_pe_dtype)), None if k_q is None else to_bits(k_q),
+               k_scale)
 
         def store(buffers, layer, page, slot, new):
             page, _ = self._local(page, buffers[0].shape[1])  # another device's page: dropped
@@ -126,12 +141,12 @@ class PagedLatentCache:
                          for buf, x in zip(buffers, new))
 
         if self.layout is None:
-            c, sc, kp = store(self.buffers, layer, page, slot, new)
+            out = store(self.all_buffers, layer, page, slot, new)
         else:
-            specs = self._specs()
-            c, sc, kp = jax.shard_map(store, mesh=self.layout.mesh, in_specs=(specs, P(), P(), P(), P()),
-                                      out_specs=specs, check_vma=False)(self.buffers, layer, page, slot, new)
-        return dataclasses.replace(self, c_kv=c, scales=sc, k_pe=kp)
+            specs = self._specs(self.all_buffers)
+            out = jax.shard_map(store, mesh=self.layout.mesh, in_specs=(specs, P(), P(), P(), P()),
+                                out_specs=specs, check_vma=False)(self.all_buffers, layer, page, slot, new)
+        return dataclasses.replace(self, **dict(zip(("c_kv", "scales", "k_pe", "k_idx", "k_idx_scale"), out)))
 
     def _local(self, pages, n_local: int):
         """Global page ids -> (ids in this device's shard of the pool, n_local where not held; held mask)."""
@@ -141,8 +156,8 @@ class PagedLatentCache:
         held = (local >= 0) & (local < n_local)
         return jnp.where(held, local, n_local), held
 
-    def _specs(self):
-        return tuple(None if b is None else pool_spec(self.layout) for b in self.buffers)
+    def _specs(self, buffers):
+        return tuple(None if b is None else pool_spec(self.layout) for b in buffers)
 
     def _paged(self, layer, table, held=None, lengths=None):
         """Keyword arguments that make kv/attention.py read key blocks of whole pages through the table. With
@@ -193,7 +208,7 @@ class PagedLatentCache:
             return local(queries, weights, self.buffers, self.page_table, layer, q_positions, lengths)
         rep = lambda xs: tuple(P() for _ in xs)  # noqa: E731
         return jax.shard_map(local, mesh=self.layout.mesh,
-                             in_specs=(rep(queries), rep(weights), self._specs(), P(), P(), P(), P()),
+                             in_specs=(rep(queries), rep(weights), self._specs(self.buffers), P(), P(), P(), P()),
                              out_specs=P(), check_vma=False)(queries, weights, self.buffers, self.page_table, layer,
                                                              q_positions, lengths)
 
@@ -216,6 +231,47 @@ class PagedLatentCache:
             return naive_prefill(*queries, *buffers, pos, lens, *weights, fmt=self.fmt, scale=scale,
                                  with_lse=with_lse, **kw)
         return self._attend(partial, (q_nope, q_pe), (w_uk, w_uv), layer, q_positions, lengths)
+
+    def attend_sparse(self, layer, q_lat, q_pe, index_queries, q_positions, lengths, *, scale: float,
+                      topk: int, naive_weights=None):
+        """Sparse attention (DSA) over `layer`, as LatentCache.attend_sparse: index_queries (q_idx [b,s,H,D],
+        weights [b,s,H]) score the index pools through the page table, the topk best-scored visible positions
+        per query are kept, and queries attend over those only (a decode step gathers their rows; a prefill
+        chunk masks the paged blockwise attention). Absorbed unless naive_weights (w_uk, w_uv) are given."""
+        if self.layout is not None:
+            raise KtjaxError("sparse attention (DeepSeek-V3.2) over a page pool split over devices is not "
+                             "supported yet: serve the model on one device")
+        gathered = q_lat.shape[1] == 1 and naive_weights is None
+        q_idx, w = index_queries
+        if gathered and self.attention is not None:
+            out = self.attention.paged_sparse_decode(self, layer, q_lat[:, 0], q_pe[:, 0], q_idx[:, 0], w[:, 0],
+                                                     lengths, topk=topk, scale=scale)
+            if out is not None:
+                return out[:, None]
+        kw = self._paged(layer, self.page_table)
+        scores = index_scores(q_idx, w, self.k_idx, self.k_idx_scale, q_positions, lengths, fmt=self.fmt,
+                              block=kw["block"], take=kw["take"], n_keys=kw["n_keys"])
+        indices, valid = select_topk(scores, topk)
+        if gathered:
+            out = sparse_attend_gathered(q_lat[:, 0], q_pe[:, 0], *self.buffers, indices[:, 0], valid[:, 0],
+                                         fmt=self.fmt, scale=scale, gather=self._rows(layer))
+            return out[:, None]
+        kw.update(fmt=self.fmt, scale=scale, selected=selection_mask(indices, valid, kw["n_keys"]))
+        if naive_weights is not None:
+            return naive_prefill(q_lat, q_pe, *self.buffers, q_positions, lengths, *naive_weights, **kw)
+        return mla_prefill_xla(q_lat, q_pe, *self.buffers, q_positions, lengths, **kw)
+
+    def _rows(self, layer):
+        """gather(pool, positions [b,k]) -> the rows [b,k,...] of `layer` at those positions of each sequence."""
+        table, ps = self.page_table, self.page_size
+
+        def gather(pool, positions):
+            if pool is None:
+                return None
+            page = jnp.take_along_axis(table, positions // ps, axis=1)
+            # The layer's slice, then the rows (as kv/sparse.py's gather_rows: XLA reads only the rows).
+            return jax.lax.dynamic_index_in_dim(pool, layer, 0, keepdims=False)[page, positions % ps]
+        return gather
 
 
 def pool_spec(layout: CacheLayout) -> P:

@@ -12,7 +12,10 @@ kv/attention.py (`selection_mask`), which it walks anyway. The full (no cache) f
 Index-cache formats (`index_store_dtype`): float32 and bf16 caches keep the index keys in their own dtype;
 quantized latent caches (fp8, int8, int4) keep them in float8 e4m3 with one float32 scale per token (128 + 4
 bytes per token and layer at V3.2's index_head_dim), the scale factored out of the score: relu(s q.k) =
-s relu(q.k) for s > 0.
+s relu(q.k) for s > 0. Before quantizing to e4m3, keys are rotated by the orthonormal Hadamard matrix H (as
+DeepSeek-V3.2's own inference code does, `rotate_activation`), and queries by the same H when scored: (Hq).(Hk)
+= q.k, while the rotation spreads a few outlier channels over all of them, so the per-token scale no longer
+crushes the small ones (tests/test_serve_dsa.py measures the top-k overlap against float scores).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax.kv.attention import NEG, _block
+from ktjax.kv.attention import NEG, _taker
 from ktjax.kv.formats import CacheFormat, index_scaled, index_store_dtype
 from ktjax.kv.quant import dequantize, from_bits
 
@@ -33,21 +36,47 @@ def is_sparse(index_topk: int, n_keys: int) -> bool:
     return 0 < index_topk < n_keys
 
 
+def hadamard(dim: int) -> np.ndarray:
+    """The orthonormal Hadamard matrix [dim, dim] (Sylvester's order, as fast_hadamard_transform's, scaled by
+    dim^-0.5: symmetric and its own inverse); dim a power of two."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != dim:
+        raise ValueError(f"a Hadamard rotation needs a power-of-two width, got {dim}")
+    return h * np.float32(dim ** -0.5)
+
+
+def rotates(fmt: CacheFormat, dim: int) -> bool:
+    """Whether index keys of width dim are Hadamard-rotated in this format: e4m3 index keys of a power-of-two
+    width (V3.2's 128)."""
+    return index_scaled(fmt) and dim > 0 and dim & (dim - 1) == 0
+
+
+def rotate_index(fmt: CacheFormat, x):
+    """x [..., D] (index queries or keys) rotated as the format stores index keys: H x, or x as is."""
+    if not rotates(fmt, x.shape[-1]):
+        return x
+    return jnp.einsum("...d,de->...e", x.astype(jnp.float32), jnp.asarray(hadamard(x.shape[-1])),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 def quantize_index_keys(fmt: CacheFormat, k):
-    """k [..., D] -> (stored [..., D] in the format's index dtype, scale [..., 1] float32 or None)."""
+    """k [..., D] -> (stored [..., D] in the format's index dtype, scale [..., 1] float32 or None); e4m3 keys are
+    rotated first (rotate_index)."""
     dtype = index_store_dtype(fmt)
     if not index_scaled(fmt):
         return k.astype(dtype), None
-    k = k.astype(jnp.float32)
+    k = rotate_index(fmt, k.astype(jnp.float32))
     amax = jnp.max(jnp.abs(k), axis=-1, keepdims=True)
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
     return (k / scale).astype(dtype), scale
 
 
 def index_keys(fmt: CacheFormat, stored, scale):
-    """The inverse, for references and tests: [..., D] float32."""
+    """The inverse, for references and tests: [..., D] float32 (rotated back: H is its own inverse)."""
     k = from_bits(stored, index_store_dtype(fmt)).astype(jnp.float32)
-    return k if scale is None else k * scale
+    return k if scale is None else rotate_index(fmt, k * scale)
 
 
 def head_scores(q_idx, weights, k_vals):
@@ -57,20 +86,24 @@ def head_scores(q_idx, weights, k_vals):
 
 
 def index_scores(q_idx, weights, k_idx, k_scale, q_positions, lengths, *, fmt: CacheFormat, block: int,
-                 layer=None):
+                 layer=None, take=None, n_keys: int | None = None):
     """q_idx [b,s,H,D], weights [b,s,H] (float32) over one layer's index cache k_idx [b,T,D] (stored bits),
     k_scale [b,T,1] or None (with `layer`: the stacks [L,b,T,...]) -> scores [b,s,T] float32, -inf where
-    query i of sequence b may not see token t (t >= lengths[b] or t > q_positions[b,i])."""
+    query i of sequence b may not see token t (t >= lengths[b] or t > q_positions[b,i]). With take(x, start,
+    size) (a paged cache, kv/paged.py), the keys are whatever take reads and n_keys (T) the positions it
+    can address, as in kv/attention.py. Queries are rotated here as the keys were stored (rotate_index)."""
     b, s = q_idx.shape[:2]
-    n_keys = k_idx.shape[-2]
+    q_idx = rotate_index(fmt, q_idx)
+    n_keys = k_idx.shape[-2] if n_keys is None else n_keys
+    take = _taker(take, layer)
     dtype = index_store_dtype(fmt)
     n_blocks = jnp.minimum((jnp.max(lengths) + block - 1) // block, n_keys // block)
 
     def body(j, out):
-        k = from_bits(_block(k_idx, j * block, block, layer), dtype).astype(jnp.float32)
+        k = from_bits(take(k_idx, j * block, block), dtype).astype(jnp.float32)
         scores = head_scores(q_idx, weights, k)
         if k_scale is not None:
-            scores = scores * _block(k_scale, j * block, block, layer)[..., 0][:, None, :]
+            scores = scores * take(k_scale, j * block, block)[..., 0][:, None, :]
         t = j * block + jnp.arange(block)
         visible = (t[None, None, :] < lengths[:, None, None]) & (t[None, None, :] <= q_positions[:, :, None])
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(visible, scores, -jnp.inf), j * block, axis=2)
@@ -117,13 +150,16 @@ def gather_rows(buf, indices, layer=None):
 
 
 def sparse_attend_gathered(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, *, fmt: CacheFormat, scale: float,
-                           with_lse: bool = False, layer=None):
+                           with_lse: bool = False, layer=None, gather=None):
     """Absorbed attention of one query per sequence (q_lat [b,h,R], q_pe [b,h,r]) over the selected tokens
     indices/valid [b,k] of one layer's cache (or the stacks at `layer`) -> o_lat [b,h,R] float32 (and the
-    log-sum-exp [b,h], NEG where nothing is selected, for merging shards)."""
+    log-sum-exp [b,h], NEG where nothing is selected, for merging shards). gather(buf, indices) -> rows
+    [b,k,...] reads a paged cache's rows through its page table (kv/paged.py); by default gather_rows."""
     rank = q_lat.shape[-1]
-    c = dequantize(fmt, gather_rows(c_kv, indices, layer), gather_rows(scales, indices, layer), rank)
-    kp = from_bits(gather_rows(k_pe, indices, layer), fmt.k_pe_dtype).astype(jnp.float32)
+    if gather is None:
+        gather = lambda buf, idx: gather_rows(buf, idx, layer)  # noqa: E731
+    c = dequantize(fmt, gather(c_kv, indices), gather(scales, indices), rank)
+    kp = from_bits(gather(k_pe, indices), fmt.k_pe_dtype).astype(jnp.float32)
     scores = (jnp.einsum("bhc,bkc->bhk", q_lat.astype(jnp.float32), c)
               + jnp.einsum("bhr,bkr->bhk", q_pe.astype(jnp.float32), kp)) * scale
     scores = jnp.where(valid[:, None, :], scores, NEG)

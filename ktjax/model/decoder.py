@@ -32,6 +32,7 @@ class RunOptions:
     mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
     expert_axis: str | None = None
     index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
+    grouped_impl: str = "blocked"   # what moe_impl auto runs for many selections (the Engine: the backend door's)
 
 
 class DecoderLayer(nnx.Module):
@@ -45,7 +46,7 @@ class DecoderLayer(nnx.Module):
     def feed_forward(self, x, opts: RunOptions):
         h = self.post_attn_norm(x)
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, opts.moe_impl, opts.mesh, opts.expert_axis)
+            return x + self.mlp(h, opts.moe_impl, opts.mesh, opts.expert_axis, opts.grouped_impl)
         return x + self.mlp(h)
 
     def __call__(self, x, cos, sin, mask, opts: RunOptions):

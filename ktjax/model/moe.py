@@ -74,14 +74,14 @@ class MoE(nnx.Module):
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
-    def __call__(self, x, impl: str = "auto", mesh=None, expert_axis: str | None = None):
+    def __call__(self, x, impl: str = "auto", mesh=None, expert_axis: str | None = None, grouped: str = "blocked"):
         """x [..., d] -> [..., d]. With `expert_axis` (a mesh axis that splits the expert stacks; see
         ktjax/weights/sharding.py expert_axis) the routed experts run expert-parallel."""
         flat = x.reshape(-1, x.shape[-1])
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts)
+        impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts, grouped)
         if expert_axis is None:
             y = routed_experts(flat, weights, idx, experts, impl)
         else:
@@ -106,14 +106,16 @@ def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str):
                          check_vma=False)(flat, weights, idx, experts)
 
 
-def pick_impl(impl: str, tokens: int, top_k: int, n_routed: int) -> str:
+def pick_impl(impl: str, tokens: int, top_k: int, n_routed: int, grouped: str = "blocked") -> str:
+    """moe_impl auto resolved for one call: gather for few selections, else `grouped` (blocked or ragged, which the
+    backend door picks for the platform: RunOptions.grouped_impl)."""
     if impl != "auto":
         return impl
     # Up to about two selections per expert, reading only the selected experts one pair at a time beats
     # sorting into blocks (docs/results.md: 16 tokens x top-6 of 64 experts, gather 288 ms, blocked 458).
     if tokens * top_k <= 2 * n_routed:
         return "gather"
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return grouped
 
 
 @jax.tree_util.register_dataclass

@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ktjax.kv.formats import CacheFormat, index_scaled, index_store_dtype
 from ktjax.kv.quant import from_bits
+from ktjax.kv.sparse import rotate_index
 from ktjax.pallas import platform
 from ktjax.pallas.layout import MIN_DOT, next_pow2, pad_last
 from ktjax.pallas.mla_kernels import KernelConfig, _dot, decode_e4m3_bits, mla_attention
@@ -56,6 +57,7 @@ def index_scores_decode(q_idx, weights, k_idx, k_scale, lengths, *, fmt: CacheFo
     if fp8_bits is None:
         fp8_bits = platform.fp8_needs_bit_decode(interpret)
     fp8_bits = fp8_bits and scaled
+    q_idx = rotate_index(fmt, q_idx)  # as the keys were stored (kv/sparse.py)
     b, heads, dim = q_idx.shape
     n_keys = k_idx.shape[1]
     block_k = min(block_k, n_keys & -n_keys)

@@ -95,10 +95,20 @@ class Backend:
             return None
         return implementation(self.attention).attention_kernel(page_size)
 
+    @property
+    def grouped_impl(self) -> str:
+        return grouped_moe_impl()
+
     def stats(self, kernel) -> dict:
         """The values a generation reports: the attention that ran over its cache, and whether the CPU kernels
         ran."""
         return {"attention": XLA if kernel is None else kernel.name, "cpu_kernels": self.cpu_kernels}
+
+
+def grouped_moe_impl() -> str:
+    """What moe_impl auto runs for many routed selections (model/moe.py pick_impl): blocks of one expert's rows on
+    a CPU (a dense matmul per block, or the CPU kernels' grouped call), ragged_dot elsewhere (docs/results.md)."""
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
 def reads_experts_in_place(expert_axis: str | None, moe_impl: str) -> bool:

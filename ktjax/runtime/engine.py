@@ -104,6 +104,7 @@ class Generation:
 class CachePlan:
     cache_lens: int
     block: int
+    note: str | None = None  # what capped it (the model's window, the memory budget), for the stats' notes
 
 
 class Engine:
@@ -158,7 +159,7 @@ class Engine:
 
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
-                          self.index_topk)
+                          self.index_topk, self.backend.grouped_impl)
 
     @property
     def attention(self) -> str:
@@ -259,32 +260,46 @@ class Engine:
     # -- planning -----------------------------------------------------------------------------------------
     def plan_cache(self, batch: int, needed: int) -> CachePlan:
         """The cache for `batch` sequences that need `needed` positions each."""
-        rt = self.runtime
+        rt, window = self.runtime, self.cfg.max_position_embeddings
         shards = sharding.seq_shards(self.mesh)
+        if rt.cache_lens is None:  # a power-of-two bucket of what is needed: new prompts rarely compile new programs
+            return CachePlan(*plan_cache_lens(seq_bucket(needed), shards))
         if rt.cache_lens != "auto":
-            # Unset: a power-of-two bucket of what is needed, so that new prompts rarely compile new programs.
-            requested = seq_bucket(needed) if rt.cache_lens is None else rt.cache_lens
-            return CachePlan(*plan_cache_lens(requested, shards))
+            if rt.cache_lens <= window:
+                return CachePlan(*plan_cache_lens(rt.cache_lens, shards))
+            return CachePlan(*plan_cache_lens(max(needed, window), shards),  # positions past it are never used
+                             note=f"cache_lens {rt.cache_lens} capped at the model's window of {window} positions "
+                                  "(max_position_embeddings): no position past it is ever used")
         fmt = rt.cache_dtype
         budget = rt.memory_budget or memory.available_bytes()
-        block = plan_cache_lens(rt.chunk_size)[1]
-        act = memory.activation_bytes(self.cfg, batch, rt.chunk_size, block, jnp.dtype(rt.jnp_dtype).itemsize)
+        chunk = self._chunk(needed)  # the longest chunk a prompt of at most `needed` tokens runs
+        act = memory.activation_bytes(self.cfg, batch, chunk, plan_cache_lens(chunk)[1],
+                                      jnp.dtype(rt.jnp_dtype).itemsize)
         # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
-        fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, self.weight_bytes_per_device, act) * shards
+        weights = self.weight_bytes_per_device
+        held = f"the weights ({format_bytes(weights)}{' per device' if self.n_devices > 1 else ''}) and " \
+               f"activations ({format_bytes(act)}: {batch} x a {chunk}-token prefill chunk)"
+        if memory.cache_room(budget, weights, act) <= 0:
+            raise KtjaxError(f"memory budget {format_bytes(budget)} is too small for {held}, with "
+                             f"{round((1 - memory.HEADROOM) * 100)}% headroom, before any cache; raise "
+                             f"--memory-budget{', lower --chunk-size' if chunk == rt.chunk_size else ''}, or use "
+                             "narrower weights (--dtype bfloat16, or a checkpoint converted with --weights int8 or "
+                             "int4)")
+        fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, weights, act) * shards
         if fits < needed:
             raise KtjaxError(
-                f"memory budget {format_bytes(budget)} holds weights "
-                f"({format_bytes(self.weight_bytes)}) and activations ({format_bytes(act)}) but "
-                f"only {fits} cached tokens per sequence in {fmt.name} ({fmt.bytes_per_token(self.cfg)} "
-                f"bytes/token), fewer than the {needed} needed; use a narrower --cache-dtype, a shorter "
-                "prompt or fewer --max-new-tokens")
-        # Never past the model's window: positions beyond it are never used.
-        requested = max(needed, min(fits, self.cfg.max_position_embeddings))
+                f"memory budget {format_bytes(budget)} holds {held} but only {fits} cached tokens per sequence in "
+                f"{fmt.name} ({fmt.bytes_per_token(self.cfg)} bytes/token), fewer than the {needed} needed; raise "
+                "--memory-budget, or use a narrower --cache-dtype, a shorter prompt or fewer --max-new-tokens")
+        requested = max(needed, min(fits, window))  # never past the model's window: positions past it are never used
         cache_lens, block = plan_cache_lens(requested, shards)
         if cache_lens > fits:  # rounding up must not leave the budget
             cache_lens = max(needed, requested // (block * shards) * block * shards)
             cache_lens, block = plan_cache_lens(cache_lens, shards)
-        return CachePlan(cache_lens, block)
+        why = (f"capped at the model's window of {window} positions (max_position_embeddings); the memory budget "
+               f"{format_bytes(budget)} holds {fits} tokens" if fits >= window else
+               f"what the memory budget {format_bytes(budget)} holds after {held}")
+        return CachePlan(cache_lens, block, note=f"cache_lens auto: {cache_lens} tokens, {why}")
 
     def _chunk(self, longest_prompt: int) -> int:
         """The prefill chunk: chunk_size, or one power-of-two chunk for a shorter prompt."""
@@ -368,7 +383,7 @@ class Engine:
         chunk = self._chunk(max(map(len, prompts)))
         sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
-        notes = list(self.notes)
+        notes = list(self.notes) + ([plan.note] if plan.note else [])
         fmt = rt.cache_dtype
         try:
             cache = self.new_cache(b, plan, notes)

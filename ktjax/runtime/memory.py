@@ -49,34 +49,70 @@ def activation_bytes(cfg: ModelConfig, batch: int, chunk: int, kv_block: int, it
 def max_cache_lens(cfg: ModelConfig, fmt: CacheFormat, batch: int, budget: int, weight_bytes: int,
                    act_bytes: int) -> int:
     """The longest per-sequence cache that fits `budget` after weights and activations (0 if none does)."""
-    free = int(budget * HEADROOM) - weight_bytes - act_bytes
-    return max(free // (batch * fmt.bytes_per_token(cfg)), 0)
+    return max(cache_room(budget, weight_bytes, act_bytes) // (batch * fmt.bytes_per_token(cfg)), 0)
+
+
+def cache_room(budget: int, weight_bytes: int, act_bytes: int) -> int:
+    """Bytes of `budget` left for the cache once the headroom, weights and activations are taken (< 0: they
+    do not fit)."""
+    return int(budget * HEADROOM) - weight_bytes - act_bytes
 
 
 def weight_bytes_on_load(folder: str, itemsize: int) -> int:
     """What a model folder's weights take once loaded, from its headers alone (nothing read or allocated):
     floating tensors at the compute dtype's width (a Hugging Face folder's FP8 weights are dequantized to it,
     their block scales dropped), a converted checkpoint's int8 / int4 / FP8 tensors and scales as stored."""
+    return sum(count * (itemsize if cast else dtype.itemsize) for dtype, count, cast in _stored_tensors(folder))
+
+
+def stored_weights(folder: str) -> tuple[int, dict[str, int], bool]:
+    """A model folder's weights as stored, from its headers: (their bytes, the bytes of each dtype that loading
+    casts to the compute dtype, whether every tensor is cast), to say why the weights take what they take."""
+    total, cast_bytes, every = 0, {}, True
+    for dtype, count, cast in _stored_tensors(folder):
+        total += count * dtype.itemsize
+        every &= cast
+        if cast:
+            cast_bytes[dtype.name] = cast_bytes.get(dtype.name, 0) + count * dtype.itemsize
+    return total, cast_bytes, every
+
+
+def _stored_tensors(folder: str):
+    """(dtype, elements, cast to the compute dtype at load) for each tensor the loader keeps."""
     import numpy as np
 
     from ktjax.weights.checkpoint import is_checkpoint, read_manifest
 
     if is_checkpoint(folder):
-        total = 0
         for key, t in read_manifest(folder)["tensors"].items():
             dtype = np.dtype(t["dtype"])
             stored = dtype.kind in "iu" or dtype.itemsize == 1 or key.endswith("_scale")  # int8, int4, FP8
-            width = dtype.itemsize if stored else itemsize
-            total += int(np.prod(t["shape"], dtype=np.int64)) * width
-        return total
+            yield dtype, int(np.prod(t["shape"], dtype=np.int64)), not stored
+        return
     from ktjax.weights.safetensors_io import SafetensorsFile, list_shards
 
-    total = 0
     for shard in sorted(set(list_shards(folder).values())):
         with SafetensorsFile(shard) as f:
-            total += sum(int(np.prod(f.shape(n), dtype=np.int64)) * itemsize for n in f.keys()
-                         if not n.endswith("_scale_inv"))
-    return total
+            for n in f.keys():
+                if not n.endswith("_scale_inv"):
+                    yield f.dtype(n), int(np.prod(f.shape(n), dtype=np.int64)), True
+
+
+def weights_note(folder: str | None, held_dtype) -> str | None:
+    """Why the loaded weights take more than the folder (e.g. "float32 copy of a 6.8 MiB bfloat16 checkpoint"),
+    or None when they are held as stored."""
+    import numpy as np
+
+    if folder is None:
+        return None
+    total, cast_bytes, every = stored_weights(folder)
+    held = np.dtype(held_dtype).name
+    main = max(cast_bytes, key=cast_bytes.get, default=held)  # a few float32 norms beside bf16 matrices: bf16
+    if main == held:
+        return None
+    if every:
+        return f"{held} copy of a {format_bytes(total)} {main} checkpoint; --dtype sets it"
+    return f"its {format_bytes(cast_bytes[main])} of {main} tensors held as {held}; --dtype sets it"
 
 
 def check_budget_holds_weights(folder: str, budget: int, itemsize: int, devices: int):

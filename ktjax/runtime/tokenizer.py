@@ -11,6 +11,7 @@ import signal
 import threading
 
 from ktjax.errors import KtjaxError
+from ktjax.util.text import utf8_error
 
 
 def _token_text(value):
@@ -90,7 +91,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """A plain prompt; BOS first if and only if add_bos_token is set (tokenizers' own post-processor is
         bypassed, since DeepSeek's ByteLevel tokenizer does not add it even when the flag is set)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(_checked_text(text), add_special_tokens=False).ids
         if self.add_bos_token and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
@@ -114,7 +115,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The template supplies BOS itself, so nothing is added."""
-        return self.tok.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tok.encode(_checked_text(self.render_chat(messages)), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -264,3 +265,12 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         out, self.emitted = text[self.emitted:], len(text)
         return out
+
+
+def _checked_text(text: str) -> str:
+    """text, or one KtjaxError where it cannot be UTF-8 (a lone surrogate from the Python API): the tokenizer
+    would raise its own exception, which is no message for a user."""
+    why = utf8_error(text)
+    if why:
+        raise KtjaxError(f"the prompt is not text: {why}")
+    return text

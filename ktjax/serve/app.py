@@ -35,7 +35,7 @@ def create_app(engine, scheduler, *, model_name: str, api_key: str | None = None
     app = FastAPI(title="ktjax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False
     app.state.server = server
-    app.add_middleware(Gate, api_key=api_key, state=app.state)
+    app.add_middleware(Gate, api_key=api_key, state=app.state, metrics=server.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -63,23 +63,40 @@ def create_app(engine, scheduler, *, model_name: str, api_key: str | None = None
 
 class Gate:
     """ASGI middleware in front of every route: one Authorization header (two could be read differently by a
-    proxy in front and by us: 400), the API key, then refusal while draining."""
+    proxy in front and by us: 400), the API key (except on /health, which a load balancer checks without it),
+    then refusal while draining. It counts every response by status code."""
 
-    def __init__(self, app, api_key: str | None, state):
-        self.app, self.state = app, state
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, api_key: str | None, state, metrics):
+        self.app, self.state, self.metrics = app, state, metrics
         self.expected = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            given = [value for name, value in scope["headers"] if name == b"authorization"]
-            refusal = self._refusal(given[0] if given else b"") if len(given) <= 1 else JSONResponse(
-                error_body(400, f"{len(given)} Authorization headers: send one", None, "invalid_request"), 400)
-            if refusal is not None:
-                return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
 
-    def _refusal(self, authorization: bytes):
-        if self.expected is not None and not hmac.compare_digest(authorization, self.expected):
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.responded(status)
+            await send(message)
+
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        refusal = self._refusal(given[0] if given else b"", scope["path"]) if len(given) <= 1 else JSONResponse(
+            error_body(400, f"{len(given)} Authorization headers: send one", None, "invalid_request"), 400)
+        try:
+            await (self.app if refusal is None else refusal)(scope, receive, counted_send)
+        except Exception:
+            if status is None:  # the outer error handler answers 500
+                self.metrics.responded(500)
+            raise
+
+    def _refusal(self, authorization: bytes, path: str):
+        if self.expected is not None and path not in self.OPEN_PATHS and \
+                not hmac.compare_digest(authorization, self.expected):
             message = "missing API key" if not authorization else "wrong API key"
             return JSONResponse(error_body(401, f"{message}: send Authorization: Bearer <key>", None,
                                            "invalid_api_key"), 401)
@@ -123,7 +140,8 @@ class Job:
 
     def _record(self, f: Finished, now: float):
         reason = "stop" if self.cut and f.reason == "cancelled" else f.reason
-        self.server.metrics.finished(reason, f.ttft_s if f.completion_tokens else None)
+        self.server.metrics.finished(reason, f.ttft_s if f.completion_tokens else None, f.queued_s,
+                                     now - self.t_submit)
         decode_s = (self.t_last - self.t_first) if self.t_first is not None else 0.0
         rate = (f.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0
         page = self.server.page_size

@@ -1,82 +1,95 @@
 """Prometheus metrics of one server, in a registry of its own (tests build many apps in one process).
 
-Latencies are observed per request and token as events arrive; everything the scheduler counts (tokens, pages,
-the prefix cache, requests running and waiting) is read from scheduler.stats() when /metrics is scraped.
+Prometheus conventions: what accumulates is a counter (`_total`; rates are PromQL's rate()), what is a level is a
+gauge (never named `_total`), and latencies are histograms. Latencies and HTTP responses are observed as they
+happen; everything the scheduler counts (tokens, pages, the prefix cache, requests running and waiting) is read
+from scheduler.stats() when /metrics is scraped.
 """
 from __future__ import annotations
 
 import threading
-import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class ServerMetrics:
     def __init__(self, scheduler):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.ttft = Histogram("ktjax_time_to_first_token_seconds", "request submitted -> its first token",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token = Histogram("ktjax_inter_token_latency_seconds", "time between a request's tokens",
-                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        histogram = self._histogram
+        self.ttft = histogram("ktjax_time_to_first_token_seconds", "request submitted -> its first token")
+        self.inter_token = histogram("ktjax_inter_token_latency_seconds", "time between a request's tokens")
+        self.queue_wait = histogram("ktjax_queue_wait_seconds", "request submitted -> admitted to the running "
+                                                                "batch (or out of the queue, cancelled)",
+                                    REQUEST_BUCKETS)
+        self.duration = histogram("ktjax_request_duration_seconds", "request submitted -> finished, any reason",
+                                  REQUEST_BUCKETS)
         self.requests = Counter("ktjax_requests", "finished requests by reason", ["reason"], registry=self.registry)
+        self.responses = Counter("ktjax_http_responses", "HTTP responses by status code (4xx refusals included)",
+                                 ["code"], registry=self.registry)
         self.registry.register(SchedulerCollector(scheduler))
 
-    def finished(self, reason: str, ttft_s: float | None):
+    def _histogram(self, name: str, text: str, buckets=LATENCY_BUCKETS) -> Histogram:
+        return Histogram(name, text, buckets=buckets, registry=self.registry)
+
+    def finished(self, reason: str, ttft_s: float | None, queued_s: float, duration_s: float):
         self.requests.labels(reason).inc()
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+        self.queue_wait.observe(queued_s)
+        self.duration.observe(duration_s)
+
+    def responded(self, status: int):
+        self.responses.labels(str(status)).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class SchedulerCollector:
-    """scheduler.stats() as metrics; token rates over the time since the previous scrape."""
+    """scheduler.stats() as metrics, and device memory with a peak that never reads below its current value."""
 
-    GAUGES = {"running": "requests in the running batch", "waiting": "requests queued",
-              "pages_total": "cache pages", "pages_used": "cache pages held by requests",
-              "pages_free": "cache pages free", "pages_cached": "cache pages kept for the prefix cache",
-              "cache_bytes": "bytes of the paged latent cache"}
+    GAUGES = {"running": ("running", "requests in the running batch"), "waiting": ("waiting", "requests queued"),
+              "pages_total": ("pages_capacity", "cache pages in the pool"),
+              "pages_used": ("pages_used", "cache pages held by requests"),
+              "pages_free": ("pages_free", "cache pages free"),
+              "pages_cached": ("pages_cached", "free cache pages kept for the prefix cache"),
+              "cache_bytes": ("cache_bytes", "bytes of the paged latent cache")}
+    COUNTERS = {"prefill_tokens_total": ("prefill_tokens", "prompt tokens prefilled (prefix-cache hits excluded)"),
+                "decode_tokens_total": ("decode_tokens", "tokens fed through decode steps"),
+                "steps_total": ("steps", "scheduler steps"),
+                "prefix_hit_tokens": ("prefix_cache_hit_tokens", "prompt tokens found in the prefix cache"),
+                "prefix_lookup_tokens": ("prefix_cache_lookup_tokens", "prompt tokens looked up in the prefix cache")}
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.lock = threading.Lock()
-        self.previous = None  # (time, prefill tokens, decode tokens)
+        self.peak = 0  # the highest memory reading seen: a backend's peak and RSS are read apart and may lag
 
     def describe(self):
         return []
 
     def collect(self):
         s = self.scheduler.stats()
-        for key, text in self.GAUGES.items():
+        for key, (name, text) in self.GAUGES.items():
             if key in s:
-                yield GaugeMetricFamily(f"ktjax_{key}", text, value=s[key])
+                yield GaugeMetricFamily(f"ktjax_{name}", text, value=s[key])
+        for key, (name, text) in self.COUNTERS.items():
+            if key in s:
+                yield CounterMetricFamily(f"ktjax_{name}", text, value=s[key])
         lookups = s.get("prefix_lookup_tokens", 0)
-        yield GaugeMetricFamily("ktjax_prefix_cache_hit_rate", "prompt tokens found in the prefix cache / looked up",
-                                value=s.get("prefix_hit_tokens", 0) / lookups if lookups else 0.0)
-        for kind in ("prefill", "decode"):
-            yield CounterMetricFamily(f"ktjax_{kind}_tokens", f"{kind} tokens processed",
-                                      value=s.get(f"{kind}_tokens_total", 0))
-        yield CounterMetricFamily("ktjax_steps", "scheduler steps", value=s.get("steps_total", 0))
-        prefill_rate, decode_rate = self._rates(s)
-        yield GaugeMetricFamily("ktjax_prefill_tokens_per_second", "since the previous scrape", value=prefill_rate)
-        yield GaugeMetricFamily("ktjax_decode_tokens_per_second", "since the previous scrape", value=decode_rate)
+        yield GaugeMetricFamily("ktjax_prefix_cache_hit_rate", "prompt tokens found in the prefix cache / looked "
+                                "up, since the server started", value=s.get("prefix_hit_tokens", 0) / lookups
+                                if lookups else 0.0)
         in_use, peak = device_memory()
+        with self.lock:
+            self.peak = peak = max(self.peak, peak, in_use)
         yield GaugeMetricFamily("ktjax_device_memory_bytes", "device memory in use (host RSS on a CPU)", value=in_use)
         yield GaugeMetricFamily("ktjax_device_memory_peak_bytes", "peak device memory (peak RSS on a CPU)",
                                 value=peak)
-
-    def _rates(self, s: dict) -> tuple[float, float]:
-        now = (time.monotonic(), s.get("prefill_tokens_total", 0), s.get("decode_tokens_total", 0))
-        with self.lock:
-            before, self.previous = self.previous, now
-        if before is None or now[0] <= before[0]:
-            return 0.0, 0.0
-        dt = now[0] - before[0]
-        return (now[1] - before[1]) / dt, (now[2] - before[2]) / dt
 
 
 def device_memory() -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """OpenAI's request shapes, validated (pydantic, unknown fields refused), and its error shape.
 
 Every bad request becomes one ApiError: status, a message that names the field, OpenAI's error type and code.
+Fields that clients send with neutral values (response_format text, an empty logit_bias or tools, tool_choice
+"none") are accepted; any other value of them is refused by name, never silently ignored.
 """
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    # other fields (json_schema) are allowed here so that the refusal names the type, not the extra field
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    type: str
+
+
+def unsupported(field: str, what: str) -> ApiError:
+    return ApiError(400, f"{field}: {what}", field, "unsupported_value")
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -71,11 +83,14 @@ class _Sampling(_Strict):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def check(self):
         """What the types alone cannot say."""
         if self.n != 1:
             raise ApiError(400, f"n={self.n}: only n=1 is supported", "n")
+        if any(bias != 0 for bias in (self.logit_bias or {}).values()):
+            raise unsupported("logit_bias", "biasing tokens is not supported (only {} or biases of 0)")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise ApiError(400, f"{name}: penalties are not supported (only 0)", name)
@@ -107,9 +122,21 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None  # means nothing without tools
 
     def check(self):
         super().check()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise unsupported("response_format", f"type {self.response_format.type!r} is not supported: this "
+                                                 "server generates free text only ('text')")
+        if self.tools:
+            raise unsupported("tools", "tool calls are not supported (only an empty list)")
+        if self.tool_choice not in (None, "none", "auto"):  # "auto" with no tools is "none"
+            raise unsupported("tool_choice", f"{json.dumps(self.tool_choice)[:80]} is not supported: there are "
+                                             "no tools (only 'none')")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ApiError(400, "max_tokens and max_completion_tokens: give one", "max_completion_tokens")
         if self.top_logprobs is not None and not self.logprobs:
@@ -128,9 +155,15 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
 
     def check(self):
         super().check()
+        if self.echo:
+            raise unsupported("echo", "echoing the prompt is not supported (only false)")
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of", f"only 1 is supported (got {self.best_of})")
         if len(self.prompt) == 0:
             raise ApiError(400, "prompt: empty", "prompt")
 

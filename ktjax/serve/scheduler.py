@@ -65,6 +65,7 @@ class Finished:
     cached_tokens: int     # prompt tokens served from the prefix cache
     ttft_s: float          # submit -> first token
     error: str | None = None
+    queued_s: float = 0.0  # submit -> admitted to the batch (or out of the queue, cancelled)
 
 
 class PromptTooLong(KtjaxError):
@@ -103,6 +104,7 @@ class _Request:
     pending: int | None = None  # sampled token not yet fed through the model
     generated: list[int] = dataclasses.field(default_factory=list)
     ttft: float = 0.0
+    admitted: float | None = None   # perf_counter when it left the queue for the batch
     cancelled: bool = False
 
     @property
@@ -121,9 +123,9 @@ class Scheduler:
                                 ("max_queue", max_queue, 0), ("n_pages", n_pages, 1)):
             if value is not None and (not isinstance(value, int) or value < lo):
                 raise KtjaxError(f"{name} must be an integer >= {lo}, got {value!r}")
-        if engine.cfg.has_indexer:
-            raise KtjaxError("the server's paged cache holds no sparse-attention index keys yet: serve a "
-                             "DeepSeek-V2/V3 model; run DeepSeek-V3.2 with python -m ktjax.generate")
+        if engine.cfg.has_indexer and sharding.seq_shards(engine.mesh) > 1:
+            raise KtjaxError("sparse attention (DeepSeek-V3.2) over a page pool split over devices is not "
+                             "supported yet: serve the model on one device, or run it with python -m ktjax.generate")
         self.engine = engine
         self.max_batch, self.page_size, self.max_queue = max_batch, page_size, max_queue
         if n_pages is None:
@@ -176,10 +178,14 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="ktjax-scheduler", daemon=True)
             self._thread.start()
 
-    def warmup(self) -> None:
-        """Compile every bucketed program (prefill chunks x table widths, batch sizes x table widths)."""
-        for shape in self.programs.prefill_shapes() + self.programs.decode_shapes():
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compile every bucketed program (prefill chunks x table widths, batch sizes x table widths);
+        progress(done, total) after each."""
+        shapes = self.programs.prefill_shapes() + self.programs.decode_shapes()
+        for done, shape in enumerate(shapes, 1):
             self.programs.get(*shape)
+            if progress is not None:
+                progress(done, len(shapes))
 
     def submit(self, prompt_ids, params: RequestParams, on_event: Callable) -> Handle:
         req = self._validate(prompt_ids, params, on_event)
@@ -299,6 +305,7 @@ class Scheduler:
             req.keys = keys
             req.cached_tokens = req.length = len(hits) * self.page_size
             self._waiting.popleft()
+            req.admitted = time.perf_counter()
             self._running.append(req)
 
     def _reap_cancelled(self) -> None:
@@ -324,7 +331,8 @@ class Scheduler:
                 self._waiting.remove(req)
             else:
                 return
-        event = Finished(reason, len(req.prompt), req.n_gen, req.cached_tokens, req.ttft, error)
+        queued = (req.admitted or time.perf_counter()) - req.submitted
+        event = Finished(reason, len(req.prompt), req.n_gen, req.cached_tokens, req.ttft, error, queued)
         self._call(req, event)
 
     def _call(self, req: _Request, event) -> bool:

@@ -41,6 +41,7 @@ from flax import nnx
 from ktjax.weights import params
 from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError, require_finite
+from ktjax.util.jsonio import loads_bounded
 from ktjax.model.fp8 import FP8_DTYPES
 from ktjax.model.decoder import DeepseekModel
 from ktjax.model.quantized import QuantizedArray
@@ -217,7 +218,7 @@ def _array_metadata(folder: str, key: str, listed: dict) -> dict:
     try:
         if len(raw) > _MAX_ARRAY_METADATA:
             raise ValueError("too large")
-        meta = json.loads(raw)
+        meta = loads_bounded(raw)
         stored = (meta["shape"], meta["data_type"])
     except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise KtjaxError(f"{path}: unreadable array metadata ({type(e).__name__}); re-convert the model") from None

@@ -34,6 +34,7 @@ from ktjax.weights.checkpoint import CHUNK_BYTES, MANIFEST, is_checkpoint
 from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError
 from ktjax.model.fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
+from ktjax.weights.hub import resolve_model
 from ktjax.weights.loader import Entry, TensorSource, _skipped, layer_entries, top_entries
 from ktjax.util.units import format_bytes as fmt_bytes
 from ktjax.model import quantized as weight_quant
@@ -236,7 +237,9 @@ def _existing_parent(out: str) -> str:
 
 def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = False,
               overwrite: bool = False, group: int = weight_quant.INT4_GROUP, lm_head: str = "kept") -> Plan:
-    """Check everything that can be checked without writing, and decide what each output tensor will be."""
+    """Check everything that can be checked without writing, and decide what each output tensor will be.
+    `hf_dir` may be a Hugging Face Hub id (org/name[@revision]): its snapshot, fetched unless cached, is read."""
+    hf_dir = resolve_model(hf_dir, "--hf-dir")  # a local folder of that name wins
     _check_paths(hf_dir, out, overwrite)
     cfg = ModelConfig.from_file(os.path.join(hf_dir, "config.json"))
     src = TensorSource(hf_dir, owned=True)
@@ -700,7 +703,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="hf_to_ktjax.py", description="Convert a Hugging Face DeepSeek folder "
                                 "(bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.")
-    p.add_argument("--hf-dir", required=True, help="Hugging Face model folder: config.json + *.safetensors")
+    from ktjax.util.version import version_text
+    p.add_argument("--version", action="version", version=version_text(), help="print ktjax's version and exit")
+    p.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + *.safetensors), or a "
+                   "Hugging Face Hub id (org/name or org/name@revision), downloaded into the Hugging Face cache")
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.add_argument("--weights", choices=WEIGHTS, default="source",
                    help="stored precision: source keeps what the folder has (FP8 stays FP8); float32 and bf16 "
