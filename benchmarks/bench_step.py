@@ -95,7 +95,8 @@ def main(argv=None):
 class WeightBytes:
     """The weight bytes a decode step of n rows must read, for the ceiling that bandwidth sets on batching: every
     weight but the embedding (n rows of it) once, and of each MoE layer's routed experts only those the rows
-    select, E (1 - (1 - k/E)^n) distinct ones in expectation under independent routing (a random model's)."""
+    select, E (1 - (1 - k/E)^n) distinct ones in expectation under independent routing (a random model's). The
+    MTP module (a draft model for speculative decoding) is no part of a plain decode step, so it is not counted."""
     shared: int       # read by every step whatever n
     routed: int       # all routed experts of all layers
     n_experts: int
@@ -110,6 +111,8 @@ class WeightBytes:
         shared = routed = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(engine.state, is_leaf=lambda x: isinstance(x, PerExpert))[0]:
             name = jax.tree_util.keystr(path)
+            if name.startswith("['mtp']"):
+                continue
             nbytes = sum(x.nbytes for x in jax.tree.leaves(leaf))
             if any(w in name for w in ("'w_gate'", "'w_up'", "'w_down'")):
                 routed += nbytes

@@ -7,18 +7,18 @@ from ktjax.model.config import ModelConfig  # noqa: E402
 from ktjax.errors import KtjaxError  # noqa: E402
 
 
-def load(path: str, **settings):
+def load(path: str, *, progress=None, **settings):
     """Load a converted ktjax checkpoint or a Hugging Face DeepSeek folder and return an Engine (with the
     folder's tokenizer when it has one). `path` may also be a Hugging Face Hub id, `org/name` or
     `org/name@revision`, fetched into huggingface_hub's cache (ktjax/weights/hub.py). `settings`: any runtime
     setting (ktjax/runtime/settings.py); per-call ones (temperature, max_new_tokens, ...) become the engine's
-    defaults."""
+    defaults. `progress`: a ktjax/runtime/progress.py Progress told of the "load" phase, parameter by parameter."""
     from ktjax.runtime.settings import resolve
 
-    return open_folder(path, *resolve(**settings))
+    return open_folder(path, *resolve(**settings), progress=progress)
 
 
-def open_folder(path: str, runtime, defaults):
+def open_folder(path: str, runtime, defaults, progress=None):
     """`load` with settings already resolved (runtime.resolve): the CLI validates its flags once, up front."""
     import os
 
@@ -35,16 +35,28 @@ def open_folder(path: str, runtime, defaults):
     if runtime.memory_budget is not None:
         from ktjax.runtime.memory import check_budget_holds_weights
         check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,
-                                   1 if mesh is None else mesh.size)
+                                   1 if mesh is None else mesh.size, runtime.experts, runtime.gpu_experts)
     notes: list[str] = []
+    from ktjax.runtime.progress import NO_PROGRESS
+
+    progress = progress or NO_PROGRESS
+    progress.phase("load", 0, "parameters")
     # Checked first: a converted folder holds a copy of config.json too. One whose manifest is damaged (it still
     # has params/) goes to the checkpoint reader too, which says what is wrong with the manifest.
     if is_checkpoint(path) or os.path.isdir(os.path.join(path, "params")):
-        cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh, notes=notes)
+        # per layer on one device: the Engine runs layers as separate arrays, and splitting a stack would hold
+        # every parameter twice for a while (docs/results.md, "Memory at real size")
+        cfg, model = load_checkpoint(path, runtime.jnp_dtype, mesh=mesh, notes=notes, per_layer=mesh is None,
+                                     on_param=progress.update)
     else:
         cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
-        model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh, notes=notes)  # placed tensor by tensor
-    return _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer, own_weights=True)
+        from ktjax.runtime.backend import loader_fill  # experts host: the routed experts straight into host memory
+
+        model = load_hf_model(path, cfg, runtime.jnp_dtype, mesh=mesh, notes=notes,  # placed tensor by tensor
+                              on_param=progress.update, experts_to=loader_fill(cfg, runtime, mesh))
+    engine = _engine(cfg, model, runtime, defaults, mesh, notes, generation, tokenizer, own_weights=True)
+    progress.end()
+    return engine
 
 
 def load_model(cfg: ModelConfig, model, *, tokenizer=None, generation_config: dict | None = None, **settings):

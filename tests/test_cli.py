@@ -36,7 +36,7 @@ def test_runs_with_no_arguments(capsys):
     assert rc == 0
     assert out.startswith("The key to reading a long document is")
     assert "demo model" in err and "decode" in err and "B/token" in err
-    assert "weights 13.6 MiB (float32 copy of a 6.8 MiB bfloat16 checkpoint; --dtype sets it)" in err
+    assert "weights 18.4 MiB (float32 copy of a 9.2 MiB bfloat16 checkpoint; --dtype sets it)" in err
 
 
 def test_json_schema_and_values(capsys, model_dir):

@@ -1,4 +1,4 @@
-"""What python -m ktjax.generate and python -m ktjax.serve share: the parser (bad flags: one message, exit 2),
+"""What python -m ktjax.generate, ktjax.serve and ktjax.chat share: the parser (bad flags: one message, exit 2),
 the setting flags in --help's groups, --version, the settings resolved once, the compilation cache, and the
 engine loaded (a model folder or the demo model)."""
 from __future__ import annotations
@@ -113,16 +113,22 @@ def model_folder(args) -> str | None:
     return DEMO_MODEL_DIR if os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.json")) else None
 
 
-def load_engine(args, resolved):
+def load_engine(args, resolved, progress=None):
+    """The engine; `progress` (ktjax/runtime/progress.py) is told of the "load" phase."""
     from ktjax import engine_for, open_folder
     from ktjax.demo import RANDOM_WEIGHTS_NOTICE, TRAINED_NOTICE, demo_model, demo_tokenizer
 
     if args.model:
-        return open_folder(args.model, *resolved)
+        return open_folder(args.model, *resolved, progress=progress)
     folder = model_folder(args)
     if folder is not None:
         print(f"ktjax: {TRAINED_NOTICE}", file=sys.stderr)
-        return open_folder(folder, *resolved)
+        return open_folder(folder, *resolved, progress=progress)
     print(f"ktjax: {RANDOM_WEIGHTS_NOTICE}", file=sys.stderr)
+    if progress is not None:
+        progress.phase("load", 0, "parameters")
     cfg, model = demo_model(resolved[0].jnp_dtype)
-    return engine_for(cfg, model, *resolved, tokenizer=demo_tokenizer())
+    engine = engine_for(cfg, model, *resolved, tokenizer=demo_tokenizer())
+    if progress is not None:
+        progress.end()
+    return engine

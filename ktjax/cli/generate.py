@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one compact JSON object {completion, "
                                                        "completion_ids, stats} as the last line of stdout instead "
                                                        "of streamed text")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar during a long prefill")
+    p.add_argument("--no-progress", action="store_true", help="no live status on stderr (phase, tokens, tok/s, "
+                                                              "memory, cache fill: one line on a terminal, a "
+                                                              "log line per phase otherwise)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (device and host memory: weights, "
+                                                          "cache, activations, experts; the cache that cache_lens "
+                                                          "auto gets) from the model folder's headers, read no "
+                                                          "weight, and exit")
     add_version_flag(p)
     add_setting_flags(p)
     return p
@@ -146,9 +152,15 @@ def main(argv=None) -> int:
         try:
             args, resolved = parse(argv)
             require_stdout()  # before minutes of loading, for a completion nobody can read
+            if args.dry_run:
+                return dry_run(args, resolved)
             import_uninterrupted(*ENGINE_MODULES)
             enable_compilation_cache()
-            return run(load_engine(args, resolved), args)
+            from ktjax.runtime.progress import LiveStatus, Timeline
+
+            # Left on an error, it clears its line first: the error stays the last line of stderr.
+            with Timeline() if args.no_progress else LiveStatus(sys.stderr) as progress:
+                return run(load_engine(args, resolved, progress), args, progress)
         except KtjaxError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -164,29 +176,39 @@ def main(argv=None) -> int:
             return EXIT_INTERRUPTED
 
 
-def run(engine, args) -> int:
+def run(engine, args, progress=None) -> int:
+    """Generate and print; `progress` (ktjax/runtime/progress.py) hears of every phase, and its timeline goes
+    into the stats."""
+    from ktjax.runtime.progress import Timeline
     from ktjax.runtime.tokenizer import StreamDecoder
 
+    progress = progress or Timeline()
     prompts = [encode_prompt(engine, text, name, args.chat, args.instruction)
                for text, name in zip(args.prompts, args.prompt_names)]
     stream = not args.json and len(prompts) == 1
+    # Status and streamed text on one terminal (or in one log, 2>&1) would write over each other: there the prompt
+    # is echoed when the first tokens come, and the status makes way for the text until its last line.
+    one_screen = stream and same_file(sys.stdout, sys.stderr)
     decoder = StreamDecoder(engine.tokenizer)
     echoed = False
 
     def echo():  # once the prompts passed every check: an error never glues onto the echoed prompt
         nonlocal echoed
-        if stream:
+        if stream and not echoed:
+            if one_screen:
+                progress.pause()
             echoed = True
             write_out(shown_prompt(args, args.prompts[0]))
 
     def on_tokens(new):
+        echo()
         text = decoder.push(new[0])
         if text:
             write_out(text)
 
     try:
-        result = engine.generate(prompts, on_tokens=on_tokens if stream else None, on_start=echo,
-                                 progress=not args.no_progress and sys.stderr.isatty())
+        result = engine.generate(prompts, on_tokens=on_tokens if stream else None,
+                                 on_start=None if one_screen else echo, progress=progress)
     except (KtjaxError, KeyboardInterrupt):
         if echoed:
             try:
@@ -194,22 +216,58 @@ def run(engine, args) -> int:
             except OutputFailed:  # the error being raised says more
                 pass
         raise
+    if stream:
+        echo()
+        write_out(decoder.flush() + "\n")
+    progress.close()  # its line cleared (or its last log line written) before the output and the stats
     texts = result.texts
     from ktjax.runtime.memory import weights_note
     result.stats["weights_note"] = weights_note(model_folder(args), engine.runtime.jnp_dtype)
+    result.stats["timeline"] = progress.timeline()
     if args.json:
         one = len(prompts) == 1
         write_out(json.dumps({"completion": texts[0] if one else texts,
                               "completion_ids": result.tokens[0] if one else result.tokens,
                               "stats": result.stats}, separators=(",", ":")) + "\n")
         return 0
-    if stream:
-        write_out(decoder.flush() + "\n")
-    else:
+    if not stream:
         for prompt, text in zip(map(functools.partial(shown_prompt, args), args.prompts), texts):
             write_out(f"--- {prompt!r}\n{prompt}{text}\n")
     print_stats(result.stats)
     return 0
+
+
+def dry_run(args, resolved) -> int:
+    """--dry-run: the plan of runtime/memory.py's plan_folder for these prompts (tokenized by the folder's
+    tokenizer, without a chat template) plus max_new_tokens, printed (--json: one JSON object); nothing loaded."""
+    from ktjax.runtime.memory import describe_plan, plan_folder
+    from ktjax.runtime.tokenizer import Tokenizer
+
+    runtime, call = resolved
+    folder = model_folder(args)
+    if folder is None:
+        raise KtjaxError("--dry-run plans a model folder from its headers: pass --model")
+    tokenizer = Tokenizer.from_folder(folder)
+    longest = max(len(tokenizer.encode(shown_prompt(args, text))) for text in args.prompts)
+    cache_lens, plan, note = plan_folder(folder, runtime, len(args.prompts), longest + call.max_new_tokens)
+    if args.json:
+        write_out(json.dumps({"dry_run": True, "prompt_tokens": longest, "cache_lens": cache_lens,
+                              "cache_dtype": runtime.cache_dtype.name, **plan.stats(), "note": note},
+                             separators=(",", ":")) + "\n")
+        return 0
+    lines = [f"dry run: {len(args.prompts)} prompt(s) of at most {longest} tokens + {call.max_new_tokens} new: "
+             f"cache {runtime.cache_dtype.name} x {cache_lens} tokens", *describe_plan(plan)]
+    write_out("".join(line + "\n" for line in lines + ([f"note: {note}"] if note else [])))
+    return 0
+
+
+def same_file(a, b) -> bool:
+    """Whether two streams write to one file, pipe or terminal (False for streams without a file: pytest's)."""
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def encode_prompt(engine, text: str, name: str, chat: bool = False, instruction: str | None = None) -> list[int]:
@@ -288,6 +346,10 @@ def print_stats(s: dict, file=None):
     print(f"prompt {s['prompt_tokens']} tokens, generated {s['generated_tokens']} | "
           f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, "
           f"first token {s['time_to_first_token_s']:.3f} s, compile {s['compile_s']:.1f} s", file=file)
+    if s.get("speculative", "off") != "off":
+        print(f"speculative {s['speculative']}: {s['draft_tokens']} draft token(s) per pass, "
+              f"{s['draft_acceptance_rate']:.0%} of drafts accepted, {s['accept_length']:.2f} tokens per pass",
+              file=file)
     per_device = (f", {format_bytes(s['cache_bytes_per_device'])} per device"
                   if s.get("cache_bytes_per_device", s["cache_bytes"]) != s["cache_bytes"] else "")
     why = f" ({s['weights_note']})" if s.get("weights_note") else ""
@@ -295,6 +357,9 @@ def print_stats(s: dict, file=None):
           f"({s['cache_bytes_per_token']} B/token, all layers) | weights {format_bytes(s['weight_bytes'])}{why} | "
           f"peak memory {format_bytes(s['peak_memory_bytes'])} | {s['devices']} {s['backend']} device(s)",
           file=file)
+    if s.get("host_memory", {}).get("total"):  # experts host: the planner's two memories
+        print(f"planned memory: device {format_bytes(s['device_memory']['total'])}, host "
+              f"{format_bytes(s['host_memory']['total'])} (routed experts)", file=file)
     for note in s.get("sharding_notes") or []:
         print(f"note: {note}", file=file)
 

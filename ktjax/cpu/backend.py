@@ -1,7 +1,8 @@
 """ktjax's C++ CPU kernels as a backend of the door (ktjax/runtime/backend.py): what the door asks of them.
 
 They run on one CPU device (a custom call is not partitioned over a mesh), once built (build.py): the matmuls
-over the weights they hold (weights.py) and a decode step's attention (attention.py).
+over the weights they hold (weights.py), a decode step's attention (attention.py) and, under experts: host, the
+routed experts from the host expert store (host_experts.py).
 """
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import numpy as np
 
 from ktjax.cpu import build
 from ktjax.cpu.attention import ATTENTION, CpuAttention
+from ktjax.cpu.host_experts import (HostExpertStore, LoaderFill, keep_on_device, most_routed, store_experts,
+                                    store_of)
 from ktjax.cpu.weights import held_counts, hold_for_kernels
 from ktjax.model.decoder import matmul_weight_dtypes
 
-__all__ = ["ATTENTION", "attention_kernel", "held_counts", "hold", "integer_products_fast", "reads", "require",
+__all__ = ["ATTENTION", "HostExpertStore", "bridge_flags", "LoaderFill", "attention_kernel", "held_counts", "hold",
+           "integer_products_fast", "keep_on_device", "most_routed", "reads", "require", "store_experts", "store_of",
            "unavailable"]
 
 KERNEL_DTYPES = {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)}
@@ -26,6 +30,11 @@ def unavailable() -> str | None:
 def require():
     """Build and register the kernels now, or raise KtjaxError with the reason."""
     build.require()
+
+
+def bridge_flags() -> tuple:
+    """The GPU bridge's build flags (build.py): empty where it is not built (no GPU, or no CUDA runtime)."""
+    return build.bridge_flags()
 
 
 def integer_products_fast() -> bool:

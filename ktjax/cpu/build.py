@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -38,7 +39,7 @@ LIBRARY_GLOB = "ktjax_matmul_*.so"
 STALE_DAYS = 30  # a library not loaded for this long is removed when another is built (its inputs changed)
 # The functions the library exports (matmul.cc, attention.cc), registered as FFI targets for the CPU.
 EXPORTS = ("KtjaxMatmulInt8", "KtjaxMatmulInt4", "KtjaxMatmulF32", "KtjaxMatmulInt8Q8", "KtjaxMatmulInt4Q8",
-           "KtjaxDecodeAttention", "KtjaxHeadsMatmulF32", "KtjaxGroupedMatmul")
+           "KtjaxDecodeAttention", "KtjaxHeadsMatmulF32", "KtjaxGroupedMatmul", "KtjaxHostExperts")
 
 
 def kernel_dir() -> Path:
@@ -66,7 +67,43 @@ def march() -> str:
 
 
 def flags() -> tuple[str, ...]:
-    return (*FLAGS, f"-march={march()}")
+    return (*FLAGS, f"-march={march()}", *bridge_flags())
+
+
+# The GPU bridge of experts: host (matmul.cc, KTJAX_CUDA): KtjaxHostExperts on the CUDA platform, built into the
+# library where JAX runs on a GPU and the CUDA runtime's headers and library are found (JAX's CUDA wheels ship them).
+BRIDGE_TARGET = ("KtjaxHostExperts", "KtjaxHostExpertsCuda")  # (the FFI name, the CUDA handler's symbol)
+
+
+def cuda_home() -> Path | None:
+    """A folder with include/cuda_runtime.h and lib/ (or lib64/) libcudart: $CUDA_HOME, JAX's nvidia-cuda-runtime
+    wheel, or /usr/local/cuda*; None where there is none."""
+    candidates = [os.environ.get("CUDA_HOME") or ""]
+    try:  # JAX's CUDA wheels (nvidia-cuda-runtime): found by name, not a dependency of ktjax
+        wheel = importlib.util.find_spec("nvidia.cuda_runtime")
+        candidates += list(wheel.submodule_search_locations or []) if wheel else []
+    except ImportError:
+        pass
+    candidates += sorted(map(str, Path("/usr/local").glob("cuda*")), reverse=True)
+    return next((Path(c) for c in candidates if c and (Path(c) / "include" / "cuda_runtime.h").is_file()), None)
+
+
+def bridge_flags(compile_only: bool = False) -> tuple[str, ...]:
+    """The flags that build the GPU bridge in: where JAX runs on a GPU and cuda_home() finds the runtime (or, with
+    compile_only, wherever the headers are: tests/test_host_experts.py compiles it on any machine); else none."""
+    home = cuda_home()
+    if home is None or not (compile_only or jax.default_backend() == "gpu"):
+        return ()
+    return ("-DKTJAX_CUDA", f"-I{home / 'include'}")
+
+
+def bridge_libraries() -> tuple[str, ...]:
+    """What the bridge links (after the sources): the CUDA runtime, found again at load through the rpath."""
+    if not bridge_flags():
+        return ()
+    home = cuda_home()
+    lib = next((home / d for d in ("lib64", "lib") if (home / d).is_dir()), home / "lib")
+    return (f"-L{lib}", f"-Wl,-rpath,{lib}", "-lcudart")
 
 
 def integer_products_fast() -> bool:
@@ -118,7 +155,7 @@ def build() -> Path:
     except OSError as e:
         raise KtjaxError(f"cpu_kernels: cannot write {out.parent} ({e.strerror}); set KTJAX_KERNEL_DIR to a "
                          "writable folder") from None
-    cmd = [compiler, *flags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    cmd = [compiler, *flags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), *bridge_libraries(), "-o", tmp]
     names = " and ".join(source.name for source in SOURCES)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -136,20 +173,34 @@ def build() -> Path:
 
 
 @functools.cache
-def registered() -> bool:
-    """Build (if needed), load and register the library once per process; KtjaxError says why it cannot be."""
+def library() -> ctypes.CDLL:
+    """Build (if needed) and load the library once per process; KtjaxError says why it cannot be."""
     path = build()
     try:
         os.utime(path)  # in use: remove_stale keeps it
     except OSError:
         pass
     try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        return ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:  # a damaged file in the cache: say which, never delete it
         raise KtjaxError(f"cpu_kernels: cannot load {path} ({e}); remove it to rebuild") from None
+
+
+@functools.cache
+def registered() -> bool:
+    """Build (if needed), load and register the library once per process; KtjaxError says why it cannot be."""
+    lib = library()
     for target in EXPORTS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    if bridge_flags():
+        name, symbol = BRIDGE_TARGET
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
     return True
+
+
+def bridge_built() -> bool:
+    """Whether the library holds the GPU bridge (built for a GPU with the CUDA runtime found)."""
+    return bool(bridge_flags()) and available() is None
 
 
 @functools.cache

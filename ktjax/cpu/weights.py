@@ -17,6 +17,7 @@ from ktjax.cpu import kernels
 from ktjax.model.decoder import PerLayer, map_matmul_weights, out_in_copy
 from ktjax.model import quantized
 from ktjax.model.quantized import HeldWeight, OutIn, QuantizedArray, int4_group, matmul, swap_last, tile_size
+from ktjax.util.heap import freed, release_freed_memory
 
 
 @jax.tree_util.register_dataclass
@@ -109,9 +110,22 @@ def kernel_reads(values, scale) -> bool:
     return values.dtype == jnp.int8 or (values.dtype == jnp.uint8 and int4_group(values.shape, scale.shape) % 32 == 0)
 
 
-def kernel_layout(w: QuantizedArray, int8_activations: bool = False) -> KernelQuantized:
-    """A weight that kernel_reads (or a PerLayer / PerExpert of them) as a KernelQuantized copy."""
-    return KernelQuantized(swap_last(w.values), swap_last(w.scale), int8_activations)
+def kernel_layout(w: QuantizedArray, int8_activations: bool = False, consume: bool = False) -> KernelQuantized:
+    """A weight that kernel_reads (or a PerLayer / PerExpert of them) as a KernelQuantized copy; consume=True
+    deletes each stored array as soon as its copy exists, so that the peak stays one array (not one parameter of
+    every layer) above the weights."""
+    if not consume:
+        return KernelQuantized(swap_last(w.values), swap_last(w.scale), int8_activations)
+    return KernelQuantized(jax.tree.map(_moved_out_in, w.values), jax.tree.map(_moved_out_in, w.scale),
+                           int8_activations)
+
+
+def _moved_out_in(a):
+    """a's [..., out, in] copy, made before a is deleted (a deleted array's pending reads would hold it)."""
+    t = jax.block_until_ready(out_in_copy(a, consume=False))
+    a.delete()
+    freed(a.nbytes)  # its pages back to the OS every few hundred MB: the next copy may come from another arena
+    return t
 
 
 def _kernel_rows(x, w: KernelQuantized):
@@ -173,25 +187,26 @@ def hold_for_kernels(state, consume: bool = False, int8_activations: bool = Fals
     """Every 2-D int8 / int4 matmul weight (Linear kernels, lm_head, routed experts split by unstack_layers) as a
     KernelQuantized [out, in] copy (int8_activations: the kernels' int8-activation path), every 2-D float32 one
     as a KernelOutIn copy (an OutIn one, as held by weight_layout out-in, in place), and the absorbed attention's
-    float32 w_uk / w_uv as KernelHeads (in place); consume=True deletes each original once copied. Stacked
+    float32 w_uk / w_uv as KernelHeads (in place); consume=True deletes each original as soon as it is copied
+    (array by array: the peak is one array above the weights, and the freed pages go back to the OS). Stacked
     experts (moe_impl ragged) keep their layout."""
     def float_for_kernel(a):
         if isinstance(a, OutIn):
             return KernelOutIn(a.values) if a.values.dtype == jnp.float32 and a.values.ndim == 2 else a
         if not isinstance(a, jax.Array) or a.dtype != jnp.float32 or a.ndim != 2:
             return a
-        return KernelOutIn(out_in_copy(a, consume))
+        return KernelOutIn(_moved_out_in(a) if consume else out_in_copy(a, False))
 
     def held(w):
         if not isinstance(w, QuantizedArray):
-            return jax.tree.map(float_for_kernel, w, is_leaf=lambda x: isinstance(x, OutIn))
-        values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
-        if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
-            return w
-        out = kernel_layout(w, int8_activations)
+            out = jax.tree.map(float_for_kernel, w, is_leaf=lambda x: isinstance(x, OutIn))
+        else:
+            values, scales = jax.tree.leaves(w.values), jax.tree.leaves(w.scale)
+            if not all(kernel_reads(v, s) for v, s in zip(values, scales)):
+                return w
+            out = kernel_layout(w, int8_activations, consume)
         if consume:
-            for a in values + scales:
-                a.delete()
+            release_freed_memory()  # the originals' pages back to the OS, parameter by parameter (util/heap.py)
         return out
 
     return _hold_head_weights(map_matmul_weights(state, held))

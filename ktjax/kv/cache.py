@@ -78,8 +78,11 @@ class LatentCache:
 
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, batch: int, cache_lens: int, *, block: int,
-               attention: AttentionKernel | None = None, layout: CacheLayout | None = None) -> "LatentCache":
-        lead = (cfg.num_hidden_layers, batch, cache_lens)
+               attention: AttentionKernel | None = None, layout: CacheLayout | None = None,
+               extra_layers: int = 0) -> "LatentCache":
+        """An empty cache of cfg.num_hidden_layers + extra_layers layer slots (extra_layers=1: the slice of the
+        multi-token-prediction module, layer num_hidden_layers; model/mtp.py)."""
+        lead = (cfg.num_hidden_layers + extra_layers, batch, cache_lens)
         r = cfg.kv_lora_rank
         indexed = getattr(cfg, "has_indexer", False)
 
@@ -207,5 +210,6 @@ class LatentCache:
         return take(self.c_kv), take(self.scales), take(self.k_pe)
 
 
-def cache_bytes(cfg, fmt: CacheFormat, batch: int, cache_lens: int) -> int:
-    return batch * cache_lens * fmt.bytes_per_token(cfg)
+def cache_bytes(cfg, fmt: CacheFormat, batch: int, cache_lens: int, extra_layers: int = 0) -> int:
+    per_layer = fmt.bytes_per_token(cfg) // cfg.num_hidden_layers
+    return batch * cache_lens * per_layer * (cfg.num_hidden_layers + extra_layers)

@@ -65,8 +65,10 @@ class PagedLatentCache:
     @classmethod
     def create(cls, cfg, fmt: CacheFormat, n_pages: int, page_size: int = DEFAULT_PAGE_SIZE, *,
                batch: int = 1, max_pages: int = 1, attention: AttentionKernel | None = None,
-               layout: CacheLayout | None = None) -> "PagedLatentCache":
-        lead = (cfg.num_hidden_layers, n_pages, page_size)
+               layout: CacheLayout | None = None, extra_layers: int = 0) -> "PagedLatentCache":
+        """Pools of cfg.num_hidden_layers + extra_layers layer slots (extra_layers=1: the multi-token-prediction
+        module's, layer num_hidden_layers)."""
+        lead = (cfg.num_hidden_layers + extra_layers, n_pages, page_size)
         r = cfg.kv_lora_rank
         indexed = getattr(cfg, "has_indexer", False)
         if layout is not None and layout.seq_axis is None:

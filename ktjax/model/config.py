@@ -72,6 +72,20 @@ class ModelConfig:
     index_topk: int = 0
     index_head_dim: int = 0
     index_n_heads: int = 0
+    # Multi-token prediction: config.json's num_nextn_predict_layers (DeepSeek-V3/R1/V3.2: 1), the MTP layers
+    # stored after the decoder layers (model.layers.{num_hidden_layers}.*). ktjax runs the first (mtp_layers);
+    # a loader sets it to 0 where the weights lack the layer or it is dropped (model/mtp.py).
+    num_nextn_predict_layers: int = 0
+
+    @property
+    def mtp_layers(self) -> int:
+        """MTP layers the model holds: 1 when config.json has any (ktjax runs the first), else 0."""
+        return min(self.num_nextn_predict_layers, 1)
+
+    @property
+    def mtp_moe(self) -> bool:
+        """Whether the MTP layer's feed-forward is MoE: its index (num_hidden_layers) is past the dense ones."""
+        return bool(self.n_routed_experts) and self.first_k_dense_replace <= self.num_hidden_layers
 
     @property
     def has_indexer(self) -> bool:
@@ -181,6 +195,7 @@ class ModelConfig:
             max_position_embeddings=g.int("max_position_embeddings", 4096),
             bos_token_id=g.int("bos_token_id", None),
             eos_token_ids=tuple(token_ids(raw, "eos_token_id")),
+            num_nextn_predict_layers=g.int("num_nextn_predict_layers", 0) or 0,
             **(_indexer(g, heads) if arch == "deepseek_v32" else {}),
         )
 

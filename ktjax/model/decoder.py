@@ -1,4 +1,5 @@
-"""The DeepSeek V2/V3 decoder: embedding, dense and MoE layer stacks, norm, lm_head.
+"""The DeepSeek V2/V3 decoder: embedding, dense and MoE layer stacks, norm, lm_head, and the multi-token-prediction
+module (model/mtp.py: a stack of one layer, run by mtp_forward / mtp_forward_cached) where the model has one.
 
 Layers of one kind are stacked (leading axis = layer): the loaders, sharding and checkpoints see one array per
 parameter. A stack runs with jax.lax.scan (a 61-layer model compiles like a 1-layer one), or, once the Engine
@@ -9,62 +10,19 @@ a matrix-vector product reads), while a separate array is read in place.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ktjax.model.block import DecoderLayer, RunOptions, make_stack  # noqa: F401 (RunOptions: the model's API)
 from ktjax.model.config import ModelConfig
-from ktjax.model.layers import MLP, Linear, RMSNorm, _init, rope_cos_sin
-from ktjax.model.mla import MLA
-from ktjax.model.moe import MoE, PerExpert, stack_experts
+from ktjax.model.layers import Linear, RMSNorm, _init, rope_cos_sin
+from ktjax.model.moe import PerExpert, stack_experts
+from ktjax.model.mtp import MTPLayer, make_mtp
 from ktjax.model.quantized import HeldWeight, OutIn, QuantizedArray, in_out
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """What a forward pass is specialised on (static under jax.jit)."""
-    absorb: bool                    # absorbed (latent-space) or naive attention for these queries
-    moe_impl: str = "auto"          # routed experts: auto, gather, ragged or blocked (moe.py)
-    dtype: Any = jnp.float32        # compute dtype
-    mesh: Any = None                # with expert_axis: the mesh whose axis splits the expert stacks
-    expert_axis: str | None = None
-    index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
-    grouped_impl: str = "blocked"   # what moe_impl auto runs for many selections (the Engine: the backend door's)
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = MLA(cfg, dtype=dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if moe else
-                    MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs))
-
-    def feed_forward(self, x, opts: RunOptions):
-        h = self.post_attn_norm(x)
-        if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, opts.moe_impl, opts.mesh, opts.expert_axis, opts.grouped_impl)
-        return x + self.mlp(h)
-
-    def __call__(self, x, cos, sin, mask, opts: RunOptions):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb, opts.index_topk)
-        return self.feed_forward(x, opts)
-
-
-def make_stack(cfg: ModelConfig, moe: bool, n: int, *, dtype, rngs: nnx.Rngs) -> DecoderLayer | None:
-    """n layers of one kind with every parameter stacked along a leading layer axis."""
-    if n == 0:
-        return None
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(r):
-        return DecoderLayer(cfg, moe, dtype=dtype, rngs=r)
-
-    return create(rngs)
+from ktjax.util.heap import release_freed_memory
 
 
 @jax.tree_util.register_dataclass
@@ -91,8 +49,9 @@ def _take_layer(x, i: int):
 
 
 def _split(x, consume: bool):
-    """The arrays along x's leading axis; consume=True deletes x once split."""
-    parts = tuple(_take_layer(x, i) for i in range(x.shape[0]))
+    """The arrays along x's leading axis; consume=True deletes x once split (the copies made first: a deleted
+    array's pending reads would otherwise hold it, and its copies queue, past this call)."""
+    parts = jax.block_until_ready(tuple(_take_layer(x, i) for i in range(x.shape[0])))
     if consume:
         x.delete()
     return parts
@@ -101,28 +60,37 @@ def _split(x, consume: bool):
 EXPERT_STACKS = ("w_gate", "w_up", "w_down")  # the MoE parameters stacked [layer, expert, ...]
 
 
-def unstack_layers(state, stacks=("dense_layers", "moe_layers"), consume: bool = False,
+LAYER_STACKS = ("dense_layers", "moe_layers", "mtp")  # the model's stacks (the MTP module: a stack of one layer)
+
+
+def unstack_layers(state, stacks=LAYER_STACKS, consume: bool = False,
                    split_experts: bool = False):
     """A model state whose stacked layer parameters are PerLayer arrays, and with split_experts each layer's
     routed-expert stacks PerExpert arrays (moe.py: on the CPU they are read in place). consume=True deletes
     each stacked array once split, so that the peak stays one parameter above the weights (only when nothing
-    else holds them)."""
+    else holds them); a state already held per layer (load_checkpoint per_layer) peaks one layer's array above
+    them. release_freed_memory after each parameter: the freed buffers' pages go back to the OS (util/heap.py)."""
     def split(x):
-        if _is_per_layer(x):  # already split (the model of another engine)
+        if _is_per_layer(x):  # already split (the model of another engine, or loaded per layer)
             return x
-        return PerLayer(_split(x, consume))
+        parts = PerLayer(_split(x, consume))
+        release_freed_memory()
+        return parts
 
     def split_with_experts(x):
-        if _is_per_layer(x):  # another engine's arrays: copied, never deleted
-            return PerLayer(tuple(p if isinstance(p, PerExpert) else PerExpert(_split(p, False)) for p in x.arrays))
-        layers = tuple(PerExpert(_split(_take_layer(x, i), True)) for i in range(x.shape[0]))
-        if consume:
-            x.delete()
-        return PerLayer(layers)
+        if _is_per_layer(x):  # split per expert; a layer's array deleted once split where the caller owns it
+            layers = PerLayer(tuple(p if isinstance(p, PerExpert) else PerExpert(_split(p, consume))
+                                    for p in x.arrays))
+        else:
+            layers = PerLayer(tuple(PerExpert(_split(_take_layer(x, i), True)) for i in range(x.shape[0])))
+            if consume:
+                x.delete()
+        release_freed_memory()
+        return layers
 
     for name in stacks:
         if name in state:
-            if split_experts and name == "moe_layers":
+            if split_experts and EXPERT_STACKS[0] in state[name]["mlp"]:  # an MoE stack
                 mlp = state[name]["mlp"]
                 for p in EXPERT_STACKS:
                     mlp[p] = jax.tree.map(split_with_experts, mlp[p], is_leaf=_is_per_layer)
@@ -228,6 +196,10 @@ def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step
 
 
 class DeepseekModel(nnx.Module):
+    """The model: embedding, the dense and MoE layer stacks, the final norm and lm_head, and `mtp`, the
+    multi-token-prediction module (model/mtp.py: an MTPLayer held as a stack of one layer) where the config has
+    one (cfg.mtp_layers; a loader sets it to 0 where the weights lack it), else None."""
+
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
@@ -236,20 +208,30 @@ class DeepseekModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype,
                                                                    rngs=rngs)
+        self.mtp = make_mtp(cfg, dtype=dtype, rngs=rngs)  # built last: the other parameters' draws stay as they were
 
     def embed_tokens(self, tokens, dtype):
         return self.embed[...][tokens].astype(dtype)
 
-    def head(self, x):
-        x = self.norm(x)
-        return x @ self.embed[...].T.astype(x.dtype) if self.lm_head is None else self.lm_head(x)
+    def project(self, h):
+        """lm_head (or the tied embedding) over final-normed hidden states h."""
+        return h @ self.embed[...].T.astype(h.dtype) if self.lm_head is None else self.lm_head(h)
 
-    def __call__(self, tokens, opts: RunOptions):
-        """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32."""
+    def head(self, x):
+        return self.project(self.norm(x))
+
+    def mtp_layer(self) -> MTPLayer:
+        """The MTP module's one layer (its stack's layer 0, stacked or held per layer)."""
+        if self.mtp is None:
+            raise ValueError("this model has no multi-token-prediction module (config.json has no "
+                             "num_nextn_predict_layers, or its weights lack the layer)")
+        return layer_of(self.mtp, 0)
+
+    def __call__(self, tokens, opts: RunOptions, return_hidden: bool = False):
+        """Full causal forward over tokens [b, s] (no cache) -> logits [b, s, vocab] in float32, and with
+        return_hidden the final-normed hidden states [b, s, d] too."""
         b, s = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-        cos, sin = rope_cos_sin(self.cfg.rope, positions)
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), jnp.bool_)), (b, s, s))
+        cos, sin, mask = self._causal(b, s)
 
         def step(layer, h):
             return layer(h, cos, sin, mask, opts)
@@ -257,31 +239,59 @@ class DeepseekModel(nnx.Module):
         x = self.embed_tokens(tokens, opts.dtype)
         x = scan_layers(self.dense_layers, x, step)
         x = scan_layers(self.moe_layers, x, step)
-        return self.head(x).astype(jnp.float32)
+        h = self.norm(x)
+        logits = self.project(h).astype(jnp.float32)
+        return (logits, h) if return_hidden else logits
 
-    def forward_cached(self, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
+    def _causal(self, b: int, s: int):
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+        cos, sin = rope_cos_sin(self.cfg.rope, positions)
+        return cos, sin, jnp.broadcast_to(jnp.tril(jnp.ones((s, s), jnp.bool_)), (b, s, s))
+
+    def mtp_forward(self, hidden, tokens, opts: RunOptions):
+        """The MTP module without a cache over positions 0..s-1: hidden [b, s, d] (h_p, final-normed), tokens
+        [b, s] (t_{p+1}) -> (logits of t_{p+2} [b, s, vocab] float32, hidden out [b, s, d] (normed))."""
+        b, s = tokens.shape
+        cos, sin, mask = self._causal(b, s)
+        return self.mtp_layer().draft(self.embed_tokens(tokens, opts.dtype), hidden, cos, sin, mask, opts)
+
+    def forward_cached(self, tokens, positions, cache, lengths, logits_index, opts: RunOptions,
+                       return_hidden: bool = False):
         """One prefill chunk or decode step through the cache.
 
         tokens/positions [b, s]: the new tokens and their positions (>= cache_lens for padding, whose writes
         are dropped); lengths [b]: valid cache entries after this step; logits_index [b]: which of the s
-        positions to return logits for, or None for all. -> (logits [b, vocab] or [b, s, vocab] float32, cache).
+        positions to return logits for, or None for all. -> (logits [b, vocab] or [b, s, vocab] float32, cache),
+        and with return_hidden (logits, cache, hidden): hidden the final-normed hidden state at the logits'
+        positions ([b, d] or [b, s, d]) in the compute dtype, what the MTP module takes (mtp_forward_cached).
         """
-        b, s = tokens.shape
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
 
         def step(layer, index, carry):
             x, cache = carry
-            h = layer.input_norm(x)
-            c_kv, k_pe = layer.attn.latents(h, cos, sin)
-            k_idx = None if layer.attn.indexer is None else layer.attn.indexer.keys(h, cos, sin)
-            cache = cache.write(index, positions, c_kv, k_pe, k_idx)
-            x = x + layer.attn.attend_cache(h, cos, sin, cache, index, positions, lengths, absorb=opts.absorb,
-                                            index_topk=opts.index_topk)
-            return layer.feed_forward(x, opts), cache
+            return layer.cached(index, x, cache, cos, sin, positions, lengths, opts)
 
         carry = (self.embed_tokens(tokens, opts.dtype), cache)
         carry = scan_layers_cached(self.dense_layers, 0, carry, step)
         x, cache = scan_layers_cached(self.moe_layers, self.cfg.num_dense_layers, carry, step)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-        return self.head(x).astype(jnp.float32), cache
+        h = self.norm(x)
+        logits = self.project(h).astype(jnp.float32)
+        return (logits, cache, h) if return_hidden else (logits, cache)
+
+    def mtp_forward_cached(self, hidden, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
+        """One step of the MTP module through the cache (model/mtp.py has the definition).
+
+        hidden [b, s, d]: the final-normed hidden states h_p (forward_cached's return_hidden, or this method's
+        hidden out for a further draft step); tokens [b, s]: t_{p+1}; positions [b, s]: p (>= cache_lens for
+        padding, whose writes are dropped). The module writes its latents into cache layer cfg.num_hidden_layers
+        (its slice: the cache needs LatentCache.create(..., extra_layers=1)) and attends over that layer's
+        entries [0, lengths[b]) (lengths [b]: valid entries of the MTP slice after this step). logits_index as
+        in forward_cached. -> (logits of t_{p+2} float32 ([b, vocab] or [b, s, vocab]), hidden out (normed,
+        [b, d] or [b, s, d], compute dtype), cache).
+        """
+        cos, sin = rope_cos_sin(self.cfg.rope, positions)
+        return self.mtp_layer().draft_cached(self.cfg.num_hidden_layers, self.embed_tokens(tokens, opts.dtype),
+                                             hidden.astype(opts.dtype), cache, cos, sin, positions, lengths,
+                                             logits_index, opts)

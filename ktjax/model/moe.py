@@ -12,6 +12,10 @@ On the CPU the Engine holds each layer's experts as separate arrays (`PerExpert`
 of a stacked array before a matmul reads it, static or dynamic, so indexing a stack [E, d, f] by a routed expert id copies that expert's matrices
 (three times the bytes the matmul reads). A routed expert then runs through jax.lax.switch over the experts,
 each branch reading its own arrays in place.
+
+Under the setting experts: host a backend holds a layer's routed experts outside the model state (ktjax/cpu/
+host_experts.py) and leaves `HostedExperts` in their place: the experts kept on the device (gpu_experts), which run
+here as usual, and the backend's `host` callable, which sums the others in one call (`hosted_experts`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -81,6 +86,10 @@ class MoE(nnx.Module):
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        hosted = _hosted(experts[0])
+        if hosted is not None:
+            y = hosted_experts(flat, weights, idx, experts, hosted, impl, grouped)
+            return y.reshape(x.shape) if self.shared is None else y.reshape(x.shape) + self.shared(x)
         impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts, grouped)
         if expert_axis is None:
             y = routed_experts(flat, weights, idx, experts, impl)
@@ -129,6 +138,44 @@ class PerExpert:
         if index is not Ellipsis:  # a traced expert id would need the stack: run_expert switches instead
             raise TypeError("index a PerExpert with run_expert")
         return self
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class HostedExperts(PerExpert):
+    """One layer's routed experts held by a backend outside the model state (the setting experts: host): `arrays`
+    holds only the experts `kept` on the device (their ids, in order; of n_total), which the model sums as it sums
+    any PerExpert ones; `host` sums the others: host(x [T, d], ids [T, k] int32 with -1 - e for an expert e kept
+    here (not run there), weights [T, k]) -> [T, d] float32. The statics are part of the compiled program."""
+    kept: tuple = dataclasses.field(default=(), metadata={"static": True})
+    n_total: int = dataclasses.field(default=0, metadata={"static": True})
+    host: object = dataclasses.field(default=None, metadata={"static": True})
+
+
+def _hosted(w) -> HostedExperts | None:
+    """The HostedExperts of a routed weight (a bare one, or inside a quantized / held weight), else None."""
+    leaves = jax.tree.leaves(w, is_leaf=_is_per_expert)
+    return leaves[0] if leaves and isinstance(leaves[0], HostedExperts) else None
+
+
+def hosted_experts(x, weights, idx, experts, hosted: HostedExperts, impl: str, grouped: str = "blocked"):
+    """routed_experts for experts a backend holds (HostedExperts): the host sums the assignments to its experts
+    in one call, the kept experts run here over every assignment (those to host experts weighted 0), and the two
+    sums add."""
+    kept = np.asarray(hosted.kept, np.int32)
+    local = np.full(hosted.n_total, -1, np.int32)  # expert id -> its index among the kept ones, or -1
+    local[kept] = np.arange(len(kept), dtype=np.int32)
+    on_device = jnp.asarray(local)[idx]
+    y = None
+    if len(kept) < hosted.n_total:
+        host_ids = jnp.where(on_device >= 0, -1 - idx, idx)
+        y = hosted.host(x, host_ids, weights).astype(x.dtype)
+    if len(kept):
+        mine = on_device >= 0
+        impl = pick_impl(impl, *idx.shape, len(kept), grouped)
+        y_kept = routed_experts(x, jnp.where(mine, weights, 0.0), jnp.maximum(on_device, 0), experts, impl)
+        y = y_kept if y is None else y + y_kept
+    return y
 
 
 def _is_per_expert(x) -> bool:

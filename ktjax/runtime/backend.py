@@ -16,8 +16,10 @@ kv.cache.AttentionKernel); the Engine and the server ask the Backend made here, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import os
 
 import jax
 import numpy as np
@@ -160,3 +162,118 @@ def _why_no_cpu_kernels(runtime, state, elsewhere: str | None, notes: list) -> s
         notes.append(f"cpu_kernels auto: XLA instead ({why})")
         return f"cpu_kernels auto: {why}"
     return None
+
+
+# ---- experts: host (the CPU backend's host expert store, ktjax/cpu/host_experts.py) ------------------------
+
+# What gpu_experts N counts routing over when no list is given: a fixed text (through the model's tokenizer), or
+# fixed token ids for a model without one.
+CALIBRATION_TEXT = ("The history of science is the study of how people came to understand the natural world: "
+                    "numbers and measurement, the motion of planets, the structure of matter, living things, "
+                    "medicine, machines and the languages in which all of it was written down and argued over.")
+CALIBRATION_TOKENS = 128
+
+
+def place_experts(engine, consume: bool):
+    """experts host: the Engine's routed experts (engine.state, held per layer and expert) moved into the CPU's
+    host expert store, one XLA FFI call per MoE layer summing them inside the compiled step; gpu_experts of
+    them kept on the device (a list, or each layer's N most-routed over a calibration prompt). Sets engine.state;
+    -> the store (None for a model without MoE layers). KtjaxError where it cannot run here."""
+    _check_host_experts(engine.n_devices)
+    if "moe_layers" not in engine.state:
+        return None
+    cpu = implementation("cpu")
+    store = cpu.store_of(engine.state)  # filled by the loader (loader_fill), else moved here from the state
+    if store is None:
+        with _why_host_experts_cannot_run():
+            engine.state, store = cpu.store_experts(engine.state, engine.cfg.num_dense_layers, consume=consume,
+                                                    int8_activations=engine.runtime.activation_quant == "int8")
+    kept = _kept_experts(engine, store)
+    if kept:
+        engine.state = cpu.keep_on_device(engine.state, store, kept)
+    return store
+
+
+def loader_fill(cfg, runtime, mesh=None):
+    """experts host: where a loader puts the routed experts as it reads them (the CPU backend's LoaderFill over a
+    new host expert store), or None with experts device."""
+    if runtime.experts != "host":
+        return None
+    _check_host_experts(1 if mesh is None else mesh.size)
+    cpu = implementation("cpu")
+    with _why_host_experts_cannot_run():
+        store = cpu.HostExpertStore(runtime.activation_quant == "int8")
+    return cpu.LoaderFill(store, cfg)
+
+
+GPU_BRIDGE_ENV = "KTJAX_GPU_BRIDGE"  # 1: try the GPU bridge (compile-checked, not yet run on a GPU)
+
+
+def _check_host_experts(n_devices: int):
+    """experts host runs on one device: a CPU, or a GPU through the bridge where it is built and asked for."""
+    platform = jax.default_backend()
+    if n_devices == 1 and platform == "cpu":
+        return
+    bridge = platform == "gpu" and bool(implementation("cpu").bridge_flags())
+    if n_devices == 1 and bridge and os.environ.get(GPU_BRIDGE_ENV) == "1":
+        return
+    why = ("the GPU bridge (a CUDA FFI call that starts the CPU's expert work from the GPU's stream) compiles but "
+           f"has not run on a GPU yet: set {GPU_BRIDGE_ENV}=1 to try it" if n_devices == 1 and bridge else
+           "the GPU bridge needs the CUDA runtime's headers and library (JAX's CUDA wheels, or $CUDA_HOME)"
+           if n_devices == 1 and platform == "gpu" else "use one device (--mesh 1)")
+    raise KtjaxError(f"experts host runs the routed experts in the CPU's program, on one device; here are "
+                     f"{n_devices} {platform} device(s): {why}; or use experts device")
+
+
+@contextlib.contextmanager
+def _why_host_experts_cannot_run():
+    """A KtjaxError from building the kernels, said as why experts host cannot run."""
+    try:
+        yield
+    except KtjaxError as e:
+        raise KtjaxError(f"experts host runs the routed experts in ktjax's C++ kernels, which cannot run here "
+                         f"({str(e).splitlines()[0]}); use experts device") from None
+
+
+def _kept_experts(engine, store) -> dict:
+    """gpu_experts resolved per MoE layer: {layer: expert ids kept on the device}."""
+    setting, n_total = engine.runtime.gpu_experts, engine.cfg.n_routed_experts
+    if isinstance(setting, tuple):
+        if max(setting) >= n_total:
+            raise KtjaxError(f"gpu_experts lists expert {max(setting)}, but the model has {n_total} routed experts "
+                             f"(ids 0 to {n_total - 1})")
+        return {layer: tuple(setting) for layer in store.layers}
+    if setting == 0:
+        return {}
+    if setting >= n_total:
+        return {layer: tuple(range(n_total)) for layer in store.layers}
+    store.counts(reset=True)
+    _calibration_forward(engine)
+    return implementation("cpu").most_routed(store.counts(reset=True), setting)
+
+
+def _calibration_forward(engine):
+    """One full forward over the calibration prompt, every expert on the host (the store counts the routing)."""
+    from flax import nnx
+    import jax.numpy as jnp
+
+    if engine.tokenizer is not None:
+        ids = engine.tokenizer.encode(CALIBRATION_TEXT)[:CALIBRATION_TOKENS]
+    else:
+        ids = np.random.default_rng(0).integers(0, engine.cfg.vocab_size, CALIBRATION_TOKENS).tolist()
+    opts = engine.run_options(engine.runtime.absorb(engine.cfg, len(ids)))
+    forward = jax.jit(lambda state, tokens: nnx.merge(engine.graphdef, state)(tokens, opts))
+    jax.block_until_ready(forward(engine.state, jnp.asarray([ids], jnp.int32)))
+
+
+def routing_counts(engine, token_ids) -> np.ndarray:
+    """How often each routed expert of each MoE layer is chosen over a prompt -> [MoE layers, experts] (an
+    Engine loaded with experts host: its store counts the routing; the ids with the most make a gpu_experts
+    list)."""
+    store = getattr(engine, "host_experts", None)
+    if store is None:
+        raise KtjaxError("routing counts come from the host expert store: load the model with experts host")
+    store.counts(reset=True)
+    engine.logits(token_ids)
+    counts = store.counts(reset=True)
+    return np.stack([counts[layer] for layer in sorted(counts)])

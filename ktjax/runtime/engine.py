@@ -24,17 +24,15 @@ from ktjax.errors import KtjaxError
 from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from ktjax.kv.sparse import is_sparse, selected_fraction
 from ktjax.model.decoder import DeepseekModel, RunOptions, stack_layers, unstack_layers
+from ktjax.runtime.progress import NO_PROGRESS, LiveStatus, Progress
+from ktjax.runtime import speculative
 from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
 from ktjax.runtime.sampling import Sampling, sample
+from ktjax.util.heap import release_freed_memory
 from ktjax.util.units import format_bytes
 
-MIN_BUCKET = 16
 STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
-
-
-def seq_bucket(n: int) -> int:
-    """Pad lengths to powers of two (at least 16), so that many lengths share a few compiled programs."""
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+seq_bucket = memory.seq_bucket  # defined with the planner, which --dry-run runs without an Engine
 
 
 @jax.tree_util.register_dataclass
@@ -105,6 +103,7 @@ class CachePlan:
     cache_lens: int
     block: int
     note: str | None = None  # what capped it (the model's window, the memory budget), for the stats' notes
+    memory: memory.MemoryPlan | None = None  # what it takes on the device and on the host (runtime/memory.py)
 
 
 class Engine:
@@ -126,13 +125,20 @@ class Engine:
         # Split once; the compiled programs take the pure state, its layer stacks as separate per-layer arrays
         # (model/decoder.py: read in place, where a scanned stack's slices are copied at every step).
         self.graphdef, state = nnx.split(model)
-        in_place = backend.reads_experts_in_place(self._expert_axis, runtime.moe_impl)
+        in_place = backend.reads_experts_in_place(self._expert_axis, runtime.moe_impl) or runtime.experts == "host"
         self.state = unstack_layers(state, consume=own_weights, split_experts=in_place)
         # What runs the matmuls and the attention, chosen once (runtime/backend.py); the weights held for it.
         self.backend = backend.choose(runtime, self.state, self.n_devices)
+        # experts host: the routed experts moved into the CPU's host expert store (gpu_experts of them kept here)
+        self.host_experts = backend.place_experts(self, own_weights) if runtime.experts == "host" else None
         self.state = self.backend.hold(self.state, consume=own_weights)
         self.notes += self.backend.notes
         self._compiled: dict = {}
+        # speculative mtp: the MTP module drafts, one pass verifies (runtime/speculative.py); checked once, here
+        if runtime.speculative == "mtp":
+            speculative.check_model(cfg, model)
+        self._speculation = (speculative.Speculation(self, runtime.draft_tokens, _raise_if_broken)
+                             if runtime.speculative == "mtp" else None)
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
     @property
@@ -173,12 +179,13 @@ class Engine:
             return 0
         return self.runtime.index_topk or self.cfg.index_topk
 
-    def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None) -> LatentCache:
-        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh."""
+    def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None, extra_layers: int = 0) -> LatentCache:
+        """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh.
+        extra_layers=1: with the MTP module's slice (speculative mtp)."""
         layout = sharding.cache_layout(self.mesh, batch, notes)
         kernel = self.backend.attention_kernel(layout=layout, notes=notes)
         return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
-                                  attention=kernel, layout=layout)
+                                  attention=kernel, layout=layout, extra_layers=extra_layers)
 
     def _input(self, shape, dtype):
         """An abstract replicated input of a compiled program (on the mesh when there is one)."""
@@ -190,6 +197,7 @@ class Engine:
         if key not in self._compiled:
             self._compiled[key] = build()
             self.compile_count += 1
+            release_freed_memory()  # XLA's compile leaves ~1.4 GB of freed heap at V2-Lite's size (util/heap.py)
         return self._compiled[key]
 
     # -- token checks -------------------------------------------------------------------------------------
@@ -258,8 +266,28 @@ class Engine:
         return np.asarray(logits)[:, :s]
 
     # -- planning -----------------------------------------------------------------------------------------
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the routed experts in host RAM (the setting experts: host), else 0."""
+        store = getattr(self, "host_experts", None)
+        return 0 if store is None else int(store.nbytes)
+
+    def memory_plan(self, batch: int, cache_lens: int, chunk: int, budget: int | None = None) -> memory.MemoryPlan:
+        """Device and host memory of a cache of cache_lens positions for `batch` sequences (runtime/memory.py)."""
+        act = memory.activation_bytes(self.cfg, batch, chunk, plan_cache_lens(chunk)[1],
+                                      jnp.dtype(self.runtime.jnp_dtype).itemsize)
+        cache = cache_bytes(self.cfg, self.runtime.cache_dtype, batch, cache_lens) // sharding.seq_shards(self.mesh)
+        return memory.MemoryPlan(self.weight_bytes_per_device, cache, act, self.host_bytes, memory.one_memory(),
+                                 budget if budget is not None else self.runtime.memory_budget)
+
     def plan_cache(self, batch: int, needed: int) -> CachePlan:
-        """The cache for `batch` sequences that need `needed` positions each."""
+        """The cache for `batch` sequences that need `needed` positions each, with its memory plan."""
+        plan = self._plan_cache(batch, needed)
+        mem = self.memory_plan(batch, plan.cache_lens, self._chunk(needed))
+        notes = [n for n in (plan.note, mem.note()) if n]
+        return dataclasses.replace(plan, memory=mem, note="; ".join(notes) or None)
+
+    def _plan_cache(self, batch: int, needed: int) -> CachePlan:
         rt, window = self.runtime, self.cfg.max_position_embeddings
         shards = sharding.seq_shards(self.mesh)
         if rt.cache_lens is None:  # a power-of-two bucket of what is needed: new prompts rarely compile new programs
@@ -275,27 +303,26 @@ class Engine:
         chunk = self._chunk(needed)  # the longest chunk a prompt of at most `needed` tokens runs
         act = memory.activation_bytes(self.cfg, batch, chunk, plan_cache_lens(chunk)[1],
                                       jnp.dtype(rt.jnp_dtype).itemsize)
-        # The budget is per device: each holds its share of the weights and 1/shards of every sequence.
+        # The budget is per device: each holds its share of the weights and 1/shards of every sequence. Experts in
+        # host RAM (experts host) count where the host's memory is the device's (a CPU-only machine).
         weights = self.weight_bytes_per_device
-        held = f"the weights ({format_bytes(weights)}{' per device' if self.n_devices > 1 else ''}) and " \
+        host = self.host_bytes if memory.one_memory() else 0
+        held = f"the weights ({format_bytes(weights)}{' per device' if self.n_devices > 1 else ''}" \
+               f"{f', and {format_bytes(host)} of experts in host RAM, the same memory' if host else ''}) and " \
                f"activations ({format_bytes(act)}: {batch} x a {chunk}-token prefill chunk)"
+        weights += host
         if memory.cache_room(budget, weights, act) <= 0:
             raise KtjaxError(f"memory budget {format_bytes(budget)} is too small for {held}, with "
                              f"{round((1 - memory.HEADROOM) * 100)}% headroom, before any cache; raise "
                              f"--memory-budget{', lower --chunk-size' if chunk == rt.chunk_size else ''}, or use "
                              "narrower weights (--dtype bfloat16, or a checkpoint converted with --weights int8 or "
                              "int4)")
-        fits = memory.max_cache_lens(self.cfg, fmt, batch, budget, weights, act) * shards
+        cache_lens, block, fits = memory.auto_cache_lens(self.cfg, fmt, batch, budget, weights, act, needed, shards)
         if fits < needed:
             raise KtjaxError(
                 f"memory budget {format_bytes(budget)} holds {held} but only {fits} cached tokens per sequence in "
                 f"{fmt.name} ({fmt.bytes_per_token(self.cfg)} bytes/token), fewer than the {needed} needed; raise "
                 "--memory-budget, or use a narrower --cache-dtype, a shorter prompt or fewer --max-new-tokens")
-        requested = max(needed, min(fits, window))  # never past the model's window: positions past it are never used
-        cache_lens, block = plan_cache_lens(requested, shards)
-        if cache_lens > fits:  # rounding up must not leave the budget
-            cache_lens = max(needed, requested // (block * shards) * block * shards)
-            cache_lens, block = plan_cache_lens(cache_lens, shards)
         why = (f"capped at the model's window of {window} positions (max_position_embeddings); the memory budget "
                f"{format_bytes(budget)} holds {fits} tokens" if fits >= window else
                f"what the memory budget {format_bytes(budget)} holds after {held}")
@@ -325,12 +352,17 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts, *, on_tokens: Callable | None = None, on_start: Callable | None = None,
-                 progress: bool = False, **settings) -> Generation:
+                 progress: bool | Progress = False, **settings) -> Generation:
         """Generate from prompts: token-id lists, or strings when the engine has a tokenizer. `settings` are
         per-call settings (max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, truncate_left) over
         the engine's defaults; they reuse the compiled programs. on_start() is called once the prompts have
         passed every check, before the prefill; on_tokens(list of new-token lists) after each dispatch, for
-        streaming."""
+        streaming. `progress`: a runtime/progress.py Progress told of the compile, prefill and decode phases
+        (a Timeline records them, a LiveStatus shows them), or True for a LiveStatus on stderr."""
+        if progress is True:
+            with LiveStatus() as live:
+                return self.generate(prompts, on_tokens=on_tokens, on_start=on_start, progress=live, **settings)
+        progress = progress or NO_PROGRESS
         call = CallSettings.from_overrides(self.defaults, **settings)
         prompts = [self._encode(p) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
         prompts = self._check_ids(prompts)
@@ -349,6 +381,45 @@ class Engine:
             prompts = [prompts]
         ids = [self.encode_chat(p) if chat else self._encode(p) for p in prompts]
         return self.generate(ids, **settings).texts
+
+    def session(self, max_len: int | None = None):
+        """A conversation that keeps its latent cache across turns, so that a turn prefills only its new tokens
+        (runtime/session.py). max_len: the most tokens it may hold (its cache is planned for them at once);
+        None: the cache grows as the conversation does, up to the model's window."""
+        from ktjax.runtime.session import Session
+
+        return Session(self, max_len)
+
+    def _turn(self, cache, new: list[int], start: int, call: CallSettings, on_tokens) -> tuple:
+        """A Session's turn: prefill one sequence's `new` tokens after the `start` positions its cache holds, then
+        decode -> (Generation, the cache, the positions it holds now: all but the last generated token)."""
+        b = 1
+        chunk = self._chunk(len(new))
+        sampling, stops = self.sampling_and_stops(call)
+        stop_ids = jnp.asarray(stops or [-1], jnp.int32)
+        t0 = time.perf_counter()
+        prefill = self._prefill_program(cache, b, chunk, all_logits=False)
+        decode = self._decode_program(cache, b, stop_ids.shape)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits, cache = self._prefill(prefill, cache, [new], chunk, all_logits=False, start=[start])
+        prefill_s = time.perf_counter() - t0
+        ds = DecodeState(logits, jnp.asarray([start + len(new)], jnp.int32), jnp.zeros((b,), bool),
+                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+        final: dict = {}
+        tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling, on_tokens,
+                                              final=final)
+        n_gen = len(tokens[0])
+        stats = {
+            "prompt_tokens": start + len(new), "prefill_tokens": len(new), "generated_tokens": n_gen,
+            "prefill_tokens_per_s": len(new) / prefill_s if prefill_s > 0 else 0.0,
+            "decode_tokens_per_s": max(n_gen - 1, 0) / decode_s if decode_s > 0 else 0.0,
+            "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s, "prefill_chunk": chunk,
+        }
+        result = Generation(tokens, stats)
+        if self.tokenizer is not None:
+            result.texts = [self.tokenizer.decode(tokens[0])]
+        return result, final["cache"], int(final["state"].lengths[0])
 
     def encode_chat(self, text: str) -> list[int]:
         return self.tokenizer.encode_chat([{"role": "user", "content": text}])
@@ -377,30 +448,45 @@ class Engine:
     def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
         rt, cfg = self.runtime, self.cfg
         b = len(prompts)
+        spec = self._speculation
+        reserve = 0 if spec is None else spec.reserve  # positions for drafts that may be rejected
         # Never plan past the model's window: a longer request is cut or refused by _fit_prompts.
-        plan = self.plan_cache(b, min(max(map(len, prompts)) + call.max_new_tokens, self.cfg.max_position_embeddings))
-        prompts = self._fit_prompts(prompts, call, plan.cache_lens)
+        plan = self.plan_cache(b, min(max(map(len, prompts)) + call.max_new_tokens, self.cfg.max_position_embeddings)
+                               + reserve)
+        prompts = self._fit_prompts(prompts, call, plan.cache_lens - reserve)
         chunk = self._chunk(max(map(len, prompts)))
         sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
         notes = list(self.notes) + ([plan.note] if plan.note else [])
         fmt = rt.cache_dtype
         try:
-            cache = self.new_cache(b, plan, notes)
+            cache = self.new_cache(b, plan, notes, extra_layers=0 if spec is None else 1)
             cache_bytes_per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
-            t0 = time.perf_counter()
-            prefill = self._prefill_program(cache, b, chunk, all_logits=False)
-            decode = self._decode_program(cache, b, stop_ids.shape)
-            compile_s = time.perf_counter() - t0
-            if on_start is not None:
-                on_start()
-            t0 = time.perf_counter()
-            logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
-            prefill_s = time.perf_counter() - t0
-            ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
-                             jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
-            tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling,
-                                                         on_tokens)
+            spec_stats = {"speculative": "off"}
+            if spec is not None:
+                tokens, (compile_s, prefill_s, ttft, decode_s), spec_stats = spec.run(
+                    cache, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start, progress)
+            else:
+                t0 = time.perf_counter()
+                progress.phase("compile", 2, "programs")
+                prefill = self._prefill_program(cache, b, chunk, all_logits=False)
+                progress.update(1)
+                decode = self._decode_program(cache, b, stop_ids.shape)
+                progress.update(2)
+                compile_s = time.perf_counter() - t0
+                if on_start is not None:
+                    on_start()
+                t0 = time.perf_counter()
+                progress.phase("prefill", sum(map(len, prompts)))
+                progress.cache(0, b * plan.cache_lens)
+                logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
+                prefill_s = time.perf_counter() - t0
+                progress.phase("decode", b * call.max_new_tokens)
+                ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
+                                 jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+                tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling,
+                                                             on_tokens, progress=progress)
+                progress.end()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 raise KtjaxError(f"out of memory with a {fmt.name} cache of {plan.cache_lens} tokens x {b} sequences "
@@ -415,17 +501,17 @@ class Engine:
             # from a forward pass inside the timed decode loop.
             "decode_tokens_per_s": sum(max(len(t) - 1, 0) for t in tokens) / decode_s if decode_s > 0 else 0.0,
             "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
-            "cache_dtype": fmt.name, "cache_lens": plan.cache_lens, "cache_bytes": cache_bytes(cfg, fmt, b,
-                                                                                               plan.cache_lens),
+            "cache_dtype": fmt.name, "cache_lens": plan.cache_lens,
+            "cache_bytes": cache_bytes(cfg, fmt, b, plan.cache_lens, extra_layers=0 if spec is None else 1),
             "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_bytes_per_device,
             "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
-            "peak_memory_bytes": memory.peak_memory_bytes(), "devices": self.n_devices,
+            "peak_memory_bytes": memory.peak_memory_bytes(), **plan.memory.stats(), "devices": self.n_devices,
             "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
             "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
             **self.backend.stats(cache.attention), "index_topk": self.index_topk,
             "activation_quant": rt.activation_quant,
-            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
+            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens), **spec_stats,
         }
         return Generation(tokens, stats)
 
@@ -439,7 +525,7 @@ class Engine:
 
     # -- compiled programs ----------------------------------------------------------------------------------
     def _cache_key(self, cache: LatentCache):
-        return (cache.fmt, cache.cache_lens, cache.block, cache.attention, cache.layout, cache.c_kv.shape[1])
+        return (cache.fmt, cache.cache_lens, cache.block, cache.attention, cache.layout, cache.c_kv.shape[:2])
 
     def _prefill_program(self, cache: LatentCache, b: int, chunk: int, all_logits: bool):
         opts = self.run_options(self.runtime.absorb(self.cfg, chunk))
@@ -472,42 +558,47 @@ class Engine:
         return self._compile(("decode", opts, self._cache_key(cache), b, stops_shape), build)
 
     # -- running them -------------------------------------------------------------------------------------
-    def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: bool = False):
+    def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: Progress = NO_PROGRESS,
+                 start=None):
         """Prefill prompts chunk by chunk. -> (logits [b, vocab] at each prompt's last token, or every
-        position's [b, chunks * chunk, vocab] with all_logits; the cache)."""
+        position's [b, chunks * chunk, vocab] with all_logits; the cache). `start` [b]: tokens each sequence
+        already holds in the cache (a continuation, runtime/session.py): its prompt goes at positions start..
+        and attends over them; default 0. `progress` hears of each chunk's tokens (done, and cached)."""
         b = len(prompts)
         lens = np.array([len(p) for p in prompts])
+        start = np.zeros(b, np.int64) if start is None else np.asarray(start, np.int64)
         ids = np.zeros((b, -(-lens.max() // chunk) * chunk), np.int32)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
         n_chunks = ids.shape[1] // chunk
-        bar = None
-        if progress and n_chunks > 1:
-            from tqdm import tqdm
-            bar = tqdm(total=int(lens.sum()), unit="tok", desc="prefill", leave=False)
+        capacity = b * cache.cache_lens
         outputs, last = [], None
         for c in range(n_chunks):
             pos = c * chunk + np.arange(chunk)[None, :]
             valid = pos < lens[:, None]
             logits_index = None if all_logits else jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
             logits, cache = prefill(self.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                    jnp.asarray(np.where(valid, pos, cache.cache_lens), jnp.int32),
-                                    jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32), logits_index)
+                                    jnp.asarray(np.where(valid, start[:, None] + pos, cache.cache_lens), jnp.int32),
+                                    jnp.asarray(start + np.minimum(lens, (c + 1) * chunk), jnp.int32), logits_index)
             if all_logits:
                 outputs.append(np.asarray(logits))
             else:
                 ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
                 last = logits if last is None else jnp.where(ends_here, logits, last)
-            if bar is not None:
+            if progress.live:  # someone watches: report the chunk once it is computed, not when it is queued
                 jax.block_until_ready(logits)
-                bar.update(int(valid.sum()))
-        if bar is not None:
-            bar.close()
+            done = int(np.minimum(lens, (c + 1) * chunk).sum())
+            progress.cache(int(start.sum()) + done, capacity)
+            progress.update(done)
         return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
 
-    def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens):
-        """-> (tokens per sequence, time to first token after the prefill, decode seconds)."""
+    def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens, final: dict | None = None,
+                progress: Progress = NO_PROGRESS):
+        """-> (tokens per sequence, time to first token after the prefill, decode seconds). `final`, when given,
+        receives the cache and the DecodeState after the last dispatch (a Session keeps them for its next turn).
+        `progress` hears of the tokens after each dispatch (generated, and cached)."""
         tokens = [[] for _ in range(ds.lengths.shape[0])]
+        capacity = ds.lengths.shape[0] * cache.cache_lens
         t0 = time.perf_counter()
         ttft = None
         steps = 1  # the first dispatch emits one token, so the time to first token is honest
@@ -521,10 +612,14 @@ class Engine:
                 acc.extend(n)
             if on_tokens is not None and any(new):
                 on_tokens(new)
+            progress.cache(int(np.asarray(ds.lengths).sum()), capacity)
+            progress.update(sum(map(len, tokens)))
             _raise_if_broken(np.asarray(ds.bad_step))
             if bool(np.all(np.asarray(ds.done))):
                 break
             steps = STEPS_PER_DISPATCH
+        if final is not None:
+            final.update(cache=cache, state=ds)
         return tokens, ttft, time.perf_counter() - t0
 
 

@@ -39,16 +39,22 @@ def _top_k_top_p(scaled, top_k, top_p):
     return jnp.where((scaled >= kth) & (scaled >= pth), scaled, -jnp.inf)
 
 
+def _scaled(logits, s: Sampling):
+    """(temperature [b, 1], logits [b, vocab] scaled by it and filtered by each sampled row's top-k / top-p)."""
+    b = logits.shape[0]
+    row = lambda v: jnp.broadcast_to(jnp.asarray(v), (b,))[:, None]  # noqa: E731
+    temperature, top_k, top_p = row(s.temperature), row(s.top_k), row(s.top_p)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    return temperature, jax.lax.cond(filtered.any(), _top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
+
+
 def sample(logits, key, s: Sampling):
     """logits [b, vocab] float32 -> token ids [b] int32. key: one key for the batch, or [b] keys (a random
     stream per row, as the server keeps)."""
     b = logits.shape[0]
-    row = lambda v: jnp.broadcast_to(jnp.asarray(v), (b,))[:, None]  # noqa: E731
-    temperature, top_k, top_p = row(s.temperature), row(s.top_k), row(s.top_p)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
-    scaled = jax.lax.cond(filtered.any(), _top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
+    temperature, scaled = _scaled(logits, s)
 
     def draw(scaled):
         if jnp.ndim(key) == 0:
@@ -59,3 +65,28 @@ def sample(logits, key, s: Sampling):
     # An all-greedy batch skips the draw: its random numbers over the vocabulary cost more than the argmax.
     sampled = jax.lax.cond((temperature > 0).any(), draw, lambda x: jnp.zeros((b,), jnp.int32), scaled)
     return jnp.where(temperature[:, 0] > 0, sampled, greedy)
+
+
+def distribution(logits, s: Sampling):
+    """The distribution `sample` draws each row from, as probabilities [b, vocab] float32: softmax of the scaled,
+    filtered logits; one-hot at the argmax for a greedy row (speculative decoding's rejection rule then accepts
+    exactly the argmax)."""
+    temperature, scaled = _scaled(logits, s)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    # an all-greedy batch skips the softmax over the vocabulary
+    return jax.lax.cond((temperature > 0).any(),
+                        lambda: jnp.where(temperature > 0, jax.nn.softmax(scaled, axis=-1), greedy), lambda: greedy)
+
+
+def draw_from(probs, key, s: Sampling):
+    """A token per row [b] int32 from probabilities [b, vocab] (as `distribution` gives): a random draw where
+    some row samples, the argmax otherwise (a greedy row's distribution is one-hot)."""
+    temperature = jnp.broadcast_to(jnp.asarray(s.temperature), probs.shape[:1])
+    return jax.lax.cond((temperature > 0).any(),
+                        lambda p: jax.random.categorical(key, jnp.log(p), axis=-1).astype(jnp.int32),
+                        lambda p: jnp.argmax(p, axis=-1).astype(jnp.int32), probs)
+
+
+def repeat_rows(s: Sampling, b: int, n: int) -> Sampling:
+    """Settings for [b * n] rows: each of b rows' settings n times (row i's n positions, flattened)."""
+    return jax.tree.map(lambda v: jnp.repeat(jnp.broadcast_to(jnp.asarray(v), (b,)), n), s)

@@ -28,6 +28,8 @@ MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
 WEIGHT_LAYOUTS = ("in-out", "out-in")
 CPU_KERNELS = ("auto", "on", "off")
 ACTIVATION_QUANTS = ("off", "int8")
+SPECULATIVE = ("off", "mtp")
+EXPERT_PLACES = ("device", "host")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 MAX_INT32 = 2**31 - 1
 
@@ -139,6 +141,24 @@ def parse_bytes(value) -> int:
     return int(n * _UNITS[unit])
 
 
+class ExpertIds(tuple):
+    """gpu_experts given as a list: these expert ids stay on the device in every MoE layer (sorted, unique)."""
+
+
+def _gpu_experts(key, value):
+    """A count (the most-routed experts of each layer) or a list of expert ids: YAML [0, 5, 7], CLI 0,5,7."""
+    if isinstance(value, str) and "," in value:
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        if not value or len(value) > 1 << 16:
+            _fail(key, value, "a list of expert ids must name from 1 to 65536 experts")
+        try:
+            return ExpertIds(sorted({_int(key, v, 0, 1 << 16) for v in value}))
+        except KtjaxError:
+            _fail(key, value, "expert ids must be whole numbers from 0 to 65536")
+    return _int(key, value, 0, 1 << 16)
+
+
 def _optional(parse: Callable) -> Callable:
     return lambda key, value: None if value is None else parse(key, value)
 
@@ -205,12 +225,29 @@ SETTINGS: dict[str, Setting] = {
                                        "carry the activations' rounding as well. Needs int8/int4 weights and "
                                        "cpu_kernels; off = float32 activations, as the reference",
                                 _choice(ACTIVATION_QUANTS), ACTIVATION_QUANTS),
+    "experts": Setting("device", "where the routed experts live: device = with the other weights; host = in host "
+                                 "RAM, computed by the CPU (ktransformers' layout: attention, dense layers, shared "
+                                 "experts and the cache stay on the device). memory_budget then budgets the device "
+                                 "side; the experts are counted as host memory (on a CPU-only machine both are the "
+                                 "same RAM, budgeted together)", _choice(EXPERT_PLACES), EXPERT_PLACES),
+    "gpu_experts": Setting(0, "with experts host: the routed experts of each MoE layer kept on the device, either a "
+                              "count N (each layer's N most-routed experts) or a list of expert ids (YAML [0, 5, 7], "
+                              "flag 0,5,7) kept in every layer; 0 = none. Ignored with experts device",
+                           _gpu_experts),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "
                                 "Models without an indexer ignore it", _optional(lambda k, v: _int(k, v, 1))),
     "mesh": Setting(None, "devices to shard over: N (one axis: heads, experts, MLP, vocabulary and the cache's "
                           "sequence) or AxB (A over the batch x B as with N); unset: all local devices",
                     lambda k, v: parse_mesh(v)),
+    "speculative": Setting("off", "speculative decoding: mtp = the model's MTP module (multi token prediction) drafts "
+                                  "draft_tokens tokens, one pass of the model verifies them (greedy: by exact "
+                                  "match; sampling: by the rejection rule, which keeps the model's own output "
+                                  "distribution); the same tokens, fewer passes. Needs a model with an MTP module "
+                                  "(num_nextn_predict_layers); off = one token per pass",
+                           _choice(SPECULATIVE), SPECULATIVE),
+    "draft_tokens": Setting(1, "with speculative mtp: tokens the MTP module drafts per verifying pass (1 to 3; "
+                               "docs/results.md, 'Speculative decoding')", lambda k, v: _int(k, v, 1, 3)),
     "max_new_tokens": Setting(128, "tokens to generate per prompt", lambda k, v: _int(k, v, 1, 2**30),
                               per_call=True),
     "temperature": Setting(None, "0 = greedy; unset: generation_config.json's, else 0",
@@ -266,8 +303,12 @@ class RuntimeConfig:
     weight_layout: str = _default("weight_layout")
     cpu_kernels: str = _default("cpu_kernels")
     activation_quant: str = _default("activation_quant")
+    experts: str = _default("experts")
+    gpu_experts: int | tuple = _default("gpu_experts")
     index_topk: int | None = _default("index_topk")
     mesh: tuple[int, ...] | None = _default("mesh")
+    speculative: str = _default("speculative")
+    draft_tokens: int = _default("draft_tokens")
 
     @classmethod
     def from_overrides(cls, base: "RuntimeConfig | None" = None, **values) -> "RuntimeConfig":
@@ -322,6 +363,8 @@ def describe(value) -> str:
     """A setting's value as a user writes it (stats, help, README)."""
     if isinstance(value, cache_formats.CacheFormat):
         return value.name
+    if isinstance(value, ExpertIds):
+        return ",".join(map(str, value)) + ("," if len(value) == 1 else "")  # "5," is the list [5], "5" a count
     if isinstance(value, tuple):
         return "x".join(map(str, value))
     if isinstance(value, bool):

@@ -6,13 +6,15 @@ thread into the event loop (call_soon_threadsafe into an asyncio.Queue); a clien
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,15 +60,18 @@ def create_app(engine, scheduler, *, model_name: str, api_key: str | None = None
     app.get("/v1/models/{model:path}")(server.model)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics_page)
+    app.get("/dashboard")(server.dashboard)
+    app.get("/dashboard/data")(server.dashboard_data)
     return app
 
 
 class Gate:
     """ASGI middleware in front of every route: one Authorization header (two could be read differently by a
-    proxy in front and by us: 400), the API key (except on /health, which a load balancer checks without it),
-    then refusal while draining. It counts every response by status code."""
+    proxy in front and by us: 400), the API key (except on /health, which a load balancer checks without it, and
+    /dashboard, a page without data that a browser opens without headers: its data needs the key), then refusal
+    while draining. It counts every response by status code."""
 
-    OPEN_PATHS = ("/health",)
+    OPEN_PATHS = ("/health", "/dashboard")
 
     def __init__(self, app, api_key: str | None, state, metrics):
         self.app, self.state, self.metrics = app, state, metrics
@@ -200,6 +205,15 @@ class Server:
     async def metrics_page(self):
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
+
+    async def dashboard(self):
+        """A live page of memory, cache pages, requests and tokens/s (ktjax/serve/dashboard.html), polling
+        /dashboard/data; nothing it loads comes from elsewhere."""
+        return HTMLResponse(dashboard_page(), headers={"Cache-Control": "no-cache", "Content-Security-Policy":
+                                                       DASHBOARD_POLICY})
+
+    async def dashboard_data(self):
+        return {"model": self.model_name, **self.metrics.history.data()}
 
     # -- checks ---------------------------------------------------------------------------------------------
     async def _body(self, request: Request) -> bytes:
@@ -355,6 +369,15 @@ class Server:
         return {"prompt_tokens": f.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": f.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": f.cached_tokens}}
+
+
+DASHBOARD_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.cache
+def dashboard_page() -> str:
+    return (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
 
 
 def sse(payload: dict) -> str:

@@ -31,6 +31,7 @@ class ServerMetrics:
         self.responses = Counter("ktjax_http_responses", "HTTP responses by status code (4xx refusals included)",
                                  ["code"], registry=self.registry)
         self.registry.register(SchedulerCollector(scheduler))
+        self.history = DashboardHistory(scheduler)  # what /dashboard plots
 
     def _histogram(self, name: str, text: str, buckets=LATENCY_BUCKETS) -> Histogram:
         return Histogram(name, text, buckets=buckets, registry=self.registry)
@@ -90,18 +91,75 @@ class SchedulerCollector:
         yield GaugeMetricFamily("ktjax_device_memory_bytes", "device memory in use (host RSS on a CPU)", value=in_use)
         yield GaugeMetricFamily("ktjax_device_memory_peak_bytes", "peak device memory (peak RSS on a CPU)",
                                 value=peak)
+        yield from planned_memory(getattr(self.scheduler, "engine", None), s.get("cache_bytes", 0))
+
+
+def planned_memory(engine, cache_bytes: int):
+    """The two memories the planner accounts (runtime/memory.py): the device side (each device's weights and the
+    page pool's share) and the host side (routed experts in host RAM under experts host, else 0)."""
+    if engine is None:
+        return
+    from ktjax.runtime.memory import one_memory
+    from ktjax.weights.sharding import seq_shards
+
+    device = engine.weight_bytes_per_device + cache_bytes // seq_shards(engine.mesh)
+    yield GaugeMetricFamily("ktjax_planned_device_memory_bytes", "device side, per device: the weights held there "
+                            "and the cache pages (with experts host, the experts are host memory)", value=device)
+    yield GaugeMetricFamily("ktjax_host_memory_bytes", "routed experts in host RAM (experts host; else 0)" +
+                            ("; on a CPU-only machine the same RAM as the device side" if one_memory() else ""),
+                            value=engine.host_bytes)
 
 
 def device_memory() -> tuple[int, int]:
-    """(in use, peak) bytes on the default device; a CPU reports the process's resident set."""
-    from ktjax.runtime.memory import device_memory_stats, peak_memory_bytes
+    """(in use, peak) bytes on the default device; a CPU reports the process's resident set (the CLI's live
+    status reads the same: runtime/progress.py)."""
+    from ktjax.runtime.progress import memory_now
 
-    stats = device_memory_stats()
-    if stats and "bytes_in_use" in stats:
-        return int(stats["bytes_in_use"]), peak_memory_bytes()
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), peak_memory_bytes()
-    except OSError:
-        return 0, peak_memory_bytes()
+    return memory_now()
+
+
+class DashboardHistory:
+    """What /dashboard plots, from the scheduler's own counts: a sample (memory, cache pages, requests running and
+    waiting, prefill and decode tokens) taken when the page polls /dashboard/data, at most one every
+    `every_s` seconds, the last `keep` kept; rates are the counters' differences between samples. The server's
+    start (the app's creation) is the first sample, so a page opened late still sees rates averaged since then."""
+
+    def __init__(self, scheduler, every_s: float = 0.5, keep: int = 600):
+        import collections
+        import time
+
+        self.scheduler, self.every_s = scheduler, every_s
+        self.clock = time.monotonic
+        self.t0 = self.clock()
+        self.lock = threading.Lock()
+        self.samples = collections.deque(maxlen=keep)
+        self.peak = 0
+        stats = scheduler.stats()
+        self.last = {"t": 0.0, "prefill_tokens": stats.get("prefill_tokens_total", 0),
+                     "decode_tokens": stats.get("decode_tokens_total", 0)}
+        self.samples.append(self._sample(0.0, stats, device_memory()))
+
+    def data(self) -> dict:
+        """{now: the current sample, history: [samples, oldest first]}; each sample: t (seconds since the server
+        started), memory_bytes, peak_memory_bytes, pages_used, pages_total, running, waiting, prefill_tokens,
+        decode_tokens (counters), prefill_tokens_per_s, decode_tokens_per_s (since the sample before)."""
+        stats, memory = self.scheduler.stats(), device_memory()
+        with self.lock:
+            t = self.clock() - self.t0
+            now = self._sample(t, stats, memory)
+            if t - self.samples[-1]["t"] >= self.every_s:
+                self.samples.append(now)
+                self.last = now
+            return {"now": now, "history": list(self.samples)}
+
+    def _sample(self, t: float, stats: dict, memory: tuple[int, int]) -> dict:
+        in_use, peak = memory
+        self.peak = max(self.peak, peak, in_use)
+        prefill, decode = stats.get("prefill_tokens_total", 0), stats.get("decode_tokens_total", 0)
+        dt = t - self.last["t"]
+        return {"t": t, "memory_bytes": in_use, "peak_memory_bytes": self.peak,
+                "pages_used": stats.get("pages_used", 0), "pages_total": stats.get("pages_total", 0),
+                "running": stats.get("running", 0), "waiting": stats.get("waiting", 0),
+                "prefill_tokens": prefill, "decode_tokens": decode,
+                "prefill_tokens_per_s": (prefill - self.last["prefill_tokens"]) / dt if dt > 0 else 0.0,
+                "decode_tokens_per_s": (decode - self.last["decode_tokens"]) / dt if dt > 0 else 0.0}

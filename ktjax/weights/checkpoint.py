@@ -8,7 +8,8 @@ Layout (version 1) of a folder written by `convert/hf_to_ktjax.py`:
     params/layers/007/attn.w_uk           decoder layer 7's parameters, named relative to the layer
     params/layers/007/mlp.w_gate          routed experts [E, d, f], one chunk per expert
     params/layers/007/mlp.w_gate_scale    FP8 block scales (or int8/int4 scales), beside the values they scale
-    params/mtp/<hf name>   the multi-token-prediction layer, as the source names it (only with --keep-mtp)
+    params/layers/061/eh_proj.kernel      the multi-token-prediction layer (layer num_hidden_layers: its block's
+                                          parameters and its own, model/mtp.py), where the source has it
     params/_METADATA       Orbax's tree metadata: `params/` is also an Orbax PyTree checkpoint of {key: array}
 
 Arrays are written through tensorstore (Orbax's storage backend) in chunks of at most CHUNK_BYTES, so a
@@ -43,7 +44,7 @@ from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError, require_finite
 from ktjax.util.jsonio import loads_bounded
 from ktjax.model.fp8 import FP8_DTYPES
-from ktjax.model.decoder import DeepseekModel
+from ktjax.model.decoder import DeepseekModel, PerLayer
 from ktjax.model.quantized import QuantizedArray
 from ktjax.weights.quantize import set_param
 
@@ -76,10 +77,6 @@ def tensor_key(path: tuple, layer: int | None = None) -> str:
 
 def scale_key(key: str) -> str:
     return key + SCALE_SUFFIX
-
-
-def mtp_key(hf_name: str) -> str:
-    return f"mtp/{hf_name}"
 
 
 # ---- arrays --------------------------------------------------------------------------------------
@@ -422,11 +419,15 @@ def _leaf_keys(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeS
     return stack, keys
 
 
-def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, stored: _StoredArrays):
-    """One parameter on the default device; a stacked one is filled one layer at a time."""
+def _load_leaf(folder: str, cfg: ModelConfig, path: tuple, want: jax.ShapeDtypeStruct, stored: _StoredArrays,
+               per_layer: bool = False):
+    """One parameter on the default device; a stacked one is filled one layer at a time, or with per_layer held
+    as one array per layer (model/decoder.py's PerLayer, as an Engine runs it: no stacked copy to split)."""
     stack, keys = _leaf_keys(folder, cfg, path, want, stored)
     if not stack:
         return jnp.asarray(read_tensor(folder, keys[0]), dtype=want.dtype)
+    if per_layer:
+        return PerLayer(tuple(jnp.asarray(read_tensor(folder, key), dtype=want.dtype) for key in keys))
     out = jnp.zeros(want.shape, want.dtype)
     for j, key in enumerate(keys):
         out = _set_layer(out, j, jnp.asarray(read_tensor(folder, key), dtype=want.dtype))
@@ -448,19 +449,24 @@ def _load_leaf_sharded(folder: str, cfg: ModelConfig, path: tuple, want: jax.Sha
     return jax.make_array_from_callback(want.shape, sharding, shard)
 
 
-def load_checkpoint(path: str, dtype=jnp.float32, mesh=None,
-                    notes: list | None = None) -> tuple[ModelConfig, DeepseekModel]:
+def load_checkpoint(path: str, dtype=jnp.float32, mesh=None, notes: list | None = None,
+                    mtp: bool = True, per_layer: bool = False,
+                    on_param=None) -> tuple[ModelConfig, DeepseekModel]:
     """Read a converted checkpoint: (config, model).
 
-    Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does;
-    FP8 parameters stay e4m3 with their block scales and are dequantized on the way into each matmul; int8
-    and int4 parameters stay narrow and are read tile by tile (weight_quant.matmul). With a `mesh` of
-    several devices every parameter is read straight into the layout of ktjax/weights/sharding.py's rules
-    (replication notes appended to `notes`). Each array is verified against the manifest before it is read (see
-    the top of this file); a checkpoint written before digests loads with a note on stderr.
+    Dense parameters are cast to `dtype` (the router stays float32), as the Hugging Face loader does; FP8 parameters
+    stay e4m3 with their block scales and are dequantized on the way into each matmul; int8 and int4 parameters stay
+    narrow and are read tile by tile (weight_quant.matmul). With a `mesh` of several devices every parameter is read
+    straight into the layout of ktjax/weights/sharding.py's rules (replication notes appended to `notes`). Each
+    array is verified against the manifest before it is read (see the top of this file); a checkpoint written before
+    digests loads with a note on stderr. The MTP layer is loaded where the config has one and the checkpoint holds
+    it, unless mtp=False (the config returned then says num_nextn_predict_layers 0; a checkpoint with part of the
+    layer gets a note in `notes`). per_layer (one device): each layer stack's parameters as one array per layer
+    (PerLayer), the layout an Engine runs, so that no stacked copy of a parameter exists beside its layers while the
+    Engine splits them. on_param(done, total) is called after each parameter is read (a progress report).
     """
     manifest = read_manifest(path)
-    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+    cfg = _with_stored_mtp(ModelConfig.from_file(os.path.join(path, "config.json")), manifest["tensors"], mtp, notes)
     stored = _StoredArrays(path, manifest)
     if not stored.with_digests:
         print(f"note: {path} was converted before checkpoints carried digests, so its arrays are not verified; "
@@ -469,17 +475,44 @@ def load_checkpoint(path: str, dtype=jnp.float32, mesh=None,
     _use_stored_quantized(abstract, cfg, stored)
     graphdef, state = nnx.split(abstract)
     pure = state.to_pure_dict()
+    told = _counter(len(jax.tree_util.tree_leaves(pure)), on_param)  # on_param(done, total) per parameter
     if mesh is not None:
         from ktjax.weights.sharding import param_shardings
 
         values = jax.tree_util.tree_map_with_path(
-            lambda p, want, sh: _load_leaf_sharded(path, cfg, params.key_names(p), want, stored, sh),
+            lambda p, want, sh: told(_load_leaf_sharded(path, cfg, params.key_names(p), want, stored, sh)),
             pure, param_shardings(cfg, pure, mesh, notes))
     else:
         values = jax.tree_util.tree_map_with_path(
-            lambda p, want: _load_leaf(path, cfg, params.key_names(p), want, stored), pure)
+            lambda p, want: told(_load_leaf(path, cfg, params.key_names(p), want, stored, per_layer)), pure)
     nnx.replace_by_pure_dict(state, values)
     return cfg, nnx.merge(graphdef, state)
+
+
+def _counter(total: int, on_param):
+    """A pass-through that calls on_param(done, total) for each value it passes (nothing without on_param)."""
+    done = 0
+
+    def told(value):
+        nonlocal done
+        done += 1
+        if on_param is not None:
+            on_param(done, total)
+        return value
+    return told
+
+
+def _with_stored_mtp(cfg: ModelConfig, tensors: dict, keep: bool, notes: list | None) -> ModelConfig:
+    """cfg, or cfg without its MTP layer where the checkpoint lacks it or keep=False (loader.mtp_config, which
+    reads HF names: those of the MTP rows whose arrays are stored)."""
+    from ktjax.weights.loader import mtp_config
+
+    if not cfg.num_nextn_predict_layers:
+        return cfg
+    n = cfg.num_hidden_layers
+    stored = {f"model.layers.{n}.{row.hf}" for row, _ in params.stack_params(cfg, params.MTP)
+              if tensor_key(row.path, n) in tensors}
+    return mtp_config(cfg, stored, keep, notes)
 
 
 def _param_paths(pure: dict) -> list[tuple]:

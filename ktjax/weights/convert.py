@@ -1,12 +1,14 @@
 """Convert a Hugging Face DeepSeek folder (bf16 or FP8 safetensors) into a ktjax checkpoint, streaming.
 
     python convert/hf_to_ktjax.py --hf-dir DIR --out DIR [--weights {source,float32,bf16,fp8,int8,int4}]
-                                  [--int4-group {64,128}] [--keep-mtp] [--dry-run] [--overwrite] [--quiet]
+                                  [--int4-group {64,128}] [--drop-mtp] [--dry-run] [--overwrite] [--quiet]
 
 Everything that can be checked is checked before a byte is written (config, shard headers, every tensor's
-shape, that every source tensor is used or deliberately skipped, disk space). Then each output tensor is
-read, transformed and written on its own, and each shard is closed once its last tensor is read, so
-host memory stays bounded by the largest tensor, not the model (see checkpoint.py for the layout).
+shape, that every source tensor is used or deliberately skipped, disk space). The multi-token-prediction layer
+(model/mtp.py) is kept where the folder has it, as the checkpoint's layer num_hidden_layers; --drop-mtp drops it.
+Then each output tensor is read, transformed and written on its own, and each shard is closed once its last
+tensor is read, so host memory stays bounded by the largest tensor, not the model (see checkpoint.py for the
+layout).
 The checkpoint is written into a hidden temporary folder beside --out and renamed at the end.
 """
 from __future__ import annotations
@@ -35,7 +37,9 @@ from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError
 from ktjax.model.fp8 import FP8_BLOCK, block_scale_shape, dequantize_blocks
 from ktjax.weights.hub import resolve_model
-from ktjax.weights.loader import Entry, TensorSource, _skipped, layer_entries, top_entries
+from ktjax.weights.loader import (Entry, TensorSource, _skipped, layer_entries, mtp_absence, mtp_config,
+                                  stack_entries, top_entries)
+from ktjax.weights.params import MTP
 from ktjax.util.units import format_bytes as fmt_bytes
 from ktjax.model import quantized as weight_quant
 
@@ -101,6 +105,8 @@ class Plan:
     skipped: dict[str, list[str]]  # reason -> source tensor names
     copied_files: list[str]
     tensor_bytes: dict[str, int]   # every source tensor -> its size
+    mtp_note: str | None = None    # why the folder's multi-token-prediction layer is not kept (None: kept, or none)
+    mtp_kept: int = 0              # source tensors of the MTP layer kept
 
     @property
     def bytes_in(self) -> int:
@@ -150,21 +156,16 @@ def _model_entries(cfg: ModelConfig, names: set[str]) -> list[tuple[str, Entry]]
     out = [(tensor_key(e.path), e) for e in top_entries(cfg)]
     for i in range(cfg.num_hidden_layers):
         out += [(tensor_key(e.path, i), e) for e in layer_entries(cfg, i, i >= cfg.num_dense_layers, names)]
+    for i in MTP.layers(cfg):  # the multi-token-prediction layer, where cfg keeps it (mtp_config)
+        out += [(tensor_key(e.path, i), e) for e in stack_entries(cfg, MTP, i, names)]
     return out
 
 
-def _mtp_entries(src: TensorSource, names: list[str]) -> list[tuple[str, Entry]]:
-    """The MTP layer kept as the source names it, each tensor unchanged (FP8 values with their scales)."""
-    from ktjax.weights.checkpoint import mtp_key
-
-    values = [n for n in names if not (n.endswith("_scale_inv") and n[:-len("_scale_inv")] in src.where)]
-    return [(mtp_key(n), Entry(("mtp", n), [n], [src.file(n).shape(n)], blockwise=True, shape=src.file(n).shape(n)))
-            for n in values]
-
-
 def _is_mtp(name: str, cfg: ModelConfig) -> bool:
+    """Whether `name` is of an MTP layer that is not kept (a kept one's only leftover, its copy of the embedding,
+    is an unused tensor)."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
+    return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers + cfg.mtp_layers
 
 
 LM_HEAD = ("lm_head", "kernel")
@@ -235,10 +236,11 @@ def _existing_parent(out: str) -> str:
     return parent
 
 
-def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = False,
+def make_plan(hf_dir: str, out: str, weights: str = "source", mtp: bool = True,
               overwrite: bool = False, group: int = weight_quant.INT4_GROUP, lm_head: str = "kept") -> Plan:
     """Check everything that can be checked without writing, and decide what each output tensor will be.
-    `hf_dir` may be a Hugging Face Hub id (org/name[@revision]): its snapshot, fetched unless cached, is read."""
+    `hf_dir` may be a Hugging Face Hub id (org/name[@revision]): its snapshot, fetched unless cached, is read.
+    The folder's MTP layer is kept unless mtp=False (--drop-mtp) or the folder lacks some of its tensors."""
     hf_dir = resolve_model(hf_dir, "--hf-dir")  # a local folder of that name wins
     _check_paths(hf_dir, out, overwrite)
     cfg = ModelConfig.from_file(os.path.join(hf_dir, "config.json"))
@@ -247,14 +249,11 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
         for path in sorted(set(src.where.values())):  # parse every header now: a bad shard fails before writing
             src.shard(path)
         names = set(src.where)
+        mtp_note = mtp_absence(cfg, names, mtp)
+        cfg = mtp_config(cfg, names, mtp)
         outputs = [_plan_output(src, key, e, weights, group, lm_head) for key, e in _model_entries(cfg, names)]
         used = {n for o in outputs for n in o.entry.sources + o.scales if n}
         skipped = _skipped_by_reason(cfg, names - used)
-        if keep_mtp and skipped.get("mtp"):
-            mtp = sorted(skipped.pop("mtp"))
-            for key, e in _mtp_entries(src, mtp):
-                outputs.append(_plan_output(src, key, e, weights))
-            used |= set(mtp)
         unexpected = sorted(names - used - {n for ns in skipped.values() for n in ns})
         if unexpected:
             raise KtjaxError(f"{hf_dir}: {len(unexpected)} tensor(s) that config.json does not account for, e.g. "
@@ -267,7 +266,10 @@ def make_plan(hf_dir: str, out: str, weights: str = "source", keep_mtp: bool = F
         src.close()
     copied = sorted(f for f in os.listdir(hf_dir) if f.endswith(_COPIED_SUFFIXES) and f != _INDEX
                     and os.path.isfile(os.path.join(hf_dir, f)))
-    return Plan(hf_dir, out, weights, outputs, group, len(names), used, skipped, copied, tensor_bytes)
+    mtp_layer = f"model.layers.{cfg.num_hidden_layers}."
+    return Plan(hf_dir, out, weights, outputs, group, len(names), used, skipped, copied, tensor_bytes,
+                mtp_note=mtp_note,
+                mtp_kept=sum(n.startswith(mtp_layer) for n in used) if cfg.mtp_layers else 0)
 
 
 def _skipped_by_reason(cfg: ModelConfig, unused: set[str]) -> dict[str, list[str]]:
@@ -304,10 +306,15 @@ def describe(plan: Plan) -> str:
              f"  peak memory:    about {fmt_bytes(plan.peak_bytes)} of arrays at once, "
              "plus about 250 MiB for Python, JAX and tensorstore"]
     mtp = plan.skipped.get("mtp", [])
+    if plan.mtp_kept:
+        lines.append(f"  multi-token-prediction layer: kept ({plan.mtp_kept} source tensors), the draft model of "
+                     "speculative decoding; --drop-mtp drops it")
     if mtp:
         size = sum(plan.tensor_bytes[n] for n in mtp)
+        why = plan.mtp_note or ("ktjax keeps the first MTP layer only" if plan.mtp_kept else
+                                "config.json has no num_nextn_predict_layers")
         lines.append(f"  skipping the multi-token-prediction layer ({len(mtp)} tensors, {fmt_bytes(size)}, "
-                     f"e.g. {mtp[0]}): ktjax does not use it for generation; --keep-mtp keeps it")
+                     f"e.g. {mtp[0]}): {'--drop-mtp' if why == 'dropped at load' else why}")
     if plan.skipped.get("unused"):
         lines.append(f"  skipping {len(plan.skipped['unused'])} tensor(s) the model does not use "
                      f"(e.g. {plan.skipped['unused'][0]})")
@@ -719,8 +726,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="kept: lm_head in source precision (default); int8: one scale per vocabulary entry, a "
                         "quarter of its float32 bytes, which a decode step reads in full (llama.cpp's Q8_0 and "
                         "Q4_0 files store it as Q8_0 and Q6_K)")
-    p.add_argument("--keep-mtp", action="store_true", help="keep the multi-token-prediction layer (skipped by "
-                   "default: generation does not use it)")
+    p.add_argument("--drop-mtp", action="store_true", help="drop the multi-token-prediction layer (kept by "
+                   "default where the folder has it: speculative decoding's draft model)")
+    p.add_argument("--keep-mtp", action="store_true", help="accepted for older scripts: keeping it is the default")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no plan and no progress bar")
@@ -750,7 +758,7 @@ def _run(args: argparse.Namespace) -> int:
         for flag, path in (("--hf-dir", args.hf_dir), ("--out", args.out)):
             if utf8_error(path):  # tensorstore and the manifest take UTF-8 paths only
                 raise KtjaxError(f"{flag} {path!r}: {utf8_error(path)}; rename it")
-        plan = make_plan(args.hf_dir, args.out, args.weights, args.keep_mtp, args.overwrite, args.int4_group,
+        plan = make_plan(args.hf_dir, args.out, args.weights, not args.drop_mtp, args.overwrite, args.int4_group,
                          args.lm_head)
         if not args.quiet or args.dry_run:
             write_out(describe(plan) + "\n")

@@ -1,8 +1,13 @@
 """Read a Hugging Face DeepSeek folder (config.json + safetensors shards) into the model's parameters.
 
-Every source tensor is accounted for: each is used exactly once or deliberately skipped (the MTP layer,
-rotary buffers, a tied lm_head), and a missing or unexpected tensor, or a shape that disagrees with
-config.json, is a KtjaxError that names the tensor and its file.
+Every source tensor is accounted for: each is used exactly once or deliberately skipped (an MTP layer not
+loaded, the MTP layer's copy of the embedding, rotary buffers, a tied lm_head), and a missing or unexpected
+tensor, or a shape that disagrees with config.json, is a KtjaxError that names the tensor and its file.
+
+The multi-token-prediction layer (model/mtp.py; config.json num_nextn_predict_layers) is loaded where the folder
+holds its own tensors (enorm, hnorm, eh_proj, shared_head); where it holds none or only some, or the caller drops
+it (mtp=False), the model is built without it (its cfg's num_nextn_predict_layers 0: mtp_config); a partial one
+gets a note.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from flax import nnx
 from ktjax.model.config import ModelConfig
 from ktjax.errors import KtjaxError, require_finite
 from ktjax.model.fp8 import FP8_BLOCK, FP8_DTYPES, block_scale_shape, dequantize_blocks
-from ktjax.model.decoder import DeepseekModel
-from ktjax.weights.params import STACKS, Param, Stack, hf_sources
+from ktjax.model.decoder import EXPERT_STACKS, DeepseekModel
+from ktjax.weights.params import ALL_STACKS, MTP, STACKS, Param, Stack, hf_sources
 from ktjax.weights.safetensors_io import SafetensorsFile, list_shards
 
 
@@ -55,6 +60,47 @@ def layer_entries(cfg: ModelConfig, i: int, moe: bool, names: set[str]) -> list[
     return _entries(cfg, next(s for s in STACKS if s.moe == moe), i, names)
 
 
+def stack_entries(cfg: ModelConfig, stack: Stack, i: int, names: set[str]) -> list[Entry]:
+    """Parameters of layer i of `stack` (a decoder stack or the MTP's), with paths relative to the layer."""
+    return _entries(cfg, stack, i, names)
+
+
+MTP_OWN = ("enorm", "hnorm", "eh_proj", "shared_head")  # the tensors that name an MTP layer (the block's do not)
+
+
+def mtp_absence(cfg: ModelConfig, names: set[str], keep: bool = True) -> str | None:
+    """Why cfg's MTP layer is not built from a source whose tensor names are `names`, or None where it is (or cfg
+    has none): keep=False drops it; a source may hold none of it (transformers' save_pretrained never writes it)
+    or only some of its own tensors (MTP_OWN: the block's are checked when read, as any layer's)."""
+    if not cfg.num_nextn_predict_layers:
+        return None
+    layer = f"model.layers.{cfg.num_hidden_layers}."
+    own = [n for e in stack_entries(cfg, MTP, cfg.num_hidden_layers, set()) for n in e.sources
+           if n[len(layer):].split(".")[0] in MTP_OWN]
+    missing = [n for n in own if n not in names]
+    if not keep:
+        return "dropped at load"
+    if len(missing) == len(own):
+        return "the weights hold no MTP layer"
+    return f"the weights lack some of its tensors, e.g. {missing[0]}" if missing else None
+
+
+def mtp_config(cfg: ModelConfig, names: set[str], keep: bool = True, notes: list | None = None) -> ModelConfig:
+    """The config to build a model from a source whose tensor names are `names`: cfg, or cfg with
+    num_nextn_predict_layers 0 where its MTP layer is not built (mtp_absence). A layer the source holds only part
+    of (a damaged folder) gets a note; none at all (the usual Hugging Face export) or a drop asked for, none."""
+    why = mtp_absence(cfg, names, keep)
+    layer = f"model.layers.{cfg.num_hidden_layers}."
+    if why is None:
+        if cfg.num_nextn_predict_layers > 1 and notes is not None:
+            notes.append(f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}: ktjax loads the first "
+                         f"multi-token-prediction layer ({layer}*) only")
+        return cfg
+    if notes is not None and why.startswith("the weights lack"):
+        notes.append(f"the multi-token-prediction layer ({layer}*) is not loaded: {why}")
+    return dataclasses.replace(cfg, num_nextn_predict_layers=0)
+
+
 def top_entries(cfg: ModelConfig) -> list[Entry]:
     return _entries(cfg, None, None, set())
 
@@ -62,7 +108,7 @@ def top_entries(cfg: ModelConfig) -> list[Entry]:
 def _skipped(name: str, cfg: ModelConfig) -> bool:
     m = re.match(r"model\.layers\.(\d+)\.", name)
     if m and int(m.group(1)) >= cfg.num_hidden_layers:
-        return True  # the multi-token-prediction layer(s): not used for generation
+        return True  # an MTP layer not loaded, or the MTP layer's copy of the embedding (the model's is used)
     if name.endswith("rotary_emb.inv_freq"):
         return True
     if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -152,10 +198,19 @@ class TensorSource:
 
 
 def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None,
-                  notes: list | None = None) -> DeepseekModel:
+                  notes: list | None = None, on_param: Callable[[int, int], None] | None = None,
+                  mtp: bool = True, experts_to=None) -> DeepseekModel:
     """Build a DeepseekModel from a Hugging Face folder; parameters are cast to `dtype` (router: float32).
     With a `mesh` (several devices) each parameter goes straight to its sharded layout (ktjax/weights/sharding.py's
-    rules) as it is built: no device ever holds the whole model. Replication notes are appended to `notes`."""
+    rules) as it is built: no device ever holds the whole model. Replication notes are appended to `notes`.
+    on_param(done, total) is called after each parameter is placed (a layer stack's parameter: all its layers). The
+    MTP layer is loaded where cfg has one and the folder holds it, unless mtp=False (mtp_config: model.cfg then says
+    num_nextn_predict_layers 0; a folder with part of the layer gets a note). experts_to (experts host: a
+    cpu/host_experts.py LoaderFill) receives the MoE layers' routed experts one tensor at a time instead of the
+    model state, which then holds what experts_to.hosted gives (no layer stack of experts, and no device copy, is
+    made)."""
+    src = TensorSource(folder, owned=True)
+    cfg = mtp_config(cfg, set(src.where), mtp, notes)
     abstract = nnx.eval_shape(lambda: DeepseekModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = state.to_pure_dict()
@@ -165,16 +220,32 @@ def load_hf_model(folder: str, cfg: ModelConfig, dtype=jnp.float32, mesh=None,
         shardings = param_shardings(cfg, target, mesh, notes)
     # Owned reads (no memory map) and each parameter placed as soon as it is built: peak host memory stays
     # near the model's own size rather than a multiple of it.
-    src = TensorSource(folder, owned=True)
     names = set(src.where)
+    stacks = [(stack, [stack_entries(cfg, stack, i, names) for i in stack.layers(cfg)]) for stack in ALL_STACKS]
+    placed, total = 0, len(top_entries(cfg)) + sum(len(per_layer[0]) for _, per_layer in stacks if per_layer)
+
+    def tell():
+        nonlocal placed
+        placed += 1
+        if on_param is not None:
+            on_param(placed, total)
+
     try:
         for e in top_entries(cfg):
             _place(target, e.path, _build(src, e), shardings)
-        for stack in STACKS:
-            per_layer = [layer_entries(cfg, i, stack.moe, names) for i in stack.layers(cfg)]
+            tell()
+        for stack, per_layer in stacks:
             for k in range(len(per_layer[0]) if per_layer else 0):
-                _place(target, (stack.name,) + per_layer[0][k].path,
-                       np.stack([_build(src, ents[k]) for ents in per_layer]), shardings)
+                path = (stack.name,) + per_layer[0][k].path
+                if experts_to is not None and stack.name == "moe_layers" and path[-1] in EXPERT_STACKS:
+                    _fill_experts(src, experts_to, [ents[k] for ents in per_layer], stack.layers(cfg),
+                                  _leaf(target, path).dtype)
+                    _leaf(target, path[:-1])[path[-1]] = experts_to.hosted(stack.layers(cfg))
+                else:
+                    _place(target, path, np.stack([_build(src, ents[k]) for ents in per_layer]), shardings)
+                tell()
+        if experts_to is not None:
+            experts_to.finish()
         unused = sorted(n for n in names - src.used if not _skipped(n, cfg))
         if unused:
             raise KtjaxError(f"{folder}: {len(unused)} tensor(s) that config.json does not account for, e.g. "
@@ -198,6 +269,24 @@ def _place(target: dict, path: tuple, value: np.ndarray, shardings: dict | None 
         node[path[-1]] = jnp.asarray(value, dtype=want.dtype)
     else:  # cast on the host, then each device receives only its own slice
         node[path[-1]] = jax.device_put(np.asarray(value).astype(want.dtype, copy=False), sharding[path[-1]])
+
+
+def _leaf(target: dict, path: tuple):
+    for key in path:
+        target = target[key]
+    return target
+
+
+def _fill_experts(src: TensorSource, sink, entries: list[Entry], layers, dtype):
+    """One routed-expert parameter of each MoE layer into sink.put, expert by expert, cast to `dtype`."""
+    for layer, e in zip(layers, entries):
+        name = e.path[-1]
+        if e.each is None:  # the fused layout: one tensor holds the layer's experts
+            for j, w in enumerate(_build(src, e)):
+                sink.put(layer, name, j, w.astype(dtype, copy=False))
+            continue
+        for j, (source, shape) in enumerate(zip(e.sources, e.shapes)):
+            sink.put(layer, name, j, e.each(src.get(source, shape)).astype(dtype, copy=False))
 
 
 def _build(src: TensorSource, e: Entry) -> np.ndarray:

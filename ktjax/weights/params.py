@@ -7,7 +7,9 @@ abstract DeepseekModel (nnx.eval_shape) lists them with their shapes, and each h
 Adding a parameter means adding its module code and its row(s) below.
 
 Layer parameters live in two stacks (leading axis = layer): `dense_layers` (the first first_k_dense_replace
-layers) and `moe_layers` (the rest). Their paths and HF names are relative to one layer.
+layers) and `moe_layers` (the rest). Their paths and HF names are relative to one layer. The multi-token-prediction
+module (ktjax/model/mtp.py) is a third stack, `mtp`, of one layer: HF layer num_hidden_layers, whose block has the
+rows of any layer and five rows of its own (enorm, hnorm, eh_proj, shared_head.norm, shared_head.head).
 """
 from __future__ import annotations
 
@@ -21,14 +23,19 @@ import numpy as np
 class Stack:
     name: str
     moe: bool
+    mtp: bool = False  # the MTP module's stack (its MLP is MoE where cfg.mtp_moe, whatever `moe` says)
 
     def layers(self, cfg) -> range:
-        """The decoder layers this stack holds, in order."""
+        """The decoder layers this stack holds, in order (HF layer indices)."""
+        if self.mtp:
+            return range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.mtp_layers)
         return range(cfg.num_dense_layers, cfg.num_hidden_layers) if self.moe else range(cfg.num_dense_layers)
 
 
-STACKS = (Stack("dense_layers", moe=False), Stack("moe_layers", moe=True))
-STACK_BY_NAME = {s.name: s for s in STACKS}
+STACKS = (Stack("dense_layers", moe=False), Stack("moe_layers", moe=True))  # the decoder's layers
+MTP = Stack("mtp", moe=False, mtp=True)  # the multi-token-prediction module: a stack of 0 or 1 layers
+ALL_STACKS = (*STACKS, MTP)
+STACK_BY_NAME = {s.name: s for s in ALL_STACKS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,12 @@ TABLE: tuple[Param, ...] = (
     experts("w_up", "up_proj", fused="gate_up_proj"),
     experts("w_down", "down_proj", fused="down_proj"),
     *swiglu(("mlp", "shared"), "mlp.shared_experts"),
+    # The MTP layer's own (model/mtp.py); its block's parameters are the rows above.
+    norm(("enorm",), "enorm"),
+    norm(("hnorm",), "hnorm"),
+    kernel(("eh_proj",), "eh_proj"),
+    norm(("head_norm",), "shared_head.norm"),
+    kernel(("head",), "shared_head.head", (None, "vocab"), quantize=False),
 )
 ROWS = {(p.layer, p.path): p for p in TABLE}
 assert len(ROWS) == len(TABLE), "two rows for one parameter"
@@ -265,7 +278,7 @@ def hf_tensors(cfg, state: dict) -> dict[str, np.ndarray]:
                 per_head.add(prefix + row.hf)
 
     add("", state, stack_params(cfg, None))
-    for stack in STACKS:
+    for stack in ALL_STACKS:
         rows = stack_params(cfg, stack)
         for j, i in enumerate(stack.layers(cfg) if rows else ()):
             add(f"model.layers.{i}.", _layer_of(state[stack.name], j), rows)

@@ -24,6 +24,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "pool.h"
@@ -94,6 +96,31 @@ void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, flo
     for (int r = 0; r < R; ++r) {
       float sum = lane_sum(acc[o][r]);
       for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * x_row + kk], w[o * k_len + kk], sum);
+      y[r * n + o] = sum;
+    }
+}
+
+// bf16: the same loop over bfloat16 weights, each widened to float32 in registers (exact).
+template <int O, int R>
+void bf16_block(const float* x, int64_t k_len, const uint16_t* w, float* y, int64_t n) {
+  f32v acc[O][R] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= k_len; k += kLanes) {
+    f32v wv[O], xv[R];
+    for (int o = 0; o < O; ++o) {
+      if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);  // the next block's rows (see kOut)
+      wv[o] = in_register(widen_bf16(w + o * k_len + k));
+    }
+    for (int r = 0; r < R; ++r) {
+      xv[r] = in_register(load_f32(x + r * k_len + k));
+      for (int o = 0; o < O; ++o) acc[o][r] += wv[o] * xv[r];
+    }
+  }
+  for (int o = 0; o < O; ++o)
+    for (int r = 0; r < R; ++r) {
+      float sum = lane_sum(acc[o][r]);
+      for (int64_t kk = k; kk < k_len; ++kk)
+        sum = __builtin_fmaf(x[r * k_len + kk], bf16_value(w[o * k_len + kk]), sum);
       y[r * n + o] = sum;
     }
 }
@@ -190,6 +217,20 @@ template <int O, int R>
 struct F32Block {
   static void run(const F32Args& a, int64_t t, int64_t o) {
     f32_block<O, R>(a.x + t * a.x_row, a.x_row, a.k_len, a.w + o * a.k_len, a.y + t * a.y_row + o, a.y_row);
+  }
+};
+
+struct Bf16Args {
+  const float* x;
+  const uint16_t* w;
+  float* y;
+  int64_t k_len, n;
+};
+
+template <int O, int R>
+struct Bf16Block {
+  static void run(const Bf16Args& a, int64_t t, int64_t o) {
+    bf16_block<O, R>(a.x + t * a.k_len, a.k_len, a.w + o * a.k_len, a.y + t * a.n + o, a.n);
   }
 };
 
@@ -584,6 +625,64 @@ ffi::Error heads_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // Work items are (group, a range of outputs), taken in turn by the calling thread and the pool's helpers.
 enum GroupedFormat : int64_t { kGroupedF32 = 0, kGroupedInt8 = 1, kGroupedInt4 = 2, kGroupedInt8Q8 = 3, kGroupedInt4Q8 = 4 };
 
+enum { kGroupedBf16 = 5 };  // the host expert store's bf16 experts (not taken by KtjaxGroupedMatmul)
+
+// Rows [start[e], start[e + 1]) of xs [rows, k_len] times weight e (values[e], scales[e]: float32 / bf16 [n, k_len],
+// int8 [n, k_len] with [n, 1], int4 [n, k_len / 2] with [n, scale_groups]) -> those rows of ys [rows, n]. Work items
+// are (group, a range of outputs), taken in turn by the calling thread and the pool's helpers.
+template <typename Pool>
+void run_grouped(Pool pool, int64_t format, const float* xs, const std::vector<int64_t>& start,
+                 const std::vector<const void*>& values, const std::vector<const float*>& scales, float* ys,
+                 int64_t n, int64_t k_len, int64_t scale_groups, int64_t block) {
+  const int64_t groups = int64_t(values.size()), used_rows = start[groups];
+  Q8Rows xq;
+  if (format == kGroupedInt8Q8 || format == kGroupedInt4Q8)
+    xq = quantize_rows(xs, used_rows, k_len, format == kGroupedInt8Q8 ? block : k_len / scale_groups,
+                       format == kGroupedInt8Q8 ? 128 : 8);
+  // each used group's outputs in `parts` ranges of whole kOut blocks (one per thread), taken in turn
+  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per = ((n + parts - 1) / parts + kOut - 1) / kOut * kOut;
+  std::vector<std::pair<int64_t, int64_t>> items;  // (group, first output)
+  for (int64_t e = 0; e < groups; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t o = 0; o < n; o += per) items.emplace_back(e, o);
+  run_items(pool, items.size(), parts, [&](int64_t i) {
+    auto [e, o0] = items[i];
+    int64_t o1 = std::min(n, o0 + per), t0 = start[e], count = start[e + 1] - start[e];
+    switch (format) {
+      case kGroupedF32: {
+        F32Args a{xs, (const float*)values[e], ys, k_len, n};
+        run_outputs<F32Block, kF32RowsMax>(a, count, o0, o1, 4 * k_len, t0);
+        break;
+      }
+      case kGroupedBf16: {
+        Bf16Args a{xs, (const uint16_t*)values[e], ys, k_len, n};
+        run_outputs<Bf16Block, kF32RowsMax>(a, count, o0, o1, 2 * k_len, t0);
+        break;
+      }
+      case kGroupedInt8: {
+        Int8Args a{xs, (const int8_t*)values[e], scales[e], ys, k_len, n};
+        run_outputs<Int8Block, kRowsMax>(a, count, o0, o1, k_len, t0);
+        break;
+      }
+      case kGroupedInt4: {
+        Int4Args a{xs, (const uint8_t*)values[e], scales[e], ys, k_len, scale_groups, n};
+        run_outputs<Int4Block, kRowsMax>(a, count, o0, o1, k_len / 2, t0);
+        break;
+      }
+      case kGroupedInt8Q8: {
+        Q8Args a{&xq, values[e], scales[e], ys, n, 1};
+        run_outputs<Int8Q8Block, kQ8RowsMax>(a, count, o0, o1, k_len, t0);
+        break;
+      }
+      default: {
+        Q8Args a{&xq, values[e], scales[e], ys, n, scale_groups};
+        run_outputs<Int4Q8Block, kQ8RowsMax>(a, count, o0, o1, k_len / 2, t0);
+      }
+    }
+  });
+}
+
 // The checks a caller's mistake needs before any buffer is read (cpu_kernels.grouped_matmul builds valid calls).
 ffi::Error grouped_check(ffi::AnyBuffer v, ffi::DataType want, int64_t n, int64_t stored_k) {
   auto d = v.dimensions();
@@ -620,7 +719,8 @@ ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     start[e + 1] = start[e] + sizes[e];
     if (start[e + 1] > rows) return ffi::Error::InvalidArgument("grouped matmul: group sizes exceed the rows");
   }
-  std::vector<const void*> values(groups), scales(groups, nullptr);
+  std::vector<const void*> values(groups);
+  std::vector<const float*> scales(groups, nullptr);
   int64_t scale_groups = 1;
   for (int64_t e = 0; e < groups; ++e) {
     auto v = weights.get<ffi::AnyBuffer>(scaled ? 2 * e : e);
@@ -636,57 +736,172 @@ ffi::Error grouped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       if (auto bad = grouped_check(sc.value(), ffi::DataType::F32, n, want_groups); bad.failure()) return bad;
       if (int4 && (scale_groups < 1 || k_len % scale_groups != 0 || (k_len / scale_groups) % 32 != 0))
         return ffi::Error::InvalidArgument("grouped matmul: int4 scales must split the inputs into groups of 32k");
-      scales[e] = sc.value().untyped_data();
+      scales[e] = (const float*)sc.value().untyped_data();
     }
   }
   float* ys = y->typed_data();
   std::fill(ys + start[groups] * n, ys + rows * n, 0.0f);  // rows past the groups' (padding) read as zero
-  Q8Rows xq;
-  if (format == kGroupedInt8Q8 || format == kGroupedInt4Q8)
-    xq = quantize_rows(x.typed_data(), start[groups], k_len, format == kGroupedInt8Q8 ? block : k_len / scale_groups,
-                       format == kGroupedInt8Q8 ? 128 : 8);
-  // each used group's outputs in `parts` ranges of whole kOut blocks (one per thread), taken in turn
-  const int64_t parts = std::max<int64_t>(1, pool.num_threads());
-  const int64_t per = ((n + parts - 1) / parts + kOut - 1) / kOut * kOut;
-  std::vector<std::pair<int64_t, int64_t>> items;  // (group, first output)
-  for (int64_t e = 0; e < groups; ++e)
-    if (start[e + 1] > start[e])
-      for (int64_t o = 0; o < n; o += per) items.emplace_back(e, o);
-  const float* xs = x.typed_data();
-  run_items(pool, items.size(), parts, [&](int64_t i) {
-    auto [e, o0] = items[i];
-    int64_t o1 = std::min(n, o0 + per), t0 = start[e], count = start[e + 1] - start[e];
-    switch (format) {
-      case kGroupedF32: {
-        F32Args a{xs, (const float*)values[e], ys, k_len, n};
-        run_outputs<F32Block, kF32RowsMax>(a, count, o0, o1, 4 * k_len, t0);
-        break;
-      }
-      case kGroupedInt8: {
-        Int8Args a{xs, (const int8_t*)values[e], (const float*)scales[e], ys, k_len, n};
-        run_outputs<Int8Block, kRowsMax>(a, count, o0, o1, k_len, t0);
-        break;
-      }
-      case kGroupedInt4: {
-        Int4Args a{xs, (const uint8_t*)values[e], (const float*)scales[e], ys, k_len, scale_groups, n};
-        run_outputs<Int4Block, kRowsMax>(a, count, o0, o1, k_len / 2, t0);
-        break;
-      }
-      case kGroupedInt8Q8: {
-        Q8Args a{&xq, values[e], (const float*)scales[e], ys, n, 1};
-        run_outputs<Int8Q8Block, kQ8RowsMax>(a, count, o0, o1, k_len, t0);
-        break;
-      }
-      default: {
-        Q8Args a{&xq, values[e], (const float*)scales[e], ys, n, scale_groups};
-        run_outputs<Int4Q8Block, kQ8RowsMax>(a, count, o0, o1, k_len / 2, t0);
-      }
-    }
-  });
+  run_grouped(pool, format, x.typed_data(), start, values, scales, ys, n, k_len, scale_groups, block);
   return ffi::Error::Success();
 }
 
+
+// ---- the host expert store: each MoE layer's routed experts in host memory, summed in one call ----
+//
+// ktjax/cpu/host_experts.py owns the buffers (numpy, in the layouts above) and registers them here under a handle
+// (KtjaxHostExpertsRegister): the compiled program names the handle as an attribute and never takes the experts as
+// arguments. A layer's gate and up weights are one matrix per expert, [2f, d] (gate rows, then up rows), so that
+// one pass over the rows makes both; down is [d, f]. One call (KtjaxHostExperts) sorts the layer's (token, expert)
+// assignments by expert, runs gate/up, SwiGLU and down as grouped products, and adds each token's outputs times
+// their routing weights in the order of its k slots. An expert id -1 - e (an expert kept on the device, summed
+// there) is counted but not run: the counts (KtjaxHostExpertsCounts) pick the experts worth keeping.
+struct HostLayer {
+  int64_t format, experts, d, f, k_up, k_down, g_up, g_down;
+  const uint8_t *up_values, *down_values;
+  const float *up_scales, *down_scales;
+  int64_t up_expert_bytes, down_expert_bytes;  // one expert's values
+  std::unique_ptr<std::atomic<int64_t>[]> counts;
+};
+
+std::mutex host_mutex;
+std::unordered_map<int64_t, std::shared_ptr<HostLayer>>& host_layers() {
+  static auto* layers = new std::unordered_map<int64_t, std::shared_ptr<HostLayer>>();  // never destroyed at exit
+  return *layers;
+}
+
+std::shared_ptr<HostLayer> host_layer(int64_t handle) {
+  std::lock_guard<std::mutex> lock(host_mutex);
+  auto it = host_layers().find(handle);
+  return it == host_layers().end() ? nullptr : it->second;
+}
+
+int64_t stored_row_bytes(int64_t format, int64_t k_len) {
+  switch (format) {
+    case kGroupedF32: return 4 * k_len;
+    case kGroupedBf16: return 2 * k_len;
+    case kGroupedInt4: case kGroupedInt4Q8: return k_len / 2;
+    default: return k_len;
+  }
+}
+
+// The experts' pointers for one weight of the layer: expert e's values at base + e * bytes, scales at e * n * g.
+void expert_pointers(const uint8_t* values, const float* scales, int64_t bytes, int64_t n, int64_t g, int64_t experts,
+                     std::vector<const void*>& v, std::vector<const float*>& s) {
+  v.resize(experts);
+  s.assign(experts, nullptr);
+  for (int64_t e = 0; e < experts; ++e) {
+    v[e] = values + e * bytes;
+    if (scales != nullptr) s[e] = scales + e * n * g;
+  }
+}
+
+// One layer's call on raw host buffers (x [t_len, d], ids / wv [t_len, k], ys [t_len, d]): nullptr, or what is wrong.
+template <typename Pool>
+const char* host_experts_run(Pool pool, const HostLayer& L, const float* xv, const int32_t* idv, const float* wv,
+                             float* ys, int64_t t_len, int64_t k) {
+  const int64_t assignments = t_len * k, E = L.experts;
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t a = 0; a < assignments; ++a) {
+    int64_t e = idv[a];
+    if (e >= E || e < -E) return "host experts: expert id out of range";
+    if (e < 0) {
+      L.counts[-1 - e].fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    L.counts[e].fetch_add(1, std::memory_order_relaxed);
+    ++start[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const int64_t rows = start[E];
+  std::fill(ys, ys + t_len * L.d, 0.0f);
+  if (rows == 0) return nullptr;
+  // the assignments sorted by expert (in token order within one), and each one's row
+  std::vector<int64_t> row_of(assignments, -1), next(start.begin(), start.end() - 1);
+  std::vector<float> xs(rows * L.k_up, 0.0f);  // zero-padded to an int4 weight's P inputs
+  for (int64_t a = 0; a < assignments; ++a)
+    if (idv[a] >= 0) {
+      int64_t r = next[idv[a]]++;
+      row_of[a] = r;
+      std::memcpy(xs.data() + r * L.k_up, xv + (a / k) * L.d, L.d * sizeof(float));
+    }
+  std::vector<const void*> v;
+  std::vector<const float*> s;
+  const int64_t two_f = 2 * L.f;
+  std::vector<float> h(rows * two_f);
+  expert_pointers(L.up_values, L.up_scales, L.up_expert_bytes, two_f, L.g_up, E, v, s);
+  run_grouped(pool, L.format, xs.data(), start, v, s, h.data(), two_f, L.k_up, L.g_up, 128);
+  std::vector<float> act(rows * L.k_down, 0.0f);  // SwiGLU: silu(gate) * up, zero-padded to down's inputs
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < L.f; ++j) {
+      float g = h[r * two_f + j];
+      act[r * L.k_down + j] = g / (1.0f + std::exp(-g)) * h[r * two_f + L.f + j];
+    }
+  std::vector<float> out(rows * L.d);
+  expert_pointers(L.down_values, L.down_scales, L.down_expert_bytes, L.d, L.g_down, E, v, s);
+  run_grouped(pool, L.format, act.data(), start, v, s, out.data(), L.d, L.k_down, L.g_down, 128);
+  for (int64_t a = 0; a < assignments; ++a) {  // token by token, its slots in order
+    if (row_of[a] < 0) continue;
+    float w = wv[a], *yt = ys + (a / k) * L.d;
+    const float* o = out.data() + row_of[a] * L.d;
+    for (int64_t j = 0; j < L.d; ++j) yt[j] = __builtin_fmaf(w, o[j], yt[j]);
+  }
+  return nullptr;
+}
+
+// The checks of a call's shapes: nullptr, or what is wrong.
+const char* host_experts_shapes(const HostLayer& L, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> id,
+                                ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd) {
+  if (xd.size() != 2 || xd[1] != L.d || id.size() != 2 || id[0] != xd[0] || wd.size() != 2 || wd[0] != id[0] ||
+      wd[1] != id[1] || yd.size() != 2 || yd[0] != xd[0] || yd[1] != L.d)
+    return "host experts: x [t, d], ids and weights [t, k], y [t, d] expected";
+  return nullptr;
+}
+
+ffi::Error host_experts_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
+                             ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> y, int64_t handle) {
+  std::shared_ptr<HostLayer> layer = host_layer(handle);
+  if (!layer) return ffi::Error::InvalidArgument("host experts: no layer registered under this handle");
+  const char* bad = host_experts_shapes(*layer, x.dimensions(), ids.dimensions(), weights.dimensions(),
+                                        y->dimensions());
+  if (!bad)
+    bad = host_experts_run(pool, *layer, x.typed_data(), ids.typed_data(), weights.typed_data(), y->typed_data(),
+                           x.dimensions()[0], ids.dimensions()[1]);
+  return bad ? ffi::Error::InvalidArgument(bad) : ffi::Error::Success();
+}
+
 }  // namespace
+
+// The store's registry, called from Python (ctypes): 0 on success, else a negative code.
+extern "C" int64_t KtjaxHostExpertsRegister(int64_t handle, int64_t format, int64_t experts, int64_t d, int64_t f,
+                                            int64_t k_up, int64_t k_down, int64_t g_up, int64_t g_down,
+                                            const void* up_values, const float* up_scales, const void* down_values,
+                                            const float* down_scales) {
+  if (format < kGroupedF32 || format > kGroupedBf16 || experts < 1 || d < 1 || f < 1 || k_up < d || k_down < f)
+    return -1;
+  auto layer = std::make_shared<HostLayer>();
+  *layer = HostLayer{format, experts, d, f, k_up, k_down, g_up, g_down, (const uint8_t*)up_values,
+                     (const uint8_t*)down_values, up_scales, down_scales, 2 * f * stored_row_bytes(format, k_up),
+                     d * stored_row_bytes(format, k_down), nullptr};
+  layer->counts.reset(new std::atomic<int64_t>[experts]);
+  for (int64_t e = 0; e < experts; ++e) layer->counts[e].store(0);
+  std::lock_guard<std::mutex> lock(host_mutex);
+  host_layers()[handle] = std::move(layer);
+  return 0;
+}
+
+extern "C" void KtjaxHostExpertsRelease(int64_t handle) {
+  std::lock_guard<std::mutex> lock(host_mutex);
+  host_layers().erase(handle);
+}
+
+// The routing counts of a layer since it was registered (or last reset): n of them into out; -> the experts, or -1.
+extern "C" int64_t KtjaxHostExpertsCounts(int64_t handle, int64_t* out, int64_t n, int64_t reset) {
+  std::shared_ptr<HostLayer> layer = host_layer(handle);
+  if (!layer) return -1;
+  for (int64_t e = 0; e < std::min(n, layer->experts); ++e)
+    out[e] = reset ? layer->counts[e].exchange(0) : layer->counts[e].load();
+  return layer->experts;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMatmulInt8, int8_impl,
                               ffi::Ffi::Bind()
@@ -745,3 +960,164 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxGroupedMatmul, grouped_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("format")
                                   .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxHostExperts, host_experts_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("handle"));
+
+#ifdef KTJAX_CUDA
+// ---- the GPU bridge (built with -DKTJAX_CUDA against the CUDA runtime; not run on a CPU-only machine) ----
+//
+// KtjaxHostExperts on the CUDA platform: the same call inside a GPU program. On XLA's stream it copies the layer's
+// rows, expert ids and routing weights into pinned host buffers of its own (one slot per layer, grown as needed),
+// starts the CPU's expert work with cudaLaunchHostFunc (it runs when the copies are done, and the stream waits for
+// it, so that the call starts and ends in the stream's order with no round trip through Python) and copies the
+// weighted sum back. The CPU work runs on the bridge's own threads (XLA's CPU pool is not at hand here).
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <thread>
+
+#include <cuda_runtime.h>
+
+namespace {
+
+// Worker threads with num_threads() and Schedule(fn), as ktjax_pool::run_items takes a pool.
+class BridgeThreads {
+ public:
+  explicit BridgeThreads(int64_t n) {
+    for (int64_t i = 1; i < n; ++i) workers_.emplace_back([this] { work(); });
+  }
+  int64_t num_threads() const { return int64_t(workers_.size()) + 1; }
+  void Schedule(std::function<void()> fn) const {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(fn));
+    }
+    ready_.notify_one();
+  }
+
+ private:
+  void work() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !queue_.empty(); });
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+  std::vector<std::thread> workers_;
+  mutable std::mutex mutex_;
+  mutable std::condition_variable ready_;
+  mutable std::deque<std::function<void()>> queue_;
+};
+
+const BridgeThreads* bridge_threads() {
+  static auto* threads = new BridgeThreads(std::max(1u, std::thread::hardware_concurrency()));  // never destroyed
+  return threads;
+}
+
+// Run by const pointer: run_items copies its pool argument.
+struct BridgePool {
+  const BridgeThreads* threads;
+  int64_t num_threads() const { return threads->num_threads(); }
+  template <typename F>
+  void Schedule(F fn) const { threads->Schedule(std::function<void()>(std::move(fn))); }
+};
+
+// One layer's pinned buffers (the stream orders a layer's calls: one slot suffices, its buffers written and read
+// in stream order); what each call's host task reads is its own BridgeCall, made at enqueue.
+struct BridgeSlot {
+  float *x = nullptr, *w = nullptr, *y = nullptr;
+  int32_t* ids = nullptr;
+  int64_t capacity = 0, k = 0;
+  std::atomic<const char*> error{nullptr};  // from a host task, reported by the next call
+};
+
+struct BridgeCall {
+  BridgeSlot* slot;
+  std::shared_ptr<HostLayer> layer;
+  int64_t rows, k;
+};
+
+std::mutex bridge_mutex;
+std::unordered_map<int64_t, std::unique_ptr<BridgeSlot>>& bridge_slots() {
+  static auto* slots = new std::unordered_map<int64_t, std::unique_ptr<BridgeSlot>>();
+  return *slots;
+}
+
+bool grow(BridgeSlot& s, int64_t rows, int64_t k, int64_t d) {
+  for (void* p : {(void*)s.x, (void*)s.w, (void*)s.y, (void*)s.ids})
+    if (p) cudaFreeHost(p);
+  s.capacity = rows, s.k = k;
+  return cudaHostAlloc((void**)&s.x, rows * d * sizeof(float), cudaHostAllocDefault) == cudaSuccess &&
+         cudaHostAlloc((void**)&s.y, rows * d * sizeof(float), cudaHostAllocDefault) == cudaSuccess &&
+         cudaHostAlloc((void**)&s.w, rows * k * sizeof(float), cudaHostAllocDefault) == cudaSuccess &&
+         cudaHostAlloc((void**)&s.ids, rows * k * sizeof(int32_t), cudaHostAllocDefault) == cudaSuccess;
+}
+
+void CUDART_CB bridge_task(void* data) {
+  std::unique_ptr<BridgeCall> call(static_cast<BridgeCall*>(data));
+  BridgeSlot& s = *call->slot;
+  if (const char* bad = host_experts_run(BridgePool{bridge_threads()}, *call->layer, s.x, s.ids, s.w, s.y, call->rows,
+                                         call->k))
+    s.error.store(bad);
+}
+
+ffi::Error host_experts_cuda_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
+                                  ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> y, int64_t handle) {
+  std::shared_ptr<HostLayer> layer = host_layer(handle);
+  if (!layer) return ffi::Error::InvalidArgument("host experts: no layer registered under this handle");
+  if (const char* bad = host_experts_shapes(*layer, x.dimensions(), ids.dimensions(), weights.dimensions(),
+                                            y->dimensions()))
+    return ffi::Error::InvalidArgument(bad);
+  BridgeSlot* slot;
+  {
+    std::lock_guard<std::mutex> lock(bridge_mutex);
+    auto& s = bridge_slots()[handle];
+    if (!s) s = std::make_unique<BridgeSlot>();
+    slot = s.get();
+  }
+  if (const char* bad = slot->error.load()) return ffi::Error::Internal(bad);  // an earlier host task failed
+  const int64_t rows = x.dimensions()[0], k = ids.dimensions()[1], d = layer->d;
+  if (rows > slot->capacity || k != slot->k) {  // rare (the first call of a longer chunk): wait, then regrow
+    if (cudaStreamSynchronize(stream) != cudaSuccess) return ffi::Error::Internal("host experts: the stream failed");
+    if (!grow(*slot, rows, k, d)) return ffi::Error::Internal("host experts: cannot allocate pinned host memory");
+  }
+  auto* call = new BridgeCall{slot, layer, rows, k};  // the host task owns it
+  auto to_host = [&](void* dst, const void* src, size_t bytes) {
+    return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream) == cudaSuccess;
+  };
+  bool ok = to_host(slot->x, x.typed_data(), rows * d * sizeof(float)) &&
+            to_host(slot->ids, ids.typed_data(), rows * k * sizeof(int32_t)) &&
+            to_host(slot->w, weights.typed_data(), rows * k * sizeof(float));
+  if (!ok || cudaLaunchHostFunc(stream, bridge_task, call) != cudaSuccess) {
+    delete call;
+    return ffi::Error::Internal("host experts: a copy to pinned memory or the host launch failed");
+  }
+  if (cudaMemcpyAsync(y->typed_data(), slot->y, rows * d * sizeof(float), cudaMemcpyHostToDevice, stream) !=
+      cudaSuccess)
+    return ffi::Error::Internal("host experts: the copy of the sum back to the device failed");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxHostExpertsCuda, host_experts_cuda_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("handle"));
+#endif  // KTJAX_CUDA

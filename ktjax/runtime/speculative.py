@@ -1,0 +1,375 @@
+"""Speculative decoding with the model's multi-token-prediction (MTP) module as the draft (speculative: mtp).
+
+Each iteration of one compiled while-loop (many per dispatch, the cache donated, fixed shapes whatever is
+accepted) drafts k = draft_tokens tokens and verifies them in one pass of the model:
+
+1. draft: the MTP module first extends its cache slice over the positions the last pass accepted (from the main
+   model's hidden states there: its slice then holds what the accepted tokens alone give), which predicts d_1;
+   k-1 chained MTP steps (each on the previous step's hidden state) give d_2..d_k. Each d_j is drawn from the
+   MTP's distribution q_j, after the same temperature / top-k / top-p transform as the model's.
+2. verify: one cached forward pass over [t, d_1..d_k] at positions L..L+k (t: the pending token, already
+   emitted, not yet in the cache) gives the model's distributions p_0..p_k and its hidden states.
+3. accept: d_j with probability min(1, p_{j-1}(d_j) / q_j(d_j)) while all before it were accepted; then one more
+   token from normalize(max(0, p_n - q_{n+1})) after a rejection, or from p_k when all k were accepted: the
+   standard rule, whose output is distributed as the model's own. A greedy row's distributions are one-hot at
+   the argmax, so the same rule accepts exactly the drafts that equal the model's argmax and adds the argmax
+   after them: the tokens of plain greedy decoding.
+4. advance: lengths by the tokens emitted (stops and max_new_tokens cut them exactly as plain decoding does).
+   Rejected positions leave no trace: entries past a sequence's length are never read, and the next pass
+   overwrites them.
+
+The cache holds the MTP module's slice as its layer cfg.num_hidden_layers (LatentCache.create's extra_layers),
+and needs k positions past the last token for the rejected drafts (`reserve`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktjax.errors import KtjaxError
+from ktjax.model.decoder import RunOptions
+from ktjax.runtime.sampling import Sampling, distribution, draw_from, repeat_rows, sample
+
+STEPS_PER_DISPATCH = 16  # verify passes per call into the compiled loop (up to draft_tokens + 1 tokens each)
+
+
+def check_model(cfg, model_or_graph) -> None:
+    """One clear error where speculative mtp cannot run: the model has no MTP module."""
+    layers = getattr(cfg, "num_nextn_predict_layers", 0) or 0
+    if layers < 1 or getattr(model_or_graph, "mtp", None) is None:
+        raise KtjaxError("this model has no MTP module: speculative mtp drafts with DeepSeek's multi-token-"
+                         f"prediction layer (num_nextn_predict_layers {layers} in config.json"
+                         + (", or its weights were dropped at conversion" if layers else "") +
+                         "); use --speculative off")
+
+
+# -- the model's two passes, as this loop uses them --------------------------------------------------------
+
+def main_pass(model, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
+    """The model through the cache -> (logits at logits_index (all positions with None), cache, final-normed
+    hidden states at all s positions [b, s, H]). The logits at one position are projected here from its hidden
+    state: forward_cached's logits at all positions go unused, and XLA drops their computation."""
+    logits, cache, hidden = model.forward_cached(tokens, positions, cache, lengths, None, opts, return_hidden=True)
+    if logits_index is not None:
+        last = jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)[:, 0]
+        logits = model.project(last).astype(jnp.float32)
+    return logits, cache, hidden
+
+
+def mtp_pass(model, hidden, tokens, positions, cache, lengths, logits_index, opts: RunOptions):
+    """The MTP module at positions [b, s] (hidden [b, s, H]: the hidden state at each position; tokens: the
+    token after each) -> (logits [b, vocab] and its hidden state [b, H] at logits_index, cache)."""
+    logits, out, cache = model.mtp_forward_cached(hidden, tokens, positions, cache, lengths, logits_index, opts)
+    if out.ndim == 3:
+        out = jnp.take_along_axis(out, logits_index[:, None, None], axis=1)[:, 0]
+    return logits, out, cache
+
+
+# -- the compiled programs ---------------------------------------------------------------------------------
+
+def prefill_chunk(graphdef, opts: RunOptions, state, cache, tokens, positions, lengths, logits_index,
+                  next_tokens, mtp_positions, mtp_lengths):
+    """A prompt chunk through the model, then through the MTP module (its slice: position p from the model's
+    hidden state at p and the prompt's token p + 1; mtp_positions drop the prompt's last position, whose next
+    token is not sampled yet) -> (logits [b, vocab] and hidden [b, H] at logits_index, cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, hidden = main_pass(model, tokens, positions, cache, lengths, logits_index, opts)
+    _, _, cache = mtp_pass(model, hidden, next_tokens, mtp_positions, cache, mtp_lengths, logits_index, opts)
+    last = jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1)[:, 0]
+    return logits, last, cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    lengths: jax.Array   # [b] tokens in the model's cache (L)
+    token: jax.Array     # [b] the pending token t at position L: emitted, not yet fed
+    base: jax.Array      # [b] the first position of `hidden` (the MTP extends over base .. L-1)
+    hidden: jax.Array    # [b, k+1, H] the model's hidden states at base, base+1, ...
+    after: jax.Array     # [b, k+1] the token after each of those positions
+    done: jax.Array      # [b]
+    n_gen: jax.Array     # [b] tokens generated so far
+    bad_step: jax.Array  # [b] the generation step whose logits were not finite, -1 while all were
+    passes: jax.Array    # [b] verifying passes run for the row
+    accepted: jax.Array  # [b] drafts accepted
+    key: jax.Array
+
+
+def start(logits, last_hidden, lengths, key, max_new, stop_ids, sampling: Sampling, k: int, dtype):
+    """The first token, from the prefill's logits, and the loop's state -> (SpecState, first tokens [b] (-1 =
+    none: non-finite logits))."""
+    b, h = last_hidden.shape
+    key, sub = jax.random.split(key)
+    broken = ~jnp.all(jnp.isfinite(logits), axis=-1)
+    tok = sample(logits, sub, sampling)
+    n_gen = (~broken).astype(jnp.int32)
+    done = broken | jnp.isin(tok, stop_ids) | (n_gen >= max_new)
+    hidden = jnp.zeros((b, k + 1, h), dtype).at[:, 0].set(last_hidden.astype(dtype))
+    after = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok)
+    zeros = jnp.zeros((b,), jnp.int32)
+    state = SpecState(lengths, tok, lengths - 1, hidden, after, done, n_gen, jnp.where(broken, 0, -1), zeros,
+                      zeros, key)
+    return state, jnp.where(broken, -1, tok)
+
+
+def _draft(model, opts, cache, st: SpecState, active, sampling: Sampling, key, k: int):
+    """The MTP's k drafts [b, k] and their distributions [b, k, vocab], the MTP slice updated."""
+    b = st.lengths.shape[0]
+    cache_lens = cache.cache_lens
+    j = jnp.arange(k + 1)[None]
+    n_valid = st.lengths - st.base  # positions the last pass accepted (1 .. k+1)
+    pos = jnp.where(active[:, None] & (j < n_valid[:, None]), st.base[:, None] + j, cache_lens)
+    logits, h, cache = mtp_pass(model, st.hidden, st.after, pos, cache, st.lengths, n_valid - 1, opts)
+    drafts, dists = [], []
+    for i, sub in enumerate(jax.random.split(key, k)):
+        q = distribution(logits, sampling)
+        d = draw_from(q, sub, sampling)
+        drafts.append(d)
+        dists.append(q)
+        if i + 1 < k:  # chain: the MTP at position L + i on its own hidden state and the draft it made
+            pos = jnp.where(active, st.lengths + i, cache_lens)[:, None]
+            logits, h, cache = mtp_pass(model, h[:, None], d[:, None], pos, cache, st.lengths + i + 1,
+                                        jnp.zeros((b,), jnp.int32), opts)
+    return jnp.stack(drafts, 1), jnp.stack(dists, 1), cache
+
+
+def _accept(p, q, drafts, key, sampling: Sampling):
+    """The rejection rule. p [b, k+1, vocab]: the model's distributions after t, d_1, ..; q [b, k, vocab]: the
+    drafts' -> (drafts accepted n [b], the token after them [b])."""
+    b, k = drafts.shape
+    k_u, k_bonus = jax.random.split(key)
+    p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(k_u, (b, k))
+    ok = u * q_d < p_d  # u < p/q without dividing; a greedy row: d == argmax (p_d 1, q_d 1)
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+    q_n = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1), n[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    # p_n == q_n (rounding aside) cannot reject; where rounding left nothing, p_n itself
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
+    return n, draw_from(residual, k_bonus, sampling)
+
+
+def decode_steps(graphdef, opts: RunOptions, state, cache, st: SpecState, n_steps, max_new, stop_ids,
+                 sampling: Sampling, k: int):
+    """Up to n_steps draft-verify-accept iterations (fewer once every sequence is done) -> (cache, state,
+    tokens [b, STEPS_PER_DISPATCH, k+1] (-1 = none))."""
+    model = nnx.merge(graphdef, state)
+    b = st.lengths.shape[0]
+    cache_lens = cache.cache_lens
+    j = jnp.arange(k + 1)[None]
+    rows = repeat_rows(sampling, b, k + 1)
+
+    def cond(carry):
+        i, _, st, _ = carry
+        return (i < n_steps) & ~jnp.all(st.done)
+
+    def body(carry):
+        i, cache, st, out = carry
+        key, k_draft, k_accept = jax.random.split(st.key, 3)
+        active = ~st.done
+        drafts, q, cache = _draft(model, opts, cache, st, active, sampling, k_draft, k)
+
+        tokens = jnp.concatenate([st.token[:, None], drafts], 1)
+        pos = jnp.where(active[:, None], st.lengths[:, None] + j, cache_lens)
+        lengths = jnp.where(active, st.lengths + k + 1, st.lengths)
+        logits, cache, hidden = main_pass(model, tokens, pos, cache, lengths, None, opts)
+        p = distribution(logits.reshape(b * (k + 1), -1), rows).reshape(b, k + 1, -1)
+        n, bonus = _accept(p, q, drafts, k_accept, sampling)
+
+        # the tokens this pass gives: d_1..d_n, then the bonus; cut after a stop and at max_new_tokens
+        new = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
+        stop = jnp.isin(new, stop_ids) & (j <= n[:, None])
+        first_stop = jnp.where(stop.any(1), jnp.argmax(stop, 1), k + 1)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1) | (j > n[:, None])
+        broken = active & ~jnp.all(finite, axis=1)  # stop, never emit from NaN
+        m = jnp.minimum(jnp.minimum(n + 1, first_stop + 1), max_new - st.n_gen)
+        m = jnp.where(active & ~broken, m, 0)
+        out = out.at[:, i].set(jnp.where(j < m[:, None], new, -1))
+        n_gen = st.n_gen + m
+        done = st.done | broken | (first_stop < m) | (n_gen >= max_new)
+
+        moved = m > 0
+
+        def keep(now, before):  # the row's new value where it moved, else its old one
+            return jnp.where(moved.reshape((-1,) + (1,) * (now.ndim - 1)), now, before)
+
+        last = jnp.take_along_axis(new, jnp.maximum(m - 1, 0)[:, None], axis=1)[:, 0]
+        st = SpecState(
+            lengths=st.lengths + m, token=keep(last, st.token), base=keep(st.lengths, st.base),
+            hidden=keep(hidden.astype(st.hidden.dtype), st.hidden), after=keep(jnp.maximum(new, 0), st.after),
+            done=done, n_gen=n_gen, bad_step=jnp.where(broken & (st.bad_step < 0), st.n_gen, st.bad_step),
+            passes=st.passes + active, accepted=st.accepted + jnp.where(active & ~broken, jnp.minimum(n, m), 0),
+            key=key)
+        return i + 1, cache, st, out
+
+    out = jnp.full((b, STEPS_PER_DISPATCH, k + 1), -1, jnp.int32)
+    _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
+    return cache, st, out
+
+
+# -- the engine's side: compile, prefill, decode ----------------------------------------------------------
+
+class Speculation:
+    """speculative mtp for one Engine: its programs (compiled through the engine, counted in compile_count) and
+    the host loops that run them."""
+
+    def __init__(self, engine, k: int, raise_if_broken):
+        self.engine = engine
+        self.k = k
+        self.raise_if_broken = raise_if_broken  # bad_step [b] -> the engine's error for non-finite logits
+
+    @property
+    def reserve(self) -> int:
+        """Cache positions needed past a sequence's last token: the verified drafts that may be rejected."""
+        return self.k
+
+    def prefill_program(self, cache, b: int, chunk: int):
+        e = self.engine
+        opts = e.run_options(e.runtime.absorb(e.cfg, chunk))
+
+        def build():
+            i32, tok = e._input((b,), jnp.int32), e._input((b, chunk), jnp.int32)
+            out = None if e.mesh is None else (tok.sharding, tok.sharding, jax.tree.map(lambda x: x.sharding, cache))
+            fn = jax.jit(functools.partial(prefill_chunk, e.graphdef, opts), donate_argnums=(1,), out_shardings=out)
+            return fn.lower(e.state, cache, tok, tok, i32, i32, tok, tok, i32).compile()
+
+        return e._compile(("mtp-prefill", opts, e._cache_key(cache), b, chunk), build)
+
+    def start_program(self, b: int, stops_shape):
+        e = self.engine
+        fn = functools.partial(start, k=self.k, dtype=e.runtime.jnp_dtype)
+
+        def build():
+            i32, scalar = e._input((b,), jnp.int32), e._input((), jnp.int32)
+            return jax.jit(fn).lower(e._input((b, e.cfg.vocab_size), jnp.float32),
+                                     e._input((b, e.cfg.hidden_size), e.runtime.jnp_dtype), i32,
+                                     jax.random.key(0), scalar, e._input(stops_shape, jnp.int32),
+                                     Sampling.make()).compile()
+
+        return e._compile(("mtp-start", b, stops_shape, self.k), build)
+
+    def decode_program(self, cache, b: int, stops_shape):
+        e = self.engine
+        opts = e.run_options(True)
+        k = self.k
+
+        def build():
+            i32, flag = e._input((b,), jnp.int32), e._input((b,), jnp.bool_)
+            st = SpecState(i32, i32, i32, e._input((b, k + 1, e.cfg.hidden_size), e.runtime.jnp_dtype),
+                           e._input((b, k + 1), jnp.int32), flag, i32, i32, i32, i32, jax.random.key(0))
+            scalar = e._input((), jnp.int32)
+            rep = None if e.mesh is None else scalar.sharding
+            out = None if e.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
+            fn = jax.jit(functools.partial(decode_steps, e.graphdef, opts, k=k), donate_argnums=(1,),
+                         out_shardings=out)
+            return fn.lower(e.state, cache, st, scalar, scalar, e._input(stops_shape, jnp.int32),
+                            Sampling.make()).compile()
+
+        return e._compile(("mtp-decode", opts, e._cache_key(cache), b, stops_shape, k), build)
+
+    def run(self, cache, prompts, chunk: int, call, stop_ids, sampling, on_tokens, on_start, progress):
+        """Engine.generate's work with speculation: compile, prefill, decode -> (tokens per sequence, (compile_s,
+        prefill_s, time to first token after the prefill, decode_s), the acceptance stats)."""
+        b, max_new = len(prompts), call.max_new_tokens
+        t0 = time.perf_counter()
+        progress.phase("compile", 3, "programs")
+        prefill = self.prefill_program(cache, b, chunk)
+        progress.update(1)
+        begin = self.start_program(b, stop_ids.shape)
+        progress.update(2)
+        decode = self.decode_program(cache, b, stop_ids.shape)
+        progress.update(3)
+        compile_s = time.perf_counter() - t0
+        if on_start is not None:
+            on_start()
+        t0 = time.perf_counter()
+        progress.phase("prefill", sum(map(len, prompts)))
+        progress.cache(0, b * cache.cache_lens)
+        logits, hidden, cache = self.prefill(prefill, cache, prompts, chunk, progress)
+        prefill_s = time.perf_counter() - t0
+        progress.phase("decode", b * max_new)
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        tokens, ttft, decode_s, st, _ = self.decode(begin, decode, cache, logits, hidden, lengths,
+                                                    jax.random.key(call.seed), max_new, stop_ids, sampling,
+                                                    on_tokens, progress)
+        progress.end()
+        return tokens, (compile_s, prefill_s, ttft, decode_s), self.stats(st, tokens)
+
+    def prefill(self, prefill, cache, prompts, chunk: int, progress):
+        """Prompts chunk by chunk through the model and the MTP module -> (logits [b, vocab] and hidden [b, H] at
+        each prompt's last token, cache)."""
+        b = len(prompts)
+        lens = np.array([len(p) for p in prompts])
+        ids = np.zeros((b, -(-lens.max() // chunk) * chunk + 1), np.int32)  # + 1: the token after each chunk
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        n_chunks = (ids.shape[1] - 1) // chunk
+        cache_lens = cache.cache_lens
+        logits = hidden = None
+        for c in range(n_chunks):
+            pos = c * chunk + np.arange(chunk)[None, :]
+            valid, has_next = pos < lens[:, None], pos + 1 < lens[:, None]
+            index = jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
+            chunk_logits, chunk_hidden, cache = prefill(
+                self.engine.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                jnp.asarray(np.where(valid, pos, cache_lens), jnp.int32),
+                jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32), index,
+                jnp.asarray(ids[:, c * chunk + 1:(c + 1) * chunk + 1]),
+                jnp.asarray(np.where(has_next, pos, cache_lens), jnp.int32),
+                jnp.asarray(np.minimum(lens - 1, (c + 1) * chunk), jnp.int32))
+            ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
+            logits = chunk_logits if logits is None else jnp.where(ends_here, chunk_logits, logits)
+            hidden = chunk_hidden if hidden is None else jnp.where(ends_here, chunk_hidden, hidden)
+            if progress.live:  # someone watches: report the chunk once it is computed, not when it is queued
+                jax.block_until_ready(chunk_logits)
+            done = int(np.minimum(lens, (c + 1) * chunk).sum())
+            progress.cache(done, b * cache_lens)
+            progress.update(done)
+        return jax.block_until_ready(logits), hidden, cache
+
+    def decode(self, begin, decode, cache, logits, hidden, lengths, key, max_new: int, stop_ids, sampling,
+               on_tokens=None, progress=None):
+        """The first token (from the prefill's logits), then dispatches of the loop until every sequence is done
+        -> (tokens per sequence, time to first token after the prefill, decode seconds, the final SpecState, the
+        cache)."""
+        t0 = time.perf_counter()
+        st, first = begin(logits, hidden, lengths, key, jnp.int32(max_new), stop_ids, sampling)
+        tokens = [[int(t)] if t >= 0 else [] for t in np.asarray(first)]
+        ttft = time.perf_counter() - t0
+        if on_tokens is not None and any(tokens):
+            on_tokens([list(t) for t in tokens])
+        capacity = len(tokens) * cache.cache_lens
+        while True:
+            if progress is not None:
+                progress.cache(int(np.asarray(st.lengths).sum()), capacity)
+                progress.update(sum(map(len, tokens)))
+            self.raise_if_broken(np.asarray(st.bad_step))
+            if bool(np.all(np.asarray(st.done))):
+                break
+            cache, st, out = decode(self.engine.state, cache, st, jnp.int32(STEPS_PER_DISPATCH), jnp.int32(max_new),
+                                    stop_ids, sampling)
+            new = [[int(t) for t in row.reshape(-1) if t >= 0] for row in np.asarray(out)]
+            for acc, n in zip(tokens, new):
+                acc.extend(n)
+            if on_tokens is not None and any(new):
+                on_tokens(new)
+        return tokens, ttft, time.perf_counter() - t0, st, cache
+
+    def stats(self, st: SpecState, tokens) -> dict:
+        """Acceptance of this generation: per sequence and in all."""
+        passes, accepted = np.asarray(st.passes), np.asarray(st.accepted)
+        total = int(passes.sum())
+        # tokens the passes gave: all but each sequence's first (sampled from the prefill's logits)
+        from_passes = sum(max(len(t) - 1, 0) for t in tokens)
+        return {"speculative": "mtp", "draft_tokens": self.k, "verify_passes": total,
+                "draft_acceptance_rate": float(accepted.sum()) / (self.k * total) if total else 0.0,
+                "accept_length": from_passes / total if total else 0.0,
+                "accepted_drafts": accepted.tolist(), "verify_passes_per_sequence": passes.tolist()}
