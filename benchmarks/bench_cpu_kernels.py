@@ -6,6 +6,7 @@ matmuls and the absorbed attention's per-head products.
     python benchmarks/bench_cpu_kernels.py attention --context 2048 16384 65536 --formats int4
     python benchmarks/bench_cpu_kernels.py matmul                    # V2-Lite shapes, 16 to 512 rows
     python benchmarks/bench_cpu_kernels.py float32                   # float32 weights and w_uk / w_uv, 1 to 64 rows
+    python benchmarks/bench_cpu_kernels.py experts                   # routed experts of one decode row, GB/s vs copy
 
 Best of --repeats calls of one jitted function, with the kernels built first; run it on a quiet machine.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+
 
 
 def best_ms(fn, *args, repeats: int) -> float:
@@ -145,6 +147,66 @@ def float32(a):
                 cell(lambda x, w: wq.per_head(x, w, in_out), x, held, flops))), flush=True)
 
 
+def experts(a):
+    """The routed experts of a decode step: --rows rows (one token: 1) through --selected of --experts experts in
+    one grouped call, gate/up ([2f, d], as the host expert store holds them) and down ([d, f]), float32 and int8
+    activations. Each call takes the next experts in turn, so that its weights come cold from memory. Cells: GB/s of
+    weights read (best call), and that over the copy bandwidth measured in the same run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ktjax.cpu import kernels as cpu_kernels
+    from ktjax.cpu import weights as cw
+    from ktjax.model import quantized as wq
+
+    rng = np.random.default_rng(0)
+    src = np.ones(128 << 20, np.float32)  # a copy between buffers already touched (no page faults): 2 x bytes
+    dst, best = np.empty_like(src), float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    copy = 2 * src.nbytes / best / 1e9
+    del src, dst
+    print(f"copy bandwidth {copy:.1f} GB/s; {a.selected} of {a.experts} experts, {a.rows} row(s)")
+    for fmt in a.formats:
+        for name, d_in, d_out in (("gate/up", a.d, 2 * a.f), ("down", a.f, a.d)):
+            w = rng.standard_normal((d_in, d_out)).astype(np.float32)
+            values, scales = wq.quantize_weight(w, fmt)
+            held = cw.kernel_layout(wq.QuantizedArray(jnp.asarray(values), jnp.asarray(scales)))
+            # distinct copies (the same numbers): the selected ones are read cold
+            weights = [(held.values + 0, held.scale + 0) for _ in range(a.experts)]
+            per = held.values.nbytes + held.scale.nbytes
+            x = jnp.asarray(rng.standard_normal((a.rows, 2 * held.values.shape[1] if fmt == "int4" else d_in)),
+                            jnp.float32)
+            cells = []
+            for q8 in (False, True):
+                fn = jax.jit(lambda x, sizes, *flat: cpu_kernels.grouped_matmul(
+                    x, sizes, list(zip(flat[::2], flat[1::2])), int8_activations=q8))
+                flat = [t for pair in weights for t in pair]
+                calls = []
+                for c in range(a.experts):
+                    sizes = np.zeros(a.experts, np.int32)
+                    chosen = [(c * a.selected + i) % a.experts for i in range(a.selected)]
+                    sizes[chosen] = a.rows  # each of --rows tokens through every selected expert
+                    x_rows = int(sizes.sum())
+                    calls.append((jnp.asarray(sizes), jnp.asarray(rng.standard_normal((x_rows, x.shape[1])),
+                                                                   jnp.float32)))
+                fn(calls[0][1], calls[0][0], *flat).block_until_ready()
+                times = []
+                for r in range(a.repeats):
+                    for sizes, xr in calls:
+                        t = time.perf_counter()
+                        fn(xr, sizes, *flat).block_until_ready()
+                        times.append(time.perf_counter() - t)
+                ms = min(times) * 1e3
+                gbps = a.selected * per / ms / 1e6
+                cells.append(f"{'int8 act' if q8 else 'f32 act'}: {ms:6.3f} ms {gbps:5.1f} GB/s {gbps / copy:4.2f}x copy")
+            print(f"{fmt:>4} {name:>7} [{d_out}, {d_in}] x{a.selected}: " + " | ".join(cells), flush=True)
+            del weights, flat
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -163,11 +225,19 @@ def main(argv=None):
     f32.add_argument("--shapes", nargs="+", default=["2048x1408", "1408x2048", "2048x10944"], help="IN x OUT")
     f32.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     f32.add_argument("--repeats", type=int, default=10)
+    ex = sub.add_parser("experts", help="one decode row through the routed experts, GB/s against copy")
+    ex.add_argument("--formats", nargs="+", default=["int4", "int8"])
+    ex.add_argument("--d", type=int, default=2048)
+    ex.add_argument("--f", type=int, default=1408)
+    ex.add_argument("--experts", type=int, default=64)
+    ex.add_argument("--selected", type=int, default=6)
+    ex.add_argument("--rows", type=int, default=1, help="tokens: each selected expert gets this many rows")
+    ex.add_argument("--repeats", type=int, default=5, help="passes over the experts")
     a = p.parse_args(argv)
 
     from ktjax.cpu import build as cpu_build
     cpu_build.require()
-    {"attention": attention, "matmul": matmul, "float32": float32}[a.what](a)
+    {"attention": attention, "matmul": matmul, "float32": float32, "experts": experts}[a.what](a)
 
 
 if __name__ == "__main__":

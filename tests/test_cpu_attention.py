@@ -118,6 +118,59 @@ def test_kernel_matches_numpy_in_every_format(rng, fmt, rank, rope, heads):
             assert np.all(err <= bound), (type(cache).__name__, path, float(np.max(err - bound)))
 
 
+# A verify pass's rows: keys per row after the chunk's own were written, around the kernel's 16-key blocks and
+# 256-key segments (each query of a row ends at a different side of an edge), and one row shorter than its chunk
+# (its first queries see no key).
+MULTI_LENGTHS = [2, 17, 258, 700]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("queries", [2, 3, 4])
+def test_a_few_queries_per_row_match_numpy_in_every_format(rng, fmt, queries):
+    """Dense and paged, s = 2 / 3 / 4 queries per row at the consecutive positions lengths - s .. lengths - 1
+    (a speculative verify pass), rows of different lengths with a decoy key just past each: the kernel takes
+    the chunk (its one pass over the keys), and its output and the XLA path's are both within the float32 bound
+    of the exact attention of each query over the keys at or before its position; each query's result is the
+    one-query kernel's, bit for bit."""
+    rank, rope, heads = 48, 16, 5
+    rows = len(MULTI_LENGTHS)
+    lengths = jnp.asarray(MULTI_LENGTHS, jnp.int32)
+    positions = lengths[:, None] - queries + jnp.arange(queries, dtype=jnp.int32)
+    q_lat = rng.standard_normal((rows, queries, heads, rank)).astype(np.float32) * 0.1
+    q_pe = rng.standard_normal((rows, queries, heads, rope)).astype(np.float32) * 0.1
+    scale = 0.3
+    for cache in _caches(fmt, rank, rope, rows, rng):
+        cache = _filled(cache, rng, rows, max(MULTI_LENGTHS), rank, rope, decoys=MULTI_LENGTHS)
+        c, k = _keys(cache, rank)
+        run = jax.jit(lambda c, ql, qp, pos, lens: c.attend_latent(1, ql, qp, pos, lens, scale=scale))
+        out = {}
+        for path in ("cpu", "xla"):
+            got = dataclasses.replace(cache, attention={"cpu": CPU_ATTENTION, "xla": None}[path])
+            if path == "cpu":
+                assert "KtjaxDecodeAttention" in run.lower(got, q_lat, q_pe, positions, lengths).as_text()
+            out[path] = np.asarray(run(got, q_lat, q_pe, positions, lengths), np.float64)
+        for j in range(queries):
+            seen = [max(0, n - queries + j + 1) for n in MULTI_LENGTHS]
+            exact, bound = _reference(q_lat[:, j].astype(np.float64), q_pe[:, j].astype(np.float64), c, k, seen, scale)
+            for path, got in out.items():
+                err = np.abs(got[:, j] - exact)
+                assert np.all(err <= bound), (type(cache).__name__, path, j, float(np.max(err - bound)))
+            one = run(cache, q_lat[:, j:j + 1], q_pe[:, j:j + 1], positions[:, j:j + 1], lengths)
+            np.testing.assert_array_equal(np.asarray(one, np.float64)[:, 0], out["cpu"][:, j])
+
+
+def test_more_queries_than_the_kernel_takes_run_the_xla_path(rng):
+    """A chunk of MAX_QUERIES + 1 queries per row (a prefill chunk) is declined: the XLA path runs it."""
+    from ktjax.cpu.attention import MAX_QUERIES
+    dense, _ = _caches("bf16", 48, 16, 2, rng)
+    s = MAX_QUERIES + 1
+    q_lat, q_pe = jnp.zeros((2, s, 3, 48), jnp.float32), jnp.zeros((2, s, 3, 16), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (2, s))
+    text = jax.jit(lambda c: c.attend_latent(1, q_lat, q_pe, positions, jnp.full((2,), s), scale=0.1)).lower(
+        dense).as_text()
+    assert "KtjaxDecodeAttention" not in text
+
+
 def _every_code(fmt, width, rng):
     """A row of `width` stored bytes / elements of the format holding each of its codes at least once where the row
     is long enough (e4m3's NaN codes 0x7f / 0xff excepted: the cache never stores NaN), else random ones."""

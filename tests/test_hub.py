@@ -3,6 +3,7 @@ layout (models--org--name/{blobs, snapshots/<commit>, refs}) from the demo model
 HF_HUB_OFFLINE is set, and the Hub's address is a closed local port, so a leak would be refused, not sent."""
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -140,6 +141,21 @@ def test_generate_by_name_gives_the_local_folders_tokens(offline_hub, capsys):
     assert by_name["completion"] == by_folder["completion"] and by_name["completion"]
 
 
+def test_chat_by_name_gives_the_local_folders_replies(offline_hub, capsys, monkeypatch):
+    """The README's path for a new user: a chat with a model named by its hub id (from a prepared cache)."""
+    from ktjax.cli import chat
+
+    def replies(model):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello there\nAnd again?\n/stats\n")))
+        assert chat.main(["--model", model, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+        return capsys.readouterr().out
+
+    by_name, by_folder = replies(REPO), replies(DEMO_MODEL_DIR)
+    talk, stats = by_name.split("conversation:")
+    assert talk.strip() and talk == by_folder.split("conversation:")[0]  # the same replies (speeds differ)
+    assert "2 turns" in stats
+
+
 def test_load_by_name_gives_the_local_folders_logits(offline_hub, folder_logits):
     engine = ktjax.load(REPO + "@v1")
     assert engine.tokenizer is not None
@@ -175,7 +191,9 @@ def _one_error_line(err: str, pattern: str):
 
 
 @pytest.mark.parametrize("name,pattern", BAD_NAMES)
-def test_bad_names_are_one_message_everywhere(offline_hub, tmp_path, capsys, name, pattern):
+def test_bad_names_are_one_message_everywhere(offline_hub, tmp_path, capsys, monkeypatch, name, pattern):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # relative names ("../x") resolve inside tmp_path, whatever lies beside the run
     for main, argv in ((generate.main, ["--model", name]), (serve.main, ["--model", name]),
                        (convert.main, ["--hf-dir", name, "--out", str(tmp_path / "out")])):
         assert main(argv) == 2

@@ -121,3 +121,17 @@ def test_the_scanner_sees_lazy_and_relative_imports(tmp_path):
     finally:
         ROOT = saved
     assert found == {"ktjax.cpu.kernels", "ktjax.kv.formats"}
+
+
+def test_the_server_uses_only_public_engine_api():
+    """serve/ drives the Engine through its public names (as vLLM's server drives its engine), never `engine._x`:
+    the Engine may change its insides without breaking the server."""
+    private = []
+    for path in sorted((PACKAGE / "serve").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value
+                name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+                if name == "engine":
+                    private.append(f"{path.relative_to(ROOT)}:{node.lineno} engine.{node.attr}")
+    assert not private, private

@@ -82,26 +82,32 @@ def heads_matmul(x, w, *, in_out: bool):
 
 def decode_attention(q_lat, q_pe, c_kv, scales, k_pe, page_table, layer, visible, *, fmt, scale: float):
     """A decode step's absorbed attention (kv/attention.py mla_decode_xla's arithmetic): queries q_lat [b,h,R] /
-    q_pe [b,h,r] over keys [0, visible[b]) of `layer` -> o_lat [b,h,R] float32.
+    q_pe [b,h,r] over keys [0, visible[b]) of `layer` -> o_lat [b,h,R] float32. Several queries per sequence
+    (q_lat [b,s,h,R], q_pe [b,s,h,r], visible [b,s]: query j sees keys [0, visible[b,j])) -> [b,s,h,R], in one
+    pass over each sequence's keys (a speculative verify pass, a short prefill tail).
 
     The cache is a page pool c_kv [L, pages, page_size, W] (container bits of fmt.store_dtype), scales
     [L, pages, page_size, G] float32 (quantized formats, else None), k_pe [L, pages, page_size, r], with
     page_table [b, width] int32; a dense cache [L, B, T, ...] is B pages of T slots, page_table [[0], [1], ...]."""
-    b, h, rank = q_lat.shape
+    multi = q_lat.ndim == 4
+    b, s, h, rank = q_lat.shape if multi else (q_lat.shape[0], 1, *q_lat.shape[1:])
     # The kernel trusts these shapes (it reads raw buffers): a mismatch is a caller's bug, caught here at trace time.
     width = fmt.stored_width(rank)
-    if (q_pe.shape[:2] != (b, h) or c_kv.ndim != 4 or c_kv.shape[-1] != width or k_pe.shape[:3] != c_kv.shape[:3]
-            or k_pe.shape[-1] != q_pe.shape[-1] or page_table.shape[0] != b or visible.shape != (b,)
+    if (q_lat.ndim not in (3, 4) or q_pe.shape[:-1] != q_lat.shape[:-1] or q_pe.ndim != q_lat.ndim or c_kv.ndim != 4
+            or c_kv.shape[-1] != width or k_pe.shape[:3] != c_kv.shape[:3] or k_pe.shape[-1] != q_pe.shape[-1]
+            or page_table.shape[0] != b or visible.shape != ((b, s) if multi else (b,))
             or (scales is None) == fmt.quantized
             or (scales is not None and scales.shape != (*c_kv.shape[:3], fmt.n_groups(rank)))):
         raise ValueError(f"decode_attention: inconsistent shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, c_kv "
                          f"{c_kv.shape}, scales {None if scales is None else scales.shape}, k_pe {k_pe.shape}, "
                          f"page_table {page_table.shape}, visible {visible.shape} for the {fmt.name} format")
     registered()
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, rank), jnp.float32),
+    # The s queries of a sequence are s times the heads of one pass (attention.cc); visible [b, s] says whose.
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, s * h, rank), jnp.float32),
                             vmap_method="sequential")
     dummy = jnp.zeros((1, 1, 1, 1), jnp.float32)
-    return call(q_lat.astype(jnp.float32), q_pe.astype(jnp.float32), c_kv, dummy if scales is None else scales, k_pe,
-                page_table.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32),
-                visible.astype(jnp.int32), fmt=np.int64(CACHE_FORMATS[fmt.name]), group=np.int64(fmt.group),
-                scale=np.float32(scale))
+    out = call(q_lat.reshape(b, s * h, rank).astype(jnp.float32), q_pe.reshape(b, s * h, -1).astype(jnp.float32),
+               c_kv, dummy if scales is None else scales, k_pe, page_table.astype(jnp.int32),
+               jnp.reshape(layer, (1,)).astype(jnp.int32), visible.reshape(b, s).astype(jnp.int32),
+               fmt=np.int64(CACHE_FORMATS[fmt.name]), group=np.int64(fmt.group), scale=np.float32(scale))
+    return out.reshape(q_lat.shape[:-1] + (rank,))

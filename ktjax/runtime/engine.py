@@ -187,12 +187,13 @@ class Engine:
         return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
                                   attention=kernel, layout=layout, extra_layers=extra_layers)
 
-    def _input(self, shape, dtype):
-        """An abstract replicated input of a compiled program (on the mesh when there is one)."""
+    def input_spec(self, shape, dtype):
+        """An abstract replicated input of a compiled program (on the mesh when there is one). Public, with
+        compiled_program, for the programs built outside the Engine (the server's step, speculation's loop)."""
         spec = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
 
-    def _compile(self, key, build: Callable):
+    def compiled_program(self, key, build: Callable):
         """The compiled program for `key`, built (and counted) on first use."""
         if key not in self._compiled:
             self._compiled[key] = build()
@@ -248,7 +249,7 @@ class Engine:
         padded = np.zeros((b, seq_bucket(s)), np.int32)
         padded[:, :s] = tokens  # causal: padding after the sequence cannot change its logits
         opts = self.run_options(self.runtime.absorb(self.cfg, padded.shape[1]))
-        forward = self._compile(("forward", opts), lambda: jax.jit(functools.partial(_forward, self.graphdef, opts)))
+        forward = self.compiled_program(("forward", opts), lambda: jax.jit(functools.partial(_forward, self.graphdef, opts)))
         out = forward(self.state, jnp.asarray(padded))
         return np.asarray(out[0, :s] if single else out[:, :s])
 
@@ -531,31 +532,31 @@ class Engine:
         opts = self.run_options(self.runtime.absorb(self.cfg, chunk))
 
         def build():
-            i32, tok = self._input((b,), jnp.int32), self._input((b, chunk), jnp.int32)
+            i32, tok = self.input_spec((b,), jnp.int32), self.input_spec((b, chunk), jnp.int32)
             rep = None if self.mesh is None else tok.sharding
             out = None if self.mesh is None else (rep, jax.tree.map(lambda x: x.sharding, cache))
             fn = jax.jit(functools.partial(_prefill_chunk, self.graphdef, opts), donate_argnums=(1,),
                          out_shardings=out)
             return fn.lower(self.state, cache, tok, tok, i32, None if all_logits else i32).compile()
 
-        return self._compile(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
+        return self.compiled_program(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
 
     def _decode_program(self, cache: LatentCache, b: int, stops_shape):
         opts = self.run_options(True)
 
         def build():
-            i32 = self._input((b,), jnp.int32)
-            ds = DecodeState(self._input((b, self.cfg.vocab_size), jnp.float32), i32, self._input((b,), jnp.bool_),
+            i32 = self.input_spec((b,), jnp.int32)
+            ds = DecodeState(self.input_spec((b, self.cfg.vocab_size), jnp.float32), i32, self.input_spec((b,), jnp.bool_),
                              i32, i32, jax.random.key(0))
-            scalar = self._input((), jnp.int32)
+            scalar = self.input_spec((), jnp.int32)
             rep = None if self.mesh is None else scalar.sharding
             out = None if self.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
             fn = jax.jit(functools.partial(_decode_steps, self.graphdef, opts), donate_argnums=(1,),
                          out_shardings=out)
-            return fn.lower(self.state, cache, ds, scalar, scalar, self._input(stops_shape, jnp.int32),
+            return fn.lower(self.state, cache, ds, scalar, scalar, self.input_spec(stops_shape, jnp.int32),
                             Sampling.make()).compile()
 
-        return self._compile(("decode", opts, self._cache_key(cache), b, stops_shape), build)
+        return self.compiled_program(("decode", opts, self._cache_key(cache), b, stops_shape), build)
 
     # -- running them -------------------------------------------------------------------------------------
     def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: Progress = NO_PROGRESS,

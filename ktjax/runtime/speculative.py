@@ -236,25 +236,25 @@ class Speculation:
         opts = e.run_options(e.runtime.absorb(e.cfg, chunk))
 
         def build():
-            i32, tok = e._input((b,), jnp.int32), e._input((b, chunk), jnp.int32)
+            i32, tok = e.input_spec((b,), jnp.int32), e.input_spec((b, chunk), jnp.int32)
             out = None if e.mesh is None else (tok.sharding, tok.sharding, jax.tree.map(lambda x: x.sharding, cache))
             fn = jax.jit(functools.partial(prefill_chunk, e.graphdef, opts), donate_argnums=(1,), out_shardings=out)
             return fn.lower(e.state, cache, tok, tok, i32, i32, tok, tok, i32).compile()
 
-        return e._compile(("mtp-prefill", opts, e._cache_key(cache), b, chunk), build)
+        return e.compiled_program(("mtp-prefill", opts, e._cache_key(cache), b, chunk), build)
 
     def start_program(self, b: int, stops_shape):
         e = self.engine
         fn = functools.partial(start, k=self.k, dtype=e.runtime.jnp_dtype)
 
         def build():
-            i32, scalar = e._input((b,), jnp.int32), e._input((), jnp.int32)
-            return jax.jit(fn).lower(e._input((b, e.cfg.vocab_size), jnp.float32),
-                                     e._input((b, e.cfg.hidden_size), e.runtime.jnp_dtype), i32,
-                                     jax.random.key(0), scalar, e._input(stops_shape, jnp.int32),
+            i32, scalar = e.input_spec((b,), jnp.int32), e.input_spec((), jnp.int32)
+            return jax.jit(fn).lower(e.input_spec((b, e.cfg.vocab_size), jnp.float32),
+                                     e.input_spec((b, e.cfg.hidden_size), e.runtime.jnp_dtype), i32,
+                                     jax.random.key(0), scalar, e.input_spec(stops_shape, jnp.int32),
                                      Sampling.make()).compile()
 
-        return e._compile(("mtp-start", b, stops_shape, self.k), build)
+        return e.compiled_program(("mtp-start", b, stops_shape, self.k), build)
 
     def decode_program(self, cache, b: int, stops_shape):
         e = self.engine
@@ -262,18 +262,18 @@ class Speculation:
         k = self.k
 
         def build():
-            i32, flag = e._input((b,), jnp.int32), e._input((b,), jnp.bool_)
-            st = SpecState(i32, i32, i32, e._input((b, k + 1, e.cfg.hidden_size), e.runtime.jnp_dtype),
-                           e._input((b, k + 1), jnp.int32), flag, i32, i32, i32, i32, jax.random.key(0))
-            scalar = e._input((), jnp.int32)
+            i32, flag = e.input_spec((b,), jnp.int32), e.input_spec((b,), jnp.bool_)
+            st = SpecState(i32, i32, i32, e.input_spec((b, k + 1, e.cfg.hidden_size), e.runtime.jnp_dtype),
+                           e.input_spec((b, k + 1), jnp.int32), flag, i32, i32, i32, i32, jax.random.key(0))
+            scalar = e.input_spec((), jnp.int32)
             rep = None if e.mesh is None else scalar.sharding
             out = None if e.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
             fn = jax.jit(functools.partial(decode_steps, e.graphdef, opts, k=k), donate_argnums=(1,),
                          out_shardings=out)
-            return fn.lower(e.state, cache, st, scalar, scalar, e._input(stops_shape, jnp.int32),
+            return fn.lower(e.state, cache, st, scalar, scalar, e.input_spec(stops_shape, jnp.int32),
                             Sampling.make()).compile()
 
-        return e._compile(("mtp-decode", opts, e._cache_key(cache), b, stops_shape, k), build)
+        return e.compiled_program(("mtp-decode", opts, e._cache_key(cache), b, stops_shape, k), build)
 
     def run(self, cache, prompts, chunk: int, call, stop_ids, sampling, on_tokens, on_start, progress):
         """Engine.generate's work with speculation: compile, prefill, decode -> (tokens per sequence, (compile_s,

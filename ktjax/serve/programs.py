@@ -81,7 +81,7 @@ def bucket_of(n: int, choices: list[int]) -> int:
 
 class Programs:
     """Compiled step programs of an Engine over one page pool, keyed by (batch, chunk, table width), compiled
-    through engine._compile so engine.compile_count counts them."""
+    through engine.compiled_program so engine.compile_count counts them."""
 
     def __init__(self, engine, pool: PagedLatentCache, max_batch: int, max_width: int):
         self.engine = engine
@@ -110,10 +110,10 @@ class Programs:
         opts = engine.run_options(absorb)
 
         def build():
-            i32 = lambda *shape: engine._input(shape, jnp.int32)  # noqa: E731
-            f32 = lambda *shape: engine._input(shape, jnp.float32)  # noqa: E731
+            i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
+            f32 = lambda *shape: engine.input_spec(shape, jnp.float32)  # noqa: E731
             cache = dataclasses.replace(self._pool_shapes, page_table=i32(b, width))
-            rows = RowSampling(f32(b), i32(b), f32(b), engine._input((b,), jnp.uint32), i32(b))
+            rows = RowSampling(f32(b), i32(b), f32(b), engine.input_spec((b,), jnp.uint32), i32(b))
             out = None
             if engine.mesh is not None:  # the pool keeps its layout; the outputs are replicated
                 rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
@@ -121,4 +121,4 @@ class Programs:
             fn = jax.jit(functools.partial(step, engine.graphdef, opts), donate_argnums=(1,), out_shardings=out)
             return fn.lower(engine.state, cache, i32(b, s), i32(b, s), i32(b), i32(b), rows).compile()
 
-        return engine._compile(("serve-step", opts, self.pool_key, b, s, width), build)
+        return engine.compiled_program(("serve-step", opts, self.pool_key, b, s, width), build)

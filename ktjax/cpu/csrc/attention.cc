@@ -1,5 +1,6 @@
 // Decode attention over the latent cache on the CPU: an XLA FFI handler that ktjax/cpu/kernels.py builds and
-// ktjax/kv/cache.py and kv/paged.py call for decode steps (one query per sequence).
+// ktjax/kv/cache.py and kv/paged.py call for decode steps and for a few queries per sequence at consecutive
+// positions (speculative decoding's verify pass, short prefill tails).
 //
 // Why: XLA on the CPU copies every key block it slices out of the cache, converts it to float32 and runs the
 // scores and values as small einsums; at 2k tokens that was ~1.7 ms per layer for 4.7 MB of bf16 latents.
@@ -15,6 +16,10 @@
 // a task's partial result (its running max, sum and weighted latents per head) is merged with the others in
 // segment order by the calling thread once all are done. A row's arithmetic therefore depends on its own keys only,
 // never on the batch or the thread count: the server's greedy tokens equal the CLI's.
+//
+// Several queries per sequence (visible [B, S]) are S groups of heads in one pass: query j's heads see keys
+// [0, visible[b, j]) (keys past it masked as a block's missing keys are), so the cache is read once for all S
+// queries, and a row's segments cover its largest visible count.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -202,13 +207,14 @@ inline void weigh_latents(const float* keys, int64_t dim, const float* p, const 
 }
 
 // One task: keys [t0, t1) of sequence b -> per head the running max m, the sum l of exp(score - m) and
-// acc = sum of exp(score - m) * latents ([heads, rank]). q: [heads, dim] (q_lat then q_pe, zero-padded).
+// acc = sum of exp(score - m) * latents ([heads, rank]). q: [heads, dim] (q_lat then q_pe, zero-padded);
+// heads [j per_query, (j + 1) per_query) are query j's, which sees only the keys t < limit[j].
 struct Partial {
   std::vector<float> m, l, acc;
 };
 
-void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, float scale, int64_t b,
-                    int64_t t0, int64_t t1, Partial& out) {
+void attend_segment(const Cache& c, const float* q, const int64_t* limit, int64_t per_query, int64_t heads,
+                    int64_t dim, float scale, int64_t b, int64_t t0, int64_t t1, Partial& out) {
   const int64_t rank = c.rank, rank_v = rank / kLanes * kLanes;
   out.m.assign(heads, kNeg);
   out.l.assign(heads, 0.f);
@@ -220,77 +226,92 @@ void attend_segment(const Cache& c, const float* q, int64_t heads, int64_t dim, 
       if (i < n) key_row(c, b, k0 + i, keys.data() + i * dim, dim);
       else std::memset(keys.data() + i * dim, 0, dim * sizeof(float));
     }
-    // Scores [heads, kKeys] in tiles of 4 heads x 4 keys, each a 16-lane dot product over dim.
-    for (int64_t h0 = 0; h0 < heads; h0 += 4) {
-      float* s = scores.data() + h0 * kKeys;
-      switch (std::min<int64_t>(4, heads - h0)) {  // heads as a constant: no per-load test in the dot products
-        case 4: score_tiles<4>(q + h0 * dim, keys.data(), dim, scale, s); break;
-        case 3: score_tiles<3>(q + h0 * dim, keys.data(), dim, scale, s); break;
-        case 2: score_tiles<2>(q + h0 * dim, keys.data(), dim, scale, s); break;
-        default: score_tiles<1>(q + h0 * dim, keys.data(), dim, scale, s);
+    // Each query's heads apart, in the tiles a one-query call of theirs runs (so that its result is that
+    // call's, bit for bit); a query that sees none of the block's keys keeps its state (what masking all of
+    // them would give).
+    for (int64_t g0 = 0; g0 < heads; g0 += per_query) {
+      int64_t nq = std::min<int64_t>(n, std::max<int64_t>(limit[g0 / per_query] - k0, 0));
+      if (nq == 0) continue;
+      int64_t g1 = g0 + per_query;
+      // Scores [heads, kKeys] in tiles of 4 heads x 4 keys, each a 16-lane dot product over dim.
+      for (int64_t h0 = g0; h0 < g1; h0 += 4) {
+        float* s = scores.data() + h0 * kKeys;
+        switch (std::min<int64_t>(4, g1 - h0)) {  // heads as a constant: no per-load test in the dot products
+          case 4: score_tiles<4>(q + h0 * dim, keys.data(), dim, scale, s); break;
+          case 3: score_tiles<3>(q + h0 * dim, keys.data(), dim, scale, s); break;
+          case 2: score_tiles<2>(q + h0 * dim, keys.data(), dim, scale, s); break;
+          default: score_tiles<1>(q + h0 * dim, keys.data(), dim, scale, s);
+        }
       }
-    }
-    // Online softmax per head over this block's keys (lanes = keys; the block's missing keys masked).
-    for (int64_t h = 0; h < heads; ++h) {
-      float* s = scores.data() + h * kKeys;
-      for (int64_t i = n; i < kKeys; ++i) s[i] = kNeg;
-      float m_new = out.m[h];
-      for (int64_t i = 0; i < n; ++i) m_new = std::max(m_new, s[i]);
-      f32v p = exp16(load_f32(s) - splat(m_new));
-      for (int64_t i = n; i < kKeys; ++i) p[i] = 0.f;
-      store_f32(s, p);
-      corr[h] = exp16(splat(out.m[h] - m_new))[0];
-      out.l[h] = out.l[h] * corr[h] + lane_sum(p);
-      out.m[h] = m_new;
-    }
-    // acc[h, :] = acc[h, :] * corr[h] + sum_i p[h, i] keys[i, :rank], in tiles of 8 heads x 32 channels.
-    for (int64_t h0 = 0; h0 < heads; h0 += 8) {
-      int64_t hn = std::min<int64_t>(8, heads - h0);
-      const float* p = scores.data() + h0 * kKeys;
-      float* acc = out.acc.data() + h0 * rank;
-      for (int64_t d = 0; d < rank_v; d += 2 * kLanes) {
-        bool two = d + kLanes < rank_v;
-        switch (hn * 2 + two) {  // heads and vectors as constants, so that the sums stay in registers
+      // Online softmax per head over this block's keys (lanes = keys; the block's missing keys and those past
+      // the query masked).
+      for (int64_t h = g0; h < g1; ++h) {
+        float* s = scores.data() + h * kKeys;
+        for (int64_t i = nq; i < kKeys; ++i) s[i] = kNeg;
+        float m_new = out.m[h];
+        for (int64_t i = 0; i < nq; ++i) m_new = std::max(m_new, s[i]);
+        f32v p = exp16(load_f32(s) - splat(m_new));
+        for (int64_t i = nq; i < kKeys; ++i) p[i] = 0.f;
+        store_f32(s, p);
+        corr[h] = exp16(splat(out.m[h] - m_new))[0];
+        out.l[h] = out.l[h] * corr[h] + lane_sum(p);
+        out.m[h] = m_new;
+      }
+      // acc[h, :] = acc[h, :] * corr[h] + sum_i p[h, i] keys[i, :rank], in tiles of 8 heads x 32 channels.
+      for (int64_t h0 = g0; h0 < g1; h0 += 8) {
+        int64_t hn = std::min<int64_t>(8, g1 - h0);
+        const float* p = scores.data() + h0 * kKeys;
+        float* acc = out.acc.data() + h0 * rank;
+        for (int64_t d = 0; d < rank_v; d += 2 * kLanes) {
+          bool two = d + kLanes < rank_v;
+          switch (hn * 2 + two) {  // heads and vectors as constants, so that the sums stay in registers
 #define KTJAX_PV(H) \
   case 2 * H: weigh_latents<H, false>(keys.data() + d, dim, p, corr.data() + h0, acc + d, rank, n); break; \
   case 2 * H + 1: weigh_latents<H, true>(keys.data() + d, dim, p, corr.data() + h0, acc + d, rank, n); break;
-          KTJAX_PV(1) KTJAX_PV(2) KTJAX_PV(3) KTJAX_PV(4) KTJAX_PV(5) KTJAX_PV(6) KTJAX_PV(7) KTJAX_PV(8)
+            KTJAX_PV(1) KTJAX_PV(2) KTJAX_PV(3) KTJAX_PV(4) KTJAX_PV(5) KTJAX_PV(6) KTJAX_PV(7) KTJAX_PV(8)
 #undef KTJAX_PV
+          }
         }
+        for (int h = 0; h < hn; ++h)  // channels past the last whole vector
+          for (int64_t d = rank_v; d < rank; ++d) {
+            float a = out.acc[(h0 + h) * rank + d] * corr[h0 + h];
+            for (int64_t i = 0; i < n; ++i) a += scores[(h0 + h) * kKeys + i] * keys[i * dim + d];
+            out.acc[(h0 + h) * rank + d] = a;
+          }
       }
-      for (int h = 0; h < hn; ++h)  // channels past the last whole vector
-        for (int64_t d = rank_v; d < rank; ++d) {
-          float a = out.acc[(h0 + h) * rank + d] * corr[h0 + h];
-          for (int64_t i = 0; i < n; ++i) a += scores[(h0 + h) * kKeys + i] * keys[i * dim + d];
-          out.acc[(h0 + h) * rank + d] = a;
-        }
     }
   }
 }
 
 struct Job {
   Cache cache;
-  const float* q_lat;      // [B, heads, rank]
+  const float* q_lat;      // [B, heads, rank]: S queries of heads / S heads each
   const float* q_pe;       // [B, heads, rope]
-  const int32_t* visible;  // [B]: keys [0, visible[b]) of each row
+  const int32_t* visible;  // [B, S]: query j of row b sees keys [0, visible[b, j])
   float* out;              // [B, heads, rank]
-  int64_t rows, heads, dim;
+  int64_t rows, heads, queries, dim;
   float scale;
   std::vector<int64_t> first;     // rows' first task
   std::vector<Partial> partials;  // one per task
 
-  int64_t segments(int64_t b) const { return (visible[b] + kSegment - 1) / kSegment; }
+  int64_t row_visible(int64_t b) const {
+    int64_t n = 0;
+    for (int64_t j = 0; j < queries; ++j) n = std::max<int64_t>(n, visible[b * queries + j]);
+    return n;
+  }
+  int64_t segments(int64_t b) const { return (row_visible(b) + kSegment - 1) / kSegment; }
 
   void run_task(int64_t task) {
     int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
-    int64_t t0 = (task - first[b]) * kSegment, t1 = std::min<int64_t>(visible[b], t0 + kSegment);
+    int64_t t0 = (task - first[b]) * kSegment, t1 = std::min<int64_t>(row_visible(b), t0 + kSegment);
     std::vector<float> q(heads * dim, 0.f);
+    std::vector<int64_t> limit(visible + b * queries, visible + (b + 1) * queries);
     int64_t rank = cache.rank, rope = cache.rope;
     for (int64_t h = 0; h < heads; ++h) {
       std::memcpy(q.data() + h * dim, q_lat + (b * heads + h) * rank, rank * 4);
       std::memcpy(q.data() + h * dim + rank, q_pe + (b * heads + h) * rope, rope * 4);
     }
-    attend_segment(cache, q.data(), heads, dim, scale, b, t0, t1, partials[task]);
+    attend_segment(cache, q.data(), limit.data(), heads / queries, heads, dim, scale, b, t0, t1, partials[task]);
   }
 
   // Each row's segments merged in order; a row with no visible key gets zeros (as the XLA path).
@@ -347,6 +368,9 @@ ffi::Error decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::B
   job->out = out->typed_data();
   job->rows = qd[0];
   job->heads = qd[1];
+  job->queries = visible.dimensions().size() == 2 ? visible.dimensions()[1] : 1;
+  if (job->queries < 1 || job->heads % job->queries != 0)
+    return ffi::Error::InvalidArgument("decode attention: heads must be a multiple of the queries per row");
   job->dim = (c.rank + c.rope + kLanes - 1) / kLanes * kLanes;
   job->scale = scale;
   job->first.assign(job->rows + 1, 0);
@@ -365,14 +389,14 @@ ffi::Error decode_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxDecodeAttention, decode_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_lat [B, heads, rank]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_lat [B, heads, rank]: S queries' heads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q_pe [B, heads, rope]
                                   .Arg<ffi::AnyBuffer>()         // c_kv [L, pages, page_size, width]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scales [L, pages, page_size, groups]
                                   .Arg<ffi::AnyBuffer>()         // k_pe [L, pages, page_size, rope]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page table [B, table_width]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer [1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // visible keys [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // visible keys [B, S] (or [B]: S = 1)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // o_lat [B, heads, rank]
                                   .Attr<int64_t>("fmt")
                                   .Attr<int64_t>("group")

@@ -48,6 +48,11 @@ using ktjax_pool::run_items;
 // a stream crossing page boundaries one at a time leaves the prefetcher idle at each).
 constexpr int kOut = 4;
 constexpr int64_t kOneStreamBytes = 4096;
+// An int4 weight's one stream is also asked for kAheadBytes ahead (a few rows on), once per group: the hardware
+// prefetcher alone left the one-row int4 expert product with int8 activations at ~0.75x the rate of the same loop
+// with it (6 of 64 V2-Lite experts, one thread: docs/results.md "One-row expert products"; the same prefetch
+// slowed the int8 loops there).
+constexpr int64_t kAheadBytes = 4096;
 constexpr int kRowsMax = 4; // x rows per block
 constexpr int kF32RowsMax = 6; // float32: 4 outputs x 6 rows = 24 sums in registers (1.0x-1.1x of 4 x 4)
 
@@ -134,6 +139,7 @@ void int4_block(const float* x, int64_t p, const uint8_t* q, const float* scale,
   f32v acc[O][R] = {};
   for (int64_t gi = 0; gi < groups; ++gi) {
     f32v part[O][R] = {};
+    if (O == 1) __builtin_prefetch(q + gi * half_g + kAheadBytes);  // see kAheadBytes (a group: 64 bytes)
     for (int64_t j = 0; j < half_g; j += kLanes) {
       f32v lo[O], hi[O], x_lo[R], x_hi[R];
       for (int o = 0; o < O; ++o) {
@@ -394,7 +400,7 @@ void int4_q8_block(const Q8Rows& a, int64_t t, const uint8_t* q, const float* sw
       u8v lo[O], hi[O];
       for (int o = 0; o < O; ++o) {
         const uint8_t* w = q + o * packed + gi * half_g;
-        if (O > 1) __builtin_prefetch(w + kOut * packed);  // the next block's rows (see kOut)
+        __builtin_prefetch(O > 1 ? w + kOut * packed : w + kAheadBytes);  // the next block's rows (see kOut, kAheadBytes)
         split_nibbles(load_bytes(w, kBytes), lo[o], hi[o]);
       }
       for (int r = 0; r < R; ++r) {
