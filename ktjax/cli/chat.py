@@ -16,11 +16,9 @@ import sys
 from typing import Callable
 
 from ktjax.cli.common import (ENGINE_MODULES, Parser, add_setting_flags, add_version_flag, check_text_flags,
-                              enable_compilation_cache, load_engine, resolve_settings)
+                              enable_compilation_cache, guarded_main, load_engine, resolve_settings)
 from ktjax.errors import KtjaxError
-from ktjax.util.process import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, OutputFailed, Terminated, import_uninterrupted,
-                                install_signal_handlers, interrupted_by, interrupted_line, report_output_failure,
-                                require_stdout, signals_interrupt, write_out)
+from ktjax.util.process import Terminated, import_uninterrupted, install_signal_handlers, require_stdout, write_out
 from ktjax.util.text import utf8_error
 
 PROMPT = "> "
@@ -55,32 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    with signals_interrupt():
-        try:
-            args = build_parser().parse_args(argv)
-            check_text_flags(args)
-            resolved = resolve_settings(args)
-            require_stdout()
-            import_uninterrupted(*ENGINE_MODULES, "ktjax.runtime.session")
-            enable_compilation_cache()
-            engine = load_engine(args, resolved)
-            interactive = sys.stdin is not None and sys.stdin.isatty()
-            repl = Repl(engine.session(), read_line=terminal_reader() if interactive else stream_reader(sys.stdin),
-                        prompt=PROMPT if interactive else "", rearm=install_signal_handlers)
-            return repl.run()
-        except KtjaxError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OutputFailed as e:
-            return report_output_failure(e)
-        except Exception as e:  # Ctrl-C or SIGTERM, also where an import turned it into an ImportError
-            if not interrupted_by(e):
-                raise
-            print("\n" + interrupted_line(e), file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except KeyboardInterrupt as e:  # Ctrl-C at the prompt, or SIGTERM (Terminated) at any moment
-            print("\n" + interrupted_line(e), file=sys.stderr)
-            return EXIT_INTERRUPTED
+    return guarded_main(lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    check_text_flags(args)
+    resolved = resolve_settings(args)
+    require_stdout()
+    import_uninterrupted(*ENGINE_MODULES, "ktjax.runtime.session")
+    enable_compilation_cache()
+    engine = load_engine(args, resolved)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    repl = Repl(engine.session(), read_line=terminal_reader() if interactive else stream_reader(sys.stdin),
+                prompt=PROMPT if interactive else "", rearm=install_signal_handlers)
+    return repl.run()
 
 
 # -- reading lines --------------------------------------------------------------------------------------------

@@ -132,3 +132,27 @@ def load_engine(args, resolved, progress=None):
     if progress is not None:
         progress.end()
     return engine
+
+
+def guarded_main(body) -> int:
+    """A command's main: body() -> exit code, under the signal handlers, with the README's exit codes: bad input
+    one message and 2, an unusable stdout 1, Ctrl-C or SIGTERM at any moment one line and 130, no traceback."""
+    from ktjax.util.process import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, OutputFailed, interrupted_by, interrupted_line,
+                                    report_output_failure, signals_interrupt)
+
+    with signals_interrupt():
+        try:
+            return body()
+        except KtjaxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OutputFailed as e:
+            return report_output_failure(e)
+        except Exception as e:  # Ctrl-C or SIGTERM, also where an import turned it into an ImportError
+            if not interrupted_by(e):
+                raise
+            print("\n" + interrupted_line(e), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            print("\n" + interrupted_line(e), file=sys.stderr)
+            return EXIT_INTERRUPTED

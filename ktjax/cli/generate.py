@@ -16,11 +16,10 @@ import stat
 import sys
 
 from ktjax.cli.common import (ENGINE_MODULES, Parser, add_setting_flags, add_version_flag, check_text_flags,
-                              enable_compilation_cache, load_engine, model_folder, resolve_settings)
+                              enable_compilation_cache, guarded_main, load_engine, model_folder, resolve_settings)
 from ktjax.errors import KtjaxError
 from ktjax.util.files import open_regular
-from ktjax.util.process import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, OutputFailed, import_uninterrupted, interrupted_by,
-                                interrupted_line, report_output_failure, require_stdout, signals_interrupt, write_out)
+from ktjax.util.process import OutputFailed, import_uninterrupted, require_stdout, write_out
 
 DEFAULT_PROMPT = "The key to reading a long document is"
 MAX_PROMPT_BYTES = 64 * 2**20  # read of one prompt file; with --truncate-left, of its end
@@ -148,32 +147,21 @@ def _from_a_character(data: bytes) -> bytes:
 
 
 def main(argv=None) -> int:
-    with signals_interrupt():
-        try:
-            args, resolved = parse(argv)
-            require_stdout()  # before minutes of loading, for a completion nobody can read
-            if args.dry_run:
-                return dry_run(args, resolved)
-            import_uninterrupted(*ENGINE_MODULES)
-            enable_compilation_cache()
-            from ktjax.runtime.progress import LiveStatus, Timeline
+    return guarded_main(lambda: _main(argv))
 
-            # Left on an error, it clears its line first: the error stays the last line of stderr.
-            with Timeline() if args.no_progress else LiveStatus(sys.stderr) as progress:
-                return run(load_engine(args, resolved, progress), args, progress)
-        except KtjaxError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OutputFailed as e:
-            return report_output_failure(e)
-        except Exception as e:  # Ctrl-C or SIGTERM, also where an import turned it into an ImportError
-            if not interrupted_by(e):
-                raise
-            print("\n" + interrupted_line(e), file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-            print("\n" + interrupted_line(e), file=sys.stderr)
-            return EXIT_INTERRUPTED
+
+def _main(argv) -> int:
+    args, resolved = parse(argv)
+    require_stdout()  # before minutes of loading, for a completion nobody can read
+    if args.dry_run:
+        return dry_run(args, resolved)
+    import_uninterrupted(*ENGINE_MODULES)
+    enable_compilation_cache()
+    from ktjax.runtime.progress import LiveStatus, Timeline
+
+    # Left on an error, it clears its line first: the error stays the last line of stderr.
+    with Timeline() if args.no_progress else LiveStatus(sys.stderr) as progress:
+        return run(load_engine(args, resolved, progress), args, progress)
 
 
 def run(engine, args, progress=None) -> int:
