@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -34,14 +33,9 @@ GROUP = 128  # int4 inputs per scale (model.quantized.INT4_GROUP)
 
 
 def best_ms(fn, *args, repeats: int) -> float:
-    import jax
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+    from timing import time_best  # benchmarks/timing.py
+
+    return time_best(fn, *args, repeats=repeats) * 1e3
 
 
 def random_layer(rng, fmt: str, experts: int, d: int, f: int):
