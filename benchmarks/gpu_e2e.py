@@ -7,6 +7,8 @@
     python3 benchmarks/gpu_e2e.py --cpu --out cpu.jsonl --deadline 3600   # full size on the CPU, contexts 1k-16k
     python3 benchmarks/gpu_e2e.py --cpu --layers 2             # the CPU figures of a 2-layer, full-width model
     python3 benchmarks/gpu_e2e.py --cpu-smoke                  # tiny dimensions, seconds (tests/test_gpu_e2e.py)
+    python3 benchmarks/gpu_e2e.py --hybrid --out hybrid.jsonl  # one GPU + host RAM: V3 dims, experts on the host
+    python3 benchmarks/gpu_e2e.py --hybrid --cpu-smoke         # its tiny version (tests/test_gpu_e2e.py)
 
 It writes one JSON object per line to stdout (and appends them to --out), as each measurement ends, then a
 summary line; a measurement that fails (out of memory, say) is an `error` row and the rest go on. At
@@ -33,6 +35,12 @@ What it does, in order (the GPU run, the default; `--phases main budget` picks p
 `--settings KEY=VALUE ...` adds load-time settings to every phase (attention=xla, moe_impl=ragged, ...).
 `--cpu`: one phase, int4 weights with an int8 lm_head and cache, float32 (the issue's CPU figures), contexts
 1k, 4k and 16k (`generate` at 1k only: a CPU prefills 16k tokens in minutes; `decode` rows at 1 and 8).
+`--hybrid` (issue 28): DeepSeek-V3's dimensions (hidden 7168, 128 heads, q_lora 1536, 256 routed experts top-8,
+vocab 129280) with --layers layers (default 3, the first dense: ~16 GB of int4 on disk, 11 GB of it experts),
+int4 weights, int8 cache, bf16, prompts of 8k and 32k tokens at one sequence; two phases over one checkpoint:
+`host` (experts: host, the routed experts in host memory computed by the CPU) and `host-deferN` (the same with
+defer_experts N, --defer). Its workers get KTJAX_GPU_BRIDGE=1 (unless set): the GPU bridge's first runs. Each row adds the per-layer decode time, the rates extrapolated to V3's 61 layers,
+and the experts' host reads per second against a `host_bandwidth` row (Hybrid below).
 `--cpu-smoke`: tiny dimensions, both phases in this process (`--workers`: in fresh ones, as on a GPU), one
 context of 64 tokens; a bf16 cache in the main phase, the budget phase's int8 (fewer programs to compile).
 
@@ -53,8 +61,8 @@ Every row: `row` (its kind), `phase`, `mode` (gpu, cpu, cpu_smoke), `t` (seconds
   `first_tokens` (the first greedy tokens, which the CPU test checks against transformers).
 - decode: Engine's decode program at `batch` sequences over a cache of `context` tokens holding
   `context_tokens` (zeros: a step's cost depends on the lengths, not the values; prefilling 8 x 128k tokens
-  would take longer than the whole run), `steps` timed after a warm dispatch: `decode_tokens_per_s` =
-  batch x steps / seconds; `compile_s` (that program).
+  would take longer than the whole run), `steps` timed in each of `repeats` dispatches after a warm one:
+  `decode_tokens_per_s` = batch x steps / the best dispatch's seconds; `compile_s` (that program).
 - generate and decode rows also carry the roof: `weight_bytes_per_step` (every weight but the embedding and
   the routed experts, plus the experts the batch selects per MoE layer: k of E at batch 1, E (1 - (1 - k/E)^b)
   expected at batch b; bench_step.WeightBytes), `cache_bytes_per_step` (batch x context_tokens x
@@ -119,10 +127,20 @@ class Mode:
     lm_head: str
     budget: int | None         # the budget phase's device memory (None: no such phase)
     bandwidth_bytes: int
+    defer: int | None = None   # --hybrid: the routed experts in host memory; defer_experts of its second phase
 
 
 def make_mode(args) -> Mode:
     layers, contexts, batches = args.layers, args.contexts and tuple(args.contexts), tuple(args.batches or (1, 8))
+    if args.hybrid:  # issue 28: DeepSeek-V3's dimensions, a few layers, the experts in host memory
+        smoke = args.cpu_smoke
+        config = random_checkpoint.smoke_v3_config(layers or 3) if smoke else \
+            random_checkpoint.v3_config(layers or 3, dense=1)
+        return Mode("hybrid_smoke" if smoke else "hybrid", config, dtype="float32" if smoke else "bfloat16",
+                    chunk_size=16 if smoke else 2048, contexts=contexts or ((64,) if smoke else (8192, 32768)),
+                    caches=("int8",), batches=tuple(args.batches or (1,)), new_tokens=9 if smoke else 33,
+                    prefill_limit=2**20, lm_head="kept", budget=None,
+                    bandwidth_bytes=16 * 2**20 if smoke else GIB, defer=args.defer)
     if args.cpu_smoke:
         return Mode("cpu_smoke", random_checkpoint.smoke_config(layers or 2), dtype="float32", chunk_size=16,
                     contexts=contexts or (64,), caches=("bf16",), batches=batches, new_tokens=9,
@@ -141,6 +159,10 @@ def phases(mode: Mode, extra: dict | None = None) -> list[Phase]:
     extra = extra or {}
     base = {"dtype": mode.dtype, "chunk_size": mode.chunk_size, **extra}
     cases = tuple(Case(c, ctx, mode.batches) for ctx in sorted(mode.contexts) for c in mode.caches)
+    if mode.defer is not None:  # --hybrid: the same checkpoint with deferral off, then on
+        host = dict(base, experts="host")
+        return [Phase("host", "int4", host, cases, 0.5),
+                Phase(f"host-defer{mode.defer}", "int4", dict(host, defer_experts=mode.defer), cases, 1.0, "defer")]
     main = Phase("int4", "int4", base, cases, 0.6 if mode.budget else 1.0)
     if not mode.budget:
         return [main]
@@ -206,6 +228,7 @@ def run_phase(phase: Phase, mode: Mode, folder: str, deadline: float, emit):
         emit({"row": "error", **tag, "case": "load", "error": _one_line(e)})
         return
     roof = Roof.of(engine, bandwidth)
+    hybrid = None if mode.defer is None else Hybrid.of(engine, folder, emit, tag)
     emit({"row": "load", **tag, "load_s": load_s, "weight_bytes": engine.weight_bytes,
           "expert_bytes": roof.weights.routed, "non_expert_bytes": roof.weights.shared,
           "device": str(_device()), "peak_memory_bytes": _peak_memory(), "settings": phase.settings})
@@ -226,6 +249,8 @@ def run_phase(phase: Phase, mode: Mode, folder: str, deadline: float, emit):
                 emit({"row": "error", **tag, "case": name, "error": _one_line(e)})
                 continue
             timer.record(kind, case.context, batch, time.perf_counter() - t0, row.get("compile_s", 0.0))
+            if hybrid is not None:
+                row.update(hybrid.fields(row, batch))
             emit({"row": kind, **tag, "cache_dtype": case.cache, **row})
 
 
@@ -251,6 +276,63 @@ class CaseTimer:
             return None
         c0, b0, run_s, _ = min(seen, key=lambda d: abs(d[0] - context) + abs(d[1] - batch))
         return max(d[3] for d in seen) + run_s * (context / c0) ** 1.5 * max(batch / b0, 1.0)
+
+
+V3_LAYERS = 61  # the hybrid rows' extrapolation
+
+
+@dataclasses.dataclass
+class Hybrid:
+    """--hybrid's figures for a row: per layer, extrapolated to V3's 61 layers (every layer at this run's mean
+    cost, the head's share included: a floor for the full model's rate), and the routed experts' reads in host
+    memory against the host's measured read bandwidth. The roof fields of a hybrid row count the device's
+    weights only (the host's experts are not in the Engine's state)."""
+    layers: int
+    moe_layers: int
+    n_experts: int
+    top_k: int
+    expert_bytes: int          # one routed expert as stored (its three weights and their scales)
+    host_bandwidth: float
+
+    @classmethod
+    def of(cls, engine, folder: str, emit, tag: dict) -> "Hybrid":
+        from bench_generate import read_bandwidth
+
+        cfg = engine.cfg
+        mb = 512 if _device().platform != "cpu" else 16
+        host_bandwidth = read_bandwidth(mb, repeats=5)
+        emit({"row": "host_bandwidth", **tag, "bytes_per_s": host_bandwidth, "bytes": mb * 2**20,
+              "method": "host: numpy float32 matrix-vector product, bytes read"})
+        moe = cfg.num_hidden_layers - cfg.num_dense_layers
+        return cls(cfg.num_hidden_layers, moe, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                   routed_expert_bytes(folder) // max(moe * cfg.n_routed_experts, 1), host_bandwidth)
+
+    def fields(self, row: dict, batch: int) -> dict:
+        decode = row["decode_tokens_per_s"]
+        steps = decode / batch  # decode steps per second
+        # the distinct experts b rows select in a layer, in expectation under independent routing (WeightBytes)
+        distinct = self.n_experts * (1 - (1 - self.top_k / self.n_experts) ** batch)
+        per_step = self.moe_layers * distinct * self.expert_bytes
+        out = {"layers": self.layers, "moe_layers": self.moe_layers,
+               "decode_ms_per_layer": 1e3 / steps / self.layers if steps else None,
+               "decode_tokens_per_s_61": decode * self.layers / V3_LAYERS,
+               "host_expert_bytes_per_step": per_step, "host_expert_read_bytes_per_s": per_step * steps,
+               "host_bandwidth_bytes_per_s": self.host_bandwidth,
+               "host_expert_read_fraction": per_step * steps / self.host_bandwidth}
+        if "prefill_tokens_per_s" in row:
+            out["prefill_tokens_per_s_61"] = row["prefill_tokens_per_s"] * self.layers / V3_LAYERS
+        return out
+
+
+def routed_expert_bytes(folder: str) -> int:
+    """The stored bytes of every routed expert weight (values and scales) of a converted checkpoint."""
+    from ktjax.weights.checkpoint import read_manifest
+
+    import numpy as np
+
+    tensors = read_manifest(folder)["tensors"]
+    return sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize for key, t in tensors.items()
+               if any(f"mlp.{w}" in key for w in ("w_gate", "w_up", "w_down")))
 
 
 @dataclasses.dataclass
@@ -307,6 +389,9 @@ def generate_row(engine, case: Case, mode: Mode, roof: Roof, fmt) -> dict:
     return {**row, **roof.row(fmt, 1, len(prompt), s["decode_tokens_per_s"])}
 
 
+DECODE_REPEATS = 3  # timed dispatches of a decode row after the warm one: the best is reported
+
+
 def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> dict:
     import jax
     import jax.numpy as jnp
@@ -315,7 +400,7 @@ def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> d
     from ktjax.runtime.sampling import Sampling
 
     steps = max(1, (mode.new_tokens - 1) // 2)
-    start = case.context - 2 * steps - 1  # two dispatches of `steps` fit in the cache
+    start = case.context - (1 + DECODE_REPEATS) * steps - 1  # the warm dispatch and the timed ones fit
     plan = engine.plan_cache(batch, case.context)
     cache = engine.new_cache(batch, plan)
     stops = jnp.asarray([-1], jnp.int32)
@@ -326,7 +411,7 @@ def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> d
                      jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32),
                      jax.random.key(0))
     seconds = []
-    for _ in range(2):  # the first dispatch warms up
+    for _ in range(1 + DECODE_REPEATS):  # the first dispatch warms up
         t0 = time.perf_counter()
         cache, ds, out = program(engine.state, cache, ds, jnp.int32(steps), jnp.int32(2**30), stops, Sampling.make())
         jax.block_until_ready(out)
@@ -334,8 +419,9 @@ def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> d
     generated = int((jax.device_get(out) >= 0).sum())
     if generated != batch * steps:
         raise RuntimeError(f"the decode loop produced {generated} tokens, not {batch} x {steps}")
-    rate = batch * steps / seconds[-1]
+    rate = batch * steps / min(seconds[1:])
     row = {"batch": batch, "context": plan.cache_lens, "context_tokens": start + steps, "steps": steps,
+           "repeats": DECODE_REPEATS,
            "compile_s": compile_s, "decode_tokens_per_s": rate, "peak_memory_bytes": _peak_memory()}
     return {**row, **roof.row(fmt, batch, start + steps, rate)}
 
@@ -513,6 +599,10 @@ def parse_args(argv):
     where.add_argument("--cpu", action="store_true", help="full V2-Lite size on the CPU, contexts 1k-16k "
                        "(int4 weights, int8 lm_head and cache; ~10 GB of memory at 27 layers)")
     where.add_argument("--cpu-smoke", action="store_true", help="tiny dimensions on the CPU, in this process")
+    p.add_argument("--hybrid", action="store_true", help="DeepSeek-V3's dimensions (default 3 layers, the first "
+                   "dense), int4 weights with the routed experts in host memory (experts: host), int8 cache, prompts "
+                   "of 8k and 32k tokens, deferral off then on; with --cpu-smoke: tiny V3 dimensions")
+    p.add_argument("--defer", type=int, default=2, help="with --hybrid: defer_experts of the second phase (default 2)")
     p.add_argument("--layers", type=int, help="decoder layers (default 27; --cpu-smoke 2)")
     p.add_argument("--contexts", type=int, nargs="+", help="cache tokens per case (default: 32768 131072)")
     p.add_argument("--batches", type=int, nargs="+", help="sequences per decode row (default 1 8)")
@@ -521,8 +611,9 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the checkpoints this run wrote")
     p.add_argument("--deadline", type=float, default=460.0, help="seconds from the start, builds included "
                    "(default 460: with the kill grace and clean-up, under 8 minutes)")
-    p.add_argument("--phases", nargs="+", choices=("main", "budget"), default=["main", "budget"],
-                   help="main: int4 weights, every case; budget: int8 weights inside 24 GiB (not with --cpu)")
+    p.add_argument("--phases", nargs="+", choices=("main", "budget", "defer"), default=["main", "budget", "defer"],
+                   help="main: int4 weights, every case; budget: int8 weights inside 24 GiB (not with --cpu); "
+                   "defer: --hybrid's second phase")
     isolation = p.add_mutually_exclusive_group()
     isolation.add_argument("--in-process", action="store_true", help="run the phases in this process (the default "
                            "with --cpu-smoke)")
@@ -534,6 +625,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.settings = _parse_settings(p, args.settings)
     bad = [f"--{k} {v}" for k, v in (("layers", args.layers), ("deadline", args.deadline)) if v is not None and v <= 0]
+    bad += [f"--defer {args.defer}"] if args.defer < 1 else []
+    if args.hybrid and args.cpu:
+        p.error("--hybrid runs on a GPU (or tiny, with --cpu-smoke), not with --cpu")
     bad += [f"--contexts {c}" for c in args.contexts or () if c < 16]
     bad += [f"--batches {b}" for b in args.batches or () if b < 1]
     if bad:
@@ -577,6 +671,9 @@ def main(argv=None) -> int:
         return 2
     in_process = args.in_process or (args.cpu_smoke and not args.workers)
     worker_env = dict(os.environ)
+    if args.hybrid:  # the point of the run: try the GPU bridge, which ktjax refuses until it has run on a GPU
+        from ktjax.runtime.backend import GPU_BRIDGE_ENV
+        worker_env.setdefault(GPU_BRIDGE_ENV, "1")
     if not in_process:  # the driver only writes files: the device is the workers' (a GPU pool is preallocated)
         os.environ["JAX_PLATFORMS"] = "cpu"
     try:

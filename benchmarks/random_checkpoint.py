@@ -49,6 +49,35 @@ SMOKE = dict(V2_LITE, vocab_size=256, hidden_size=64, intermediate_size=96, moe_
              rope_scaling=dict(V2_LITE["rope_scaling"], factor=4, original_max_position_embeddings=1024))
 
 
+# DeepSeek-V3's config.json (deepseek-ai/DeepSeek-V3; R1 has the same dimensions), less its FP8
+# quantization_config: random weights are written int4 / int8. 61 layers, the first 3 dense; MTP dropped.
+V3 = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168,
+          intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+          num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+          v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, topk_method="noaux_tc",
+          scoring_func="sigmoid", n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+          first_k_dense_replace=3, rms_norm_eps=1e-6, max_position_embeddings=163840, bos_token_id=0,
+          eos_token_id=1, tie_word_embeddings=False, torch_dtype="bfloat16", rope_theta=10000,
+          rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
+                            original_max_position_embeddings=4096))
+
+# V3's routing (sigmoid scores, a correction bias, groups), every dimension small.
+SMOKE_V3 = dict(V3, vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                topk_group=2, max_position_embeddings=4096,
+                rope_scaling=dict(V3["rope_scaling"], factor=4, original_max_position_embeddings=1024))
+
+
+def v3_config(layers: int = 61, dense: int = 3) -> dict:
+    """DeepSeek-V3's config.json with `layers` decoder layers, the first `dense` of them dense."""
+    return dict(V3, num_hidden_layers=layers, first_k_dense_replace=min(dense, layers))
+
+
+def smoke_v3_config(layers: int = 3) -> dict:
+    return dict(SMOKE_V3, num_hidden_layers=layers, first_k_dense_replace=1)
+
+
 def v2_lite_config(layers: int = 27) -> dict:
     """DeepSeek-V2-Lite's config.json with `layers` decoder layers (the first dense, the rest MoE)."""
     return dict(V2_LITE, num_hidden_layers=layers)

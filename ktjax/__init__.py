@@ -32,6 +32,8 @@ def open_folder(path: str, runtime, defaults, progress=None):
         raise KtjaxError(f"{path}: no such model folder")
     mesh = make_mesh(runtime.mesh)  # built once, here; a mesh larger than the machine is refused before any read
     generation, tokenizer = read_generation_config(path), _tokenizer(path)  # checked before any weight is read
+    if runtime.defer_experts and os.path.isfile(os.path.join(path, "config.json")):  # its bound is the model's
+        runtime.check_for_model(ModelConfig.from_file(os.path.join(path, "config.json")))
     if runtime.memory_budget is not None:
         from ktjax.runtime.memory import check_budget_holds_weights
         check_budget_holds_weights(path, runtime.memory_budget, runtime.jnp_dtype.itemsize,

@@ -3,4 +3,4 @@ Ctrl-C while JAX is being imported stops cleanly too."""
 from ktjax.util.process import run_command
 
 if __name__ == "__main__":
-    run_command("ktjax.cli.generate")
+    run_command("ktjax.cli.generate", huge_pages=True)

@@ -3,6 +3,8 @@ that readers of a GPU run rely on. The kernel benchmark runs for real (tiny, int
 generation are stand-ins, to stay fast (`python benchmarks/gpu_check.py --cpu-smoke` runs everything for real,
 in about a minute), and the stand-in generation reports a token mismatch, to check that it is reported."""
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -128,3 +130,35 @@ def test_tiling_sweep_measures_each_config_against_the_reference(tmp_path, monke
         # outputs are O(1), so bf16 rounding, not float32's, bounds the difference.
         assert p["max_err"] < 2e-3 and p["ms"] > 0 and 0 < p["of_roof"]
     assert "power of two" in points[2]["error"]
+
+
+# ---- benchmarks/gpu_lease.sh: the lease's two commands name scripts and flags that exist -------------------
+
+def _lease_commands():
+    """(script, flags) of every python step in gpu_lease.sh, read from the script itself."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_lease.sh").read_text()
+    text = text.replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        m = re.search(r'"\$PYTHON" (benchmarks/\S+\.py)(.*)', line)
+        if m:
+            commands.append((m.group(1), re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", m.group(2))))
+    return commands
+
+
+def test_the_lease_script_runs_existing_scripts_with_flags_they_take():
+    root = Path(__file__).resolve().parent.parent
+    commands = _lease_commands()
+    assert {script for script, _ in commands} == {"benchmarks/gpu_e2e.py", "benchmarks/bench_mla_kernels.py",
+                                                  "benchmarks/gpu_check.py"}
+    helps = {}
+    for script, flags in commands:
+        if script not in helps:
+            helps[script] = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True,
+                                           text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+        for flag in flags:
+            assert flag in helps[script], (script, flag)
+    usage = subprocess.run(["bash", str(root / "benchmarks" / "gpu_lease.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr

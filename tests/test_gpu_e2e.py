@@ -134,7 +134,7 @@ def _dequantized_state(folder, cfg):
 
 
 def _oracle(folder, tmp_path):
-    """transformers' DeepseekV2 with the checkpoint's weights, dequantized by numpy."""
+    """transformers' DeepseekV2 (or V3) with the checkpoint's weights, dequantized by numpy."""
     from safetensors.numpy import save_file
 
     from ktjax.model.config import ModelConfig
@@ -144,7 +144,8 @@ def _oracle(folder, tmp_path):
     cfg = ModelConfig.from_hf_dict(raw)
     hf = params.hf_tensors(cfg, _dequantized_state(folder, cfg))
     save_file({n: np.ascontiguousarray(t, np.float32) for n, t in hf.items()}, str(tmp_path / "model.safetensors"))
-    json.dump(dict(raw, model_type="deepseek_v2", torch_dtype="float32"), open(tmp_path / "config.json", "w"))
+    json.dump(dict(raw, model_type=raw.get("model_type", "deepseek_v2"), torch_dtype="float32"),
+              open(tmp_path / "config.json", "w"))
     return load_oracle(str(tmp_path))
 
 
@@ -166,6 +167,54 @@ def test_checkpoint_is_the_model_transformers_runs(smoke, tmp_path, weights):
     for r in _rows(rows, "generate"):
         if r["weights"] == weights:
             assert r["first_tokens"] == ids[len(prompt):], r["cache_dtype"]
+
+
+# ---- --hybrid: V3 dimensions, the routed experts in host memory (issue 28) ---------------------------------
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_e2e_hybrid")
+    out = tmp / "rows.jsonl"
+    rc = gpu_e2e.main(["--hybrid", "--cpu-smoke", "--out", str(out), "--out-dir", str(tmp / "ckpt"), "--keep"])
+    return rc, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_hybrid_rows_per_layer_extrapolated_and_against_host_bandwidth(hybrid):
+    rc, rows = hybrid
+    assert rc == 0 and not _rows(rows, "error") and not _rows(rows, "skipped"), rows
+    folder = _rows(rows, "build")[0]["path"]
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert cfg["model_type"] == "deepseek_v3" and cfg["n_routed_experts"] == 16
+    loads = _rows(rows, "load")
+    assert [(r["phase"], r["settings"].get("experts"), r["settings"].get("defer_experts")) for r in loads] == [
+        ("host", "host", None), ("host-defer2", "host", 2)]
+    host_bw = {r["phase"]: r["bytes_per_s"] for r in _rows(rows, "host_bandwidth")}
+    layers, moe = cfg["num_hidden_layers"], cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    one_expert = _stored_expert_bytes(folder) / (moe * cfg["n_routed_experts"])
+    generate = _rows(rows, "generate")
+    assert [r["phase"] for r in generate] == ["host", "host-defer2"]
+    for r in generate:
+        steps = r["decode_tokens_per_s"]  # one sequence: a token per step
+        assert (r["layers"], r["moe_layers"]) == (layers, moe)
+        assert r["decode_ms_per_layer"] == pytest.approx(1e3 / steps / layers)
+        assert r["decode_tokens_per_s_61"] == pytest.approx(steps * layers / 61)
+        assert r["prefill_tokens_per_s_61"] == pytest.approx(r["prefill_tokens_per_s"] * layers / 61)
+        assert r["host_expert_bytes_per_step"] == pytest.approx(moe * cfg["num_experts_per_tok"] * one_expert)
+        assert r["host_expert_read_bytes_per_s"] == pytest.approx(r["host_expert_bytes_per_step"] * steps)
+        assert r["host_bandwidth_bytes_per_s"] == host_bw[r["phase"]] > 0
+        assert r["host_expert_read_fraction"] == pytest.approx(r["host_expert_read_bytes_per_s"] / host_bw[r["phase"]])
+
+
+def test_hybrid_checkpoint_with_host_experts_decodes_what_transformers_does(hybrid, tmp_path):
+    _, rows = hybrid
+    folder = _rows(rows, "build")[0]["path"]
+    oracle = _oracle(folder, tmp_path)  # DeepseekV3: sigmoid routing with its bias and groups
+    prompt = gpu_e2e.prompt_ids(64 - NEW_TOKENS, json.load(open(os.path.join(folder, "config.json")))["vocab_size"])
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(np.argmax(hf_logits(oracle, np.asarray([ids]))[0, -1])))
+    host = next(r for r in _rows(rows, "generate") if r["phase"] == "host")
+    assert host["prompt_tokens"] == len(prompt) and host["first_tokens"] == ids[len(prompt):]
 
 
 # ---- bad input: one line, exit code 2, nothing of the user's touched ----------------------------------------
@@ -190,6 +239,8 @@ BAD_INPUT = {  # case -> tmp_path -> (argv, what the one-line message says)
     "tiny context": lambda tmp: (SMOKE + ["--contexts", "8"], "at least 16 tokens"),
     "context shorter than the decode": lambda tmp: (["--cpu", "--contexts", "16"], "leaves no room for the prompt"),
     "both modes": lambda tmp: (SMOKE + ["--cpu"], "not allowed with argument"),
+    "hybrid on the CPU at full size": lambda tmp: (["--hybrid", "--cpu"], "--hybrid runs on a GPU"),
+    "no deferral to compare": lambda tmp: (["--hybrid", "--cpu-smoke", "--defer", "0"], "must be positive"),
     "unknown setting": lambda tmp: (SMOKE + ["--settings", "colour=red"], "unknown setting"),
     "bad setting value": lambda tmp: (SMOKE + ["--settings", "cache_dtype=int3"], "cache_dtype"),
     "setting without a value": lambda tmp: (SMOKE + ["--settings", "dtype"], "KEY=VALUE"),

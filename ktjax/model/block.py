@@ -25,6 +25,8 @@ class RunOptions:
     expert_axis: str | None = None
     index_topk: int = 0             # sparse attention (DSA): keys kept per query; 0 = dense (no indexer)
     grouped_impl: str = "blocked"   # what moe_impl auto runs for many selections (the Engine: the backend door's)
+    defer_experts: int = 0          # expert deferral: each token's k lowest-weight routed experts enter one MoE
+                                    # layer later (DecoderLayer.deferring_ffn); 0 = off
 
 
 class DecoderLayer(nnx.Module):
@@ -41,19 +43,37 @@ class DecoderLayer(nnx.Module):
             return x + self.mlp(h, opts.moe_impl, opts.mesh, opts.expert_axis, opts.grouped_impl)
         return x + self.mlp(h)
 
-    def __call__(self, x, cos, sin, mask, opts: RunOptions):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb, opts.index_topk)
-        return self.feed_forward(x, opts)
+    def deferring_ffn(self, x, pending, opts: RunOptions):
+        """An MoE block's feed_forward under expert deferral (opts.defer_experts = k > 0): -> (x + the MoE output
+        less each token's k lowest-weight routed experts + pending, those k experts' weighted sum). `pending` is
+        the previous MoE layer's deferred sum, added after this layer's MoE output as ktransformers adds it
+        (computed by the CPU meanwhile, it never enters this layer's attention or router); the sum returned is
+        the next MoE layer's pending."""
+        now, later = self.mlp(self.post_attn_norm(x), opts.moe_impl, opts.mesh, opts.expert_axis, opts.grouped_impl,
+                              defer=opts.defer_experts)
+        return x + now + pending, later.astype(pending.dtype)  # a layer loop's carry keeps its dtype
 
-    def cached(self, index, x, cache, cos, sin, positions, lengths, opts: RunOptions):
-        """The block over a latent cache: writes its latents of x [b,s,d] at positions [b,s] into cache layer
-        `index`, attends over that layer's keys [0, lengths[b]) -> (x [b,s,d], cache)."""
+    def attend(self, x, cos, sin, mask, opts: RunOptions):
+        """x plus the block's attention over x itself (no cache)."""
+        return x + self.attn(self.input_norm(x), cos, sin, mask, opts.absorb, opts.index_topk)
+
+    def __call__(self, x, cos, sin, mask, opts: RunOptions):
+        return self.feed_forward(self.attend(x, cos, sin, mask, opts), opts)
+
+    def attend_cached(self, index, x, cache, cos, sin, positions, lengths, opts: RunOptions):
+        """Writes the block's latents of x [b,s,d] at positions [b,s] into cache layer `index`, attends over that
+        layer's keys [0, lengths[b]) -> (x plus the attention [b,s,d], cache)."""
         h = self.input_norm(x)
         c_kv, k_pe = self.attn.latents(h, cos, sin)
         k_idx = None if self.attn.indexer is None else self.attn.indexer.keys(h, cos, sin)
         cache = cache.write(index, positions, c_kv, k_pe, k_idx)
         x = x + self.attn.attend_cache(h, cos, sin, cache, index, positions, lengths, absorb=opts.absorb,
                                        index_topk=opts.index_topk)
+        return x, cache
+
+    def cached(self, index, x, cache, cos, sin, positions, lengths, opts: RunOptions):
+        """The block over a latent cache (attend_cached, then feed_forward) -> (x [b,s,d], cache)."""
+        x, cache = self.attend_cached(index, x, cache, cos, sin, positions, lengths, opts)
         return self.feed_forward(x, opts), cache
 
 

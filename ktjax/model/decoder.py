@@ -195,6 +195,20 @@ def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step
     return jax.lax.scan(body, carry, (state, first_layer + jnp.arange(n)))[0]
 
 
+def _with_nothing_deferred(x):
+    """The MoE stack's carry under expert deferral (RunOptions.defer_experts): the hidden state and the deferred
+    experts' sum pending from the MoE layer before, none before the first (the dense layers defer nothing)."""
+    return x, jnp.zeros_like(x)
+
+
+def _flush_deferred(carry):
+    """The hidden state after the MoE stack with the last MoE layer's deferred experts added: the last layer
+    defers nothing (as ktransformers, which turns deferral off for the model's last layer); added straight after
+    its own output, they differ from summing them with the others only by float rounding."""
+    x, pending = carry
+    return x + pending
+
+
 class DeepseekModel(nnx.Module):
     """The model: embedding, the dense and MoE layer stacks, the final norm and lm_head, and `mtp`, the
     multi-token-prediction module (model/mtp.py: an MTPLayer held as a stack of one layer) where the config has
@@ -236,9 +250,16 @@ class DeepseekModel(nnx.Module):
         def step(layer, h):
             return layer(h, cos, sin, mask, opts)
 
+        def deferring_step(layer, carry):
+            x, pending = carry
+            return layer.deferring_ffn(layer.attend(x, cos, sin, mask, opts), pending, opts)
+
         x = self.embed_tokens(tokens, opts.dtype)
         x = scan_layers(self.dense_layers, x, step)
-        x = scan_layers(self.moe_layers, x, step)
+        if opts.defer_experts and self.moe_layers is not None:
+            x = _flush_deferred(scan_layers(self.moe_layers, _with_nothing_deferred(x), deferring_step))
+        else:
+            x = scan_layers(self.moe_layers, x, step)
         h = self.norm(x)
         logits = self.project(h).astype(jnp.float32)
         return (logits, h) if return_hidden else logits
@@ -271,9 +292,20 @@ class DeepseekModel(nnx.Module):
             x, cache = carry
             return layer.cached(index, x, cache, cos, sin, positions, lengths, opts)
 
+        def deferring_step(layer, index, carry):
+            (x, pending), cache = carry
+            x, cache = layer.attend_cached(index, x, cache, cos, sin, positions, lengths, opts)
+            return layer.deferring_ffn(x, pending, opts), cache
+
         carry = (self.embed_tokens(tokens, opts.dtype), cache)
-        carry = scan_layers_cached(self.dense_layers, 0, carry, step)
-        x, cache = scan_layers_cached(self.moe_layers, self.cfg.num_dense_layers, carry, step)
+        x, cache = scan_layers_cached(self.dense_layers, 0, carry, step)
+        first_moe = self.cfg.num_dense_layers
+        if opts.defer_experts and self.moe_layers is not None:
+            deferred, cache = scan_layers_cached(self.moe_layers, first_moe, (_with_nothing_deferred(x), cache),
+                                                 deferring_step)
+            x = _flush_deferred(deferred)
+        else:
+            x, cache = scan_layers_cached(self.moe_layers, first_moe, (x, cache), step)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         h = self.norm(x)

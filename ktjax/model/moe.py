@@ -16,6 +16,10 @@ each branch reading its own arrays in place.
 Under the setting experts: host a backend holds a layer's routed experts outside the model state (ktjax/cpu/
 host_experts.py) and leaves `HostedExperts` in their place: the experts kept on the device (gpu_experts), which run
 here as usual, and the backend's `host` callable, which sums the others in one call (`hosted_experts`).
+
+Expert deferral (the setting defer_experts k; ktransformers, SOSP'25): each token's k lowest-weight routed experts
+are summed apart (`split_deferred`; one more call of whichever path runs the experts, over k assignments a token),
+and the decoder adds that sum to the residual stream one MoE layer later (block.py DecoderLayer.deferring_ffn).
 """
 from __future__ import annotations
 
@@ -79,24 +83,45 @@ class MoE(nnx.Module):
         self.shared = (MLP(d, f * cfg.n_shared_experts, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
                        if cfg.n_shared_experts else None)
 
-    def __call__(self, x, impl: str = "auto", mesh=None, expert_axis: str | None = None, grouped: str = "blocked"):
+    def __call__(self, x, impl: str = "auto", mesh=None, expert_axis: str | None = None, grouped: str = "blocked",
+                 defer: int = 0):
         """x [..., d] -> [..., d]. With `expert_axis` (a mesh axis that splits the expert stacks; see
-        ktjax/weights/sharding.py expert_axis) the routed experts run expert-parallel."""
+        ktjax/weights/sharding.py expert_axis) the routed experts run expert-parallel. With defer k > 0 (expert
+        deferral, RunOptions.defer_experts) -> (now, later) [..., d] each: `later` the sum of each token's k
+        lowest-weight routed experts, `now` the rest with the shared experts."""
         flat = x.reshape(-1, x.shape[-1])
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, idx = route(self.cfg, flat.astype(jnp.float32) @ self.router[...], bias)
+        args = (impl, mesh, expert_axis, grouped)
+        if defer:
+            (w_now, i_now), (w_later, i_later) = split_deferred(weights, idx, defer)
+            now = self._routed(flat, w_now, i_now, *args).reshape(x.shape)
+            later = self._routed(flat, w_later, i_later, *args).reshape(x.shape)
+            return self._with_shared(now, x), later
+        return self._with_shared(self._routed(flat, weights, idx, *args).reshape(x.shape), x)
+
+    def _with_shared(self, y, x):
+        return y if self.shared is None else y + self.shared(x)
+
+    def _routed(self, flat, weights, idx, impl, mesh, expert_axis, grouped):
+        """The routed experts' weighted sum [T, d] over the assignments (weights, idx [T, k'])."""
         experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
         hosted = _hosted(experts[0])
         if hosted is not None:
-            y = hosted_experts(flat, weights, idx, experts, hosted, impl, grouped)
-            return y.reshape(x.shape) if self.shared is None else y.reshape(x.shape) + self.shared(x)
+            return hosted_experts(flat, weights, idx, experts, hosted, impl, grouped)
         impl = pick_impl(impl, *idx.shape, self.cfg.n_routed_experts, grouped)
         if expert_axis is None:
-            y = routed_experts(flat, weights, idx, experts, impl)
-        else:
-            y = expert_parallel(mesh, expert_axis, flat, weights, idx, experts, impl)
-        y = y.reshape(x.shape)
-        return y if self.shared is None else y + self.shared(x)
+            return routed_experts(flat, weights, idx, experts, impl)
+        return expert_parallel(mesh, expert_axis, flat, weights, idx, experts, impl)
+
+
+def split_deferred(weights, idx, k: int):
+    """Each token's routed assignments (weights, idx [T, top_k]) split for expert deferral -> ((weights, idx)
+    [T, top_k - k] of its highest-weight experts, (weights, idx) [T, k] of its k lowest-weight ones). Equal
+    weights: the earlier slot counts as the lower (a stable sort)."""
+    order = jnp.argsort(weights, axis=-1, stable=True)  # ascending
+    w, i = jnp.take_along_axis(weights, order, axis=-1), jnp.take_along_axis(idx, order, axis=-1)
+    return (w[:, k:], i[:, k:]), (w[:, :k], i[:, :k])
 
 
 def expert_parallel(mesh, axis: str, flat, weights, idx, experts, impl: str):

@@ -25,7 +25,7 @@ from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from ktjax.kv.sparse import is_sparse, selected_fraction
 from ktjax.model.decoder import DeepseekModel, RunOptions, stack_layers, unstack_layers
 from ktjax.runtime.progress import NO_PROGRESS, LiveStatus, Progress
-from ktjax.runtime import speculative
+from ktjax.runtime import chunks, speculative
 from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
 from ktjax.runtime.sampling import Sampling, sample
 from ktjax.util.heap import release_freed_memory
@@ -116,6 +116,7 @@ class Engine:
                  defaults: CallSettings | None = None, generation_config: dict | None = None, mesh=None,
                  notes: list[str] | None = None, tokenizer=None, own_weights: bool = False):
         self.cfg = cfg
+        runtime.check_for_model(cfg)  # defer_experts against the model's experts per token
         self.runtime = runtime
         self.defaults = defaults or CallSettings()
         self.generation_config = generation_config or {}
@@ -165,7 +166,7 @@ class Engine:
 
     def run_options(self, absorb: bool) -> RunOptions:
         return RunOptions(absorb, self.runtime.moe_impl, self.runtime.jnp_dtype, self.mesh, self._expert_axis,
-                          self.index_topk, self.backend.grouped_impl)
+                          self.index_topk, self.backend.grouped_impl, self.runtime.defer_experts)
 
     @property
     def attention(self) -> str:
@@ -565,32 +566,17 @@ class Engine:
         position's [b, chunks * chunk, vocab] with all_logits; the cache). `start` [b]: tokens each sequence
         already holds in the cache (a continuation, runtime/session.py): its prompt goes at positions start..
         and attends over them; default 0. `progress` hears of each chunk's tokens (done, and cached)."""
-        b = len(prompts)
-        lens = np.array([len(p) for p in prompts])
-        start = np.zeros(b, np.int64) if start is None else np.asarray(start, np.int64)
-        ids = np.zeros((b, -(-lens.max() // chunk) * chunk), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        n_chunks = ids.shape[1] // chunk
-        capacity = b * cache.cache_lens
+        held = 0 if start is None else int(np.sum(start))
+        capacity = len(prompts) * cache.cache_lens
         outputs, last = [], None
-        for c in range(n_chunks):
-            pos = c * chunk + np.arange(chunk)[None, :]
-            valid = pos < lens[:, None]
-            logits_index = None if all_logits else jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
-            logits, cache = prefill(self.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                    jnp.asarray(np.where(valid, start[:, None] + pos, cache.cache_lens), jnp.int32),
-                                    jnp.asarray(start + np.minimum(lens, (c + 1) * chunk), jnp.int32), logits_index)
+        for c in chunks.chunks(prompts, chunk, cache.cache_lens, start):
+            logits, cache = prefill(self.state, cache, jnp.asarray(c.tokens), jnp.asarray(c.positions),
+                                    jnp.asarray(c.lengths), None if all_logits else jnp.asarray(c.logits_index))
             if all_logits:
                 outputs.append(np.asarray(logits))
             else:
-                ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
-                last = logits if last is None else jnp.where(ends_here, logits, last)
-            if progress.live:  # someone watches: report the chunk once it is computed, not when it is queued
-                jax.block_until_ready(logits)
-            done = int(np.minimum(lens, (c + 1) * chunk).sum())
-            progress.cache(int(start.sum()) + done, capacity)
-            progress.update(done)
+                last = chunks.keep_last(last, logits, c.ends_here)
+            chunks.report(progress, c, logits, held, capacity)
         return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
 
     def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens, final: dict | None = None,

@@ -32,6 +32,7 @@ SPECULATIVE = ("off", "mtp")
 EXPERT_PLACES = ("device", "host")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 MAX_INT32 = 2**31 - 1
+MAX_DEFERRED = 255  # defer_experts' bound before a model is known (then: its experts per token less 1)
 
 
 # ---- value parsers: (key, raw value) -> canonical value, or one KtjaxError that names the key --------------
@@ -234,6 +235,13 @@ SETTINGS: dict[str, Setting] = {
                               "count N (each layer's N most-routed experts) or a list of expert ids (YAML [0, 5, 7], "
                               "flag 0,5,7) kept in every layer; 0 = none. Ignored with experts device",
                            _gpu_experts),
+    "defer_experts": Setting(0, "expert deferral (ktransformers, SOSP'25): each token's k lowest-weight routed experts "
+                                "of an MoE layer enter the residual stream one MoE layer later (after the next MoE "
+                                "layer's output), so that a CPU may compute them while the next layer's attention "
+                                "runs (ktjax does not overlap them yet); the last MoE layer defers nothing. With "
+                                "experts device or host. Changes the output slightly (its cost on "
+                                "the demo model: docs/running.md); from 0 to the model's experts per token less 1; "
+                                "0 = off", lambda k, v: _int(k, v, 0, MAX_DEFERRED)),
     "index_topk": Setting(None, "sparse attention (DeepSeek-V3.2's DSA): keys each query attends to, picked by the "
                                 "layer's indexer; unset: the model's index_topk; at least the context: dense. "
                                 "Models without an indexer ignore it", _optional(lambda k, v: _int(k, v, 1))),
@@ -305,6 +313,7 @@ class RuntimeConfig:
     activation_quant: str = _default("activation_quant")
     experts: str = _default("experts")
     gpu_experts: int | tuple = _default("gpu_experts")
+    defer_experts: int = _default("defer_experts")
     index_topk: int | None = _default("index_topk")
     mesh: tuple[int, ...] | None = _default("mesh")
     speculative: str = _default("speculative")
@@ -323,6 +332,14 @@ class RuntimeConfig:
     def jnp_dtype(self):
         import jax.numpy as jnp
         return jnp.dtype(self.dtype)
+
+    def check_for_model(self, cfg):
+        """The settings whose bounds are the model's, checked against its config: one KtjaxError."""
+        top_k = cfg.num_experts_per_tok if cfg.num_moe_layers else 0
+        if self.defer_experts >= max(top_k, 1):
+            why = (f"the model routes each token to {top_k} experts (num_experts_per_tok), of which at least one "
+                   f"is summed at once" if top_k else "the model has no MoE layers")
+            _fail("defer_experts", self.defer_experts, f"must be from 0 to {max(top_k - 1, 0)}: {why}")
 
     def absorb(self, cfg, q_len: int) -> bool:
         """Absorbed or naive attention for q_len queries. Per query and key, absorbed costs ~(2R + r) flops per

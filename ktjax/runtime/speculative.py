@@ -19,7 +19,8 @@ accepted) drafts k = draft_tokens tokens and verifies them in one pass of the mo
    overwrites them.
 
 The cache holds the MTP module's slice as its layer cfg.num_hidden_layers (LatentCache.create's extra_layers),
-and needs k positions past the last token for the rejected drafts (`reserve`).
+and needs k positions past the last token for the rejected drafts (`reserve`). The server (serve/programs.py)
+runs `verify` once per scheduler step over its page pool, with a random stream per row ([b] keys).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from flax import nnx
 
 from ktjax.errors import KtjaxError
 from ktjax.model.decoder import RunOptions
+from ktjax.runtime import chunks
 from ktjax.runtime.sampling import Sampling, distribution, draw_from, repeat_rows, sample
 
 STEPS_PER_DISPATCH = 16  # verify passes per call into the compiled loop (up to draft_tokens + 1 tokens each)
@@ -47,6 +49,36 @@ def check_model(cfg, model_or_graph) -> None:
                          f"prediction layer (num_nextn_predict_layers {layers} in config.json"
                          + (", or its weights were dropped at conversion" if layers else "") +
                          "); use --speculative off")
+
+
+# -- random numbers: one key for the batch (Engine.generate), or [b] keys (the server: a stream per row) ----
+
+def _split(key, n: int):
+    """n keys, each one key or [b] row keys as `key` is."""
+    if jnp.ndim(key) == 0:
+        return jax.random.split(key, n)
+    rows = jax.vmap(lambda k: jax.random.split(k, n))(key)  # [b, n]
+    return [rows[:, i] for i in range(n)]
+
+
+def _uniform(key, shape):
+    """Uniform [0, 1) numbers of shape [b, ...]; with [b] keys, row i's from key i."""
+    if jnp.ndim(key) == 0:
+        return jax.random.uniform(key, shape)
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+
+
+def _draw(probs, key, sampling: Sampling):
+    """draw_from; with [b] keys, each row drawn as a batch of one from its own key (the same draw whatever else
+    is in the batch)."""
+    if jnp.ndim(key) == 0:
+        return draw_from(probs, key, sampling)
+    rows = jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), probs.shape[:1]), sampling)
+
+    def drawn(probs):
+        return jax.vmap(lambda p, k, s: draw_from(p[None], k, s)[0])(probs, key, rows)
+    # an all-greedy batch skips the random numbers (as draw_from does)
+    return jax.lax.cond((rows.temperature > 0).any(), drawn, lambda p: jnp.argmax(p, -1).astype(jnp.int32), probs)
 
 
 # -- the model's two passes, as this loop uses them --------------------------------------------------------
@@ -127,9 +159,9 @@ def _draft(model, opts, cache, st: SpecState, active, sampling: Sampling, key, k
     pos = jnp.where(active[:, None] & (j < n_valid[:, None]), st.base[:, None] + j, cache_lens)
     logits, h, cache = mtp_pass(model, st.hidden, st.after, pos, cache, st.lengths, n_valid - 1, opts)
     drafts, dists = [], []
-    for i, sub in enumerate(jax.random.split(key, k)):
+    for i, sub in enumerate(_split(key, k)):
         q = distribution(logits, sampling)
-        d = draw_from(q, sub, sampling)
+        d = _draw(q, sub, sampling)
         drafts.append(d)
         dists.append(q)
         if i + 1 < k:  # chain: the MTP at position L + i on its own hidden state and the draft it made
@@ -143,10 +175,10 @@ def _accept(p, q, drafts, key, sampling: Sampling):
     """The rejection rule. p [b, k+1, vocab]: the model's distributions after t, d_1, ..; q [b, k, vocab]: the
     drafts' -> (drafts accepted n [b], the token after them [b])."""
     b, k = drafts.shape
-    k_u, k_bonus = jax.random.split(key)
+    k_u, k_bonus = _split(key, 2)
     p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
     q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    u = jax.random.uniform(k_u, (b, k))
+    u = _uniform(k_u, (b, k))
     ok = u * q_d < p_d  # u < p/q without dividing; a greedy row: d == argmax (p_d 1, q_d 1)
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
     p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
@@ -154,7 +186,25 @@ def _accept(p, q, drafts, key, sampling: Sampling):
     residual = jnp.maximum(p_n - q_n, 0.0)
     # p_n == q_n (rounding aside) cannot reject; where rounding left nothing, p_n itself
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
-    return n, draw_from(residual, k_bonus, sampling)
+    return n, _draw(residual, k_bonus, sampling)
+
+
+def verify(model, opts, cache, st: SpecState, active, sampling: Sampling, k_draft, k_accept, k: int):
+    """One draft-verify-accept of the rows `active` (the others write nothing): the MTP drafts d_1..d_k, one pass
+    of the model over [t, d_1..d_k] at L..L+k, the rejection rule -> (new [b, k+1]: d_1..d_n, then the token after
+    them, then rejected drafts (never emitted); n [b]: drafts accepted; the model's logits [b, k+1, vocab] and
+    hidden states [b, k+1, H] at L..L+k; cache). Keys: one for the batch, or [b] (a random stream per row)."""
+    b = st.lengths.shape[0]
+    j = jnp.arange(k + 1)[None]
+    drafts, q, cache = _draft(model, opts, cache, st, active, sampling, k_draft, k)
+    tokens = jnp.concatenate([st.token[:, None], drafts], 1)
+    pos = jnp.where(active[:, None], st.lengths[:, None] + j, cache.cache_lens)
+    lengths = jnp.where(active, st.lengths + k + 1, st.lengths)
+    logits, cache, hidden = main_pass(model, tokens, pos, cache, lengths, None, opts)
+    p = distribution(logits.reshape(b * (k + 1), -1), repeat_rows(sampling, b, k + 1)).reshape(b, k + 1, -1)
+    n, bonus = _accept(p, q, drafts, k_accept, sampling)
+    new = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
+    return new, n, logits, hidden, cache
 
 
 def decode_steps(graphdef, opts: RunOptions, state, cache, st: SpecState, n_steps, max_new, stop_ids,
@@ -163,9 +213,7 @@ def decode_steps(graphdef, opts: RunOptions, state, cache, st: SpecState, n_step
     tokens [b, STEPS_PER_DISPATCH, k+1] (-1 = none))."""
     model = nnx.merge(graphdef, state)
     b = st.lengths.shape[0]
-    cache_lens = cache.cache_lens
     j = jnp.arange(k + 1)[None]
-    rows = repeat_rows(sampling, b, k + 1)
 
     def cond(carry):
         i, _, st, _ = carry
@@ -175,17 +223,9 @@ def decode_steps(graphdef, opts: RunOptions, state, cache, st: SpecState, n_step
         i, cache, st, out = carry
         key, k_draft, k_accept = jax.random.split(st.key, 3)
         active = ~st.done
-        drafts, q, cache = _draft(model, opts, cache, st, active, sampling, k_draft, k)
-
-        tokens = jnp.concatenate([st.token[:, None], drafts], 1)
-        pos = jnp.where(active[:, None], st.lengths[:, None] + j, cache_lens)
-        lengths = jnp.where(active, st.lengths + k + 1, st.lengths)
-        logits, cache, hidden = main_pass(model, tokens, pos, cache, lengths, None, opts)
-        p = distribution(logits.reshape(b * (k + 1), -1), rows).reshape(b, k + 1, -1)
-        n, bonus = _accept(p, q, drafts, k_accept, sampling)
+        new, n, logits, hidden, cache = verify(model, opts, cache, st, active, sampling, k_draft, k_accept, k)
 
         # the tokens this pass gives: d_1..d_n, then the bonus; cut after a stop and at max_new_tokens
-        new = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
         stop = jnp.isin(new, stop_ids) & (j <= n[:, None])
         first_stop = jnp.where(stop.any(1), jnp.argmax(stop, 1), k + 1)
         finite = jnp.all(jnp.isfinite(logits), axis=-1) | (j > n[:, None])
@@ -306,33 +346,15 @@ class Speculation:
     def prefill(self, prefill, cache, prompts, chunk: int, progress):
         """Prompts chunk by chunk through the model and the MTP module -> (logits [b, vocab] and hidden [b, H] at
         each prompt's last token, cache)."""
-        b = len(prompts)
-        lens = np.array([len(p) for p in prompts])
-        ids = np.zeros((b, -(-lens.max() // chunk) * chunk + 1), np.int32)  # + 1: the token after each chunk
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        n_chunks = (ids.shape[1] - 1) // chunk
-        cache_lens = cache.cache_lens
+        capacity = len(prompts) * cache.cache_lens
         logits = hidden = None
-        for c in range(n_chunks):
-            pos = c * chunk + np.arange(chunk)[None, :]
-            valid, has_next = pos < lens[:, None], pos + 1 < lens[:, None]
-            index = jnp.asarray(np.clip(lens - 1 - c * chunk, 0, chunk - 1), jnp.int32)
+        for c in chunks.chunks(prompts, chunk, cache.cache_lens):
             chunk_logits, chunk_hidden, cache = prefill(
-                self.engine.state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                jnp.asarray(np.where(valid, pos, cache_lens), jnp.int32),
-                jnp.asarray(np.minimum(lens, (c + 1) * chunk), jnp.int32), index,
-                jnp.asarray(ids[:, c * chunk + 1:(c + 1) * chunk + 1]),
-                jnp.asarray(np.where(has_next, pos, cache_lens), jnp.int32),
-                jnp.asarray(np.minimum(lens - 1, (c + 1) * chunk), jnp.int32))
-            ends_here = jnp.asarray((lens - 1) // chunk == c)[:, None]
-            logits = chunk_logits if logits is None else jnp.where(ends_here, chunk_logits, logits)
-            hidden = chunk_hidden if hidden is None else jnp.where(ends_here, chunk_hidden, hidden)
-            if progress.live:  # someone watches: report the chunk once it is computed, not when it is queued
-                jax.block_until_ready(chunk_logits)
-            done = int(np.minimum(lens, (c + 1) * chunk).sum())
-            progress.cache(done, b * cache_lens)
-            progress.update(done)
+                self.engine.state, cache, *map(jnp.asarray, (c.tokens, c.positions, c.lengths, c.logits_index,
+                                                              c.next_tokens, c.next_positions, c.next_lengths)))
+            logits = chunks.keep_last(logits, chunk_logits, c.ends_here)
+            hidden = chunks.keep_last(hidden, chunk_hidden, c.ends_here)
+            chunks.report(progress, c, chunk_logits, 0, capacity)
         return jax.block_until_ready(logits), hidden, cache
 
     def decode(self, begin, decode, cache, logits, hidden, lengths, key, max_new: int, stop_ids, sampling,

@@ -366,9 +366,12 @@ class Server:
     def _usage(job: Job, text: TextStream) -> dict:
         f = job.finished
         completion = text.tokens if job.cut else f.completion_tokens
-        return {"prompt_tokens": f.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": f.prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": f.cached_tokens}}
+        usage = {"prompt_tokens": f.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": f.prompt_tokens + completion,
+                 "prompt_tokens_details": {"cached_tokens": f.cached_tokens}}
+        if f.speculative is not None:  # speculative mtp: drafted, accepted, verify_passes
+            usage["speculative"] = dict(f.speculative)
+        return usage
 
 
 DASHBOARD_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "

@@ -60,10 +60,16 @@ class SchedulerCollector:
               "pages_cached": ("pages_cached", "free cache pages kept for the prefix cache"),
               "cache_bytes": ("cache_bytes", "bytes of the paged latent cache")}
     COUNTERS = {"prefill_tokens_total": ("prefill_tokens", "prompt tokens prefilled (prefix-cache hits excluded)"),
-                "decode_tokens_total": ("decode_tokens", "tokens fed through decode steps"),
+                "decode_tokens_total": ("decode_tokens", "tokens decode steps generated (one per request per step; "
+                                                         "with speculative mtp 1 to draft_tokens + 1)"),
                 "steps_total": ("steps", "scheduler steps"),
                 "prefix_hit_tokens": ("prefix_cache_hit_tokens", "prompt tokens found in the prefix cache"),
-                "prefix_lookup_tokens": ("prefix_cache_lookup_tokens", "prompt tokens looked up in the prefix cache")}
+                "prefix_lookup_tokens": ("prefix_cache_lookup_tokens", "prompt tokens looked up in the prefix cache"),
+                # speculative mtp only (absent otherwise)
+                "speculative_drafted_total": ("speculative_drafted_tokens", "tokens drafted by the MTP module"),
+                "speculative_accepted_total": ("speculative_accepted_tokens", "drafted tokens accepted (and emitted)"),
+                "speculative_verify_passes_total": ("speculative_verify_passes", "verifying passes, one per request "
+                                                    "per decode step (each gives 1 to draft_tokens + 1 tokens)")}
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -85,6 +91,8 @@ class SchedulerCollector:
         yield GaugeMetricFamily("ktjax_prefix_cache_hit_rate", "prompt tokens found in the prefix cache / looked "
                                 "up, since the server started", value=s.get("prefix_hit_tokens", 0) / lookups
                                 if lookups else 0.0)
+        if "speculative_verify_passes_total" in s:
+            yield from speculation_rates(s)
         in_use, peak = device_memory()
         with self.lock:
             self.peak = peak = max(self.peak, peak, in_use)
@@ -92,6 +100,15 @@ class SchedulerCollector:
         yield GaugeMetricFamily("ktjax_device_memory_peak_bytes", "peak device memory (peak RSS on a CPU)",
                                 value=peak)
         yield from planned_memory(getattr(self.scheduler, "engine", None), s.get("cache_bytes", 0))
+
+
+def speculation_rates(s: dict):
+    """Since the server started: drafts accepted / drafted, and decode tokens per verifying pass."""
+    drafted, passes = s["speculative_drafted_total"], s["speculative_verify_passes_total"]
+    yield GaugeMetricFamily("ktjax_speculative_acceptance_rate", "drafted tokens accepted / drafted, since the "
+                            "server started", value=s["speculative_accepted_total"] / drafted if drafted else 0.0)
+    yield GaugeMetricFamily("ktjax_speculative_tokens_per_pass", "decode tokens / verifying passes, since the "
+                            "server started", value=s["decode_tokens_total"] / passes if passes else 0.0)
 
 
 def planned_memory(engine, cache_bytes: int):
@@ -118,6 +135,9 @@ def device_memory() -> tuple[int, int]:
     return memory_now()
 
 
+SPECULATION = ("speculative_drafted_total", "speculative_accepted_total", "speculative_verify_passes_total")
+
+
 class DashboardHistory:
     """What /dashboard plots, from the scheduler's own counts: a sample (memory, cache pages, requests running and
     waiting, prefill and decode tokens) taken when the page polls /dashboard/data, at most one every
@@ -142,7 +162,9 @@ class DashboardHistory:
     def data(self) -> dict:
         """{now: the current sample, history: [samples, oldest first]}; each sample: t (seconds since the server
         started), memory_bytes, peak_memory_bytes, pages_used, pages_total, running, waiting, prefill_tokens,
-        decode_tokens (counters), prefill_tokens_per_s, decode_tokens_per_s (since the sample before)."""
+        decode_tokens (counters), prefill_tokens_per_s, decode_tokens_per_s (since the sample before); with
+        speculative mtp also the counters speculative_drafted_total, speculative_accepted_total and
+        speculative_verify_passes_total."""
         stats, memory = self.scheduler.stats(), device_memory()
         with self.lock:
             t = self.clock() - self.t0
@@ -162,4 +184,5 @@ class DashboardHistory:
                 "running": stats.get("running", 0), "waiting": stats.get("waiting", 0),
                 "prefill_tokens": prefill, "decode_tokens": decode,
                 "prefill_tokens_per_s": (prefill - self.last["prefill_tokens"]) / dt if dt > 0 else 0.0,
-                "decode_tokens_per_s": (decode - self.last["decode_tokens"]) / dt if dt > 0 else 0.0}
+                "decode_tokens_per_s": (decode - self.last["decode_tokens"]) / dt if dt > 0 else 0.0,
+                **{key: stats[key] for key in SPECULATION if key in stats}}

@@ -4,6 +4,15 @@ bucketed shapes so that any batch composition reuses a few programs.
 A step is either prefill chunks of a few sequences ([rows, chunk] tokens, rows x chunk <= chunk_size) or one
 decode step of every running sequence ([batch, 1]); both end by sampling each row's next token with that row's own settings and returning
 its log-probability and the top TOP_LOGPROBS alternatives, so the host only reads a few numbers per row.
+
+With speculative mtp (draft_tokens = k > 0) the pool holds the MTP module's slice, a prefill chunk also runs the
+MTP module over it (runtime/speculative.py's prefill_chunk) and returns the hidden state at the chunk's logits
+position, and the decode step is one draft-verify-accept (speculative.verify) of every running sequence: the
+pending token and its k drafts verified in one pass, at one fixed shape whatever is accepted; it returns the k + 1
+tokens the pass may give (the host emits the accepted ones and the token after them), each with its
+log-probabilities, the drafts accepted, and the model's hidden states there (what the next step's MTP extends its
+slice from). Each row draws from its own stream, key = fold_in(key(seed), tokens generated so far), split into
+the draft's and the acceptance's keys: the same seed gives the same tokens whatever else is in the batch.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.kv.paged import PagedLatentCache
+from ktjax.runtime import speculative
 from ktjax.runtime.sampling import Sampling, sample
 
 TOP_LOGPROBS = 20   # the most top-logprobs a request may ask for
@@ -49,14 +59,55 @@ def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, leng
     """forward_cached over the paged cache, then sample each row. -> (cache, StepOutput)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_cached(tokens, positions, cache, lengths, logits_index, opts)
+    return cache, sampled(logits, rows)
 
-    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows.seed, rows.step)
-    token = sample(logits, keys, Sampling(rows.temperature, rows.top_k, rows.top_p))
+
+def row_keys(rows: RowSampling):
+    """Each row's key [b]: fold_in(key(seed), tokens it has generated)."""
+    return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows.seed, rows.step)
+
+
+def row_sampling(rows: RowSampling) -> Sampling:
+    return Sampling(rows.temperature, rows.top_k, rows.top_p)
+
+
+def sampled(logits, rows: RowSampling) -> StepOutput:
+    """Each row's next token from logits [b, vocab], drawn from its own stream, with its log-probabilities."""
+    return step_output(logits, sample(logits, row_keys(rows), row_sampling(rows)))
+
+
+def step_output(logits, token) -> StepOutput:
+    """token [...] (chosen from logits [..., vocab]) with its log-probability, the top alternatives', and whether
+    the logits were finite."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logits.shape[-1]))
-    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logp, token[..., None], axis=-1)[..., 0]
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    return cache, StepOutput(token, chosen, top_ids.astype(jnp.int32), top_logprobs, finite)
+    return StepOutput(token, chosen, top_ids.astype(jnp.int32), top_logprobs, finite)
+
+
+def prefill_step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, lengths, logits_index,
+                 next_tokens, mtp_positions, mtp_lengths, rows: RowSampling):
+    """speculative mtp: a prefill chunk through the model and the MTP module (speculative.prefill_chunk), then
+    sample each row -> (cache, StepOutput, hidden state at logits_index [b, H])."""
+    logits, last, cache = speculative.prefill_chunk(graphdef, opts, state, cache, tokens, positions, lengths,
+                                                    logits_index, next_tokens, mtp_positions, mtp_lengths)
+    return cache, sampled(logits, rows), last
+
+
+def verify_step(graphdef, opts, state, cache: PagedLatentCache, token, lengths, base, hidden, after, active,
+                rows: RowSampling, *, k: int):
+    """speculative mtp: one draft-verify-accept of the `active` rows (speculative.verify; token: the pending one
+    at position lengths; base, hidden [b, k+1, H], after [b, k+1]: the positions the last pass accepted, from
+    which the MTP extends its slice) -> (cache, StepOutput [b, k+1] (d_1..d_n, the token after them, then
+    rejected drafts), drafts accepted n [b], the model's hidden states at lengths .. lengths+k [b, k+1, H])."""
+    model = nnx.merge(graphdef, state)
+    keys = jax.vmap(jax.random.split)(row_keys(rows))  # [b, 2]: the draft's and the acceptance's streams
+    zeros = jnp.zeros_like(lengths)
+    st = speculative.SpecState(lengths, token, base, hidden, after, ~active, zeros, zeros, zeros, zeros, keys[:, 0])
+    new, n, logits, out, cache = speculative.verify(model, opts, cache, st, active, row_sampling(rows), keys[:, 0],
+                                                    keys[:, 1], k)
+    return cache, step_output(logits, new), n, out.astype(hidden.dtype)
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:
@@ -83,9 +134,10 @@ class Programs:
     """Compiled step programs of an Engine over one page pool, keyed by (batch, chunk, table width), compiled
     through engine.compiled_program so engine.compile_count counts them."""
 
-    def __init__(self, engine, pool: PagedLatentCache, max_batch: int, max_width: int):
+    def __init__(self, engine, pool: PagedLatentCache, max_batch: int, max_width: int, draft_tokens: int = 0):
         self.engine = engine
-        self.pool_key = (pool.fmt, pool.n_pages, pool.page_size, pool.attention)
+        self.draft_tokens = draft_tokens  # k > 0: speculative mtp (prefill with the MTP module, verifying decode)
+        self.pool_key = (pool.fmt, pool.n_pages, pool.page_size, pool.attention, draft_tokens)
         chunk_size = engine.runtime.chunk_size
         self.chunks = buckets(min(MIN_CHUNK, chunk_size), chunk_size, BUCKET_GROWTH)
         min_width = min(max(1, 512 // pool.page_size), max_width)
@@ -105,20 +157,32 @@ class Programs:
         return [(b, 1, w) for b in self.batches for w in self.widths]
 
     def get(self, b: int, s: int, width: int):
+        """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) a decode step; table width."""
         engine = self.engine
         absorb = True if s == 1 else engine.runtime.absorb(engine.cfg, s)
         opts = engine.run_options(absorb)
+        k = self.draft_tokens
+        i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
+        f32 = lambda *shape: engine.input_spec(shape, jnp.float32)  # noqa: E731
+        if not k:
+            name, fn, n_out = "serve-step", functools.partial(step, engine.graphdef, opts), 1
+            args = (i32(b, s), i32(b, s), i32(b), i32(b))
+        elif s == 1:
+            name, fn, n_out = "serve-verify", functools.partial(verify_step, engine.graphdef, opts, k=k), 3
+            hidden = engine.input_spec((b, k + 1, engine.cfg.hidden_size), engine.runtime.jnp_dtype)
+            args = (i32(b), i32(b), i32(b), hidden, i32(b, k + 1), engine.input_spec((b,), jnp.bool_))
+        else:
+            name, fn, n_out = "serve-mtp-prefill", functools.partial(prefill_step, engine.graphdef, opts), 2
+            args = (i32(b, s), i32(b, s), i32(b), i32(b), i32(b, s), i32(b, s), i32(b))
 
         def build():
-            i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
-            f32 = lambda *shape: engine.input_spec(shape, jnp.float32)  # noqa: E731
             cache = dataclasses.replace(self._pool_shapes, page_table=i32(b, width))
             rows = RowSampling(f32(b), i32(b), f32(b), engine.input_spec((b,), jnp.uint32), i32(b))
             out = None
             if engine.mesh is not None:  # the pool keeps its layout; the outputs are replicated
                 rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
-                out = (jax.tree.map(lambda x: x.sharding, cache), rep)
-            fn = jax.jit(functools.partial(step, engine.graphdef, opts), donate_argnums=(1,), out_shardings=out)
-            return fn.lower(engine.state, cache, i32(b, s), i32(b, s), i32(b), i32(b), rows).compile()
+                out = (jax.tree.map(lambda x: x.sharding, cache),) + (rep,) * n_out
+            jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=out)
+            return jitted.lower(engine.state, cache, *args, rows).compile()
 
-        return engine.compiled_program(("serve-step", opts, self.pool_key, b, s, width), build)
+        return engine.compiled_program((name, opts, self.pool_key, b, s, width), build)

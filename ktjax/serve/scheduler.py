@@ -7,6 +7,15 @@ full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as th
 whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
 so steady traffic compiles nothing after warmup().
 
+With speculative mtp (the engine's setting; runtime/speculative.py) every decode step drafts draft_tokens = k
+tokens per request with the MTP module and verifies them in one pass: a request gets 1 to k + 1 tokens per step,
+emitted one by one as without speculation (a stop, max_tokens or a cancellation inside the run ends it there, and
+nothing after it is emitted). The pool holds the MTP module's slice, pages are reserved for k positions past the
+last token (the drafts that may be rejected), and each request keeps the model's hidden states at the positions
+its last pass accepted, from which the next step's MTP extends its slice. A page is published to the prefix cache
+once its MTP entries are written too; the last of them depends on the token after the page, so a cached page is
+reused only by a prompt with the same token there (else the prompt prefills that page itself).
+
 Every callback (on_event) runs on the scheduler's thread: once per generated token, then once Finished.
 """
 from __future__ import annotations
@@ -66,6 +75,9 @@ class Finished:
     ttft_s: float          # submit -> first token
     error: str | None = None
     queued_s: float = 0.0  # submit -> admitted to the batch (or out of the queue, cancelled)
+    # speculative mtp only: {"drafted", "accepted", "verify_passes"}: the request's drafts, those accepted and
+    # emitted, and the passes that verified them
+    speculative: dict | None = None
 
 
 class PromptTooLong(KtjaxError):
@@ -106,6 +118,13 @@ class _Request:
     ttft: float = 0.0
     admitted: float | None = None   # perf_counter when it left the queue for the batch
     cancelled: bool = False
+    # speculative mtp: the MTP slice holds positions [0, mtp_length); hidden [k+1, H] / after [k+1]: the model's
+    # hidden states at mtp_length .. length-1 and the token after each (what the next draft extends it with)
+    mtp_length: int = 0
+    hidden: np.ndarray | None = None
+    after: np.ndarray | None = None
+    passes: int = 0      # verifying passes
+    accepted: int = 0    # drafts accepted (and emitted)
 
     @property
     def prefilling(self) -> bool:
@@ -128,16 +147,23 @@ class Scheduler:
                              "supported yet: serve the model on one device, or run it with python -m ktjax.generate")
         self.engine = engine
         self.max_batch, self.page_size, self.max_queue = max_batch, page_size, max_queue
+        # speculative mtp: k drafts per step, and k positions past a sequence's last token for those rejected
+        self.draft_tokens = engine.runtime.draft_tokens if engine.runtime.speculative == "mtp" else 0
+        reserve = self.draft_tokens
         if n_pages is None:
             plan = engine.plan_cache(max_batch, min(DEFAULT_CONTEXT, engine.cfg.max_position_embeddings))
-            n_pages = max_batch * -(-plan.cache_lens // page_size)
+            n_pages = max_batch * -(-(plan.cache_lens + reserve) // page_size)
         shards = sharding.seq_shards(engine.mesh)
         n_pages = -(-n_pages // shards) * shards  # whole pages on every device
-        self.max_context = min(engine.cfg.max_position_embeddings, n_pages * page_size)
-        max_width = pow2_at_least(-(-self.max_context // page_size))
+        if n_pages * page_size <= reserve:
+            raise KtjaxError(f"a page pool of {n_pages} pages of {page_size} tokens leaves no room past the "
+                             f"{reserve} positions speculative decoding keeps for drafts")
+        self.max_context = min(engine.cfg.max_position_embeddings, n_pages * page_size - reserve)
+        max_width = pow2_at_least(-(-(self.max_context + reserve) // page_size))
         self.pool = self._new_pool(n_pages)
         self.allocator = PageAllocator(n_pages, page_size, order=self._spread_order(n_pages, shards))
-        self.programs = Programs(engine, self.pool, max_batch, max_width)
+        self._page_next: dict[int, tuple[int, int]] = {}  # speculative: page -> (its prefix id, the token after it)
+        self.programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens)
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -147,6 +173,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._counts = dict(prefill_tokens_total=0, decode_tokens_total=0, steps_total=0)
+        if self.draft_tokens:
+            self._counts.update(speculative_drafted_total=0, speculative_accepted_total=0,
+                                speculative_verify_passes_total=0)
 
     def _new_pool(self, n_pages: int) -> PagedLatentCache:
         """The page pool: on a mesh, its pages split over the cache's sequence axis (N devices, N times the
@@ -157,7 +186,7 @@ class Scheduler:
             layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
         kernel = eng.backend.attention_kernel(layout=layout, page_size=self.page_size)
         pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
-                                       attention=kernel, layout=layout)
+                                       attention=kernel, layout=layout, extra_layers=1 if self.draft_tokens else 0)
         if eng.mesh is not None:
             rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
             pool = pool.with_table(jax.device_put(pool.page_table, rep))
@@ -254,9 +283,12 @@ class Scheduler:
         needed = len(prompt) + call.max_new_tokens
         if needed > self.max_context:
             window = eng.cfg.max_position_embeddings
-            limit = (f"the model's window of {window} positions" if window <= self.allocator.n_pages *
-                     self.page_size else f"the page pool's {self.allocator.n_pages} pages of {self.page_size} "
-                     f"tokens ({self.allocator.n_pages * self.page_size} tokens)")
+            pool = self.allocator.n_pages * self.page_size
+            kept = (f", less the {self.draft_tokens} positions speculative decoding keeps for drafts"
+                    if self.draft_tokens else "")
+            limit = (f"the model's window of {window} positions" if window <= pool - self.draft_tokens
+                     else f"the page pool's {self.allocator.n_pages} pages of {self.page_size} tokens ({pool} "
+                     f"tokens{kept})")
             raise PromptTooLong(f"prompt of {len(prompt)} tokens + max_tokens {call.max_new_tokens} = {needed} "
                                 f"tokens exceeds {limit}; shorten the prompt or lower max_tokens")
         sampling, stops = eng.sampling_and_stops(call)
@@ -294,19 +326,32 @@ class Scheduler:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
             alloc = self.allocator
-            total = alloc.pages_for(len(req.prompt) + req.max_tokens)
+            total = alloc.pages_for(len(req.prompt) + req.max_tokens + self.draft_tokens)
             # Leave at least the last prompt token to prefill: its logits give the first token.
             hits, keys = alloc.lookup(req.prompt, max_pages=(len(req.prompt) - 1) // self.page_size, count=False)
+            hits, keys = self._usable_hits(req.prompt, hits, keys)
             if total - len(hits) > alloc.available:
                 alloc.release(hits)
                 return
             alloc.count_lookup(len(hits) * self.page_size, len(req.prompt))
             req.pages = hits + alloc.allocate(total - len(hits))
             req.keys = keys
-            req.cached_tokens = req.length = len(hits) * self.page_size
+            req.cached_tokens = req.length = req.mtp_length = len(hits) * self.page_size
             self._waiting.popleft()
             req.admitted = time.perf_counter()
             self._running.append(req)
+
+    def _usable_hits(self, prompt: list[int], hits: list[int], keys: list[int]) -> tuple[list[int], list[int]]:
+        """speculative: a cached page's last MTP entry was computed with the token after the page in its
+        publisher's sequence; the hits end before the first page whose publisher had another token there (those
+        pages are released, and the prompt prefills them itself)."""
+        if not self.draft_tokens:
+            return hits, keys
+        ps, n = self.page_size, 0
+        while n < len(hits) and self._page_next.get(hits[n]) == (keys[n], prompt[(n + 1) * ps]):
+            n += 1
+        self.allocator.release(hits[n:])
+        return hits[:n], keys[:n]
 
     def _reap_cancelled(self) -> None:
         with self._lock:
@@ -332,7 +377,9 @@ class Scheduler:
             else:
                 return
         queued = (req.admitted or time.perf_counter()) - req.submitted
-        event = Finished(reason, len(req.prompt), req.n_gen, req.cached_tokens, req.ttft, error, queued)
+        spec = (dict(drafted=req.passes * self.draft_tokens, accepted=req.accepted, verify_passes=req.passes)
+                if self.draft_tokens else None)
+        event = Finished(reason, len(req.prompt), req.n_gen, req.cached_tokens, req.ttft, error, queued, spec)
         self._call(req, event)
 
     def _call(self, req: _Request, event) -> bool:
@@ -361,6 +408,7 @@ class Scheduler:
             n = self.allocator.n_pages
             self.allocator = PageAllocator(n, self.page_size,
                                            order=self._spread_order(n, sharding.seq_shards(self.engine.mesh)))
+            self._page_next = {}
 
     def _step(self) -> None:
         with self._lock:
@@ -370,7 +418,7 @@ class Scheduler:
             self._prefill(prefilling)
         decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
         if decoding:
-            self._decode(decoding)
+            (self._speculate if self.draft_tokens else self._decode)(decoding)
         self._counts["steps_total"] += 1
 
     def _table(self, reqs: list[_Request], b: int, width: int) -> np.ndarray:
@@ -387,22 +435,25 @@ class Scheduler:
                            jnp.asarray(np.array([r.sampling[2] for r in reqs] + [1.0] * pad, np.float32)),
                            col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32))
 
-    def _run(self, reqs, tokens, positions, lengths, logits_index, chunk: int, needed_pages: int):
+    def _run(self, reqs, chunk: int, needed_pages: int, args: list, positions: tuple[int, ...] = ()) -> tuple:
+        """The step program of this batch's buckets on args (one row per request; padded here to the batch
+        bucket; the args at `positions` are cache positions, whose -1s and padding go past the table, where writes
+        are dropped) -> its outputs after the cache, on the host."""
         b = bucket_of(len(reqs), self.programs.batches)
         width = bucket_of(needed_pages, self.programs.widths)
         program = self.programs.get(b, chunk, width)
         pad_pos = width * self.page_size  # past the table: the write is dropped
-        tok = np.zeros((b, chunk), np.int32)
-        pos = np.full((b, chunk), pad_pos, np.int32)
-        lens = np.zeros((b,), np.int32)
-        idx = np.zeros((b,), np.int32)
-        tok[:len(reqs)], lens[:len(reqs)], idx[:len(reqs)] = tokens, lengths, logits_index
-        pos[:len(reqs)] = np.where(positions < 0, pad_pos, positions)
+        padded = []
+        for i, x in enumerate(args):
+            x = np.asarray(x)
+            dtype = np.int32 if x.dtype.kind in "iu" else x.dtype  # the programs' integers are int32
+            full = np.full((b,) + x.shape[1:], pad_pos if i in positions else 0, dtype)
+            full[:len(reqs)] = np.where(x < 0, pad_pos, x) if i in positions else x
+            padded.append(jnp.asarray(full))
         cache = self.pool.with_table(jnp.asarray(self._table(reqs, b, width)))
-        cache, out = program(self.engine.state, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(lens),
-                             jnp.asarray(idx), self._rows(reqs, b))
+        cache, *out = program(self.engine.state, cache, *padded, self._rows(reqs, b))
         self.pool = cache
-        return jax.device_get(out)
+        return jax.device_get(tuple(out))
 
     def _prefill(self, reqs: list[_Request]) -> None:
         """One prefill chunk of the oldest prefilling request, sized to what it has left (a bucket), plus chunks
@@ -418,40 +469,97 @@ class Scheduler:
             tok[i, :n] = r.prompt[start:start + n]
             pos[i, :n] = start + np.arange(n)
         ends = np.add(starts, counts)
-        out = self._run(rows, tok, pos, ends, np.subtract(counts, 1), chunk, -(-int(ends.max()) // self.page_size))
+        args = [tok, pos, ends, np.subtract(counts, 1)]
+        if self.draft_tokens:  # the MTP module over the chunk: position p with the prompt's token p + 1
+            follow = np.zeros((len(rows), chunk), np.int32)
+            mtp_pos = np.full((len(rows), chunk), -1, np.int32)
+            for i, (r, start, n) in enumerate(zip(rows, starts, counts)):
+                nxt = r.prompt[start + 1:start + n + 1]  # the prompt's last position waits for its next token
+                follow[i, :len(nxt)] = nxt
+                mtp_pos[i, :len(nxt)] = start + np.arange(len(nxt))
+            mtp_ends = np.array([min(end, len(r.prompt) - 1) for r, end in zip(rows, ends)], np.int32)
+            args += [follow, mtp_pos, mtp_ends]
+        out, *last = self._run(rows, chunk, -(-int(ends.max()) // self.page_size), args,
+                               positions=(1, 5) if self.draft_tokens else (1,))
         for i, (r, end) in enumerate(zip(rows, ends)):
             r.length = int(end)
+            if self.draft_tokens:
+                r.mtp_length = int(mtp_ends[i])
             self._publish_full_pages(r)
-            if not r.prefilling:
-                self._emit(r, out, i)
+            if not r.prefilling and self._emit(r, out, i) and self.draft_tokens:
+                self._start_speculating(r, last[0][i])
         self._counts["prefill_tokens_total"] += sum(counts)
+
+    def _start_speculating(self, req: _Request, last_hidden) -> None:
+        """After the prompt: the MTP slice waits for the prompt's last position, from its hidden state and the
+        first token (speculative.start's state)."""
+        k = self.draft_tokens
+        req.hidden = np.zeros((k + 1,) + last_hidden.shape, last_hidden.dtype)
+        req.hidden[0] = last_hidden
+        req.after = np.zeros((k + 1,), np.int32)
+        req.after[0] = req.pending
 
     def _publish_full_pages(self, req: _Request) -> None:
         """Offer the request's pages that the cache now holds in full to the prefix cache."""
         ps = self.page_size
+        # speculative: only pages whose MTP entries are written too (the MTP slice lags the model's)
+        written = req.mtp_length if self.draft_tokens else req.length
+        seq = req.prompt + req.generated
         with self._lock:
-            while len(req.keys) < req.length // ps:
+            while len(req.keys) < written // ps:
                 i = len(req.keys)
-                tokens = (req.prompt + req.generated)[i * ps:(i + 1) * ps]
                 parent = req.keys[-1] if req.keys else ROOT
-                req.keys.append(self.allocator.publish(req.pages[i], parent, tokens))
+                req.keys.append(self.allocator.publish(req.pages[i], parent, seq[i * ps:(i + 1) * ps]))
+                if self.draft_tokens:  # its last MTP entry was computed with this token after it
+                    self._page_next[req.pages[i]] = (req.keys[-1], seq[(i + 1) * ps])
 
     def _decode(self, reqs: list[_Request]) -> None:
         lengths = np.array([r.length for r in reqs], np.int32)
-        out = self._run(reqs, np.array([[r.pending] for r in reqs], np.int32), lengths[:, None], lengths + 1,
-                        np.zeros(len(reqs), np.int32), 1, -(-int(lengths.max() + 1) // self.page_size))
+        args = [np.array([[r.pending] for r in reqs], np.int32), lengths[:, None], lengths + 1,
+                np.zeros(len(reqs), np.int32)]
+        out, = self._run(reqs, 1, -(-int(lengths.max() + 1) // self.page_size), args, positions=(1,))
         self._counts["decode_tokens_total"] += len(reqs)
         for i, req in enumerate(reqs):
             req.length += 1
             req.pending = None
             self._emit(req, out, i)
 
-    def _emit(self, req: _Request, out, i: int) -> None:
-        """Deliver row i's sampled token, then finish the request or leave the token to feed next step."""
+    def _speculate(self, reqs: list[_Request]) -> None:
+        """One verifying step (speculative mtp): each request's pending token and k drafts through the model;
+        its accepted drafts and the token after them emitted one by one, until one ends the request."""
+        k = self.draft_tokens
+        lengths = np.array([r.length for r in reqs], np.int32)
+        bases = np.array([r.mtp_length for r in reqs], np.int32)
+        args = [np.array([r.pending for r in reqs], np.int32), lengths, bases, np.stack([r.hidden for r in reqs]),
+                np.stack([r.after for r in reqs]), np.ones(len(reqs), bool)]
+        out, accepted, hidden = self._run(reqs, 1, -(-int(lengths.max() + k + 1) // self.page_size), args)
+        at = [jax.tree.map(lambda x, j=j: x[:, j], out) for j in range(k + 1)]  # the pass's j-th token per row
+        counts = self._counts
+        for i, req in enumerate(reqs):
+            n, start, before = int(accepted[i]), req.length, req.n_gen
+            req.mtp_length = start  # the draft extended the MTP slice over the positions accepted before
+            req.pending = None
+            req.passes += 1  # counted before the tokens: the last one may finish the request
+            for j in range(n + 1):
+                req.length = start + j + 1  # the pending token and d_1..d_j are in the cache
+                req.accepted += j < n and bool(at[j].finite[i])  # an accepted draft, emitted below
+                if not self._emit(req, at[j], i):
+                    break
+            else:  # runs on: the next step's MTP extends its slice over start .. start + n
+                req.hidden, req.after = hidden[i], np.maximum(out.token[i], 0)
+            emitted = req.n_gen - before
+            counts["decode_tokens_total"] += emitted
+            counts["speculative_drafted_total"] += k
+            counts["speculative_accepted_total"] += min(n, emitted)
+            counts["speculative_verify_passes_total"] += 1
+
+    def _emit(self, req: _Request, out, i: int) -> bool:
+        """Deliver row i's sampled token, then finish the request or leave the token to feed next step.
+        -> whether the request runs on."""
         if not out.finite[i]:
             self._finish(req, "error", f"the model produced non-finite logits (NaN or Inf) at generation step "
                                        f"{req.n_gen}; check the checkpoint or try --dtype float32")
-            return
+            return False
         token = int(out.token[i])
         if req.n_gen == 0:
             req.ttft = time.perf_counter() - req.submitted
@@ -469,3 +577,5 @@ class Scheduler:
             self._finish(req, "length")
         else:
             req.pending = token
+            return True
+        return False

@@ -2,7 +2,7 @@
 a stdout that is closed, full or a broken pipe. Imports nothing heavy: the entry points (ktjax/generate.py,
 ktjax/convert.py, ktjax/serve/__main__.py) install the handlers before they import JAX.
 
-Exit codes (README, "Errors and guarantees"): 1 an I/O failure (stdout full or closed; quietly on a broken pipe,
+Exit codes (docs/guarantees.md): 1 an I/O failure (stdout full or closed; quietly on a broken pipe,
 as `| head` makes), 2 bad input, 130 interrupted by Ctrl-C (SIGINT) or SIGTERM, with one line `interrupted...`.
 """
 from __future__ import annotations
@@ -134,10 +134,14 @@ def run_main(module: str) -> int:
     return code
 
 
-def run_command(module: str):
+def run_command(module: str, huge_pages: bool = False):
     """The entry points' last line: run_main, then exit with its code. An interrupted command exits at once
     (its clean-up is done and its line printed): Python's own shutdown, with JAX stopped inside a compilation,
-    can crash (SIGSEGV) after the message."""
+    can crash (SIGSEGV) after the message. huge_pages (the commands that run a model): first restart with the
+    C heap on transparent huge pages where that can be done (util/heap.py; KTJAX_HUGE_PAGES=0: not)."""
+    if huge_pages:
+        from ktjax.util.heap import restart_on_huge_pages
+        restart_on_huge_pages()
     code = run_main(module)
     if code == EXIT_INTERRUPTED:
         for stream in (sys.stdout, sys.stderr):
