@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from ktjax.util.heap import HUGE_PAGES_ENV, _glibc_version, _thp_mode, huge_pages_env
+from ktjax.util.heap import HUGE_PAGES_ENV, _glibc_version, _thp_mode, huge_pages_active, huge_pages_env
 
 ON = "glibc.malloc.hugetlb=1"
 
@@ -62,3 +62,26 @@ def test_the_restarted_command_is_the_same_command(tmp_path):
     assert rc == 3 and out == f"{ON} ['a b', '--x'] the prompt {pid}"  # same pid: exec, not a child
     rc, out, pid = _run(tmp_path, **{HUGE_PAGES_ENV: "0"})
     assert rc == 3 and out == f"None ['a b', '--x'] the prompt {pid}"
+
+
+ACTIVE = {  # GLIBC_TUNABLES, THP mode -> whether the heap is on huge pages
+    ("glibc.malloc.hugetlb=1", "madvise"): True,
+    ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2", "always"): True,
+    ("glibc.malloc.hugetlb=0", "madvise"): False,
+    ("glibc.malloc.hugetlb=1", "never"): False,
+    ("", "madvise"): False,
+    ("glibc.malloc.arena_max=2", "always"): False,
+}
+
+
+@pytest.mark.parametrize("tunables,thp", list(ACTIVE))
+def test_the_statistics_say_whether_the_heap_is_on_huge_pages(tunables, thp):
+    assert huge_pages_active({"GLIBC_TUNABLES": tunables}, thp) is ACTIVE[(tunables, thp)]
+
+
+def test_a_generation_reports_it():
+    import ktjax
+    from ktjax.demo import DEMO_MODEL_DIR
+
+    stats = ktjax.load(DEMO_MODEL_DIR).generate([[1, 2, 3]], max_new_tokens=2).stats
+    assert stats["huge_pages"] is huge_pages_active()

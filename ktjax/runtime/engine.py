@@ -28,7 +28,7 @@ from ktjax.runtime.progress import NO_PROGRESS, LiveStatus, Progress
 from ktjax.runtime import chunks, speculative
 from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
 from ktjax.runtime.sampling import Sampling, sample
-from ktjax.util.heap import release_freed_memory
+from ktjax.util.heap import huge_pages_active, release_freed_memory
 from ktjax.util.units import format_bytes
 
 STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
@@ -448,7 +448,6 @@ class Engine:
         return Sampling.make(float(temperature), int(top_k or 0), float(top_p or 1.0)), stops
 
     def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
-        rt, cfg = self.runtime, self.cfg
         b = len(prompts)
         spec = self._speculation
         reserve = 0 if spec is None else spec.reserve  # positions for drafts that may be rejected
@@ -460,43 +459,55 @@ class Engine:
         sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
         notes = list(self.notes) + ([plan.note] if plan.note else [])
-        fmt = rt.cache_dtype
+        run = self._run_plain if spec is None else spec.run  # the same phases, the same results
         try:
             cache = self.new_cache(b, plan, notes, extra_layers=0 if spec is None else 1)
-            cache_bytes_per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
-            spec_stats = {"speculative": "off"}
-            if spec is not None:
-                tokens, (compile_s, prefill_s, ttft, decode_s), spec_stats = spec.run(
-                    cache, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start, progress)
-            else:
-                t0 = time.perf_counter()
-                progress.phase("compile", 2, "programs")
-                prefill = self._prefill_program(cache, b, chunk, all_logits=False)
-                progress.update(1)
-                decode = self._decode_program(cache, b, stop_ids.shape)
-                progress.update(2)
-                compile_s = time.perf_counter() - t0
-                if on_start is not None:
-                    on_start()
-                t0 = time.perf_counter()
-                progress.phase("prefill", sum(map(len, prompts)))
-                progress.cache(0, b * plan.cache_lens)
-                logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
-                prefill_s = time.perf_counter() - t0
-                progress.phase("decode", b * call.max_new_tokens)
-                ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
-                                 jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
-                tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling,
-                                                             on_tokens, progress=progress)
-                progress.end()
+            per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
+            tokens, times, run_stats = run(cache, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start,
+                                           progress)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                fmt = self.runtime.cache_dtype
                 raise KtjaxError(f"out of memory with a {fmt.name} cache of {plan.cache_lens} tokens x {b} sequences "
-                                 f"({format_bytes(cache_bytes(cfg, fmt, b, plan.cache_lens))}); use a smaller "
+                                 f"({format_bytes(cache_bytes(self.cfg, fmt, b, plan.cache_lens))}); use a smaller "
                                  "--cache-lens or a narrower --cache-dtype (int8, int4)") from None
             raise
+        stats = self._stats(prompts, tokens, times, plan, chunk, notes, cache.attention, per_device)
+        return Generation(tokens, {**stats, **run_stats})
+
+    def _run_plain(self, cache, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
+                   progress):
+        """Engine.generate's work without speculation (Speculation.run with it): compile, prefill, decode ->
+        (tokens per sequence, (compile_s, prefill_s, time to first token after the prefill, decode_s), stats)."""
+        b = len(prompts)
+        t0 = time.perf_counter()
+        progress.phase("compile", 2, "programs")
+        prefill = self._prefill_program(cache, b, chunk, all_logits=False)
+        progress.update(1)
+        decode = self._decode_program(cache, b, stop_ids.shape)
+        progress.update(2)
+        compile_s = time.perf_counter() - t0
+        if on_start is not None:
+            on_start()
+        t0 = time.perf_counter()
+        progress.phase("prefill", sum(map(len, prompts)))
+        progress.cache(0, b * cache.cache_lens)
+        logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
+        prefill_s = time.perf_counter() - t0
+        progress.phase("decode", b * call.max_new_tokens)
+        ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
+                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+        tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling, on_tokens,
+                                              progress=progress)
+        progress.end()
+        return tokens, (compile_s, prefill_s, ttft, decode_s), {"speculative": "off"}
+
+    def _stats(self, prompts, tokens, times, plan: CachePlan, chunk: int, notes, attention, cache_per_device) -> dict:
+        """A generation's statistics (README, "Generate"; docs/running.md)."""
+        rt, cfg, b, fmt = self.runtime, self.cfg, len(prompts), self.runtime.cache_dtype
+        compile_s, prefill_s, ttft, decode_s = times
         n_prompt, n_gen = sum(map(len, prompts)), sum(map(len, tokens))
-        stats = {
+        return {
             "prompt_tokens": n_prompt, "generated_tokens": n_gen,
             "prefill_tokens_per_s": n_prompt / prefill_s if prefill_s > 0 else 0.0,
             # Tokens per decode pass: a sequence's first token comes from the prefill's logits, each later one
@@ -504,18 +515,18 @@ class Engine:
             "decode_tokens_per_s": sum(max(len(t) - 1, 0) for t in tokens) / decode_s if decode_s > 0 else 0.0,
             "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
             "cache_dtype": fmt.name, "cache_lens": plan.cache_lens,
-            "cache_bytes": cache_bytes(cfg, fmt, b, plan.cache_lens, extra_layers=0 if spec is None else 1),
-            "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_bytes_per_device,
+            "cache_bytes": cache_bytes(cfg, fmt, b, plan.cache_lens, extra_layers=int(self._speculation is not None)),
+            "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_per_device,
             "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
             "peak_memory_bytes": memory.peak_memory_bytes(), **plan.memory.stats(), "devices": self.n_devices,
             "mesh": "1" if self.mesh is None else describe(tuple(self.mesh.devices.shape)),
             "sharding_notes": notes, "backend": jax.default_backend(),
             "absorb_for_prefill": rt.absorb(cfg, chunk), "chunk_size": rt.chunk_size, "prefill_chunk": chunk,
-            **self.backend.stats(cache.attention), "index_topk": self.index_topk,
+            **self.backend.stats(attention), "index_topk": self.index_topk,
             "activation_quant": rt.activation_quant,
-            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens), **spec_stats,
+            "sparse_selected_fraction": self._selected_fraction(prompts, tokens, plan.cache_lens),
+            "huge_pages": huge_pages_active(),
         }
-        return Generation(tokens, stats)
 
     def _selected_fraction(self, prompts, tokens, cache_lens: int) -> float:
         """Of the (query, visible key) pairs of this generation, the fraction sparse attention attended to

@@ -71,6 +71,15 @@ def huge_pages_env(environ, glibc: tuple[int, int] | None, thp_mode: str | None)
     return dict(environ, GLIBC_TUNABLES=f"{tunables}:{HUGETLB_TUNABLE}=1" if tunables else f"{HUGETLB_TUNABLE}=1")
 
 
+def huge_pages_active(environ=None, thp_mode: str | None = None) -> bool:
+    """Whether this process's heap was asked onto huge pages (GLIBC_TUNABLES at its start) where the kernel gives
+    them: the `huge_pages` of a generation's statistics."""
+    environ = os.environ if environ is None else environ
+    tunables = dict(t.partition("=")[::2] for t in environ.get("GLIBC_TUNABLES", "").split(":") if t)
+    mode = _thp_mode() if thp_mode is None else thp_mode
+    return tunables.get(HUGETLB_TUNABLE, "0") not in ("", "0") and mode in ("always", "madvise")
+
+
 def _glibc_version() -> tuple[int, int] | None:
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
