@@ -198,12 +198,12 @@ def test_cache_after_rejections_is_the_accepted_tokens_cache(model, fmt):
 
     def prefilled(seqs):
         cache = spec.new_cache(b, plan, extra_layers=1)
-        return sp.prefill(sp.prefill_program(cache, b, chunk), cache, seqs, chunk, NO_PROGRESS)
+        return sp.prefill_chunks(sp.prefill_program(cache, b, chunk), cache, seqs, chunk, NO_PROGRESS)
 
     logits, hidden, cache = prefilled(prompts)
-    tokens, _, _, st, cache = sp.decode(sp.start_program(b, stop_ids.shape), sp.decode_program(cache, b, (1,)),
-                                        cache, logits, hidden, jnp.asarray([len(p) for p in prompts]),
-                                        jax.random.key(0), 20, stop_ids, sampling)
+    tokens, _, _, st, cache = sp.decode_loop(sp.start_program(b, stop_ids.shape), sp.decode_program(cache, b, (1,)),
+                                             cache, logits, hidden, jnp.asarray([len(p) for p in prompts]),
+                                             jax.random.key(0), 20, stop_ids, sampling)
     assert 0 < np.sum(st.accepted) < 3 * np.sum(st.passes)  # some drafts rejected, some accepted
     lengths, mtp_valid = np.asarray(st.lengths), np.asarray(st.base)
     seqs = [p + t[:-1] for p, t in zip(prompts, tokens)]  # the last token is pending: not in the cache

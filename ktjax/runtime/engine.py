@@ -459,12 +459,12 @@ class Engine:
         sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
         notes = list(self.notes) + ([plan.note] if plan.note else [])
-        run = self._run_plain if spec is None else spec.run  # the same phases, the same results
+        way = PlainDecoding(self) if spec is None else spec
         try:
             cache = self.new_cache(b, plan, notes, extra_layers=0 if spec is None else 1)
             per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
-            tokens, times, run_stats = run(cache, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start,
-                                           progress)
+            tokens, times, run_stats = self._run(way, cache, prompts, chunk, call, stop_ids, sampling, on_tokens,
+                                                 on_start, progress)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 fmt = self.runtime.cache_dtype
@@ -475,32 +475,32 @@ class Engine:
         stats = self._stats(prompts, tokens, times, plan, chunk, notes, cache.attention, per_device)
         return Generation(tokens, {**stats, **run_stats})
 
-    def _run_plain(self, cache, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
-                   progress):
-        """Engine.generate's work without speculation (Speculation.run with it): compile, prefill, decode ->
-        (tokens per sequence, (compile_s, prefill_s, time to first token after the prefill, decode_s), stats)."""
+    def _run(self, way, cache, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
+             progress):
+        """Engine.generate's phases, timed and reported once whichever `way` decodes (PlainDecoding, or
+        speculative.Speculation): compile its programs, prefill, decode -> (tokens per sequence, (compile_s,
+        prefill_s, time to first token after the prefill, decode_s), the way's own stats)."""
         b = len(prompts)
         t0 = time.perf_counter()
-        progress.phase("compile", 2, "programs")
-        prefill = self._prefill_program(cache, b, chunk, all_logits=False)
-        progress.update(1)
-        decode = self._decode_program(cache, b, stop_ids.shape)
-        progress.update(2)
+        builds = way.programs(cache, b, chunk, stop_ids.shape)
+        progress.phase("compile", len(builds), "programs")
+        programs = []
+        for build in builds:
+            programs.append(build())
+            progress.update(len(programs))
         compile_s = time.perf_counter() - t0
         if on_start is not None:
             on_start()
         t0 = time.perf_counter()
         progress.phase("prefill", sum(map(len, prompts)))
         progress.cache(0, b * cache.cache_lens)
-        logits, cache = self._prefill(prefill, cache, prompts, chunk, all_logits=False, progress=progress)
+        prefilled, cache = way.prefill(programs, cache, prompts, chunk, progress)
         prefill_s = time.perf_counter() - t0
         progress.phase("decode", b * call.max_new_tokens)
-        ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
-                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
-        tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling, on_tokens,
-                                              progress=progress)
+        tokens, ttft, decode_s, stats = way.decode(programs, cache, prefilled, prompts, call, stop_ids, sampling,
+                                                   on_tokens, progress)
         progress.end()
-        return tokens, (compile_s, prefill_s, ttft, decode_s), {"speculative": "off"}
+        return tokens, (compile_s, prefill_s, ttft, decode_s), stats
 
     def _stats(self, prompts, tokens, times, plan: CachePlan, chunk: int, notes, attention, cache_per_device) -> dict:
         """A generation's statistics (README, "Generate"; docs/running.md)."""
@@ -619,6 +619,32 @@ class Engine:
         if final is not None:
             final.update(cache=cache, state=ds)
         return tokens, ttft, time.perf_counter() - t0
+
+
+class PlainDecoding:
+    """Engine.generate without speculation, as the phases Engine._run times (speculative.Speculation is the
+    other way): the prefill and decode programs, the prompts chunk by chunk, the compiled decode loop."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def programs(self, cache, b: int, chunk: int, stops_shape) -> list[Callable]:
+        e = self.engine
+        return [lambda: e._prefill_program(cache, b, chunk, all_logits=False),
+                lambda: e._decode_program(cache, b, stops_shape)]
+
+    def prefill(self, programs, cache, prompts, chunk: int, progress):
+        """-> (the logits at each prompt's last token, cache)."""
+        return self.engine._prefill(programs[0], cache, prompts, chunk, all_logits=False, progress=progress)
+
+    def decode(self, programs, cache, logits, prompts, call: CallSettings, stop_ids, sampling, on_tokens, progress):
+        """-> (tokens per sequence, time to first token, decode seconds, stats)."""
+        b = len(prompts)
+        ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
+                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
+        tokens, ttft, decode_s = self.engine._decode(programs[1], cache, ds, call.max_new_tokens, stop_ids, sampling,
+                                                     on_tokens, progress=progress)
+        return tokens, ttft, decode_s, {"speculative": "off"}
 
 
 def _raise_if_broken(bad_step: np.ndarray):

@@ -315,37 +315,29 @@ class Speculation:
 
         return e.compiled_program(("mtp-decode", opts, e._cache_key(cache), b, stops_shape, k), build)
 
-    def run(self, cache, prompts, chunk: int, call, stop_ids, sampling, on_tokens, on_start, progress):
-        """Engine.generate's work with speculation: compile, prefill, decode -> (tokens per sequence, (compile_s,
-        prefill_s, time to first token after the prefill, decode_s), the acceptance stats)."""
-        b, max_new = len(prompts), call.max_new_tokens
-        t0 = time.perf_counter()
-        progress.phase("compile", 3, "programs")
-        prefill = self.prefill_program(cache, b, chunk)
-        progress.update(1)
-        begin = self.start_program(b, stop_ids.shape)
-        progress.update(2)
-        decode = self.decode_program(cache, b, stop_ids.shape)
-        progress.update(3)
-        compile_s = time.perf_counter() - t0
-        if on_start is not None:
-            on_start()
-        t0 = time.perf_counter()
-        progress.phase("prefill", sum(map(len, prompts)))
-        progress.cache(0, b * cache.cache_lens)
-        logits, hidden, cache = self.prefill(prefill, cache, prompts, chunk, progress)
-        prefill_s = time.perf_counter() - t0
-        progress.phase("decode", b * max_new)
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        tokens, ttft, decode_s, st, _ = self.decode(begin, decode, cache, logits, hidden, lengths,
-                                                    jax.random.key(call.seed), max_new, stop_ids, sampling,
-                                                    on_tokens, progress)
-        progress.end()
-        return tokens, (compile_s, prefill_s, ttft, decode_s), self.stats(st, tokens)
+    # -- the way Engine._run takes: programs, prefill, decode ----------------------------------------------------
+    def programs(self, cache, b: int, chunk: int, stops_shape) -> list:
+        return [lambda: self.prefill_program(cache, b, chunk), lambda: self.start_program(b, stops_shape),
+                lambda: self.decode_program(cache, b, stops_shape)]
 
-    def prefill(self, prefill, cache, prompts, chunk: int, progress):
-        """Prompts chunk by chunk through the model and the MTP module -> (logits [b, vocab] and hidden [b, H] at
+    def prefill(self, programs, cache, prompts, chunk: int, progress):
+        """Prompts chunk by chunk through the model and the MTP module -> ((logits [b, vocab], hidden [b, H]) at
         each prompt's last token, cache)."""
+        logits, hidden, cache = self.prefill_chunks(programs[0], cache, prompts, chunk, progress)
+        return (logits, hidden), cache
+
+    def decode(self, programs, cache, prefilled, prompts, call, stop_ids, sampling, on_tokens, progress):
+        """-> (tokens per sequence, time to first token, decode seconds, the acceptance stats)."""
+        logits, hidden = prefilled
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        tokens, ttft, decode_s, st, _ = self.decode_loop(programs[1], programs[2], cache, logits, hidden, lengths,
+                                                         jax.random.key(call.seed), call.max_new_tokens, stop_ids,
+                                                         sampling, on_tokens, progress)
+        return tokens, ttft, decode_s, self.stats(st, tokens)
+
+    def prefill_chunks(self, prefill, cache, prompts, chunk: int, progress):
+        """The prefill program over the prompts' chunks -> (logits [b, vocab] and hidden [b, H] at each prompt's
+        last token, cache)."""
         capacity = len(prompts) * cache.cache_lens
         logits = hidden = None
         for c in chunks.chunks(prompts, chunk, cache.cache_lens):
@@ -357,8 +349,8 @@ class Speculation:
             chunks.report(progress, c, chunk_logits, 0, capacity)
         return jax.block_until_ready(logits), hidden, cache
 
-    def decode(self, begin, decode, cache, logits, hidden, lengths, key, max_new: int, stop_ids, sampling,
-               on_tokens=None, progress=None):
+    def decode_loop(self, begin, decode, cache, logits, hidden, lengths, key, max_new: int, stop_ids, sampling,
+                    on_tokens=None, progress=None):
         """The first token (from the prefill's logits), then dispatches of the loop until every sequence is done
         -> (tokens per sequence, time to first token after the prefill, decode seconds, the final SpecState, the
         cache)."""

@@ -135,7 +135,8 @@ def device_memory() -> tuple[int, int]:
     return memory_now()
 
 
-SPECULATION = ("speculative_drafted_total", "speculative_accepted_total", "speculative_verify_passes_total")
+# the counters speculative mtp adds (SchedulerCollector.COUNTERS names them)
+SPECULATION = tuple(key for key in SchedulerCollector.COUNTERS if key.startswith("speculative_"))
 
 
 class DashboardHistory:

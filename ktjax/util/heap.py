@@ -64,7 +64,7 @@ def huge_pages_env(environ, glibc: tuple[int, int] | None, thp_mode: str | None)
     wanted (KTJAX_HUGE_PAGES=0), already asked for (by us, or by the user's own GLIBC_TUNABLES entry), not
     possible (not glibc, older than 2.35) or of no use (transparent huge pages off)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if environ.get(HUGE_PAGES_ENV, "1") == "0" or HUGETLB_TUNABLE in tunables:
+    if environ.get(HUGE_PAGES_ENV, "1") == "0" or HUGETLB_TUNABLE in _tunables(environ):
         return None
     if glibc is None or glibc < (2, 35) or thp_mode not in ("always", "madvise"):
         return None
@@ -74,10 +74,14 @@ def huge_pages_env(environ, glibc: tuple[int, int] | None, thp_mode: str | None)
 def huge_pages_active(environ=None, thp_mode: str | None = None) -> bool:
     """Whether this process's heap was asked onto huge pages (GLIBC_TUNABLES at its start) where the kernel gives
     them: the `huge_pages` of a generation's statistics."""
-    environ = os.environ if environ is None else environ
-    tunables = dict(t.partition("=")[::2] for t in environ.get("GLIBC_TUNABLES", "").split(":") if t)
     mode = _thp_mode() if thp_mode is None else thp_mode
-    return tunables.get(HUGETLB_TUNABLE, "0") not in ("", "0") and mode in ("always", "madvise")
+    return _tunables(environ).get(HUGETLB_TUNABLE, "0") not in ("", "0") and mode in ("always", "madvise")
+
+
+def _tunables(environ=None) -> dict:
+    """GLIBC_TUNABLES as {name: value} (its form: name=value:name=value)."""
+    environ = os.environ if environ is None else environ
+    return dict(t.partition("=")[::2] for t in environ.get("GLIBC_TUNABLES", "").split(":") if t)
 
 
 def _glibc_version() -> tuple[int, int] | None:

@@ -79,9 +79,15 @@ void int8_block(const float* x, int64_t k_len, const int8_t* q, const float* sca
     }
 }
 
-// float32: y[t, o] = sum_k x[t, k] w[o, k], the same loop over stored float32 weights (no scale).
-template <int O, int R>
-void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, float* y, int64_t n) {
+// A float weight as stored: float32, or bfloat16 widened to float32 in registers (exact).
+inline f32v load_weights(const float* w) { return load_f32(w); }
+inline f32v load_weights(const uint16_t* w) { return widen_bf16(w); }
+inline float weight_value(float w) { return w; }
+inline float weight_value(uint16_t w) { return bf16_value(w); }
+
+// float32 / bf16: y[t, o] = sum_k x[t, k] w[o, k], the same loop over stored float weights (no scale).
+template <int O, int R, class W>
+void float_block(const float* x, int64_t x_row, int64_t k_len, const W* w, float* y, int64_t n) {
   f32v acc[O][R] = {};
   int64_t k = 0;
   for (; k + kLanes <= k_len; k += kLanes) {
@@ -90,7 +96,7 @@ void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, flo
       // the next block's rows (see kOut); for more rows of x the prefetches cost more than they bring here (32-row
       // products 1.2-1.5x faster without: benchmarks/log/2026.md, "Float32 weights in the CPU kernels")
       if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);
-      wv[o] = in_register(load_f32(w + o * k_len + k));
+      wv[o] = in_register(load_weights(w + o * k_len + k));
     }
     for (int r = 0; r < R; ++r) {
       xv[r] = in_register(load_f32(x + r * x_row + k));
@@ -100,32 +106,8 @@ void f32_block(const float* x, int64_t x_row, int64_t k_len, const float* w, flo
   for (int o = 0; o < O; ++o)
     for (int r = 0; r < R; ++r) {
       float sum = lane_sum(acc[o][r]);
-      for (int64_t kk = k; kk < k_len; ++kk) sum = __builtin_fmaf(x[r * x_row + kk], w[o * k_len + kk], sum);
-      y[r * n + o] = sum;
-    }
-}
-
-// bf16: the same loop over bfloat16 weights, each widened to float32 in registers (exact).
-template <int O, int R>
-void bf16_block(const float* x, int64_t k_len, const uint16_t* w, float* y, int64_t n) {
-  f32v acc[O][R] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= k_len; k += kLanes) {
-    f32v wv[O], xv[R];
-    for (int o = 0; o < O; ++o) {
-      if (O > 1 && R == 1) __builtin_prefetch(w + (o + kOut) * k_len + k);  // the next block's rows (see kOut)
-      wv[o] = in_register(widen_bf16(w + o * k_len + k));
-    }
-    for (int r = 0; r < R; ++r) {
-      xv[r] = in_register(load_f32(x + r * k_len + k));
-      for (int o = 0; o < O; ++o) acc[o][r] += wv[o] * xv[r];
-    }
-  }
-  for (int o = 0; o < O; ++o)
-    for (int r = 0; r < R; ++r) {
-      float sum = lane_sum(acc[o][r]);
       for (int64_t kk = k; kk < k_len; ++kk)
-        sum = __builtin_fmaf(x[r * k_len + kk], bf16_value(w[o * k_len + kk]), sum);
+        sum = __builtin_fmaf(x[r * x_row + kk], weight_value(w[o * k_len + kk]), sum);
       y[r * n + o] = sum;
     }
 }
@@ -222,7 +204,7 @@ struct F32Args {
 template <int O, int R>
 struct F32Block {
   static void run(const F32Args& a, int64_t t, int64_t o) {
-    f32_block<O, R>(a.x + t * a.x_row, a.x_row, a.k_len, a.w + o * a.k_len, a.y + t * a.y_row + o, a.y_row);
+    float_block<O, R>(a.x + t * a.x_row, a.x_row, a.k_len, a.w + o * a.k_len, a.y + t * a.y_row + o, a.y_row);
   }
 };
 
@@ -236,7 +218,7 @@ struct Bf16Args {
 template <int O, int R>
 struct Bf16Block {
   static void run(const Bf16Args& a, int64_t t, int64_t o) {
-    bf16_block<O, R>(a.x + t * a.k_len, a.k_len, a.w + o * a.k_len, a.y + t * a.n + o, a.n);
+    float_block<O, R>(a.x + t * a.k_len, a.k_len, a.k_len, a.w + o * a.k_len, a.y + t * a.n + o, a.n);
   }
 };
 
