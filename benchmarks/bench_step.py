@@ -65,15 +65,15 @@ def main(argv=None):
     pool = sched.pool
     for b in a.rows:
         width = max(sched.programs.widths[0], per_row)
-        program = sched.programs.get(b, 1, width)
+        program = sched.programs.get(b, 1, width, sched.programs.stops)
         table = (np.arange(b * width).reshape(b, width) % pool.n_pages).astype(np.int32)
         cache = pool.with_table(jnp.asarray(table))
-        tokens = jnp.asarray(np.random.default_rng(0).integers(2, min(a.vocab, 2048), (b, 1)), jnp.int32)
-        positions = jnp.full((b, 1), a.context, jnp.int32)
-        lengths = jnp.full((b,), a.context + 1, jnp.int32)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(2, min(a.vocab, 2048), (b,)), jnp.int32)
+        lengths = jnp.full((b,), a.context, jnp.int32)  # the step writes position `context`
         rows = RowSampling(jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b), jnp.zeros(b, jnp.uint32),
-                           jnp.zeros(b, jnp.int32))
-        args = (tokens, positions, lengths, jnp.zeros((b,), jnp.int32), rows)
+                           jnp.zeros(b, jnp.int32), jnp.ones(b, bool))  # with top-20 logprobs
+        stops = jnp.full((b, sched.programs.stops), -1, jnp.int32)  # one step, whatever it samples
+        args = (tokens, lengths, jnp.ones((b,), jnp.int32), stops, rows, jnp.int32(1))
         times = []
         for i in range(a.repeats + 1):
             t = time.perf_counter()

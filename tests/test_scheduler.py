@@ -238,3 +238,43 @@ def test_queue_full_and_shutdown(engine):
     s.shutdown(0)
     with pytest.raises(ShuttingDown):
         s.submit([1, 2], greedy(), Stream())
+
+
+def test_decode_bursts_emit_what_single_steps_emit(engine):
+    """Decode steps run several per dispatch when no request waits (programs.decode_steps): a batch of sampled,
+    greedy, stopping and length-limited requests, run once a step per dispatch and once MAX_DECODE_STEPS per
+    dispatch, emits the same tokens, log-probabilities and ends (each row's random stream counts on inside the
+    burst) in fewer dispatches, and caches the same pages."""
+    from ktjax.serve.programs import MAX_DECODE_STEPS
+
+    stop = reference(engine, [4, 4, 2])[2]
+    asks = [([7, 8, 9], RequestParams(max_tokens=MAX_NEW, temperature=1.3, top_k=20, seed=11, ignore_eos=True,
+                                      logprobs=3)),
+            ([4, 4, 2], greedy(stop_token_ids=(stop,))),
+            ([5] * 9, RequestParams(max_tokens=3, temperature=0.8, seed=5, ignore_eos=True)),
+            (list(range(1, 2 * PAGE + 2)), greedy())]
+    runs = []
+    for burst in (1, MAX_DECODE_STEPS):
+        s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
+        s._burst = lambda burst=burst: burst
+        run, dispatches = s._run, []
+        s._run = lambda reqs, chunk, *a, **k: (dispatches.append(chunk), run(reqs, chunk, *a, **k))[1]
+        streams = [Stream() for _ in asks]
+        for (prompt, params), st in zip(asks, streams):
+            s.submit(prompt, params, st)
+        s.start()  # all four wait: the first step admits and prefills them together
+        for st in streams:
+            st.wait()
+        s.shutdown(5)
+        runs.append((streams, dispatches.count(1), s.stats()))
+    (single, single_dispatches, single_stats), (burst, burst_dispatches, burst_stats) = runs
+    for a, b in zip(single, burst):
+        assert a.tokens == b.tokens and a.finished.reason == b.finished.reason
+        assert [(e.logprob, e.top_logprobs) for e in a.events] == [(e.logprob, e.top_logprobs) for e in b.events]
+    assert [st.finished.reason for st in burst] == ["length", "stop", "length", "length"]
+    assert burst[1].tokens[-1] == stop and burst[3].tokens == reference(engine, asks[3][0])
+    assert burst[0].events[0].top_logprobs and burst[2].events[0].top_logprobs is None
+    # a decode dispatch beside each prefill step, then one per step, or one burst for the rest
+    assert burst_dispatches < single_dispatches == single_stats["steps_total"]
+    for key in ("steps_total", "decode_tokens_total", "pages_cached", "prefix_hit_tokens"):
+        assert single_stats[key] == burst_stats[key], key

@@ -62,7 +62,7 @@ class SchedulerCollector:
     COUNTERS = {"prefill_tokens_total": ("prefill_tokens", "prompt tokens prefilled (prefix-cache hits excluded)"),
                 "decode_tokens_total": ("decode_tokens", "tokens decode steps generated (one per request per step; "
                                                          "with speculative mtp 1 to draft_tokens + 1)"),
-                "steps_total": ("steps", "scheduler steps"),
+                "steps_total": ("steps", "model steps (a burst of n decode steps in one dispatch counts n)"),
                 "prefix_hit_tokens": ("prefix_cache_hit_tokens", "prompt tokens found in the prefix cache"),
                 "prefix_lookup_tokens": ("prefix_cache_lookup_tokens", "prompt tokens looked up in the prefix cache"),
                 # speculative mtp only (absent otherwise)

@@ -2,7 +2,10 @@
 
 Each step runs at most one prefill chunk (of the oldest request still prefilling, with chunks of the next ones
 while the step's budget of chunk_size tokens lasts) and one decode step of every request that has a token to
-feed, so a long prompt delays the running streams by one chunk per step, never by its whole prefill. Admission reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
+feed, so a long prompt delays the running streams by one chunk per step, never by its whole prefill. When no
+request is prefilling or waiting, a step runs a burst of decode steps in one dispatch (programs.decode_steps, as
+many as fit in BURST_SECONDS), each request stopping on the device, its tokens then emitted in order. Admission
+reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
 full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as they are written, and a request
 whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
 so steady traffic compiles nothing after warmup().
@@ -39,10 +42,13 @@ from ktjax.kv.layout import CacheLayout
 from ktjax.kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
 from ktjax.runtime.settings import CallSettings
 from ktjax.serve.pages import ROOT, PageAllocator
-from ktjax.serve.programs import TOP_LOGPROBS, Programs, RowSampling, bucket_of, pow2_at_least
+from ktjax.serve.programs import (MAX_DECODE_STEPS, TOP_LOGPROBS, Programs, RowSampling, bucket_of,
+                                  pow2_at_least, stops_bucket)
 
 log = logging.getLogger(__name__)
 
+BURST_SECONDS = 0.05  # a burst of decode steps in one dispatch lasts about this long at most: what a request
+                     # arriving meanwhile waits before it is admitted, and how far a cancel lags
 DEFAULT_CONTEXT = 4096  # tokens per batch slot when cache_lens is unset (no prompt to size the pool from)
 
 
@@ -163,7 +169,10 @@ class Scheduler:
         self.pool = self._new_pool(n_pages)
         self.allocator = PageAllocator(n_pages, page_size, order=self._spread_order(n_pages, shards))
         self._page_next: dict[int, tuple[int, int]] = {}  # speculative: page -> (its prefix id, the token after it)
-        self.programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens)
+        default_stops = len(engine.sampling_and_stops(CallSettings.from_overrides(engine.defaults))[1])
+        self.programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens,
+                                 stops_bucket(default_stops))
+        self._step_s: float | None = None  # the last decode dispatch's seconds per step (sizes the next burst)
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -417,9 +426,22 @@ class Scheduler:
         if prefilling:
             self._prefill(prefilling)
         decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
-        if decoding:
-            (self._speculate if self.draft_tokens else self._decode)(decoding)
-        self._counts["steps_total"] += 1
+        steps = 1 if prefilling else 0
+        if decoding and self.draft_tokens:
+            self._speculate(decoding)
+            steps = 1
+        elif decoding:
+            steps = max(steps, self._decode(decoding, 1 if prefilling else self._burst()))
+        self._counts["steps_total"] += steps
+
+    def _burst(self) -> int:
+        """Decode steps for the next dispatch: one while a request waits to be admitted, else as many as fit in
+        BURST_SECONDS at the last dispatch's pace (Engine.generate's loop runs up to 32 per dispatch)."""
+        with self._lock:
+            waiting = bool(self._waiting)
+        if waiting or self._step_s is None:
+            return 1
+        return max(1, min(MAX_DECODE_STEPS, int(BURST_SECONDS / max(self._step_s, 1e-6))))
 
     def _table(self, reqs: list[_Request], b: int, width: int) -> np.ndarray:
         table = np.zeros((b, width), np.int32)
@@ -433,15 +455,18 @@ class Scheduler:
         col = lambda f, dtype: jnp.asarray(np.array([f(r) for r in reqs] + [0] * pad, dtype))  # noqa: E731
         return RowSampling(col(lambda r: r.sampling[0], np.float32), col(lambda r: r.sampling[1], np.int32),
                            jnp.asarray(np.array([r.sampling[2] for r in reqs] + [1.0] * pad, np.float32)),
-                           col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32))
+                           col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32),
+                           col(lambda r: r.params.logprobs > 0, np.bool_))
 
-    def _run(self, reqs, chunk: int, needed_pages: int, args: list, positions: tuple[int, ...] = ()) -> tuple:
+    def _run(self, reqs, chunk: int, needed_pages: int, args: list, positions: tuple[int, ...] = (),
+             stops: int | None = None, tail: tuple = ()) -> tuple:
         """The step program of this batch's buckets on args (one row per request; padded here to the batch
         bucket; the args at `positions` are cache positions, whose -1s and padding go past the table, where writes
-        are dropped) -> its outputs after the cache, on the host."""
+        are dropped; `stops`: a decode program's stop-id bucket, `tail`: its arguments after the rows) -> its
+        outputs after the cache, on the host."""
         b = bucket_of(len(reqs), self.programs.batches)
         width = bucket_of(needed_pages, self.programs.widths)
-        program = self.programs.get(b, chunk, width)
+        program = self.programs.get(b, chunk, width, *(() if stops is None else (stops,)))
         pad_pos = width * self.page_size  # past the table: the write is dropped
         padded = []
         for i, x in enumerate(args):
@@ -451,7 +476,7 @@ class Scheduler:
             full[:len(reqs)] = np.where(x < 0, pad_pos, x) if i in positions else x
             padded.append(jnp.asarray(full))
         cache = self.pool.with_table(jnp.asarray(self._table(reqs, b, width)))
-        cache, *out = program(self.engine.state, cache, *padded, self._rows(reqs, b))
+        cache, *out = program(self.engine.state, cache, *padded, self._rows(reqs, b), *tail)
         self.pool = cache
         return jax.device_get(tuple(out))
 
@@ -513,16 +538,31 @@ class Scheduler:
                 if self.draft_tokens:  # its last MTP entry was computed with this token after it
                     self._page_next[req.pages[i]] = (req.keys[-1], seq[(i + 1) * ps])
 
-    def _decode(self, reqs: list[_Request]) -> None:
+    def _decode(self, reqs: list[_Request], n_steps: int) -> int:
+        """Up to n_steps decode steps of every request in one dispatch (programs.decode_steps), each request's
+        tokens emitted in order until one ends it. -> the steps run."""
         lengths = np.array([r.length for r in reqs], np.int32)
-        args = [np.array([[r.pending] for r in reqs], np.int32), lengths[:, None], lengths + 1,
-                np.zeros(len(reqs), np.int32)]
-        out, = self._run(reqs, 1, -(-int(lengths.max() + 1) // self.page_size), args, positions=(1,))
-        self._counts["decode_tokens_total"] += len(reqs)
+        remaining = np.array([r.max_tokens - r.n_gen for r in reqs], np.int32)
+        width = stops_bucket(max(len(r.stops) for r in reqs))
+        stop_ids = np.full((len(reqs), width), -1, np.int32)
+        for i, r in enumerate(reqs):
+            stop_ids[i, :len(r.stops)] = sorted(r.stops)
+        args = [np.array([r.pending for r in reqs], np.int32), lengths, remaining, stop_ids]
+        last = int((lengths + np.minimum(remaining, n_steps)).max())  # the last position a burst writes
+        t0 = time.perf_counter()
+        out, = self._run(reqs, 1, -(-last // self.page_size), args, stops=width, tail=(jnp.int32(n_steps),))
+        ran = int((out.token >= 0).any(axis=1).sum())
+        self._step_s = (time.perf_counter() - t0) / max(ran, 1)
         for i, req in enumerate(reqs):
-            req.length += 1
-            req.pending = None
-            self._emit(req, out, i)
+            for j in range(ran):
+                if out.token[j, i] < 0:
+                    break
+                req.length += 1
+                req.pending = None
+                self._counts["decode_tokens_total"] += 1
+                if not self._emit(req, jax.tree.map(lambda x, j=j: x[j], out), i):
+                    break
+        return ran
 
     def _speculate(self, reqs: list[_Request]) -> None:
         """One verifying step (speculative mtp): each request's pending token and k drafts through the model;
