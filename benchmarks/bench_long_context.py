@@ -25,9 +25,8 @@ from flax import nnx
 
 import ktjax
 from ktjax.model.config import ModelConfig
-from ktjax.runtime.engine import DecodeState
+from ktjax.runtime import decode
 from ktjax.model.decoder import DeepseekModel
-from ktjax.runtime.sampling import Sampling
 
 CONFIG = dict(architectures=["DeepseekV32ForCausalLM"], vocab_size=8192, hidden_size=2048, intermediate_size=10944,
               num_hidden_layers=2, num_attention_heads=16, q_lora_rank=512, kv_lora_rank=512, qk_rope_head_dim=64,
@@ -72,15 +71,11 @@ def measure(engine, context: int, chunk: int, steps: int, decode_only: bool) -> 
 
 def decode_rate(engine, cache, logits, lengths, steps: int) -> float:
     """Greedy decode tokens/s over `steps` steps from a filled cache (second of two runs)."""
-    stops = jnp.asarray([-1], jnp.int32)
-    decode = engine._decode_program(cache, 1, stops.shape)
-    sampling = Sampling.make()
+    program = engine._decode_program(cache, 1, decode.MIN_STOPS)  # the loop generate runs (no public door)
     rates = []
     for _ in range(2):
-        ds = DecodeState(logits, lengths, jnp.zeros((1,), bool), jnp.zeros((1,), jnp.int32),
-                         jnp.full((1,), -1, jnp.int32), jax.random.key(0))
         t0 = time.perf_counter()
-        cache, ds, out = decode(engine.state, cache, ds, jnp.int32(steps), jnp.int32(steps + 1), stops, sampling)
+        cache, out = program(engine.state, cache, *decode.free_running(1, lengths), jnp.int32(steps))
         jax.block_until_ready(out)
         rates.append(steps / (time.perf_counter() - t0))
     return rates[-1]
@@ -92,7 +87,8 @@ def main(argv=None):
     p.add_argument("--formats", nargs="+", default=["bf16", "fp8"])
     p.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk appended at each context")
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    p.add_argument("--steps", type=int, default=16, choices=range(1, decode.MAX_STEPS + 1), metavar="1-32",
+                   help="decode steps timed (one dispatch)")
     p.add_argument("--quick", action="store_true", help="contexts 1k, 2k, 4k only")
     p.add_argument("--decode-only", action="store_true", help="skip the prefill chunk (dense prefill at 64k takes "
                                                               "minutes per chunk on a CPU)")

@@ -396,27 +396,23 @@ def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> d
     import jax
     import jax.numpy as jnp
 
-    from ktjax.runtime.engine import DecodeState
-    from ktjax.runtime.sampling import Sampling
+    from ktjax.runtime import decode
 
     steps = max(1, (mode.new_tokens - 1) // 2)
     start = case.context - (1 + DECODE_REPEATS) * steps - 1  # the warm dispatch and the timed ones fit
     plan = engine.plan_cache(batch, case.context)
     cache = engine.new_cache(batch, plan)
-    stops = jnp.asarray([-1], jnp.int32)
     t0 = time.perf_counter()
-    program = engine._decode_program(cache, batch, stops.shape)  # the program generate runs (no public door)
+    program = engine._decode_program(cache, batch, decode.MIN_STOPS)  # the loop generate runs (no public door)
     compile_s = time.perf_counter() - t0
-    ds = DecodeState(jnp.zeros((batch, engine.cfg.vocab_size), jnp.float32), jnp.full((batch,), start, jnp.int32),
-                     jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), jnp.full((batch,), -1, jnp.int32),
-                     jax.random.key(0))
     seconds = []
-    for _ in range(1 + DECODE_REPEATS):  # the first dispatch warms up
+    for i in range(1 + DECODE_REPEATS):  # the first dispatch warms up
+        inputs = decode.free_running(batch, [start + i * steps] * batch)
         t0 = time.perf_counter()
-        cache, ds, out = program(engine.state, cache, ds, jnp.int32(steps), jnp.int32(2**30), stops, Sampling.make())
+        cache, out = program(engine.state, cache, *inputs, jnp.int32(steps))
         jax.block_until_ready(out)
         seconds.append(time.perf_counter() - t0)
-    generated = int((jax.device_get(out) >= 0).sum())
+    generated = int((jax.device_get(out.token) >= 0).sum())
     if generated != batch * steps:
         raise RuntimeError(f"the decode loop produced {generated} tokens, not {batch} x {steps}")
     rate = batch * steps / min(seconds[1:])

@@ -85,6 +85,17 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy(hf_folder, rng):
     assert engine.generate([prompt], temperature=1.5, top_k=1, seed=3).tokens[0] == greedy
 
 
+def test_each_row_samples_from_its_own_stream(hf_folder, rng):
+    """Row i of a call draws from the stream of seed + i (runtime/decode.py): two copies of one prompt in one call
+    differ, and the second copy's tokens are the first copy's in the call with the next seed."""
+    folder, _ = hf_folder("v2_lite")
+    prompt = rng.integers(0, 97, size=9).tolist()
+    engine = ktjax.load(folder, max_new_tokens=16, ignore_eos=True)
+    a = engine.generate([prompt, prompt], temperature=1.5, seed=7).tokens
+    b = engine.generate([prompt, prompt], temperature=1.5, seed=8).tokens
+    assert a[0] != a[1] and a[1] == b[0] and len(a[1]) == 16
+
+
 def test_sample_top_k_top_p_masks():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
     keys = jax.random.split(jax.random.key(0), 2000)

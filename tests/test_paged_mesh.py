@@ -1,5 +1,6 @@
 """The paged pool over 8 forced CPU devices (tests/paged_mesh_check.py, in a subprocess): its pages split
-over the devices (N devices hold N times the pages), the same greedy tokens as one device."""
+over the devices (N devices hold N times the pages), the same greedy tokens as one device, with and without
+speculative decoding (speculative mtp); sparse attention (V3.2) refused there."""
 import json
 import os
 import subprocess
@@ -34,3 +35,22 @@ def test_pool_pages_split_over_the_devices(report):
     assert len(shards) == 8
     assert sorted(tuple(s["pages"]) for s in shards) == [(4 * k, 4 * (k + 1)) for k in range(8)]
     assert all(s["nbytes"] * 8 == report["int8"]["8"]["nbytes"] for s in shards)
+
+
+def test_speculative_greedy_tokens_equal_one_device(report):
+    """speculative mtp (2 drafts) over the split pool, its MTP slice split with it: one device's tokens, drafts
+    and acceptances, drafts both accepted and rejected, and the prefix hit (the pages whose next token matches);
+    and a sampled request's tokens (the same seed: the same draws)."""
+    one, eight = report["speculative"]["1"], report["speculative"]["8"]
+    assert [r["tokens"] for r in eight["results"]] == [r["tokens"] for r in one["results"]]
+    assert [r["spec"] for r in eight["results"]] == [r["spec"] for r in one["results"]]
+    assert all(len(r["tokens"]) == 12 for r in eight["results"])
+    assert eight["results"][-1]["tokens"] != eight["results"][1]["tokens"]  # sampled, not greedy
+    assert 0 < sum(r["spec"]["accepted"] for r in eight["results"]) < sum(r["spec"]["drafted"]
+                                                                          for r in eight["results"])
+    assert eight["results"][2]["cached"] == one["results"][2]["cached"] > 0
+    assert sorted(tuple(s["pages"]) for s in eight["shards"]) == [(4 * k, 4 * (k + 1)) for k in range(8)]
+
+
+def test_sparse_attention_over_the_split_pool_is_refused(report):
+    assert "sparse attention (DeepSeek-V3.2) over a page pool split over devices" in report["v32_refused"]

@@ -242,10 +242,10 @@ def test_queue_full_and_shutdown(engine):
 
 def test_decode_bursts_emit_what_single_steps_emit(engine):
     """Decode steps run several per dispatch when no request waits (programs.decode_steps): a batch of sampled,
-    greedy, stopping and length-limited requests, run once a step per dispatch and once MAX_DECODE_STEPS per
+    greedy, stopping and length-limited requests, run once a step per dispatch and once MAX_STEPS per
     dispatch, emits the same tokens, log-probabilities and ends (each row's random stream counts on inside the
     burst) in fewer dispatches, and caches the same pages."""
-    from ktjax.serve.programs import MAX_DECODE_STEPS
+    from ktjax.runtime.decode import MAX_STEPS
 
     stop = reference(engine, [4, 4, 2])[2]
     asks = [([7, 8, 9], RequestParams(max_tokens=MAX_NEW, temperature=1.3, top_k=20, seed=11, ignore_eos=True,
@@ -254,7 +254,7 @@ def test_decode_bursts_emit_what_single_steps_emit(engine):
             ([5] * 9, RequestParams(max_tokens=3, temperature=0.8, seed=5, ignore_eos=True)),
             (list(range(1, 2 * PAGE + 2)), greedy())]
     runs = []
-    for burst in (1, MAX_DECODE_STEPS):
+    for burst in (1, MAX_STEPS):
         s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
         s._burst = lambda burst=burst: burst
         run, dispatches = s._run, []

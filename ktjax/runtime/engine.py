@@ -1,7 +1,9 @@
 """The Engine: a loaded model, its load-time settings and its mesh, with compiled entry points.
 
 `logits` runs the full causal forward (no cache). `generate` prefills prompts chunk by chunk into the latent
-cache and then decodes many steps per dispatch inside a jax.lax.while_loop, the cache donated throughout.
+cache, samples each sequence's first token from the prefill's logits, and then decodes up to decode.MAX_STEPS
+steps per dispatch (runtime/decode.py's loop, the one the server's scheduler runs), the cache donated
+throughout. Row i of a call samples from the random stream of seed + i.
 Programs are compiled per shape (batch, chunk, cache) and reused by every call: per-call settings
 (sampling, max_new_tokens, seed, stop handling) are traced values, never static ones.
 """
@@ -25,25 +27,13 @@ from ktjax.kv.cache import LatentCache, cache_bytes, plan_cache_lens
 from ktjax.kv.sparse import is_sparse, selected_fraction
 from ktjax.model.decoder import DeepseekModel, RunOptions, stack_layers, unstack_layers
 from ktjax.runtime.progress import NO_PROGRESS, LiveStatus, Progress
-from ktjax.runtime import chunks, speculative
+from ktjax.runtime import chunks, decode, speculative
 from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
-from ktjax.runtime.sampling import Sampling, sample
+from ktjax.runtime.sampling import Sampling
 from ktjax.util.heap import huge_pages_active, release_freed_memory
 from ktjax.util.units import format_bytes
 
-STEPS_PER_DISPATCH = 32  # decode steps per call into the compiled loop; text streams between calls
 seq_bucket = memory.seq_bucket  # defined with the planner, which --dry-run runs without an Engine
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    logits: jax.Array    # [b, vocab] for the next token
-    lengths: jax.Array   # [b] tokens in the cache
-    done: jax.Array      # [b]
-    n_gen: jax.Array     # [b] tokens generated so far
-    bad_step: jax.Array  # [b] the generation step whose logits were not finite, -1 while all were
-    key: jax.Array
 
 
 def _forward(graphdef, opts: RunOptions, state, tokens):
@@ -52,43 +42,6 @@ def _forward(graphdef, opts: RunOptions, state, tokens):
 
 def _prefill_chunk(graphdef, opts: RunOptions, state, cache, tokens, positions, lengths, logits_index):
     return nnx.merge(graphdef, state).forward_cached(tokens, positions, cache, lengths, logits_index, opts)
-
-
-def _decode_steps(graphdef, opts: RunOptions, state, cache, ds: DecodeState, n_steps, max_new, stop_ids,
-                  sampling: Sampling):
-    """Up to n_steps decode steps (stopping early when every sequence is done): sample from ds.logits, record
-    the token, and feed it through the model. Returns (cache, ds, tokens [b, STEPS_PER_DISPATCH] (-1 = none))."""
-    model = nnx.merge(graphdef, state)
-    b = ds.lengths.shape[0]
-    cache_lens = cache.cache_lens
-
-    def cond(carry):
-        i, _, ds, _ = carry
-        return (i < n_steps) & ~jnp.all(ds.done)
-
-    def body(carry):
-        i, cache, ds, out = carry
-        key, sub = jax.random.split(ds.key)
-        emit = ~ds.done
-        broken = emit & ~jnp.all(jnp.isfinite(ds.logits), axis=-1)  # stop, never sample from NaN
-        bad_step = jnp.where(broken & (ds.bad_step < 0), ds.n_gen, ds.bad_step)
-        emit = emit & ~broken
-        tok = sample(ds.logits, sub, sampling)
-        out = out.at[:, i].set(jnp.where(emit, tok, -1))
-        n_gen = ds.n_gen + emit
-        done = ds.done | broken | (emit & jnp.isin(tok, stop_ids)) | (n_gen >= max_new)
-
-        # Feed the token (finished sequences write nothing). Always, even after the last token: a lax.cond
-        # around it would copy the whole cache at every step; this costs one forward pass per call.
-        pos = jnp.where(done, cache_lens, ds.lengths)[:, None]
-        logits, cache = model.forward_cached(tok[:, None], pos, cache, ds.lengths + 1, jnp.zeros((b,), jnp.int32),
-                                             opts)
-        lengths = jnp.where(done, ds.lengths, ds.lengths + 1)
-        return i + 1, cache, DecodeState(logits, lengths, done, n_gen, bad_step, key), out
-
-    out = jnp.full((b, STEPS_PER_DISPATCH), -1, jnp.int32)
-    _, cache, ds, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, ds, out))
-    return cache, ds, out
 
 
 @dataclasses.dataclass
@@ -397,20 +350,16 @@ class Engine:
         decode -> (Generation, the cache, the positions it holds now: all but the last generated token)."""
         b = 1
         chunk = self._chunk(len(new))
-        sampling, stops = self.sampling_and_stops(call)
-        stop_ids = jnp.asarray(stops or [-1], jnp.int32)
+        _, stops = self.sampling_and_stops(call)
         t0 = time.perf_counter()
         prefill = self._prefill_program(cache, b, chunk, all_logits=False)
-        decode = self._decode_program(cache, b, stop_ids.shape)
+        programs = (self._first_token_program(b), self._decode_program(cache, b, decode.stops_width(len(stops))))
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         logits, cache = self._prefill(prefill, cache, [new], chunk, all_logits=False, start=[start])
         prefill_s = time.perf_counter() - t0
-        ds = DecodeState(logits, jnp.asarray([start + len(new)], jnp.int32), jnp.zeros((b,), bool),
-                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
-        final: dict = {}
-        tokens, ttft, decode_s = self._decode(decode, cache, ds, call.max_new_tokens, stop_ids, sampling, on_tokens,
-                                              final=final)
+        tokens, ttft, decode_s, cache, held = self._decode(programs, cache, logits, [start + len(new)], call,
+                                                           on_tokens)
         n_gen = len(tokens[0])
         stats = {
             "prompt_tokens": start + len(new), "prefill_tokens": len(new), "generated_tokens": n_gen,
@@ -421,7 +370,7 @@ class Engine:
         result = Generation(tokens, stats)
         if self.tokenizer is not None:
             result.texts = [self.tokenizer.decode(tokens[0])]
-        return result, final["cache"], int(final["state"].lengths[0])
+        return result, cache, int(held[0])
 
     def encode_chat(self, text: str) -> list[int]:
         return self.tokenizer.encode_chat([{"role": "user", "content": text}])
@@ -553,22 +502,31 @@ class Engine:
 
         return self.compiled_program(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
 
-    def _decode_program(self, cache: LatentCache, b: int, stops_shape):
+    def _decode_program(self, cache, b: int, stops: int):
+        """decode.decode_steps over `cache` (the dense one here; the scheduler's page pool has its own shapes) for
+        b rows of up to `stops` stop ids each."""
         opts = self.run_options(True)
 
         def build():
-            i32 = self.input_spec((b,), jnp.int32)
-            ds = DecodeState(self.input_spec((b, self.cfg.vocab_size), jnp.float32), i32, self.input_spec((b,), jnp.bool_),
-                             i32, i32, jax.random.key(0))
-            scalar = self.input_spec((), jnp.int32)
-            rep = None if self.mesh is None else scalar.sharding
-            out = None if self.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
-            fn = jax.jit(functools.partial(_decode_steps, self.graphdef, opts), donate_argnums=(1,),
+            i32 = lambda *shape: self.input_spec(shape, jnp.int32)  # noqa: E731
+            out = None
+            if self.mesh is not None:  # the cache keeps its layout; the outputs are replicated
+                rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                out = (jax.tree.map(lambda x: x.sharding, cache), rep)
+            fn = jax.jit(functools.partial(decode.decode_steps, self.graphdef, opts), donate_argnums=(1,),
                          out_shardings=out)
-            return fn.lower(self.state, cache, ds, scalar, scalar, self.input_spec(stops_shape, jnp.int32),
-                            Sampling.make()).compile()
+            return fn.lower(self.state, cache, i32(b), i32(b), i32(b), i32(b, stops),
+                            decode.RowSampling.spec(b, self.input_spec), i32()).compile()
 
-        return self.compiled_program(("decode", opts, self._cache_key(cache), b, stops_shape), build)
+        return self.compiled_program(("decode", opts, self._cache_key(cache), b, stops), build)
+
+    def _first_token_program(self, b: int):
+        """The first token of b rows from the prefill's logits (decode.sampled)."""
+        def build():
+            return jax.jit(decode.sampled).lower(self.input_spec((b, self.cfg.vocab_size), jnp.float32),
+                                                 decode.RowSampling.spec(b, self.input_spec)).compile()
+
+        return self.compiled_program(("first-token", b, self.cfg.vocab_size), build)
 
     # -- running them -------------------------------------------------------------------------------------
     def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: Progress = NO_PROGRESS,
@@ -590,35 +548,80 @@ class Engine:
             chunks.report(progress, c, logits, held, capacity)
         return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
 
-    def _decode(self, decode, cache, ds, max_new, stop_ids, sampling, on_tokens, final: dict | None = None,
+    def _decode(self, programs, cache, logits, lengths, call: CallSettings, on_tokens,
                 progress: Progress = NO_PROGRESS):
-        """-> (tokens per sequence, time to first token after the prefill, decode seconds). `final`, when given,
-        receives the cache and the DecodeState after the last dispatch (a Session keeps them for its next turn).
-        `progress` hears of the tokens after each dispatch (generated, and cached)."""
-        tokens = [[] for _ in range(ds.lengths.shape[0])]
-        capacity = ds.lengths.shape[0] * cache.cache_lens
+        """After a prefill: each sequence's first token from the prefill's logits [b, vocab], then decode.MAX_STEPS
+        steps per dispatch until every sequence is done. programs: (the first-token program, the decode program).
+        -> (tokens per sequence, time to first token after the prefill, decode seconds, the cache, the positions
+        each sequence's cache holds: all but its last token)."""
+        first, steps = programs
+        sampling, stops = self.sampling_and_stops(call)
+        rows = _Rows(lengths, call, sampling, stops)
+        capacity = len(lengths) * cache.cache_lens
         t0 = time.perf_counter()
-        ttft = None
-        steps = 1  # the first dispatch emits one token, so the time to first token is honest
+        new = rows.take(jax.device_get(first(logits, rows.sampling())), fed=False)
+        ttft = time.perf_counter() - t0
         while True:
-            cache, ds, out = decode(self.state, cache, ds, jnp.int32(steps), jnp.int32(max_new), stop_ids, sampling)
-            out = np.asarray(out)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            new = [[int(t) for t in row if t >= 0] for row in out]
-            for acc, n in zip(tokens, new):
-                acc.extend(n)
             if on_tokens is not None and any(new):
                 on_tokens(new)
-            progress.cache(int(np.asarray(ds.lengths).sum()), capacity)
-            progress.update(sum(map(len, tokens)))
-            _raise_if_broken(np.asarray(ds.bad_step))
-            if bool(np.all(np.asarray(ds.done))):
+            progress.cache(int(rows.lengths.sum()), capacity)
+            progress.update(sum(map(len, rows.tokens)))
+            _raise_if_broken(rows.bad_step)
+            if rows.done.all():
                 break
-            steps = STEPS_PER_DISPATCH
-        if final is not None:
-            final.update(cache=cache, state=ds)
-        return tokens, ttft, time.perf_counter() - t0
+            cache, out = steps(self.state, cache, *rows.inputs(), jnp.int32(decode.MAX_STEPS))
+            out = jax.device_get(out)
+            new = [[] for _ in rows.tokens]
+            for j in range(decode.MAX_STEPS):
+                for acc, t in zip(new, rows.take(jax.tree.map(lambda x, j=j: x[j], out), fed=True)):
+                    acc.extend(t)
+        return rows.tokens, ttft, time.perf_counter() - t0, cache, rows.lengths
+
+
+class _Rows:
+    """Engine.generate's host view of its batch while decoding: each row's tokens, pending token, cache length and
+    whether it is done, by the rules decode.decode_steps applies on the device (a stop id, max_new_tokens,
+    non-finite logits)."""
+
+    def __init__(self, lengths, call: CallSettings, sampling: Sampling, stops: list[int]):
+        b = len(lengths)
+        self.call, self.sampling_values, self.stops = call, sampling, set(stops)
+        self.stop_ids = jnp.asarray(decode.stop_matrix([stops] * b, b))
+        self.tokens: list[list[int]] = [[] for _ in range(b)]
+        self.lengths = np.asarray(lengths, np.int32).copy()
+        self.pending = np.zeros(b, np.int32)
+        self.done = np.zeros(b, bool)
+        self.bad_step = np.full(b, -1)   # the generation step whose logits were not finite
+
+    def sampling(self) -> decode.RowSampling:
+        """Row i draws from the stream of seed + i, at the step of the tokens it has generated."""
+        b, s = len(self.tokens), self.sampling_values
+        return decode.RowSampling.of(b, [float(s.temperature)] * b, [int(s.top_k)] * b, [float(s.top_p)] * b,
+                                     [(self.call.seed + i) % 2**32 for i in range(b)], [len(t) for t in self.tokens],
+                                     [False] * b)
+
+    def inputs(self) -> tuple:
+        """decode_steps' arguments after the cache: pending tokens, lengths, remaining budgets, stop ids, rows."""
+        remaining = np.where(self.done, 0, self.call.max_new_tokens - np.array([len(t) for t in self.tokens]))
+        return (jnp.asarray(self.pending), jnp.asarray(self.lengths), jnp.asarray(remaining.astype(np.int32)),
+                self.stop_ids, self.sampling())
+
+    def take(self, out: decode.StepOutput, fed: bool) -> list[list[int]]:
+        """One step's output [b] (host arrays; token -1: nothing) -> the new token of each row. fed: the step fed
+        each emitting row's pending token into the cache."""
+        new = [[] for _ in self.tokens]
+        for i, token in enumerate(np.asarray(out.token)):
+            if self.done[i] or token < 0:
+                continue
+            self.lengths[i] += fed
+            if not out.finite[i]:  # never a token from NaN logits
+                self.bad_step[i], self.done[i] = len(self.tokens[i]), True
+                continue
+            self.tokens[i].append(int(token))
+            new[i].append(int(token))
+            self.pending[i] = token
+            self.done[i] = token in self.stops or len(self.tokens[i]) >= self.call.max_new_tokens
+        return new
 
 
 class PlainDecoding:
@@ -630,8 +633,8 @@ class PlainDecoding:
 
     def programs(self, cache, b: int, chunk: int, stops_shape) -> list[Callable]:
         e = self.engine
-        return [lambda: e._prefill_program(cache, b, chunk, all_logits=False),
-                lambda: e._decode_program(cache, b, stops_shape)]
+        return [lambda: e._prefill_program(cache, b, chunk, all_logits=False), lambda: e._first_token_program(b),
+                lambda: e._decode_program(cache, b, decode.stops_width(stops_shape[0]))]
 
     def prefill(self, programs, cache, prompts, chunk: int, progress):
         """-> (the logits at each prompt's last token, cache)."""
@@ -639,11 +642,8 @@ class PlainDecoding:
 
     def decode(self, programs, cache, logits, prompts, call: CallSettings, stop_ids, sampling, on_tokens, progress):
         """-> (tokens per sequence, time to first token, decode seconds, stats)."""
-        b = len(prompts)
-        ds = DecodeState(logits, jnp.asarray([len(p) for p in prompts], jnp.int32), jnp.zeros((b,), bool),
-                         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jax.random.key(call.seed))
-        tokens, ttft, decode_s = self.engine._decode(programs[1], cache, ds, call.max_new_tokens, stop_ids, sampling,
-                                                     on_tokens, progress=progress)
+        tokens, ttft, decode_s, _, _ = self.engine._decode(programs[1:], cache, logits, [len(p) for p in prompts],
+                                                           call, on_tokens, progress)
         return tokens, ttft, decode_s, {"speculative": "off"}
 
 

@@ -2,11 +2,11 @@
 bucketed shapes so that any batch composition reuses a few programs.
 
 A step is either prefill chunks of a few sequences ([rows, chunk] tokens, rows x chunk <= chunk_size), ending by
-sampling each row's next token with that row's own settings, or up to MAX_DECODE_STEPS decode steps of every
-running sequence in one dispatch (`decode_steps`: a while_loop over [batch, 1] steps, each row stopping at its
-stop ids, its max_tokens or non-finite logits; the scheduler asks for one step while a request waits to be
-admitted). Each sampled token comes with its log-probability and the top TOP_LOGPROBS alternatives where a row
-asked for them (computed only when one did), so the host only reads a few numbers per row.
+sampling each row's next token with that row's own settings (runtime/decode.py's `sampled`), or decode steps of
+every running sequence in one dispatch: runtime/decode.py's `decode_steps`, the loop Engine.generate runs over
+its dense cache (the scheduler asks for one step while a request waits to be admitted). Each sampled token comes
+with its log-probability and the top TOP_LOGPROBS alternatives where a row asked for them, so the host only
+reads a few numbers per row.
 
 With speculative mtp (draft_tokens = k > 0) the pool holds the MTP module's slice, a prefill chunk also runs the
 MTP module over it (runtime/speculative.py's prefill_chunk) and returns the hidden state at the chunk's logits
@@ -28,36 +28,12 @@ from flax import nnx
 
 from ktjax.kv.paged import PagedLatentCache
 from ktjax.runtime import speculative
-from ktjax.runtime.sampling import Sampling, sample
+from ktjax.runtime.decode import (MIN_STOPS, TOP_LOGPROBS, RowSampling, decode_steps, row_keys,  # noqa: F401
+                                  row_sampling, sampled, step_output)
 
-TOP_LOGPROBS = 20   # the most top-logprobs a request may ask for
-MAX_DECODE_STEPS = 16  # the most decode steps one dispatch runs (the output buffers' length)
 BUCKET_GROWTH = 4   # page-table widths grow by this factor: attention's loop stops at the longest sequence
                     # anyway, so a wider table costs little and fewer widths mean fewer programs
 MIN_CHUNK = 16
-MIN_STOPS = 4       # stop ids per row in a decode program: the smallest bucket (powers of two above it)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RowSampling:
-    """Per-row sampling settings [b] and the row's random stream: key = fold_in(key(seed), n_generated)."""
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    seed: jax.Array     # uint32
-    step: jax.Array     # int32: tokens the row has generated so far
-    logprobs: jax.Array  # bool: the row's request wants log-probabilities (any row's costs a top-k per step)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepOutput:
-    token: jax.Array       # [b] int32
-    logprob: jax.Array     # [b] float32, of the chosen token
-    top_ids: jax.Array     # [b, k] int32
-    top_logprobs: jax.Array  # [b, k] float32
-    finite: jax.Array      # [b] bool: the logits were all finite (else the token is meaningless)
 
 
 def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, lengths, logits_index,
@@ -66,77 +42,6 @@ def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, leng
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_cached(tokens, positions, cache, lengths, logits_index, opts)
     return cache, sampled(logits, rows)
-
-
-def decode_steps(graphdef, opts, state, cache: PagedLatentCache, token, lengths, remaining, stop_ids,
-                 rows: RowSampling, n_steps):
-    """Up to n_steps (<= MAX_DECODE_STEPS) decode steps of every row, fewer once every row is done: feed the row's
-    pending token (at position lengths), sample the next from the row's own stream (its step counts on, so a burst
-    draws what single steps would), stop the row at one of its stop_ids [b, S] (-1 pads), after `remaining` more
-    tokens, or at non-finite logits. A done row's writes go past the table, where they are dropped; remaining 0
-    marks a padding row. -> (cache, StepOutput [MAX_DECODE_STEPS, b] (token -1 where a row emitted nothing))."""
-    model = nnx.merge(graphdef, state)
-    b = token.shape[0]
-    past = cache.page_table.shape[1] * cache.page_size
-    zeros = jnp.zeros((b,), jnp.int32)
-
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < n_steps) & ~jnp.all(done)
-
-    def body(carry):
-        i, cache, token, lengths, done, out = carry
-        logits, cache = model.forward_cached(token[:, None], jnp.where(done, past, lengths)[:, None], cache,
-                                             lengths + 1, zeros, opts)
-        new = sampled(logits, dataclasses.replace(rows, step=rows.step + i))
-        emit = ~done
-        out = jax.tree.map(lambda buf, x: buf.at[i].set(x), out,
-                           dataclasses.replace(new, token=jnp.where(emit, new.token, -1)))
-        stop = jnp.any(new.token[:, None] == stop_ids, axis=1) | ~new.finite | (i + 1 >= remaining)
-        return (i + 1, cache, jnp.where(emit, new.token, token), jnp.where(emit, lengths + 1, lengths),
-                done | stop, out)
-
-    k = min(TOP_LOGPROBS, model.cfg.vocab_size)
-    f32, i32 = jnp.zeros((MAX_DECODE_STEPS, b), jnp.float32), jnp.full((MAX_DECODE_STEPS, b), -1, jnp.int32)
-    out = StepOutput(i32, f32, jnp.zeros((MAX_DECODE_STEPS, b, k), jnp.int32),
-                     jnp.zeros((MAX_DECODE_STEPS, b, k), jnp.float32), jnp.ones((MAX_DECODE_STEPS, b), bool))
-    _, cache, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, token, lengths, remaining <= 0,
-                                                             out))
-    return cache, out
-
-
-def row_keys(rows: RowSampling):
-    """Each row's key [b]: fold_in(key(seed), tokens it has generated)."""
-    return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows.seed, rows.step)
-
-
-def row_sampling(rows: RowSampling) -> Sampling:
-    return Sampling(rows.temperature, rows.top_k, rows.top_p)
-
-
-def sampled(logits, rows: RowSampling) -> StepOutput:
-    """Each row's next token from logits [b, vocab], drawn from its own stream, with its log-probabilities."""
-    return step_output(logits, sample(logits, row_keys(rows), row_sampling(rows)), rows.logprobs)
-
-
-def step_output(logits, token, want) -> StepOutput:
-    """token [...] (chosen from logits [..., vocab]) with its log-probability, the top alternatives', and whether
-    the logits were finite. The log-probabilities are computed only when a row wants them (`want` [b]: a top-k over
-    the vocabulary per row costs as much as a small matmul); zeros otherwise."""
-    k = min(TOP_LOGPROBS, logits.shape[-1])
-
-    def logprobs():
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        top_logprobs, top_ids = jax.lax.top_k(logp, k)
-        return jnp.take_along_axis(logp, token[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top_logprobs
-
-    def none():
-        return (jnp.zeros(token.shape, jnp.float32), jnp.zeros(token.shape + (k,), jnp.int32),
-                jnp.zeros(token.shape + (k,), jnp.float32))
-
-    chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(want), logprobs, none)
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    return StepOutput(token, chosen, top_ids, top_logprobs, finite)
 
 
 def prefill_step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, lengths, logits_index,
@@ -165,11 +70,6 @@ def verify_step(graphdef, opts, state, cache: PagedLatentCache, token, lengths, 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(n - 1, 0).bit_length())
-
-
-def stops_bucket(n: int) -> int:
-    """The stop-id width of a decode program whose rows have at most n stop ids."""
-    return pow2_at_least(n, MIN_STOPS)
 
 
 def buckets(lo: int, hi: int, growth: int) -> list[int]:
@@ -224,7 +124,6 @@ class Programs:
         opts = engine.run_options(absorb)
         k = self.draft_tokens
         i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
-        f32 = lambda *shape: engine.input_spec(shape, jnp.float32)  # noqa: E731
         if not k and s == 1:
             name, fn, n_out = "serve-decode", functools.partial(decode_steps, engine.graphdef, opts), 1
             args = (i32(b), i32(b), i32(b), i32(b, stops))
@@ -241,8 +140,7 @@ class Programs:
 
         def build():
             cache = dataclasses.replace(self._pool_shapes, page_table=i32(b, width))
-            rows = RowSampling(f32(b), i32(b), f32(b), engine.input_spec((b,), jnp.uint32), i32(b),
-                               engine.input_spec((b,), jnp.bool_))
+            rows = RowSampling.spec(b, engine.input_spec)
             tail = (rows, i32()) if name == "serve-decode" else (rows,)  # decode: the steps to run
             out = None
             if engine.mesh is not None:  # the pool keeps its layout; the outputs are replicated

@@ -42,8 +42,8 @@ from ktjax.kv.layout import CacheLayout
 from ktjax.kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
 from ktjax.runtime.settings import CallSettings
 from ktjax.serve.pages import ROOT, PageAllocator
-from ktjax.serve.programs import (MAX_DECODE_STEPS, TOP_LOGPROBS, Programs, RowSampling, bucket_of,
-                                  pow2_at_least, stops_bucket)
+from ktjax.runtime.decode import MAX_STEPS, TOP_LOGPROBS, RowSampling, stop_matrix, stops_width
+from ktjax.serve.programs import Programs, bucket_of, pow2_at_least
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Scheduler:
         self._page_next: dict[int, tuple[int, int]] = {}  # speculative: page -> (its prefix id, the token after it)
         default_stops = len(engine.sampling_and_stops(CallSettings.from_overrides(engine.defaults))[1])
         self.programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens,
-                                 stops_bucket(default_stops))
+                                 stops_width(default_stops))
         self._step_s: float | None = None  # the last decode dispatch's seconds per step (sizes the next burst)
 
         self._lock = threading.Condition()
@@ -441,7 +441,7 @@ class Scheduler:
             waiting = bool(self._waiting)
         if waiting or self._step_s is None:
             return 1
-        return max(1, min(MAX_DECODE_STEPS, int(BURST_SECONDS / max(self._step_s, 1e-6))))
+        return max(1, min(MAX_STEPS, int(BURST_SECONDS / max(self._step_s, 1e-6))))
 
     def _table(self, reqs: list[_Request], b: int, width: int) -> np.ndarray:
         table = np.zeros((b, width), np.int32)
@@ -451,12 +451,9 @@ class Scheduler:
         return table
 
     def _rows(self, reqs: list[_Request], b: int) -> RowSampling:
-        pad = b - len(reqs)
-        col = lambda f, dtype: jnp.asarray(np.array([f(r) for r in reqs] + [0] * pad, dtype))  # noqa: E731
-        return RowSampling(col(lambda r: r.sampling[0], np.float32), col(lambda r: r.sampling[1], np.int32),
-                           jnp.asarray(np.array([r.sampling[2] for r in reqs] + [1.0] * pad, np.float32)),
-                           col(lambda r: r.seed, np.uint32), col(lambda r: r.n_gen, np.int32),
-                           col(lambda r: r.params.logprobs > 0, np.bool_))
+        temperature, top_k, top_p = zip(*(r.sampling for r in reqs))
+        return RowSampling.of(b, temperature, top_k, top_p, [r.seed for r in reqs], [r.n_gen for r in reqs],
+                              [r.params.logprobs > 0 for r in reqs])
 
     def _run(self, reqs, chunk: int, needed_pages: int, args: list, positions: tuple[int, ...] = (),
              stops: int | None = None, tail: tuple = ()) -> tuple:
@@ -543,14 +540,12 @@ class Scheduler:
         tokens emitted in order until one ends it. -> the steps run."""
         lengths = np.array([r.length for r in reqs], np.int32)
         remaining = np.array([r.max_tokens - r.n_gen for r in reqs], np.int32)
-        width = stops_bucket(max(len(r.stops) for r in reqs))
-        stop_ids = np.full((len(reqs), width), -1, np.int32)
-        for i, r in enumerate(reqs):
-            stop_ids[i, :len(r.stops)] = sorted(r.stops)
+        stop_ids = stop_matrix([r.stops for r in reqs], len(reqs))
         args = [np.array([r.pending for r in reqs], np.int32), lengths, remaining, stop_ids]
         last = int((lengths + np.minimum(remaining, n_steps)).max())  # the last position a burst writes
         t0 = time.perf_counter()
-        out, = self._run(reqs, 1, -(-last // self.page_size), args, stops=width, tail=(jnp.int32(n_steps),))
+        out, = self._run(reqs, 1, -(-last // self.page_size), args, stops=stop_ids.shape[1],
+                         tail=(jnp.int32(n_steps),))
         ran = int((out.token >= 0).any(axis=1).sum())
         self._step_s = (time.perf_counter() - t0) / max(ran, 1)
         for i, req in enumerate(reqs):
