@@ -5,11 +5,15 @@ Layers of one kind are stacked (leading axis = layer): the loaders, sharding and
 parameter. A stack runs with jax.lax.scan (a 61-layer model compiles like a 1-layer one), or, once the Engine
 has split its weights into separate per-layer arrays (`unstack_layers`), as a loop unrolled over the layers:
 XLA on the CPU copies each scanned layer's slice of every stacked weight before using it (three times the bytes
-a matrix-vector product reads), while a separate array is read in place.
+a matrix-vector product reads), while a separate array is read in place. The unrolled loop runs each layer
+through one jitted function (`_layer_call`, the layer's index a traced argument): Python traces a stack's layer
+once, not once per layer, and the lowered program holds one function that every layer calls (XLA on the CPU
+inlines the calls: the compiled program is the unrolled one, each layer reading its own arrays in place).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -170,29 +174,45 @@ def layer_of(stack: nnx.Module, j: int) -> nnx.Module:
     return nnx.merge(graphdef, layers[j] if layers is not None else jax.tree.map(lambda x: x[j], state))
 
 
-def scan_layers(stack: DecoderLayer | None, x, step):
-    """Run `step(layer, x) -> x` over each layer of a stack."""
-    return scan_layers_cached(stack, 0, x, lambda layer, _, h: step(layer, h))
+def scan_layers(stack: DecoderLayer | None, x, step, inputs: tuple = ()):
+    """Run `step(layer, x, *inputs) -> x` over each layer of a stack (see scan_layers_cached)."""
+    return scan_layers_cached(stack, 0, x, functools.partial(_without_index, step), inputs)
 
 
-def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step):
-    """Run `step(layer, index, carry) -> carry` over each layer of a stack, with the layer's global index (each
-    layer writes its own slice of the one stacked cache in place): unrolled over per-layer arrays, else scanned."""
+def _without_index(step, layer, _, x, *inputs):
+    return step(layer, x, *inputs)
+
+
+def scan_layers_cached(stack: DecoderLayer | None, first_layer: int, carry, step, inputs: tuple = ()):
+    """Run `step(layer, index, carry, *inputs) -> carry` over each layer of a stack, with the layer's global index
+    (each layer writes its own slice of the one stacked cache in place): unrolled over per-layer arrays, else
+    scanned. `step` must close over no traced value (pass those as `inputs`): unrolled, each layer runs through
+    one jitted call keyed on (the stack's graphdef, step), traced once for all the stack's layers."""
     if stack is None:
         return carry
     graphdef, state = nnx.split(stack)
     layers = _layer_states(state)
     if layers is not None:
         for i, layer_state in enumerate(layers):
-            carry = step(nnx.merge(graphdef, layer_state), first_layer + i, carry)
+            carry = _layer_call(graphdef, step, layer_state, np.int32(first_layer + i), carry, inputs)
         return carry
     n = jax.tree.leaves(state)[0].shape[0]
 
     def body(c, xs):
         layer_state, index = xs
-        return step(nnx.merge(graphdef, layer_state), index, c), None
+        return _run_layer(graphdef, step, layer_state, index, c, inputs), None
 
     return jax.lax.scan(body, carry, (state, first_layer + jnp.arange(n)))[0]
+
+
+def _run_layer(graphdef, step, layer_state, index, carry, inputs):
+    return step(nnx.merge(graphdef, layer_state), index, carry, *inputs)
+
+
+# One layer of an unrolled stack. The index is traced, so that every layer of a stack (the same graphdef, step,
+# and state and carry shapes) hits one trace; a layer whose state differs in structure (a HostedExperts layer's
+# static host handle) traces its own.
+_layer_call = jax.jit(_run_layer, static_argnums=(0, 1))
 
 
 def _with_nothing_deferred(x):
@@ -247,19 +267,20 @@ class DeepseekModel(nnx.Module):
         b, s = tokens.shape
         cos, sin, mask = self._causal(b, s)
 
-        def step(layer, h):
+        def step(layer, h, cos, sin, mask):
             return layer(h, cos, sin, mask, opts)
 
-        def deferring_step(layer, carry):
+        def deferring_step(layer, carry, cos, sin, mask):
             x, pending = carry
             return layer.deferring_ffn(layer.attend(x, cos, sin, mask, opts), pending, opts)
 
+        inputs = (cos, sin, mask)
         x = self.embed_tokens(tokens, opts.dtype)
-        x = scan_layers(self.dense_layers, x, step)
+        x = scan_layers(self.dense_layers, x, step, inputs)
         if opts.defer_experts and self.moe_layers is not None:
-            x = _flush_deferred(scan_layers(self.moe_layers, _with_nothing_deferred(x), deferring_step))
+            x = _flush_deferred(scan_layers(self.moe_layers, _with_nothing_deferred(x), deferring_step, inputs))
         else:
-            x = scan_layers(self.moe_layers, x, step)
+            x = scan_layers(self.moe_layers, x, step, inputs)
         h = self.norm(x)
         logits = self.project(h).astype(jnp.float32)
         return (logits, h) if return_hidden else logits
@@ -288,24 +309,25 @@ class DeepseekModel(nnx.Module):
         """
         cos, sin = rope_cos_sin(self.cfg.rope, positions)
 
-        def step(layer, index, carry):
+        def step(layer, index, carry, cos, sin, positions, lengths):
             x, cache = carry
             return layer.cached(index, x, cache, cos, sin, positions, lengths, opts)
 
-        def deferring_step(layer, index, carry):
+        def deferring_step(layer, index, carry, cos, sin, positions, lengths):
             (x, pending), cache = carry
             x, cache = layer.attend_cached(index, x, cache, cos, sin, positions, lengths, opts)
             return layer.deferring_ffn(x, pending, opts), cache
 
+        inputs = (cos, sin, positions, lengths)
         carry = (self.embed_tokens(tokens, opts.dtype), cache)
-        x, cache = scan_layers_cached(self.dense_layers, 0, carry, step)
+        x, cache = scan_layers_cached(self.dense_layers, 0, carry, step, inputs)
         first_moe = self.cfg.num_dense_layers
         if opts.defer_experts and self.moe_layers is not None:
             deferred, cache = scan_layers_cached(self.moe_layers, first_moe, (_with_nothing_deferred(x), cache),
-                                                 deferring_step)
+                                                 deferring_step, inputs)
             x = _flush_deferred(deferred)
         else:
-            x, cache = scan_layers_cached(self.moe_layers, first_moe, (x, cache), step)
+            x, cache = scan_layers_cached(self.moe_layers, first_moe, (x, cache), step, inputs)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         h = self.norm(x)
