@@ -40,10 +40,11 @@ class RowSampling:
 
     @classmethod
     def of(cls, b: int, temperature, top_k, top_p, seed, step, logprobs) -> "RowSampling":
-        """From per-row host values (sequences of at most b), the rest padded as greedy rows."""
+        """From per-row host values (sequences of at most b), the rest padded as greedy rows: numpy arrays, which a
+        compiled program takes as they are (jnp.asarray would compile a conversion per dtype on first use)."""
         def col(values, pad, dtype):
             values = list(values)
-            return jnp.asarray(np.array(values + [pad] * (b - len(values)), dtype))
+            return np.array(values + [pad] * (b - len(values)), dtype)
 
         return cls(col(temperature, 0.0, np.float32), col(top_k, 0, np.int32), col(top_p, 1.0, np.float32),
                    col(seed, 0, np.uint32), col(step, 0, np.int32), col(logprobs, False, np.bool_))
@@ -151,5 +152,5 @@ def step_output(logits, token, want) -> StepOutput:
 def free_running(b: int, lengths) -> tuple:
     """decode_steps' inputs after the cache for b greedy rows that run every step asked (no stop id, no token
     budget) from cache lengths [b], without the steps: what the benchmarks time (with a program of MIN_STOPS)."""
-    return (jnp.zeros((b,), jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.full((b,), 2**30, jnp.int32),
-            jnp.full((b, MIN_STOPS), -1, jnp.int32), RowSampling.of(b, [], [], [], [], [], []))
+    return (np.zeros((b,), np.int32), np.asarray(lengths, np.int32), np.full((b,), 2**30, np.int32),
+            np.full((b, MIN_STOPS), -1, np.int32), RowSampling.of(b, [], [], [], [], [], []))

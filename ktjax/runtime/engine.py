@@ -569,7 +569,7 @@ class Engine:
             _raise_if_broken(rows.bad_step)
             if rows.done.all():
                 break
-            cache, out = steps(self.state, cache, *rows.inputs(), jnp.int32(decode.MAX_STEPS))
+            cache, out = steps(self.state, cache, *rows.inputs(), np.int32(decode.MAX_STEPS))
             out = jax.device_get(out)
             new = [[] for _ in rows.tokens]
             for j in range(decode.MAX_STEPS):
@@ -586,7 +586,7 @@ class _Rows:
     def __init__(self, lengths, call: CallSettings, sampling: Sampling, stops: list[int]):
         b = len(lengths)
         self.call, self.sampling_values, self.stops = call, sampling, set(stops)
-        self.stop_ids = jnp.asarray(decode.stop_matrix([stops] * b, b))
+        self.stop_ids = decode.stop_matrix([stops] * b, b)
         self.tokens: list[list[int]] = [[] for _ in range(b)]
         self.lengths = np.asarray(lengths, np.int32).copy()
         self.pending = np.zeros(b, np.int32)
@@ -603,8 +603,8 @@ class _Rows:
     def inputs(self) -> tuple:
         """decode_steps' arguments after the cache: pending tokens, lengths, remaining budgets, stop ids, rows."""
         remaining = np.where(self.done, 0, self.call.max_new_tokens - np.array([len(t) for t in self.tokens]))
-        return (jnp.asarray(self.pending), jnp.asarray(self.lengths), jnp.asarray(remaining.astype(np.int32)),
-                self.stop_ids, self.sampling())
+        # copies: take() updates these in place, and on a CPU a program may read a numpy argument where it lies
+        return self.pending.copy(), self.lengths.copy(), remaining.astype(np.int32), self.stop_ids, self.sampling()
 
     def take(self, out: decode.StepOutput, fed: bool) -> list[list[int]]:
         """One step's output [b] (host arrays; token -1: nothing) -> the new token of each row. fed: the step fed

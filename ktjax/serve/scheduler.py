@@ -545,7 +545,7 @@ class Scheduler:
         last = int((lengths + np.minimum(remaining, n_steps)).max())  # the last position a burst writes
         t0 = time.perf_counter()
         out, = self._run(reqs, 1, -(-last // self.page_size), args, stops=stop_ids.shape[1],
-                         tail=(jnp.int32(n_steps),))
+                         tail=(np.int32(n_steps),))
         ran = int((out.token >= 0).any(axis=1).sum())
         self._step_s = (time.perf_counter() - t0) / max(ran, 1)
         for i, req in enumerate(reqs):
