@@ -5,6 +5,7 @@
     python benchmarks/bench_mla_kernels.py --markdown benchmarks/log/2026.md   # append the table to the log
     python benchmarks/bench_mla_kernels.py --smoke                  # CPU: interpret mode, tiny sizes
     python benchmarks/bench_mla_kernels.py --jsonl rows.jsonl       # also one JSON object per line (gpu_check.py)
+    python benchmarks/bench_mla_kernels.py --kernel mosaic --formats bf16   # the Mosaic GPU decode kernel (Hopper)
 
 One decode step of one layer with DeepSeek-V3 attention dims (128 heads, kv_lora_rank 512, rope 64), every
 sequence at the full context. Columns: median kernel and reference times (ms, compilation excluded), the
@@ -29,7 +30,7 @@ from timing import time_median  # benchmarks/timing.py
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
 from ktjax import pallas
-from ktjax.pallas import platform
+from ktjax.pallas import mosaic, platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
 
@@ -90,14 +91,18 @@ def bench_one(a, fmt, batch, context, copy_bw, key):
     block = min(512, context)
     config = pallas.KernelConfig(block_m=a.block_m, block_k=a.block_k, num_splits=a.num_splits,
                                  num_warps=a.num_warps, num_stages=a.num_stages)
-    kernel = jax.jit(lambda *x: pallas.mla_decode(*x, fmt=fmt, scale=scale, block=block, config=config,
-                                                  interpret=a.interpret))
+    if a.kernel == "mosaic":  # bf16 values only: (q_lat, q_pe, c_kv, scales None, k_pe, lengths)
+        kernel = jax.jit(lambda q_lat, q_pe, c_kv, _, k_pe, lengths: mosaic.mla_decode_mosaic(
+            q_lat, q_pe, c_kv, k_pe, lengths, scale=scale, num_splits=a.num_splits, interpret=a.interpret))
+    else:
+        kernel = jax.jit(lambda *x: pallas.mla_decode(*x, fmt=fmt, scale=scale, block=block, config=config,
+                                                      interpret=a.interpret))
     reference = jax.jit(lambda *x: attention.mla_decode_xla(*x, fmt=fmt, scale=scale, block=block))
     t_kernel = time_median(kernel, *args, repeats=a.repeats)
     t_ref = time_median(reference, *args, repeats=a.repeats)
     err = float(jnp.max(jnp.abs(kernel(*args) - reference(*args))))
     flops = decode_flops(batch, context, a.heads, a.rank, a.rope)
-    return dict(format=fmt.name, context=context, batch=batch, pallas_ms=1e3 * t_kernel, xla_ms=1e3 * t_ref,
+    return dict(kernel=a.kernel, format=fmt.name, context=context, batch=batch, pallas_ms=1e3 * t_kernel, xla_ms=1e3 * t_ref,
                 speedup=t_ref / t_kernel, cache_bytes=cache_bytes, pallas_tflops=flops / t_kernel / 1e12,
                 pallas_gbps=cache_bytes / t_kernel / 1e9, xla_gbps=cache_bytes / t_ref / 1e9,
                 pallas_of_copy=cache_bytes / t_kernel / copy_bw, xla_of_copy=cache_bytes / t_ref / copy_bw, max_err=err)
@@ -114,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", help="default: 4096 8192 16384 32768 65536 131072")
     p.add_argument("--batches", type=int, nargs="+", help="default: 1 4 16 64")
     p.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    p.add_argument("--kernel", default="triton", choices=["triton", "mosaic"],
+                   help="the Pallas Triton kernel, or the Mosaic GPU one (bf16 caches, Hopper and later)")
     p.add_argument("--heads", type=int, default=128, help="128 for V3/R1, 16 for V2-Lite")
     p.add_argument("--rank", type=int, default=512, help="kv_lora_rank")
     p.add_argument("--rope", type=int, default=64, help="qk_rope_head_dim")
@@ -147,7 +154,12 @@ def main(argv=None):
     warnings.simplefilter("ignore", platform.InterpretModeWarning)
     device = jax.devices()[0]
     copy_bw = copy_bandwidth(a.copy_mb, a.repeats)
-    mode = "interpret mode (no GPU: times say nothing about GPU speed)" if a.interpret else "Triton"
+    if a.kernel == "mosaic" and set(a.formats) - {"bf16"}:
+        p_formats = ", ".join(sorted(set(a.formats) - {"bf16"}))
+        print(f"--kernel mosaic reads bf16 caches only: {p_formats} skipped", flush=True)
+        a.formats = [f for f in a.formats if f == "bf16"]
+    mode = ("interpret mode (no GPU: times say nothing about GPU speed)" if a.interpret else
+            "Mosaic GPU" if a.kernel == "mosaic" else "Triton")
     header = [f"device: {device.device_kind} ({jax.default_backend()}, {mode}); jax {jax.__version__}; "
               f"heads={a.heads} rank={a.rank} rope={a.rope} queries={a.dtype}; copy bandwidth {copy_bw / 1e9:.1f} GB/s",
               "",
@@ -157,7 +169,7 @@ def main(argv=None):
     if a.jsonl:
         write_jsonl(a.jsonl, dict(kind="header", device=device.device_kind, backend=jax.default_backend(),
                                   interpret=a.interpret, jax=jax.__version__, heads=a.heads, rank=a.rank,
-                                  rope=a.rope, query_dtype=a.dtype, repeats=a.repeats,
+                                  rope=a.rope, query_dtype=a.dtype, repeats=a.repeats, kernel=a.kernel,
                                   copy_bandwidth_gbps=copy_bw / 1e9), mode="w")
     rows = []
     key = jax.random.key(0)

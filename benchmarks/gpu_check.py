@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 from ktjax.kv.formats import FORMATS as CACHE_FORMATS  # noqa: E402  (the format names; imports no JAX)
 
 # Every kernel test module honours KTJAX_PALLAS_COMPILED=1 (tests/pallas_mode.py).
-KERNEL_TESTS = ["tests/test_pallas.py", "tests/test_paged_kernel.py", "tests/test_dsa_kernels.py"]
+KERNEL_TESTS = ["tests/test_pallas.py", "tests/test_paged_kernel.py", "tests/test_dsa_kernels.py",
+                "tests/test_mosaic.py"]
 KERNEL_BENCH = "benchmarks/bench_mla_kernels.py"
 GENERATE = [sys.executable, "-m", "ktjax.cli.generate"]
 # -----------------------------------------------------------------------------------------

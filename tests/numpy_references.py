@@ -26,6 +26,36 @@ def fp8_dequantize_blocks(q, scale):
     return q.astype(np.float32) * np.repeat(np.repeat(scale, FP8_BLOCK, 0), FP8_BLOCK, 1)[:rows, :cols]
 
 
+def fp8_act_quant(x, block=FP8_BLOCK):
+    """DeepSeek's act_quant: each row's blocks of `block` channels scaled by amax / 448 (float32) and cast to e4m3
+    -> (values [M, nk * block], the last block zero-padded; scales [M, nk])."""
+    m, k = x.shape
+    nk = -(-k // block)
+    q, s = np.zeros((m, nk * block), E4M3), np.zeros((m, nk), np.float32)
+    for i in range(m):
+        for b in range(nk):
+            part = x[i, b * block:(b + 1) * block].astype(np.float32)
+            # amax / 448 and part / s as products with float32 reciprocals (the rounding ktjax reproduces; within
+            # an ulp of DeepSeek's divisions); amax floored at 1e-4, as DeepSeek-V3.2's act_quant
+            s[i, b] = np.float32(max(float(np.abs(part).max()), 1e-4)) * np.float32(1 / 448)
+            q[i, b * block:b * block + part.size] = (part * (np.float32(1) / s[i, b])).astype(E4M3)
+    return q, s
+
+
+def fp8_gemm(x, w_q, w_scale, block=FP8_BLOCK):
+    """DeepSeek's fp8_gemm for a weight in ktjax's [in, out] layout (w_q e4m3 [K, N], w_scale [K/128, N/128]):
+    the activations quantized by fp8_act_quant, then over each block of 128 inputs the product of the e4m3
+    values times the row's and the weight block's scales, summed in float64."""
+    x_q, x_s = fp8_act_quant(x, block)
+    k, n = w_q.shape
+    y = np.zeros((x.shape[0], n))
+    for b in range(x_s.shape[1]):
+        rows = slice(b * block, min((b + 1) * block, k))
+        part = x_q[:, rows].astype(np.float64) @ w_q[rows].astype(np.float64)
+        y += part * x_s[:, b:b + 1] * np.repeat(w_scale[b].astype(np.float64), block)[:n]
+    return y
+
+
 def route_ref(logits, bias, *, arch, scoring, method, n_group, topk_group, k, norm, scale):
     """DeepSeek-V2's MoEGate (V2) and DeepSeek-V3's gate (V3), row by row in numpy."""
     out_w, out_i = [], []

@@ -83,7 +83,7 @@ def test_attention_kernel_rules():
     auto = dataclasses.replace(pallas, setting="auto")
     notes = []
     assert auto.attention_kernel(layout=object(), notes=notes) is None and notes == []
-    assert pallas.stats(kernel) == {"attention": "pallas", "cpu_kernels": False}
+    assert pallas.stats(kernel) == {"attention": "pallas", "cpu_kernels": False, "fp8_matmul": "dequantize"}
     assert pallas.stats(None)["attention"] == "xla"
     assert backend.Backend("xla", "xla", "xla", False, False).attention_kernel() is None
 

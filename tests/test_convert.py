@@ -17,7 +17,7 @@ from folder_edits import BAD_INPUTS, shards
 from ktjax.weights.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.weights.convert import main
 from ktjax.errors import KtjaxError
-from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_quantize_blocks
+from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_gemm, fp8_quantize_blocks
 from synthetic_folders import WIDE_EXPERTS, write_synthetic_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,6 +284,51 @@ def test_fp8_logits_match_the_dequantized_model(fp8_converted, rng, moe_impl):
     assert err <= FP8_VS_DEQUANT
     if moe_impl == "gather":  # the decode path too: chunked prefill through the latent cache
         assert rel_err(kept.cached_logits(ids), dequantized.cached_logits(ids)) <= FP8_VS_DEQUANT
+
+
+@pytest.mark.parametrize("moe_impl", ["gather", "blocked"])
+def test_fp8_products_in_the_model_equal_deepseeks_fp8_gemm(fp8_converted, rng, moe_impl, monkeypatch):
+    """fp8_matmul fp8: every FP8 weight's product of up to 8 rows takes FP8 operands, and each product the model
+    makes (its own inputs, weights and scales, recorded from inside the compiled programs) equals the numpy
+    transcription of DeepSeek's act_quant + fp8_gemm. Checked product by product, not on the logits: e4m3
+    rounding is a step function, so a float32-versus-float64 difference of 1e-7 in one product can round a
+    later activation a whole e4m3 step apart (seen here: logits 5% apart from position 2 on)."""
+    import jax
+    from ktjax.model import quantized
+    from ktjax.model.decoder import PerLayer
+
+    kept = _engine(fp8_converted("fp8"), moe_impl=moe_impl, fp8_matmul="fp8", chunk_size=1)
+    params = jax.tree_util.tree_leaves(kept.state, is_leaf=lambda x: isinstance(x, (PerLayer, quantized.QuantizedArray)))
+    assert sum(isinstance(x, quantized.Fp8Products) for x in params) == 17  # every FP8 weight (see above)
+    assert kept.backend.stats(None)["fp8_matmul"] == "fp8"
+    products, real = [], quantized.block_scaled_matmul
+
+    def recorded(x, q, scale):
+        y = real(x, q, scale)
+        jax.debug.callback(lambda *a: products.append([np.asarray(v) for v in a]), x, q, scale, y)
+        return y
+
+    monkeypatch.setattr(quantized, "block_scaled_matmul", recorded)
+    ids = rng.integers(0, FP8_CONFIG["vocab_size"], size=(2, 8))
+    fp8_cached = kept.cached_logits(ids)  # a chunk of one position, batch 2: decode-sized steps
+    rows = {x.shape[0] for x, *_ in products}  # the batch's 2 rows; routed experts 1 (gather) or a block of 6
+    assert 2 in rows and max(rows) <= quantized.FP8_PRODUCT_ROWS
+    monkeypatch.setattr(quantized, "FP8_PRODUCT_ROWS", 64)  # a full forward pads 8 positions to 16 rows
+    jax.clear_caches()  # the layer function is traced once per structure (model/decoder.py): trace it again
+    fp8_full = kept.logits(ids[:1])
+    assert 16 in {x.shape[0] for x, *_ in products}
+    errors = [rel_err(y, fp8_gemm(x, q, scale)) for x, q, scale, y in products]
+    print(f"{len(products)} FP8 products against DeepSeek's fp8_gemm: max relative error {max(errors):.2e}")
+    assert max(errors) <= FP8_VS_DEQUANT
+    dequantized = _engine(fp8_converted("fp8"), moe_impl=moe_impl, fp8_matmul="dequantize")
+    assert rel_err(fp8_full, dequantized.logits(ids[:1])) > 100 * FP8_VS_DEQUANT  # the e4m3 rounding shows
+    assert rel_err(fp8_cached, dequantized.cached_logits(ids)) > 100 * FP8_VS_DEQUANT
+
+
+def test_fp8_matmul_auto_dequantizes_on_a_cpu(fp8_converted):
+    engine = _engine(fp8_converted("fp8"), fp8_matmul="auto")
+    assert engine.backend.fp8_matmul == "dequantize"
+    assert engine.backend.stats(None)["fp8_matmul"] == "dequantize"
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])

@@ -152,7 +152,7 @@ def test_the_lease_script_runs_existing_scripts_with_flags_they_take():
     root = Path(__file__).resolve().parent.parent
     commands = _lease_commands()
     assert {script for script, _ in commands} == {"benchmarks/gpu_e2e.py", "benchmarks/bench_mla_kernels.py",
-                                                  "benchmarks/gpu_check.py"}
+                                                  "benchmarks/gpu_check.py", "benchmarks/bench_fp8.py"}
     helps = {}
     for script, flags in commands:
         if script not in helps:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax.model.fp8 import FP8_DTYPES
+from ktjax.model.fp8 import FP8_DTYPES, block_scaled_matmul
 from ktjax.model.fp8 import dequantize as fp8_dequantize
 
 WEIGHT_FORMATS = ("int8", "int4")
@@ -144,6 +144,30 @@ class QuantizedArray:
         return dequantize_weight(self, dtype)
 
 
+# Up to this many rows an Fp8Products weight multiplies FP8 operands; more rows (prefill chunks) dequantize: the
+# per-block products' float32 intermediate is 4 M / 128 of the weight's bytes (fp8.block_scaled_matmul), a quarter
+# at 8 rows, while a prefill's product is bound by arithmetic, not by reading the weight.
+FP8_PRODUCT_ROWS = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Products(QuantizedArray):
+    """An FP8 weight (e4m3 values, 128 x 128 block scales) whose products take FP8 operands: the setting
+    fp8_matmul fp8 (runtime/backend.py holds FP8 weights as this). Stored and indexed as a QuantizedArray."""
+
+    def __getitem__(self, index):
+        return Fp8Products(self.values[index], self.scale[index])
+
+
+def hold_fp8_products(w):
+    """An FP8 QuantizedArray as Fp8Products (values and scales shared, no copy); anything else as it is."""
+    if isinstance(w, QuantizedArray) and not isinstance(w, Fp8Products) and np.dtype(
+            jax.tree.leaves(w.values)[0].dtype) in FP8_DTYPES:  # values: an array, or PerLayer arrays
+        return Fp8Products(w.values, w.scale)
+    return w
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class OutIn:
@@ -240,6 +264,9 @@ def matmul(x, w):
         return x @ w.astype(x.dtype)
     values, scale = w.values, w.scale
     if np.dtype(values.dtype) in FP8_DTYPES:
+        rows = x.reshape(-1, x.shape[-1])
+        if isinstance(w, Fp8Products) and rows.shape[0] <= FP8_PRODUCT_ROWS and values.ndim == 2:
+            return block_scaled_matmul(rows, values, scale).astype(x.dtype).reshape(*x.shape[:-1], -1)
         return x @ fp8_dequantize(values, scale, x.dtype)
     lead, d_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, d_in)

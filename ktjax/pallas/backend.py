@@ -2,7 +2,8 @@
 
 Absorbed attention over a dense cache (decode steps and prefill chunks: mla_kernels.py), over a paged one
 (paged.py) and a decode step's sparse attention (sparse_kernels.py); the naive form and a sequence-sharded
-cache stay on the XLA path.
+cache stay on the XLA path. Those are Pallas Triton kernels; on Hopper and later a decode step over a bf16 dense
+cache runs the Mosaic GPU kernel (mosaic.py) instead where $KTJAX_MOSAIC=1 (until a GPU run has measured it).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 from ktjax.kv.cache import AttentionKernel
 from ktjax.kv.quant import from_bits
 from ktjax.kv.sparse import select_topk
+from ktjax.pallas import mosaic
 from ktjax.pallas.mla_kernels import mla_decode, mla_prefill
 from ktjax.pallas.paged import kernel_fits, paged_attention
 from ktjax.pallas.sparse_kernels import index_scores_decode, sparse_decode
@@ -25,6 +27,8 @@ class PallasAttention(AttentionKernel):
     def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         c_kv, scales, k_pe = _layer_values(cache, layer)
         kw = dict(fmt=cache.fmt, scale=scale, block=cache.block)
+        if q_lat.shape[1] == 1 and mosaic.chosen(cache.fmt.name):
+            return mosaic.mla_decode_mosaic(q_lat[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale)[:, None]
         if q_lat.shape[1] == 1:
             return mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
         return mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)

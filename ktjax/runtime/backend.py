@@ -1,5 +1,5 @@
 """The backend door: which code runs the model's matmuls and its attention over the cache, chosen once per
-Engine from the settings (cpu_kernels, attention, weight_layout, activation_quant) and the devices.
+Engine from the settings (cpu_kernels, attention, weight_layout, activation_quant, fp8_matmul) and the devices.
 
 XLA runs everything unless a backend takes over (its references: ktjax/model, ktjax/kv/attention.py). A backend
 is a package with a module registered in BACKENDS (one line) that answers the door's questions:
@@ -25,7 +25,9 @@ import jax
 import numpy as np
 
 from ktjax.errors import KtjaxError
-from ktjax.model.decoder import hold_out_in, matmul_weight_dtypes
+from ktjax.model.decoder import hold_out_in, map_matmul_weights, matmul_weight_dtypes
+from ktjax.model.fp8 import FP8_DTYPES
+from ktjax.model.quantized import hold_fp8_products
 
 BACKENDS = {"cpu": "ktjax.cpu.backend", "pallas": "ktjax.pallas.backend"}
 XLA = "xla"  # no backend: the XLA references
@@ -48,6 +50,7 @@ class Backend:
     int8_activations: bool       # activation_quant int8
     why_not: str | None = None
     notes: list = dataclasses.field(default_factory=list)
+    fp8_matmul: str = "dequantize"  # the setting fp8_matmul resolved: "fp8" or "dequantize"
 
     @property
     def cpu_kernels(self) -> bool:
@@ -62,6 +65,13 @@ class Backend:
             state = implementation(self.name).hold(state, consume, int8_activations=self.int8_activations)
         if self.int8_activations:
             self._check_activation_quant(state)
+        has_fp8 = bool(matmul_weight_dtypes(state) & set(FP8_DTYPES))
+        if self.fp8_matmul == "fp8" and has_fp8:
+            state = map_matmul_weights(state, hold_fp8_products)  # the same arrays, multiplied as FP8 operands
+        elif self.fp8_matmul == "fp8":
+            self.fp8_matmul = "dequantize"
+            self.notes.append("fp8_matmul fp8: the model has no FP8 weights (python -m ktjax.convert --weights fp8 "
+                              "keeps those of a DeepSeek-V3 folder); nothing to multiply as FP8")
         return state
 
     def _check_activation_quant(self, state):
@@ -104,7 +114,8 @@ class Backend:
     def stats(self, kernel) -> dict:
         """The values a generation reports: the attention that ran over its cache, and whether the CPU kernels
         ran."""
-        return {"attention": XLA if kernel is None else kernel.name, "cpu_kernels": self.cpu_kernels}
+        return {"attention": XLA if kernel is None else kernel.name, "cpu_kernels": self.cpu_kernels,
+                "fp8_matmul": self.fp8_matmul}
 
 
 def grouped_moe_impl() -> str:
@@ -136,7 +147,18 @@ def choose(runtime, state, n_devices: int) -> Backend:
         raise KtjaxError(f"attention cpu runs in ktjax's C++ kernels, and they do not run here ({why_not}); use "
                          "attention auto or xla")
     return Backend(name, attention, runtime.attention, runtime.out_in, runtime.activation_quant == "int8",
-                   why_not, notes)
+                   why_not, notes, _fp8_matmul(runtime.fp8_matmul, platform))
+
+
+def _fp8_matmul(setting: str, platform: str) -> str:
+    """fp8_matmul resolved: auto = FP8 operands where the GPU multiplies them natively (Ada, Hopper and later)."""
+    if setting != "auto":
+        return setting
+    if platform != "gpu":
+        return "dequantize"
+    from ktjax.pallas import platform as gpu
+    cap = gpu.compute_capability()
+    return "fp8" if cap is not None and cap >= gpu.FP8_NATIVE_MIN_CAPABILITY else "dequantize"
 
 
 def _why_no_cpu_kernels(runtime, state, elsewhere: str | None, notes: list) -> str | None:

@@ -28,6 +28,7 @@ MOE_IMPLS = ("auto", "gather", "ragged", "blocked")
 WEIGHT_LAYOUTS = ("in-out", "out-in")
 CPU_KERNELS = ("auto", "on", "off")
 ACTIVATION_QUANTS = ("off", "int8")
+FP8_MATMULS = ("auto", "dequantize", "fp8")
 SPECULATIVE = ("off", "mtp")
 EXPERT_PLACES = ("device", "host")
 _BOOL = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
@@ -226,6 +227,15 @@ SETTINGS: dict[str, Setting] = {
                                        "carry the activations' rounding as well. Needs int8/int4 weights and "
                                        "cpu_kernels; off = float32 activations, as the reference",
                                 _choice(ACTIVATION_QUANTS), ACTIVATION_QUANTS),
+    "fp8_matmul": Setting("auto", "products over FP8 weights (a checkpoint converted with --weights fp8): fp8 = "
+                                  "FP8 operands, as DeepSeek's fp8_gemm (each input row quantized to e4m3 per "
+                                  "128 channels, each block's product scaled by the row's and the weight's block "
+                                  "scales) for steps of up to 8 rows, larger ones dequantized; dequantize = the "
+                                  "weight dequantized to the compute dtype before each product (the reference); "
+                                  "auto = fp8 on a GPU of compute capability 8.9 or later, else dequantize (a CPU "
+                                  "emulates FP8 products: correct, slower). The logits then carry the "
+                                  "activations' e4m3 rounding (docs/results.md)",
+                          _choice(FP8_MATMULS), FP8_MATMULS),
     "experts": Setting("device", "where the routed experts live: device = with the other weights; host = in host "
                                  "RAM, computed by the CPU (ktransformers' layout: attention, dense layers, shared "
                                  "experts and the cache stay on the device). memory_budget then budgets the device "
@@ -311,6 +321,7 @@ class RuntimeConfig:
     weight_layout: str = _default("weight_layout")
     cpu_kernels: str = _default("cpu_kernels")
     activation_quant: str = _default("activation_quant")
+    fp8_matmul: str = _default("fp8_matmul")
     experts: str = _default("experts")
     gpu_experts: int | tuple = _default("gpu_experts")
     defer_experts: int = _default("defer_experts")
