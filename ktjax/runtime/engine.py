@@ -136,10 +136,16 @@ class Engine:
     def new_cache(self, batch: int, plan: CachePlan, notes: list | None = None, extra_layers: int = 0) -> LatentCache:
         """An empty cache, sharded along the sequence (and batch on a 2-D mesh) when the engine has a mesh.
         extra_layers=1: with the MTP module's slice (speculative mtp)."""
+        return self.cache_factory(batch, plan, notes, extra_layers)()
+
+    def cache_factory(self, batch: int, plan: CachePlan, notes: list | None = None,
+                      extra_layers: int = 0) -> Callable[[], LatentCache]:
+        """new_cache as a function that allocates it (its layout and kernel chosen, and their notes said, here):
+        jax.eval_shape of it gives the shapes the programs compile for before the cache takes memory."""
         layout = sharding.cache_layout(self.mesh, batch, notes)
         kernel = self.backend.attention_kernel(layout=layout, notes=notes)
-        return LatentCache.create(self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens, block=plan.block,
-                                  attention=kernel, layout=layout, extra_layers=extra_layers)
+        return functools.partial(LatentCache.create, self.cfg, self.runtime.cache_dtype, batch, plan.cache_lens,
+                                 block=plan.block, attention=kernel, layout=layout, extra_layers=extra_layers)
 
     def input_spec(self, shape, dtype):
         """An abstract replicated input of a compiled program (on the mesh when there is one). Public, with
@@ -410,10 +416,9 @@ class Engine:
         notes = list(self.notes) + ([plan.note] if plan.note else [])
         way = PlainDecoding(self) if spec is None else spec
         try:
-            cache = self.new_cache(b, plan, notes, extra_layers=0 if spec is None else 1)
-            per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
-            tokens, times, run_stats = self._run(way, cache, prompts, chunk, call, stop_ids, sampling, on_tokens,
-                                                 on_start, progress)
+            allocate = self.cache_factory(b, plan, notes, extra_layers=0 if spec is None else 1)
+            tokens, times, run_stats, attention, per_device = self._run(
+                way, allocate, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start, progress)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 fmt = self.runtime.cache_dtype
@@ -421,16 +426,21 @@ class Engine:
                                  f"({format_bytes(cache_bytes(self.cfg, fmt, b, plan.cache_lens))}); use a smaller "
                                  "--cache-lens or a narrower --cache-dtype (int8, int4)") from None
             raise
-        stats = self._stats(prompts, tokens, times, plan, chunk, notes, cache.attention, per_device)
+        stats = self._stats(prompts, tokens, times, plan, chunk, notes, attention, per_device)
         return Generation(tokens, {**stats, **run_stats})
 
-    def _run(self, way, cache, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
+    def _run(self, way, allocate, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
              progress):
         """Engine.generate's phases, timed and reported once whichever `way` decodes (PlainDecoding, or
-        speculative.Speculation): compile its programs, prefill, decode -> (tokens per sequence, (compile_s,
-        prefill_s, time to first token after the prefill, decode_s), the way's own stats)."""
+        speculative.Speculation): compile its programs, allocate the cache (`allocate()`), prefill, decode ->
+        (tokens per sequence, (compile_s, prefill_s, time to first token after the prefill, decode_s), the way's
+        own stats, the cache's attention kernel, its bytes on the most loaded device)."""
         b = len(prompts)
         t0 = time.perf_counter()
+        # The programs compile for the cache's shapes before it is allocated: compiling (or loading a program
+        # from JAX's cache) takes 1-2 GB of heap for a while at V2-Lite's size, which then never meets the cache's
+        # memory at its peak (docs/results.md, "Memory at real size").
+        cache = jax.eval_shape(allocate)
         builds = way.programs(cache, b, chunk, stop_ids.shape)
         progress.phase("compile", len(builds), "programs")
         programs = []
@@ -438,6 +448,8 @@ class Engine:
             programs.append(build())
             progress.update(len(programs))
         compile_s = time.perf_counter() - t0
+        cache = allocate()
+        per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
         if on_start is not None:
             on_start()
         t0 = time.perf_counter()
@@ -449,7 +461,7 @@ class Engine:
         tokens, ttft, decode_s, stats = way.decode(programs, cache, prefilled, prompts, call, stop_ids, sampling,
                                                    on_tokens, progress)
         progress.end()
-        return tokens, (compile_s, prefill_s, ttft, decode_s), stats
+        return tokens, (compile_s, prefill_s, ttft, decode_s), stats, cache.attention, per_device
 
     def _stats(self, prompts, tokens, times, plan: CachePlan, chunk: int, notes, attention, cache_per_device) -> dict:
         """A generation's statistics (README, "Generate"; docs/running.md)."""
