@@ -30,7 +30,7 @@ from timing import time_median  # benchmarks/timing.py
 from ktjax.kv import attention
 from ktjax.kv import formats as cf
 from ktjax import pallas
-from ktjax.pallas import mosaic, platform
+from ktjax.pallas import platform
 
 FORMATS = ["bf16", "fp8", "int8", "int4", "float32"]
 
@@ -92,6 +92,7 @@ def bench_one(a, fmt, batch, context, copy_bw, key):
     config = pallas.KernelConfig(block_m=a.block_m, block_k=a.block_k, num_splits=a.num_splits,
                                  num_warps=a.num_warps, num_stages=a.num_stages)
     if a.kernel == "mosaic":  # bf16 values only: (q_lat, q_pe, c_kv, scales None, k_pe, lengths)
+        from ktjax.pallas import mosaic  # Mosaic GPU imported only when asked for
         kernel = jax.jit(lambda q_lat, q_pe, c_kv, _, k_pe, lengths: mosaic.mla_decode_mosaic(
             q_lat, q_pe, c_kv, k_pe, lengths, scale=scale, num_splits=a.num_splits, interpret=a.interpret))
     else:

@@ -13,7 +13,8 @@ import pytest
 from ktjax.kv.attention import mla_decode_xla
 from ktjax.kv.formats import FORMATS
 from ktjax.pallas import mosaic
-from ktjax.pallas.mosaic import choose_splits, mla_decode_mosaic, smem_bytes
+from ktjax.pallas.mla_kernels import choose_num_splits
+from ktjax.pallas.mosaic import mla_decode_mosaic, smem_bytes
 from pallas_mode import INTERPRET, skip_without_gpu
 
 pytestmark = skip_without_gpu
@@ -111,12 +112,9 @@ def test_other_cache_formats_are_not_implemented(rng, fmt_dtype):
     (4, 200, 132, 2, 1),          # a context shorter than one split's minimum
     (4, 0, 132, 2, 1),            # never below one split
 ])
-def test_choose_splits(batch, n_keys, n_sms, rows, expected):
-    assert choose_splits(batch, n_keys, n_sms, rows) == expected
-
-
-def test_choose_splits_defaults_to_one_program_per_sequence():
-    assert choose_splits(2, 8192, 132) == 32  # 66 wanted, capped at 8192 / 256
+def test_one_wave_of_splits(batch, n_keys, n_sms, rows, expected):
+    """The kernel's split count: choose_num_splits with one wave (one program fills an SM's shared memory)."""
+    assert choose_num_splits(batch * rows, n_keys, n_sms, waves=1) == expected
 
 
 def test_default_tiles_fit_hopper_shared_memory(rng):

@@ -14,7 +14,7 @@ import jax
 from ktjax.kv.cache import AttentionKernel
 from ktjax.kv.quant import from_bits
 from ktjax.kv.sparse import select_topk
-from ktjax.pallas import mosaic
+from ktjax.pallas import platform
 from ktjax.pallas.mla_kernels import mla_decode, mla_prefill
 from ktjax.pallas.paged import kernel_fits, paged_attention
 from ktjax.pallas.sparse_kernels import index_scores_decode, sparse_decode
@@ -27,8 +27,10 @@ class PallasAttention(AttentionKernel):
     def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         c_kv, scales, k_pe = _layer_values(cache, layer)
         kw = dict(fmt=cache.fmt, scale=scale, block=cache.block)
-        if q_lat.shape[1] == 1 and mosaic.chosen(cache.fmt.name):
-            return mosaic.mla_decode_mosaic(q_lat[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale)[:, None]
+        if q_lat.shape[1] == 1 and platform.mosaic_requested():
+            from ktjax.pallas import mosaic  # Mosaic GPU is imported only where it is asked for
+            if mosaic.chosen(cache.fmt.name):
+                return mosaic.mla_decode_mosaic(q_lat[:, 0], q_pe[:, 0], c_kv, k_pe, lengths, scale=scale)[:, None]
         if q_lat.shape[1] == 1:
             return mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
         return mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)

@@ -155,9 +155,10 @@ def _largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def choose_num_splits(programs_per_split: int, cache_len: int, cores: int) -> int:
-    """Enough programs to fill the GPU twice over, but no split shorter than MIN_TOKENS_PER_SPLIT tokens."""
-    wanted = pl.cdiv(2 * cores, programs_per_split)
+def choose_num_splits(programs_per_split: int, cache_len: int, cores: int, waves: int = 2) -> int:
+    """Enough programs to fill the GPU `waves` times over (two for the Triton kernels; one for the Mosaic kernel,
+    whose program takes a whole SM's shared memory), but no split shorter than MIN_TOKENS_PER_SPLIT tokens."""
+    wanted = pl.cdiv(waves * cores, programs_per_split)
     return int(max(1, min(wanted, cache_len // MIN_TOKENS_PER_SPLIT)))
 
 

@@ -18,7 +18,8 @@ i + 1 is in flight while tile i is multiplied. The queries stay in shared memory
 scores [64, block_k] = q_lat @ c_kv^T + q_pe @ k_pe^T and out [64, 256] += p @ c_kv[:, value block] run on
 the tensor cores (wgmma, bf16 operands, float32 accumulators); p goes through shared memory (bf16) as the
 A operand. Shared memory with the defaults (block_k 32, R 512, r 64): ~212 KB of the 227 KB a Hopper CTA
-may have (`smem_bytes`), so one CTA per SM and `choose_splits` aims at one wave of n_sms programs.
+may have (`smem_bytes`), so one CTA per SM and `choose_num_splits` (mla_kernels.py) aims at one wave of
+programs over the SMs.
 
 Not yet measured: this kernel has never run on a GPU, so neither its speed nor its compilation is known. It is
 checked only in Mosaic GPU interpret mode (tests/test_mosaic.py), which runs the same kernel body on the CPU
@@ -37,7 +38,6 @@ kernel (ktjax/pallas/mla_kernels.py) for them.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -46,29 +46,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ktjax.pallas import platform
+from ktjax.pallas.mla_kernels import choose_num_splits
 
 NEG = -1e30                 # finite "minus infinity": exp(NEG - m) is 0 with no inf - inf
 HEAD_BLOCK = 64             # wgmma M: one warpgroup's rows
 VALUE_BLOCK = 256           # output channels per program (the accumulator's registers)
 LANE = 64                   # bf16 elements in a 128-byte swizzle row: R and r are padded to it
-MIN_KEYS_PER_SPLIT = 256    # no split shorter than this (its merge would cost more than it saves)
 SMEM_LIMIT = 227 * 1024     # shared memory one Hopper CTA may use
 MIN_CAPABILITY = (9, 0)     # wgmma and TMA: Hopper
-# Set to 1 to run this kernel for decode steps over a bf16 dense cache on Hopper and later (ktjax/pallas/backend.py).
-# Off by default until a GPU run has compiled and timed it (benchmarks/gpu_check.py runs its tests compiled).
-MOSAIC_ENV = "KTJAX_MOSAIC"
 
 
 # ------------------------------------------------------------------------------------------- sizing
-
-def choose_splits(batch: int, n_keys: int, n_sms: int, rows_per_sequence: int = 1) -> int:
-    """Splits of the key range per sequence: enough programs for one wave over n_sms SMs (one CTA fits an
-    SM, see smem_bytes), but no split shorter than MIN_KEYS_PER_SPLIT keys. `rows_per_sequence`: the
-    programs one sequence already has per split (head blocks x value blocks)."""
-    programs = max(1, batch * rows_per_sequence)
-    wanted = -(-n_sms // programs)
-    return int(max(1, min(wanted, n_keys // MIN_KEYS_PER_SPLIT)))
-
 
 def smem_bytes(rank_p: int, rope_p: int, block_k: int, value_block: int) -> int:
     """Shared memory of one program: queries, two buffers of key tiles, p, and the output staging."""
@@ -247,8 +235,8 @@ def supported() -> bool:
 
 def chosen(fmt_name: str) -> bool:
     """Whether the Pallas backend runs this kernel for a decode step over a dense cache of this format: asked for
-    ($KTJAX_MOSAIC=1), a bf16 cache, on a GPU that runs it."""
-    return os.environ.get(MOSAIC_ENV) == "1" and fmt_name == "bf16" and supported()
+    ($KTJAX_MOSAIC=1: platform.MOSAIC_ENV), a bf16 cache, on a GPU that runs it."""
+    return platform.mosaic_requested() and fmt_name == "bf16" and supported()
 
 
 def _pad_axis(x, axis: int, size: int):
@@ -279,7 +267,7 @@ def mla_decode_mosaic(q_lat, q_pe, c_kv, k_pe, lengths, *, scale: float, block_k
 
     The queries are rounded to bf16 (the tensor cores' operands); scores, softmax and sums are float32.
     block_k: keys per tile (a multiple of 16; the cache is padded to it if T is not). num_splits: splits
-    of the key range per sequence, None for choose_splits. interpret: None (compiled on a GPU, interpret
+    of the key range per sequence, None for choose_num_splits. interpret: None (compiled on a GPU, interpret
     mode elsewhere), a bool, or a jax InterpretGPUParams."""
     _check_inputs(q_lat, q_pe, c_kv, k_pe, lengths)
     if block_k % 16:
@@ -305,7 +293,8 @@ def mla_decode_mosaic(q_lat, q_pe, c_kv, k_pe, lengths, *, scale: float, block_k
     q_lat = _pad_axis(_pad_axis(q_lat.astype(jnp.bfloat16), 2, rank_p), 1, heads_p)
     q_pe = _pad_axis(_pad_axis(q_pe.astype(jnp.bfloat16), 2, rope_p), 1, heads_p)
     if num_splits is None:
-        num_splits = choose_splits(b, cache_len, platform.core_count(), head_blocks * value_blocks)
+        # one CTA per SM (smem_bytes), so one wave of programs; a sequence has head x value blocks per split
+        num_splits = choose_num_splits(b * head_blocks * value_blocks, cache_len, platform.core_count(), waves=1)
 
     kernel = functools.partial(_decode_kernel, scale=float(scale), block_k=block_k, num_splits=num_splits,
                                value_blocks=value_blocks, interpret=interpret is not None)

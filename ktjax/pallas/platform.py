@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import jax
@@ -63,6 +64,16 @@ def wide_tiles() -> bool:
     """Whether the GPU's shared memory holds kernel_config's wide tiles (64 rows x 64 keys of bf16)."""
     cap = compute_capability()
     return cap is not None and cap >= WIDE_TILES_MIN_CAPABILITY
+
+
+# Set to 1 to run the Mosaic GPU decode kernel (mosaic.py) for decode steps over a bf16 dense cache on Hopper and
+# later (backend.py). Off by default until a GPU run has compiled and timed it (gpu_check.py runs its tests
+# compiled). Read here, so that the Pallas backend imports Mosaic GPU only when it is asked for.
+MOSAIC_ENV = "KTJAX_MOSAIC"
+
+
+def mosaic_requested() -> bool:
+    return os.environ.get(MOSAIC_ENV) == "1"
 
 
 def core_count() -> int:
