@@ -17,7 +17,8 @@ from ktjax.pallas.mla_kernels import choose_num_splits
 from ktjax.pallas.mosaic import mla_decode_mosaic, smem_bytes
 from pallas_mode import INTERPRET, skip_without_gpu
 
-pytestmark = skip_without_gpu
+pytestmark = [skip_without_gpu, pytest.mark.skipif(not INTERPRET and not mosaic.supported(),
+                                                   reason="compiled, the Mosaic kernel needs compute capability 9.0")]
 
 BF16 = FORMATS["bf16"]
 
