@@ -127,6 +127,34 @@ def test_engine_from_a_per_layer_load_computes_as_from_a_stacked_one(smoke_check
     np.testing.assert_array_equal(loaded, ktjax.load_model(cfg, model).logits(prompt))
 
 
+def test_generate_compiles_every_program_before_the_cache_takes_memory(smoke_checkpoint, monkeypatch):
+    """Engine.generate lowers its programs for the cache's shapes and allocates the cache after them, so that a
+    compile's heap (1-2 GB at V2-Lite's size) and the cache never peak together (docs/results.md, "Memory at real
+    size"; Engine._run, which speculative generation shares). Recorded: each compile, and each LatentCache.create,
+    as an allocation or (traced) as shapes only."""
+    import ktjax
+    from ktjax.kv.cache import LatentCache
+
+    events, create, compile_ = [], LatentCache.create.__func__, jax.stages.Lowered.compile
+
+    def recorded_create(cls, *args, **kwargs):
+        cache = create(cls, *args, **kwargs)
+        events.append("shapes" if isinstance(cache.c_kv, jax.core.Tracer) else "allocate")
+        return cache
+
+    def recorded_compile(self, *args, **kwargs):
+        events.append("compile")
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentCache, "create", classmethod(recorded_create))
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recorded_compile)
+    engine = ktjax.load(smoke_checkpoint)
+    events.clear()
+    engine.generate([list(range(3, 15))], max_new_tokens=4, ignore_eos=True)
+    assert events.count("allocate") == 1 and events.count("compile") >= 3, events
+    assert events.index("shapes") < events.index("compile") and events[-1] == "allocate", events
+
+
 def test_plan_counts_host_experts_in_the_same_ram_on_a_cpu(smoke_checkpoint, monkeypatch):
     """On a CPU-only machine the experts in host RAM and the device side share one budget: auto plans
     host_bytes / bytes-per-token fewer tokens, and the stats report both memories."""
