@@ -30,17 +30,17 @@ step() {  # step NAME SECONDS COMMAND...: one step under its own hard limit, its
 case "$PART" in
     1)
         step gpu_e2e 330 "$PYTHON" benchmarks/gpu_e2e.py --deadline 300 --out "$OUT_DIR/gpu_e2e.jsonl"
-        step kernels_16_heads 160 "$PYTHON" benchmarks/bench_mla_kernels.py --heads 16 --contexts 32768 131072 \
+        step kernels_16_heads 150 "$PYTHON" benchmarks/bench_mla_kernels.py --heads 16 --contexts 32768 131072 \
             --batches 1 8 --repeats 5 --keep-going --jsonl "$OUT_DIR/kernels_16_heads.jsonl"
         step mosaic_16_heads 60 "$PYTHON" benchmarks/bench_mla_kernels.py --kernel mosaic --formats bf16 \
             --heads 16 --contexts 32768 131072 --batches 1 8 --repeats 5 --keep-going \
             --jsonl "$OUT_DIR/mosaic_16_heads.jsonl"
         ;;
     2)
-        step hybrid 300 "$PYTHON" benchmarks/gpu_e2e.py --hybrid --deadline 270 --out "$OUT_DIR/hybrid.jsonl"
-        step gpu_check 220 "$PYTHON" benchmarks/gpu_check.py --out "$OUT_DIR/gpu_check" --budget 200 \
+        step hybrid 290 "$PYTHON" benchmarks/gpu_e2e.py --hybrid --deadline 260 --out "$OUT_DIR/hybrid.jsonl"
+        step gpu_check 210 "$PYTHON" benchmarks/gpu_check.py --out "$OUT_DIR/gpu_check" --budget 190 \
             --steps env pallas_tests generate
-        step fp8_speed 50 "$PYTHON" benchmarks/bench_fp8.py speed --repeats 10
+        step fp8_speed 40 "$PYTHON" benchmarks/bench_fp8.py speed --repeats 10
         ;;
     *)
         echo "usage: bash benchmarks/gpu_lease.sh 1|2 [OUT_DIR]" >&2

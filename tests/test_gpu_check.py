@@ -162,3 +162,15 @@ def test_the_lease_script_runs_existing_scripts_with_flags_they_take():
             assert flag in helps[script], (script, flag)
     usage = subprocess.run(["bash", str(root / "benchmarks" / "gpu_lease.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_each_lease_command_fits_nine_minutes():
+    """gpu_lease.sh's steps' own limits add up to at most 9 minutes per part (a command may run 10)."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_lease.sh").read_text()
+    parts = re.findall(r"^\s+(\d)\)\n(.*?);;", text, flags=re.S | re.M)
+    assert [p for p, _ in parts] == ["1", "2"]
+    for part, body in parts:
+        limits = [int(s) for s in re.findall(r"^\s+step \S+ (\d+) ", body, flags=re.M)]
+        assert limits and sum(limits) <= 540, (part, limits)
