@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -27,14 +26,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 from eval_defer_experts import teacher_forced  # noqa: E402  (benchmarks/eval_defer_experts.py)
-from numpy_references import fp8_quantize_blocks  # noqa: E402  (tests/numpy_references.py)
+from numpy_references import FP8_QUANTIZATION_CONFIG, FP8_SHIPPED, fp8_quantize_blocks  # noqa: E402  (tests/)
 from timing import time_median  # noqa: E402  (benchmarks/timing.py)
 
 # [in, out] of DeepSeek-V3's matmuls (hidden 7168, q_lora 1536, 128 heads, kv_lora 512 + rope 64, expert 2048)
 V3_SHAPES = {"q_a_proj": (7168, 1536), "q_b_proj": (1536, 24576), "kv_a_proj": (7168, 576),
              "o_proj": (16384, 7168), "expert gate/up": (7168, 2048), "expert down": (2048, 7168)}
 SMOKE_SHAPES = {"q_a_proj": (256, 128), "expert down": (384, 256)}
-QUANTIZED = re.compile(r"_proj(_with_mqa)?\.weight$")  # every linear layer but the router, as DeepSeek ships
 
 
 def speed(a) -> list[dict]:
@@ -79,15 +77,14 @@ def fp8_demo_folder(out: str) -> str:
     with SafetensorsFile(os.path.join(hf, "model.safetensors")) as f:
         for name in f.keys():
             w = np.array(f.get(name))
-            if QUANTIZED.search(name):
+            if FP8_SHIPPED.search(name):
                 tensors[name], tensors[name + "_scale_inv"] = fp8_quantize_blocks(w.astype(np.float32))
             else:
                 tensors[name] = w
     save_file(tensors, os.path.join(hf, "model.safetensors"))
     with open(os.path.join(hf, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = FP8_QUANTIZATION_CONFIG
     with open(os.path.join(hf, "config.json"), "w") as f:
         json.dump(config, f)
     converted = os.path.join(out, "fp8")

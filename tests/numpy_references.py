@@ -1,10 +1,16 @@
 """Numpy transcriptions of DeepSeek's own rules, written independently of ktjax: what the tests hold ktjax's
 implementations to."""
+import re
+
 import ml_dtypes
 import numpy as np
 
 E4M3 = ml_dtypes.float8_e4m3fn
 FP8_BLOCK = 128  # DeepSeek-V3's FP8 weights: one scale per 128 x 128 block
+# The tensors DeepSeek ships in FP8 (every linear layer but the router), and its config.json entry saying so.
+FP8_SHIPPED = re.compile(r"_proj(_with_mqa)?\.weight$")
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 
 
 def fp8_quantize_blocks(w):

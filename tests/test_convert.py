@@ -17,7 +17,8 @@ from folder_edits import BAD_INPUTS, shards
 from ktjax.weights.checkpoint import LAYOUT_VERSION, MANIFEST, is_checkpoint, load_checkpoint, read_manifest, read_tensor
 from ktjax.weights.convert import main
 from ktjax.errors import KtjaxError
-from numpy_references import E4M3, FP8_BLOCK, fp8_dequantize_blocks, fp8_gemm, fp8_quantize_blocks
+from numpy_references import (E4M3, FP8_BLOCK, FP8_QUANTIZATION_CONFIG, FP8_SHIPPED, fp8_dequantize_blocks, fp8_gemm,
+                              fp8_quantize_blocks)
 from synthetic_folders import WIDE_EXPERTS, write_synthetic_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,6 @@ FP8_CONFIG = dict(_COMMON, hidden_size=160, intermediate_size=200, qk_nope_head_
                   q_lora_rank=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4,
                   topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-QUANTIZED = re.compile(r"_proj(_with_mqa)?\.weight$")  # every linear layer but the router, as DeepSeek ships
 
 
 def _fp8_tensors(folder):
@@ -135,7 +135,7 @@ def _fp8_tensors(folder):
     tensors[f"model.layers.{layers}.enorm.weight"] = np.ones(160, np.float32)
     out = {}
     for name, w in tensors.items():
-        if QUANTIZED.search(name):
+        if FP8_SHIPPED.search(name):
             out[name], out[name + "_scale_inv"] = fp8_quantize_blocks(w)
         elif name.endswith("e_score_correction_bias"):
             out[name] = rng.normal(0, 0.1, w.shape).astype(np.float32)  # float32 in the official checkpoint
@@ -166,9 +166,7 @@ def fp8_folder(tmp_path_factory):
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         raw = json.load(f)
-    raw.update(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}, num_nextn_predict_layers=1,
-               torch_dtype="bfloat16")
+    raw.update(quantization_config=FP8_QUANTIZATION_CONFIG, num_nextn_predict_layers=1, torch_dtype="bfloat16")
     with open(path, "w") as f:
         json.dump(raw, f)
     return folder, tensors
@@ -203,7 +201,7 @@ def _reference_tensors(tensors, dtype=np.float32):
     ref, stacks = {}, {}
     for name, q in tensors.items():
         m = re.match(r"model\.layers\.(\d+)\.(.*)\.weight$", name)
-        if not m or not QUANTIZED.search(name) or int(m.group(1)) >= FP8_CONFIG["num_hidden_layers"]:
+        if not m or not FP8_SHIPPED.search(name) or int(m.group(1)) >= FP8_CONFIG["num_hidden_layers"]:
             continue
         layer, rest = f"layers/{int(m.group(1)):03d}/", m.group(2)
         w = fp8_dequantize_blocks(q, tensors[name + "_scale_inv"]).astype(dtype)

@@ -51,7 +51,6 @@ def dequantize(q, scale, dtype, block: int = FP8_BLOCK):
     return (q.astype(jnp.float32) * s).astype(dtype)
 
 
-
 def quantize_rows(x, block: int = FP8_BLOCK):
     """x [M, K] -> (e4m3 values [M, nk, block], float32 scales [M, nk]) with nk = ceil(K / block), the last
     block zero-padded: each block of a row scaled by amax / 448 (DeepSeek's act_quant), so that its largest

@@ -65,8 +65,7 @@ class Backend:
             state = implementation(self.name).hold(state, consume, int8_activations=self.int8_activations)
         if self.int8_activations:
             self._check_activation_quant(state)
-        has_fp8 = bool(matmul_weight_dtypes(state) & set(FP8_DTYPES))
-        if self.fp8_matmul == "fp8" and has_fp8:
+        if self.fp8_matmul == "fp8" and matmul_weight_dtypes(state) & set(FP8_DTYPES):
             state = map_matmul_weights(state, hold_fp8_products)  # the same arrays, multiplied as FP8 operands
         elif self.fp8_matmul == "fp8":
             self.fp8_matmul = "dequantize"

@@ -440,8 +440,8 @@ class Engine:
         # The programs compile for the cache's shapes before it is allocated: compiling (or loading a program
         # from JAX's cache) takes 1-2 GB of heap for a while at V2-Lite's size, which then never meets the cache's
         # memory at its peak (docs/results.md, "Memory at real size").
-        cache = jax.eval_shape(allocate)
-        builds = way.programs(cache, b, chunk, stop_ids.shape)
+        shapes = jax.eval_shape(allocate)
+        builds = way.programs(shapes, b, chunk, stop_ids.shape)
         progress.phase("compile", len(builds), "programs")
         programs = []
         for build in builds:
