@@ -12,7 +12,6 @@ import pytest
 from ktjax.errors import KtjaxError
 from ktjax.kv import formats
 from ktjax.kv.cache import AttentionKernel, LatentCache
-from ktjax.kv.paged import PagedLatentCache
 from ktjax.runtime import backend
 from ktjax.runtime.settings import SETTINGS, RuntimeConfig
 
@@ -95,9 +94,7 @@ class Declines(AttentionKernel):
     asked: list = dataclasses.field(default_factory=list, hash=False, compare=False)
 
     def latent(self, cache, *args, **kw):
-        self.asked.append(type(cache).__name__)
-
-    paged_latent = latent
+        self.asked.append("dense" if cache.dense else "paged")
 
 
 def test_a_declining_kernel_leaves_the_xla_result(rng):
@@ -113,7 +110,7 @@ def test_a_declining_kernel_leaves_the_xla_result(rng):
     lengths = jnp.asarray([16, 5], jnp.int32)
     kernel = Declines()
     dense = LatentCache.create(cfg, fmt, 2, 16, block=16).write(0, pos, lat, k_pe)
-    paged = PagedLatentCache.create(cfg, fmt, 4, 16, batch=2, max_pages=1).with_table(jnp.asarray([[2], [0]]))
+    paged = LatentCache.pool(cfg, fmt, 4, 16, batch=2, max_pages=1).with_table(jnp.asarray([[2], [0]]))
     paged = paged.write(0, pos, lat, k_pe)
     for cache in (dense, paged):
         def run(c):
@@ -121,7 +118,7 @@ def test_a_declining_kernel_leaves_the_xla_result(rng):
         want = np.asarray(run(cache))
         got = np.asarray(run(dataclasses.replace(cache, attention=kernel)))
         np.testing.assert_array_equal(got, want)
-    assert kernel.asked == ["LatentCache", "PagedLatentCache"]
+    assert kernel.asked == ["dense", "paged"]
 
 
 @pytest.mark.usefixtures("cpu_kernels_built")

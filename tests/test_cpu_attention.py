@@ -14,7 +14,6 @@ from ktjax.cpu import kernels as cpu_kernels
 from ktjax.cpu.attention import ATTENTION as CPU_ATTENTION
 from ktjax.kv.cache import LatentCache
 from ktjax.kv.formats import FORMATS
-from ktjax.kv.paged import PagedLatentCache
 from ktjax.kv.quant import dequantize
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels_built")  # built at first use, not at collection
@@ -54,7 +53,7 @@ def _keys(cache, rank):
     c = dequantize(fmt, c_kv, scales, rank)
     k = jax.lax.bitcast_convert_type(k_pe, fmt.k_pe_dtype) if k_pe.dtype != fmt.k_pe_dtype else k_pe
     c, k = np.asarray(c, np.float64), np.asarray(k.astype(jnp.float32), np.float64)
-    if isinstance(cache, PagedLatentCache):
+    if not cache.dense:
         table = np.asarray(cache.page_table)
         c = c[table].reshape(table.shape[0], -1, rank)
         k = k[table].reshape(table.shape[0], -1, k.shape[-1])
@@ -87,7 +86,7 @@ def _caches(fmt, rank, rope, rows, rng):
     dense = LatentCache.create(cfg, fmt, rows, 768, block=256, attention=CPU_ATTENTION)
     width, page = 768 // 16, 16
     order = rng.permutation(rows * width).astype(np.int32).reshape(rows, width)
-    paged = PagedLatentCache.create(cfg, fmt, rows * width + 3, page, batch=rows, max_pages=width,
+    paged = LatentCache.pool(cfg, fmt, rows * width + 3, page, batch=rows, max_pages=width,
                                     attention=CPU_ATTENTION).with_table(jnp.asarray(order))
     return dense, paged
 

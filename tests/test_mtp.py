@@ -215,14 +215,13 @@ def test_mtp_writes_only_its_own_cache_slice(loaded, rng):
 
 
 def test_mtp_over_the_paged_cache_matches_the_dense_one(loaded, rng):
-    """PagedLatentCache.create(extra_layers=1): the MTP's slice in pages (scattered, out of order) drafts as the
+    """LatentCache.pool(extra_layers=1): the MTP's slice in pages (scattered, out of order) drafts as the
     dense cache's does, token by token."""
-    from ktjax.kv.paged import PagedLatentCache
 
     cfg = loaded.cfg
     hidden = rng.normal(size=(2, 5, cfg.hidden_size)).astype(np.float32)
     tokens = rng.integers(0, cfg.vocab_size, size=(2, 5))
-    paged = PagedLatentCache.create(cfg, FORMATS["float32"], 6, 4, batch=2, max_pages=4, extra_layers=1)
+    paged = LatentCache.pool(cfg, FORMATS["float32"], 6, 4, batch=2, max_pages=4, extra_layers=1)
     paged = paged.with_table(jnp.asarray([[3, 0, 5, 1], [2, 4, 1, 0]], jnp.int32))  # 5 tokens: 2 pages, each its own
     assert paged.c_kv.shape[0] == cfg.num_hidden_layers + 1
     dense_logits, dense_h = _step_by_step(loaded, hidden, tokens)

@@ -12,7 +12,6 @@ import ktjax
 from ktjax.runtime.engine import _prefill_chunk
 from ktjax.kv.cache import LatentCache
 from ktjax.kv.formats import resolve_format
-from ktjax.kv.paged import PagedLatentCache
 from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
 
 PAGE, CHUNK, SEQ = 8, 5, 29
@@ -59,7 +58,7 @@ def test_paged_logits_equal_dense(engine, fmt, absorb):
     # The same key blocks on both sides (4 pages of 8 = the dense block of 32), so both sum in the same order.
     dense = LatentCache.create(cfg, f, 2, 32, block=32, attention=None)
     width = 4  # 32 positions per sequence
-    paged = PagedLatentCache.create(cfg, f, 11, PAGE, attention=None).with_table(
+    paged = LatentCache.pool(cfg, f, 11, PAGE, attention=None).with_table(
         jnp.asarray(scattered_table(2, width, 11)))
     want = teacher_forced(engine, dense, tokens, absorb)
     got = teacher_forced(engine, paged, tokens, absorb)
@@ -68,7 +67,7 @@ def test_paged_logits_equal_dense(engine, fmt, absorb):
 
 def test_padding_and_unused_rows_write_nothing(engine):
     cfg = engine.cfg
-    paged = PagedLatentCache.create(cfg, resolve_format("int8"), 4, PAGE).with_table(jnp.asarray([[2, 0], [1, 3]]))
+    paged = LatentCache.pool(cfg, resolve_format("int8"), 4, PAGE).with_table(jnp.asarray([[2, 0], [1, 3]]))
     c_kv = jnp.ones((2, 3, cfg.kv_lora_rank))
     k_pe = jnp.ones((2, 3, cfg.qk_rope_head_dim))
     out = paged.write(0, jnp.asarray([[0, 9, 16], [15, 99, -1]]), c_kv, k_pe)
@@ -89,7 +88,7 @@ def test_pallas_paged_path_through_the_model(engine):
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, SEQ))
     table = jnp.asarray(scattered_table(2, 2, 5, seed=1))
     kernels = {"xla": None, "pallas": PALLAS_ATTENTION}
-    caches = {path: dataclasses.replace(PagedLatentCache.create(cfg, f, 5, 16), attention=kernel).with_table(table)
+    caches = {path: dataclasses.replace(LatentCache.pool(cfg, f, 5, 16), attention=kernel).with_table(table)
               for path, kernel in kernels.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", platform.InterpretModeWarning)

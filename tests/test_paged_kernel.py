@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ktjax.kv import formats as cf
-from ktjax.kv.paged import PagedLatentCache
+from ktjax.kv.cache import LatentCache
 from ktjax.pallas import KernelConfig
 from ktjax.pallas.backend import ATTENTION as PALLAS_ATTENTION
 from ktjax.pallas.paged import paged_attention
@@ -32,8 +32,8 @@ def random_pool(rng, fmt, table):
     lead = (LAYERS, N_PAGES, PAGE)
     stored, scales = quantize(fmt, jnp.asarray(rng.normal(size=lead + (RANK,)), jnp.float32))
     k_pe = jnp.asarray(rng.normal(size=lead + (ROPE,)), jnp.float32).astype(fmt.k_pe_dtype)
-    return PagedLatentCache(to_bits(stored), scales, to_bits(k_pe), jnp.asarray(table, jnp.int32), fmt=fmt,
-                            rank=RANK, attention=None)
+    return LatentCache(to_bits(stored), scales, to_bits(k_pe), fmt=fmt, rank=RANK, attention=None,
+                       page_table=jnp.asarray(table, jnp.int32))
 
 
 @pytest.mark.parametrize("fmt_name,num_splits", [("float32", 1), ("bf16", 2), ("fp8", 2), ("int8", 1), ("int4", 2)])
@@ -63,10 +63,10 @@ def test_paged_kernel_lowers_to_valid_triton_ir(fmt_name):
     fmt = cf.resolve_format(fmt_name)
     lead = (3, 100, 64)
     sds = jax.ShapeDtypeStruct
-    cache = PagedLatentCache(sds(lead + (fmt.stored_width(512),), cf.container(fmt.store_dtype)),
-                             sds(lead + (fmt.n_groups(512),), jnp.float32) if fmt.quantized else None,
-                             sds(lead + (64,), cf.container(fmt.k_pe_dtype)), sds((4, 32), jnp.int32), fmt=fmt,
-                             rank=512, attention=PALLAS_ATTENTION)
+    cache = LatentCache(sds(lead + (fmt.stored_width(512),), cf.container(fmt.store_dtype)),
+                        sds(lead + (fmt.n_groups(512),), jnp.float32) if fmt.quantized else None,
+                        sds(lead + (64,), cf.container(fmt.k_pe_dtype)), fmt=fmt, rank=512,
+                        attention=PALLAS_ATTENTION, page_table=sds((4, 32), jnp.int32))
     q_lat, q_pe = sds((4, 1, 16, 512), jnp.bfloat16), sds((4, 1, 16, 64), jnp.bfloat16)
     fn = jax.jit(lambda c, a, b, p, n: paged_attention(a, b, c, 2, p, n, scale=0.1, interpret=False,
                                                        config=KernelConfig(num_splits=4)))

@@ -26,17 +26,16 @@ def _v32_cfg():
 
 
 def _caches(cfg, fmt, rng, shared_pages: int):
-    """A dense LatentCache [2 sequences, 64 positions] and a PagedLatentCache (pages of 8, shuffled over a pool
+    """A dense LatentCache [2 sequences, 64 positions] and a page pool (pages of 8, shuffled over a pool
     of 20) holding the same latents and index keys; sequence 1's first `shared_pages` pages are sequence 0's
     own pages (a prefix-cache hit: their keys were written once, by sequence 0)."""
     import jax.numpy as jnp
 
     from ktjax.kv.cache import LatentCache
-    from ktjax.kv.paged import PagedLatentCache
 
     t, width = 64, 64 // PAGE
     dense = LatentCache.create(cfg, fmt, 2, t, block=64)
-    paged = PagedLatentCache.create(cfg, fmt, 20, PAGE, batch=2, max_pages=width)
+    paged = LatentCache.pool(cfg, fmt, 20, PAGE, batch=2, max_pages=width)
     pages = rng.permutation(20)
     table = np.stack([pages[:width], np.concatenate([pages[:shared_pages], pages[width:2 * width - shared_pages]])])
     paged = paged.with_table(jnp.asarray(table, jnp.int32))
@@ -89,6 +88,54 @@ def test_paged_sparse_attention_equals_dense(rng, name):
         # and selection matters here: attending over every visible key gives other numbers
         dense_all = np.asarray(dense.attend_latent(1, q_lat, q_pe, q_pos, lengths, scale=scale))
         assert np.abs(dense_all - np.asarray(dense.attend_sparse(1, *calls[0][0], **kw))).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["float32", "int4"])
+def test_a_dense_cache_is_the_one_page_case_of_a_pool(rng, name):
+    """LatentCache.create (dense) is the pool whose table gives sequence b the one page b of cache_lens slots: the
+    same writes (ragged, padding dropped) leave the same bits in every buffer, index keys included, and every
+    attention (absorbed, naive, sparse; decode steps and chunks) gives the same numbers."""
+    import jax.numpy as jnp
+
+    from ktjax.kv.cache import LatentCache
+
+    cfg, fmt, t = _v32_cfg(), FORMATS[name], 64
+    dense = LatentCache.create(cfg, fmt, 2, t, block=64)
+    pool = LatentCache.pool(cfg, fmt, 2, t, batch=2, max_pages=1).with_table(jnp.asarray([[0], [1]], jnp.int32))
+    assert dense.dense and not pool.dense and dense.cache_lens == pool.cache_lens == t
+    lengths = np.array([52, 37])
+    positions = np.broadcast_to(np.arange(t), (2, t))
+    positions = np.where(positions < lengths[:, None], positions, t)  # padding: dropped
+    new = [jnp.asarray(rng.normal(size=(2, t, d)), jnp.float32)
+           for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim)]
+    dense, pool = (c.write(1, jnp.asarray(positions), *new) for c in (dense, pool))
+    for a, b in zip(dense.all_buffers, pool.all_buffers):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(np.asarray(dense.c_kv[1]).any(-1).sum()) == lengths.sum()
+
+    h, heads = cfg.num_attention_heads, cfg.index_n_heads
+    lengths = jnp.asarray(lengths, jnp.int32)
+    kw = dict(scale=cfg.softmax_scale)
+    for s in (1, 5):
+        q_pos = jnp.asarray(np.array([52, 37])[:, None] - s + np.arange(s)[None], jnp.int32)
+        q = {d: jnp.asarray(rng.normal(size=(2, s, h, d)), jnp.float32)
+             for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim)}
+        q_lat, q_pe, q_nope = q[cfg.kv_lora_rank], q[cfg.qk_rope_head_dim], q[cfg.qk_nope_head_dim]
+        index = (jnp.asarray(rng.normal(size=(2, s, heads, cfg.index_head_dim)), jnp.float32),
+                 jnp.asarray(rng.normal(size=(2, s, heads)), jnp.float32))
+        w_uk = jnp.asarray(rng.normal(size=(h, cfg.qk_nope_head_dim, cfg.kv_lora_rank)) * 0.3, jnp.float32)
+        w_uv = jnp.asarray(rng.normal(size=(h, cfg.v_head_dim, cfg.kv_lora_rank)) * 0.3, jnp.float32)
+        calls = {"absorbed": lambda c: c.attend_latent(1, q_lat, q_pe, q_pos, lengths, **kw),
+                 "naive": lambda c: c.attend_naive(1, q_nope, q_pe, w_uk, w_uv, q_pos, lengths, **kw),
+                 "sparse": lambda c: c.attend_sparse(1, q_lat, q_pe, index, q_pos, lengths, topk=TOPK, **kw),
+                 "sparse naive": lambda c: c.attend_sparse(1, q_nope, q_pe, index, q_pos, lengths, topk=TOPK,
+                                                           naive_weights=(w_uk, w_uv), **kw)}
+        for what, call in calls.items():
+            want, got = np.asarray(call(dense)), np.asarray(call(pool))
+            # float32 arithmetic whose last key block may be split otherwise: rounding only
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(), err_msg=f"{what} s={s}")
 
 
 def _char(i: int) -> str:

@@ -26,13 +26,10 @@ class CpuAttention(AttentionKernel):
     def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         if q_lat.shape[1] > MAX_QUERIES:
             return None
-        table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None]  # [L, B, T, ...] is B pages of T slots
+        table = cache.page_table
+        if cache.dense:  # sequence b's one page is page b
+            table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None]
         return decode(q_lat, q_pe, cache, table, layer, q_positions, lengths, scale)
-
-    def paged_latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
-        if q_lat.shape[1] > MAX_QUERIES:
-            return None
-        return decode(q_lat, q_pe, cache, cache.page_table, layer, q_positions, lengths, scale)
 
 
 def decode(q_lat, q_pe, cache, page_table, layer, q_positions, lengths, scale: float):

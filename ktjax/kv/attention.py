@@ -21,6 +21,10 @@ from ktjax.kv.quant import dequantize, from_bits, grouped, stored_values
 
 NEG = -1e30
 TAIL_BLOCK = 64
+# Attention walks a cache in key blocks of at most this many tokens (a dense cache's capacity is a multiple of
+# its block: kv/cache.py plan_cache_lens; a pool's blocks are whole pages: kv/paged.py pages_per_block).
+MAX_KV_BLOCK = 512
+MIN_KV_BLOCK = 16
 
 
 def _block(x, start, size, layer=None):
@@ -36,7 +40,7 @@ def _block(x, start, size, layer=None):
 def tail_block(block: int) -> int:
     """The small key block that walks what is left after the last full `block`, so that the keys read follow
     the fill rounded up to it, not to `block` (a 64k cache holding 80 tokens reads 128 keys, not 512). It
-    divides `block` (a multiple of 16, kv/cache.py), so tail blocks never run past the cache."""
+    divides `block` (a multiple of MIN_KV_BLOCK), so tail blocks never run past the cache."""
     return next(t for t in (TAIL_BLOCK, 32, 16, block) if block % t == 0)
 
 

@@ -50,7 +50,7 @@ class CacheLayout:
             t_local = next(b for b in buffers if b is not None).shape[2]
             pos = positions - self._offset(t_local)
             pos = jnp.where((pos >= 0) & (pos < t_local), pos, t_local)  # out of this device's range: dropped
-            return tuple(None if buf is None else write_rows(buf, layer, pos, x) for buf, x in zip(buffers, new))
+            return store_rows(buffers, layer, sequence_pages(pos), pos, new)
 
         specs = tuple(None if b is None else self.spec for b in buffers)
         new_specs = tuple(None if x is None else self.rows for x in new)
@@ -76,11 +76,17 @@ class CacheLayout:
                              check_vma=False)(queries, weights, buffers, layer, q_positions, lengths)
 
 
-def write_rows(buf, layer, positions, new):
-    """buf [L, B, T, ...] with new [b, s, ...] stored at (layer, row, positions [b, s]); positions >= T
-    (padding, or another device's range) are dropped."""
-    b = jnp.arange(positions.shape[0])[:, None]
-    return buf.at[layer, b, positions].set(new.astype(buf.dtype), mode="drop")
+def store_rows(buffers, layer, page, slot, new):
+    """Store new values [b, s, ...] (a tuple, None entries allowed) into buffers [L, n_pages, page_size, ...] at
+    (layer, page [b, s], slot [b, s]); a page or slot past the buffer (padding, another device's share) is
+    dropped."""
+    return tuple(None if buf is None else buf.at[layer, page, slot].set(x.astype(buf.dtype), mode="drop")
+                 for buf, x in zip(buffers, new))
+
+
+def sequence_pages(positions):
+    """A dense cache's page of each position [b, s]: sequence b's one page is page b."""
+    return jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
 
 
 def merge_partials(o, lse, axis: str):

@@ -1,7 +1,7 @@
 """The Pallas kernels as a backend of the door (ktjax/runtime/backend.py): the caches' AttentionKernel.
 
 Absorbed attention over a dense cache (decode steps and prefill chunks: mla_kernels.py), over a paged one
-(paged.py) and a decode step's sparse attention (sparse_kernels.py); the naive form and a sequence-sharded
+(paged.py) and a decode step's sparse attention over a dense cache (sparse_kernels.py); the naive form and a sequence-sharded
 cache stay on the XLA path. Those are Pallas Triton kernels; on Hopper and later a decode step over a bf16 dense
 cache runs the Mosaic GPU kernel (mosaic.py) instead where $KTJAX_MOSAIC=1 (until a GPU run has measured it).
 """
@@ -25,6 +25,8 @@ class PallasAttention(AttentionKernel):
     name = "pallas"
 
     def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
+        if not cache.dense:
+            return paged_attention(q_lat, q_pe, cache, layer, q_positions, lengths, scale=scale)
         c_kv, scales, k_pe = _layer_values(cache, layer)
         kw = dict(fmt=cache.fmt, scale=scale, block=cache.block)
         if q_lat.shape[1] == 1 and platform.mosaic_requested():
@@ -35,11 +37,11 @@ class PallasAttention(AttentionKernel):
             return mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, scales, k_pe, lengths, **kw)[:, None]
         return mla_prefill(q_lat, q_pe, c_kv, scales, k_pe, q_positions, lengths, **kw)
 
-    def paged_latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
-        return paged_attention(q_lat, q_pe, cache, layer, q_positions, lengths, scale=scale)
-
     def sparse_decode(self, cache, layer, q_lat, q_pe, q_idx, weights, lengths, *, topk: int, scale: float):
-        """Index scores in the kernel, XLA's top-k, then attention over the gathered rows in the kernel."""
+        """Index scores in the kernel, XLA's top-k, then attention over the gathered rows in the kernel (a dense
+        cache; a page pool's sparse decode runs the XLA path)."""
+        if not cache.dense:
+            return None
         k_idx, k_scale = (None if x is None else jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
                           for x in (cache.k_idx, cache.k_idx_scale))
         scores = index_scores_decode(q_idx, weights, k_idx, k_scale, lengths, fmt=cache.fmt)

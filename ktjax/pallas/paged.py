@@ -1,10 +1,10 @@
-"""The Pallas MLA kernel over the paged cache (ktjax/kv/paged.py): the dense kernel (mla_kernels.mla_kernel)
-with each key tile a whole page, found through the sequence's page table.
+"""The Pallas MLA kernel over a page pool of the latent cache (LatentCache.pool, ktjax/kv/paged.py): the dense
+kernel (mla_kernels.mla_kernel) with each key tile a whole page, found through the sequence's page table.
 
 Each program gets its sequence's page-table row and the layer index as small inputs and the whole pool stack
 [L, n_pages, page_size, W] as one ref; tile t of sequence b reads pool[layer, table[b, t]], so no layer or
 sequence is ever copied out of the pool. Splits, the online softmax, the per-group scales and the merge are the
-dense kernel's. The reference is the paged XLA path (PagedLatentCache with attention="xla").
+dense kernel's. The reference is the paged XLA path (a pool with attention None).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def kernel_fits(page_size: int) -> bool:
 def paged_attention(q_lat, q_pe, cache, layer, q_positions, lengths, *, scale: float,
                     config: KernelConfig = KernelConfig(), interpret: bool | None = None,
                     fp8_bits: bool | None = None, poison_outputs: bool = False):
-    """PagedLatentCache.attend_latent through the kernel: q_lat [b,s,h,R], q_pe [b,s,h,r] at q_positions [b,s]
+    """LatentCache.attend_latent over a page pool through the kernel: q_lat [b,s,h,R], q_pe [b,s,h,r] at q_positions [b,s]
     over keys [0, lengths[b]) of `layer` -> o_lat [b,s,h,R] float32."""
     b, s, h, rank = q_lat.shape
     last_key = jnp.minimum(q_positions, lengths[:, None] - 1)

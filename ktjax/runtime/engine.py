@@ -517,7 +517,7 @@ class Engine:
     def _decode_program(self, cache, b: int, stops: int):
         """decode.decode_steps over `cache` (the dense one here; the scheduler's page pool has its own shapes) for
         b rows of up to `stops` stop ids each."""
-        opts = self.run_options(True)
+        opts = self.run_options(self.runtime.absorb(self.cfg, 1))
 
         def build():
             i32 = lambda *shape: self.input_spec(shape, jnp.int32)  # noqa: E731

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.kv.paged import PagedLatentCache
+from ktjax.kv.cache import LatentCache
 from ktjax.runtime import speculative
 from ktjax.runtime.decode import (MIN_STOPS, TOP_LOGPROBS, RowSampling, decode_steps, row_keys,  # noqa: F401
                                   row_sampling, sampled, step_output)
@@ -36,7 +36,7 @@ BUCKET_GROWTH = 4   # page-table widths grow by this factor: attention's loop st
 MIN_CHUNK = 16
 
 
-def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, lengths, logits_index,
+def step(graphdef, opts, state, cache: LatentCache, tokens, positions, lengths, logits_index,
          rows: RowSampling):
     """forward_cached over the paged cache, then sample each row. -> (cache, StepOutput)."""
     model = nnx.merge(graphdef, state)
@@ -44,7 +44,7 @@ def step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, leng
     return cache, sampled(logits, rows)
 
 
-def prefill_step(graphdef, opts, state, cache: PagedLatentCache, tokens, positions, lengths, logits_index,
+def prefill_step(graphdef, opts, state, cache: LatentCache, tokens, positions, lengths, logits_index,
                  next_tokens, mtp_positions, mtp_lengths, rows: RowSampling):
     """speculative mtp: a prefill chunk through the model and the MTP module (speculative.prefill_chunk), then
     sample each row -> (cache, StepOutput, hidden state at logits_index [b, H])."""
@@ -53,7 +53,7 @@ def prefill_step(graphdef, opts, state, cache: PagedLatentCache, tokens, positio
     return cache, sampled(logits, rows), last
 
 
-def verify_step(graphdef, opts, state, cache: PagedLatentCache, token, lengths, base, hidden, after, active,
+def verify_step(graphdef, opts, state, cache: LatentCache, token, lengths, base, hidden, after, active,
                 rows: RowSampling, *, k: int):
     """speculative mtp: one draft-verify-accept of the `active` rows (speculative.verify; token: the pending one
     at position lengths; base, hidden [b, k+1, H], after [b, k+1]: the positions the last pass accepted, from
@@ -92,7 +92,7 @@ class Programs:
     """Compiled step programs of an Engine over one page pool, keyed by (batch, chunk, table width), compiled
     through engine.compiled_program so engine.compile_count counts them."""
 
-    def __init__(self, engine, pool: PagedLatentCache, max_batch: int, max_width: int, draft_tokens: int = 0,
+    def __init__(self, engine, pool: LatentCache, max_batch: int, max_width: int, draft_tokens: int = 0,
                  stops: int = MIN_STOPS):
         self.engine = engine
         self.stops = stops  # the stop-id bucket of a request with the default stops (what warmup compiles)
@@ -120,8 +120,7 @@ class Programs:
         """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps, whose rows stop at
         up to `stops` stop ids each (a stops_bucket); table width."""
         engine = self.engine
-        absorb = True if s == 1 else engine.runtime.absorb(engine.cfg, s)
-        opts = engine.run_options(absorb)
+        opts = engine.run_options(engine.runtime.absorb(engine.cfg, s))
         k = self.draft_tokens
         i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
         if not k and s == 1:

@@ -39,7 +39,8 @@ import numpy as np
 from ktjax.weights import sharding
 from ktjax.errors import KtjaxError
 from ktjax.kv.layout import CacheLayout
-from ktjax.kv.paged import DEFAULT_PAGE_SIZE, PagedLatentCache
+from ktjax.kv.cache import LatentCache
+from ktjax.kv.paged import DEFAULT_PAGE_SIZE
 from ktjax.runtime.settings import CallSettings
 from ktjax.serve.pages import ROOT, PageAllocator
 from ktjax.runtime.decode import MAX_STEPS, TOP_LOGPROBS, RowSampling, stop_matrix, stops_width
@@ -186,7 +187,7 @@ class Scheduler:
             self._counts.update(speculative_drafted_total=0, speculative_accepted_total=0,
                                 speculative_verify_passes_total=0)
 
-    def _new_pool(self, n_pages: int) -> PagedLatentCache:
+    def _new_pool(self, n_pages: int) -> LatentCache:
         """The page pool: on a mesh, its pages split over the cache's sequence axis (N devices, N times the
         pages), the page table replicated."""
         eng = self.engine
@@ -194,8 +195,8 @@ class Scheduler:
         if sharding.seq_shards(eng.mesh) > 1:
             layout = CacheLayout(eng.mesh, sharding.RULES["cache_seq"], None)
         kernel = eng.backend.attention_kernel(layout=layout, page_size=self.page_size)
-        pool = PagedLatentCache.create(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
-                                       attention=kernel, layout=layout, extra_layers=1 if self.draft_tokens else 0)
+        pool = LatentCache.pool(eng.cfg, eng.runtime.cache_dtype, n_pages, self.page_size,
+                                attention=kernel, layout=layout, extra_layers=1 if self.draft_tokens else 0)
         if eng.mesh is not None:
             rep = jax.sharding.NamedSharding(eng.mesh, jax.sharding.PartitionSpec())
             pool = pool.with_table(jax.device_put(pool.page_table, rep))
@@ -263,7 +264,7 @@ class Scheduler:
             running, waiting = len(self._running), len(self._waiting)
         return dict(running=running, waiting=waiting, pages_total=s.total, pages_used=s.used, pages_free=s.free,
                     pages_cached=s.cached, prefix_hit_tokens=s.hit_tokens, prefix_lookup_tokens=s.lookup_tokens,
-                    cache_bytes=self.pool.pool_bytes, page_size=self.page_size, max_batch=self.max_batch,
+                    cache_bytes=self.pool.nbytes, page_size=self.page_size, max_batch=self.max_batch,
                     **self._counts)
 
     # -- validation ---------------------------------------------------------------------------------------------
