@@ -1,6 +1,8 @@
 """Run by tests/test_dsa.py in a subprocess with 8 forced CPU devices: the V3.2 test model (index_topk 16) on
 one device and on a mesh of 8, whose sequence-sharded cache (16 tokens per device) makes each device score
-its own tokens and merge the global top-k. Writes one JSON file of results; the test makes the assertions.
+its own tokens and merge the global top-k; and on a 2x1 mesh, whose cache is split by sequence over `data`
+only (each device attends over whole sequences: no merge). Writes one JSON file of results; the test makes
+the assertions.
 
 usage: python tests/dsa_sharding_check.py MODEL_FOLDER OUT.json
 """
@@ -45,6 +47,8 @@ def main(folder, out_path):
     report = {}
     for name in RUNS:
         report[name] = {"cached_error": rel_err(eight[f"cached_{name}"], one[f"cached_{name}"])}
+    batch_only = ktjax.load(folder, mesh="2x1", chunk_size=16, cache_lens=CACHE_LENS, **RUNS["int8"])
+    report["batch_only"] = {"cached_error": rel_err(batch_only.cached_logits(ids), one["cached_int8"])}
     report["int8"].update({key: [one[f"{key}_int8"], eight[f"{key}_int8"]]
                            for key in ("tokens", "fraction", "devices")})
     with open(out_path, "w") as f:

@@ -26,9 +26,8 @@ class CpuAttention(AttentionKernel):
     def latent(self, cache, layer, q_lat, q_pe, q_positions, lengths, *, scale: float):
         if q_lat.shape[1] > MAX_QUERIES:
             return None
-        table = cache.page_table
-        if cache.dense:  # sequence b's one page is page b
-            table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None]
+        # a dense cache: sequence b's one page is page b
+        table = jnp.arange(q_lat.shape[0], dtype=jnp.int32)[:, None] if cache.dense else cache.page_table
         return decode(q_lat, q_pe, cache, table, layer, q_positions, lengths, scale)
 
 

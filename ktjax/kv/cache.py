@@ -38,8 +38,8 @@ from ktjax.kv.sparse import (index_scores, quantize_index_keys, select_topk, sel
 
 def plan_cache_lens(requested: int, shards: int = 1) -> tuple[int, int]:
     """Round a dense cache's requested capacity up to what attention needs (a whole number of key blocks);
-    returns (cache_lens, kv_block). A cache sharded
-    along the sequence over `shards` devices gets an equal whole number of blocks on each device."""
+    returns (cache_lens, kv_block). A cache sharded along the sequence over `shards` devices gets an equal whole
+    number of blocks on each device."""
     local = -(-max(int(requested), 1) // shards)
     if local >= MAX_KV_BLOCK:
         block = MAX_KV_BLOCK
@@ -155,7 +155,7 @@ class LatentCache:
     @property
     def all_buffers(self) -> tuple:
         """Every buffer, what a write updates: the latents', then the index cache's (None without one)."""
-        return self.c_kv, self.scales, self.k_pe, self.k_idx, self.k_idx_scale
+        return tuple(getattr(self, name) for name in _BUFFERS)
 
     @property
     def nbytes(self) -> int:
@@ -166,8 +166,8 @@ class LatentCache:
         return dataclasses.replace(self, page_table=page_table)
 
     def locate(self, positions):
-        """positions [b, s] -> (page [b, s], slot [b, s]); a position past what the sequence addresses (padding)
-        gets a page or slot past the buffers, which a write drops."""
+        """positions [b, s] (>= 0) -> (page [b, s], slot [b, s]); a position past what the sequence addresses
+        (padding: >= cache_lens) gets a page or slot past the buffers, which a write drops."""
         if self.dense:
             return sequence_pages(positions), positions
         return paged.locate(self.page_table, self.page_size, self.n_pages, positions)
@@ -194,8 +194,10 @@ class LatentCache:
         return paged.page_reads(layer, self.page_table, self.page_size)
 
     def _rows(self, layer):
-        """gather(buffer, positions [b,k]) -> the rows [b,k,...] of `layer` at those positions of each sequence:
-        the layer's slice, then only the rows (kv/sparse.py gather_rows)."""
+        """gather(buffer, positions [b,k]) -> the rows [b,k,...] of `layer` at those positions of each sequence.
+        The layer's slice, then the rows: XLA fuses both and reads only the rows. Gathering from the stack
+        straight away let XLA fuse the step's in-place write into the gather and copy the float32 scales buffer
+        at every step (tests/test_dsa.py checks the compiled programs)."""
         def gather(buf, positions):
             if buf is None:
                 return None

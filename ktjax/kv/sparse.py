@@ -135,29 +135,23 @@ def topk_mask(scores, mask, k: int):
     return mask & selection_mask(indices, valid, scores.shape[-1])
 
 
-def gather_rows(buf, indices, layer=None):
-    """Rows of one layer's cache buffer [b,T,...] (or the stack [L,b,T,...] at `layer`) at indices [b,k]
-    -> [b,k,...]: only the selected rows are read."""
+def gather_rows(buf, indices):
+    """Rows of one layer's cache buffer [b,T,...] at indices [b,k] -> [b,k,...]: only the selected rows are
+    read."""
     if buf is None:
         return None
-    rows = jnp.arange(indices.shape[0])[:, None]
-    if layer is not None:
-        # Slice the layer, then gather (XLA fuses both: only the rows are read). Gathering from the stack
-        # straight away let XLA fuse the step's in-place write into the gather and copy the float32 scales
-        # buffer at every step (tests/test_dsa.py checks the compiled programs).
-        buf = jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
-    return buf[rows, indices]
+    return buf[jnp.arange(indices.shape[0])[:, None], indices]
 
 
 def sparse_attend_gathered(q_lat, q_pe, c_kv, scales, k_pe, indices, valid, *, fmt: CacheFormat, scale: float,
-                           with_lse: bool = False, layer=None, gather=None):
+                           with_lse: bool = False, gather=None):
     """Absorbed attention of one query per sequence (q_lat [b,h,R], q_pe [b,h,r]) over the selected tokens
-    indices/valid [b,k] of one layer's cache (or the stacks at `layer`) -> o_lat [b,h,R] float32 (and the
-    log-sum-exp [b,h], NEG where nothing is selected, for merging shards). gather(buf, indices) -> rows
-    [b,k,...] reads a paged cache's rows through its page table (kv/paged.py); by default gather_rows."""
+    indices/valid [b,k] of one layer's cache -> o_lat [b,h,R] float32 (and the log-sum-exp [b,h], NEG where
+    nothing is selected, for merging shards). gather(buf, indices) -> rows [b,k,...]: by default gather_rows
+    over one layer's buffers; LatentCache._rows reads them from the stacks, through a pool's page table."""
     rank = q_lat.shape[-1]
     if gather is None:
-        gather = lambda buf, idx: gather_rows(buf, idx, layer)  # noqa: E731
+        gather = gather_rows
     c = dequantize(fmt, gather(c_kv, indices), gather(scales, indices), rank)
     kp = from_bits(gather(k_pe, indices), fmt.k_pe_dtype).astype(jnp.float32)
     scores = (jnp.einsum("bhc,bkc->bhk", q_lat.astype(jnp.float32), c)

@@ -31,8 +31,8 @@ def kernel_fits(page_size: int) -> bool:
 def paged_attention(q_lat, q_pe, cache, layer, q_positions, lengths, *, scale: float,
                     config: KernelConfig = KernelConfig(), interpret: bool | None = None,
                     fp8_bits: bool | None = None, poison_outputs: bool = False):
-    """LatentCache.attend_latent over a page pool through the kernel: q_lat [b,s,h,R], q_pe [b,s,h,r] at q_positions [b,s]
-    over keys [0, lengths[b]) of `layer` -> o_lat [b,s,h,R] float32."""
+    """LatentCache.attend_latent over a page pool through the kernel: q_lat [b,s,h,R], q_pe [b,s,h,r] at
+    q_positions [b,s] over keys [0, lengths[b]) of `layer` -> o_lat [b,s,h,R] float32."""
     b, s, h, rank = q_lat.shape
     last_key = jnp.minimum(q_positions, lengths[:, None] - 1)
     last_key = jnp.broadcast_to(last_key[:, :, None], (b, s, h)).reshape(b, s * h)

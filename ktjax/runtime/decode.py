@@ -83,7 +83,8 @@ def decode_steps(graphdef, opts, state, cache, token, lengths, remaining, stop_i
     """Up to n_steps (<= MAX_STEPS) decode steps of every row, fewer once every row is done: feed the row's
     pending token (at position lengths), sample the next, and stop the row at one of its stop_ids [b, S] (-1
     pads), after `remaining` more tokens, or at non-finite logits; remaining 0 marks a row done already (padding,
-    or finished). Over a LatentCache, dense (Engine.generate) or a page pool (the server) -> (cache, StepOutput [MAX_STEPS, b], token -1 where a row emitted nothing)."""
+    or finished). Over a LatentCache, dense (Engine.generate) or a page pool (the server) -> (cache, StepOutput
+    [MAX_STEPS, b], token -1 where a row emitted nothing)."""
     model = nnx.merge(graphdef, state)
     b = token.shape[0]
     zeros = jnp.zeros((b,), jnp.int32)

@@ -193,8 +193,8 @@ SETTINGS: dict[str, Setting] = {
                                "power-of-two length): memory and compile count stay bounded at any length",
                           lambda k, v: _int(k, v, 1, 2**20)),
     "absorb_for_prefill": Setting("auto", "true: attend in latent space; false: expand per-head K/V blockwise; "
-                                          "auto: the one with less arithmetic for the chunk (decode steps always "
-                                          "attend in latent space)",
+                                          "auto: the one with less arithmetic for the chunk (a one-token pass, a "
+                                          "decode step or a 1-token chunk, always attends in latent space)",
                                   lambda k, v: _bool(k, v, auto=True), ("true", "false", "auto")),
     "attention": Setting("auto", "attention over the cache: xla = XLA's blockwise attention (the reference); "
                                  "pallas = the Pallas GPU kernels (on a CPU they run in interpret mode, slowly); "
@@ -356,8 +356,8 @@ class RuntimeConfig:
     def absorb(self, cfg, q_len: int) -> bool:
         """Absorbed or naive attention for q_len queries. Per query and key, absorbed costs ~(2R + r) flops per
         head, naive ~(d_nope + r + d_v) plus the re-expansion of each key (R (d_nope + d_v) per head), which
-        q_len queries share: naive pays off only for long chunks. One query (a decode step) always absorbs: the
-        setting absorb_for_prefill is for longer chunks. The one rule for Engine.generate and the server."""
+        q_len queries share: naive pays off only for long chunks. One query (a decode step, a 1-token chunk)
+        always absorbs: the setting absorb_for_prefill is for longer chunks. The one rule for Engine.generate and the server."""
         if q_len == 1:
             return True
         if self.absorb_for_prefill != "auto":
