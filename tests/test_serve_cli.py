@@ -88,13 +88,15 @@ def test_generate_does_not_import_the_server_stack():
 
 
 def test_sigterm_lets_the_stream_finish_and_exits_0(tmp_path):
+    """Started with --warmup none: it listens before compiling, the first request compiles what it needs (and the
+    log says so), the stream finishes after SIGTERM, exit 0."""
     port = free_port()
     log = open(tmp_path / "server.log", "w")  # a file, not a pipe nobody reads: the server never blocks on it
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "ktjax.serve", "--port", str(port), "--max-batch", "1",
                              "--page-size", "64", "--chunk-size", "32", "--shutdown-timeout", "60",
-                             "--log-level", "warning"],
+                             "--warmup", "none", "--log-level", "info"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -130,6 +132,10 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(tmp_path):
         finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[1:-2]]
         assert finish[-1] == "length"
         assert proc.wait(timeout=60) == 0
+        logged = (tmp_path / "server.log").read_text()
+        assert "--warmup none: each of up to" in logged and "programs in" not in logged, logged[-3000:]
+        for name in ("serve-step", "serve-decode"):  # the prompt's prefill chunk, then the decode bursts
+            assert f"compiling the {name} program (rows 1, tokens " in logged, logged[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -156,3 +162,32 @@ def test_help_groups_common_flags_first_and_version(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith(f"ktjax {ktjax.__version__} (jax {metadata.version('jax')}")
+
+
+@pytest.mark.parametrize("seconds,text", [(0.4, "0 s"), (40.2, "40 s"), (89, "89 s"), (90, "2 min"), (719, "12 min"),
+                                          (7140, "119 min"), (7500, "2 h 5 min")])
+def test_durations_for_people(seconds, text):
+    from ktjax.util.units import format_seconds
+
+    assert format_seconds(seconds) == text
+
+
+def test_compile_progress_says_the_time_left(monkeypatch, caplog):
+    """A warmup's log line: programs compiled, seconds so far and, until the last, the time left at the pace so
+    far."""
+    import logging
+    import time
+
+    from ktjax.cli.serve import compile_progress
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    progress = compile_progress(100.0, every_s=0)
+    caplog.set_level(logging.INFO, logger="ktjax.serve")
+    for done, at in ((1, 145.0), (2, 190.0), (45, 2080.0)):
+        now[0] = at
+        progress(done, 45)
+    assert [r.getMessage() for r in caplog.records] == [
+        "compiled 1 of 45 programs in 45.0 s (about 33 min left)",
+        "compiled 2 of 45 programs in 90.0 s (about 32 min left)",
+        "compiled 45 of 45 programs in 1980.0 s"]

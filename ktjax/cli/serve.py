@@ -22,6 +22,7 @@ from ktjax.errors import KtjaxError
 from ktjax.cli.common import Parser, add_setting_flags, add_version_flag, check_text_flags, resolve_settings
 from ktjax.util.process import EXIT_BAD_INPUT, EXIT_INTERRUPTED, interrupted_by, interrupted_line, signals_interrupt
 from ktjax.util.text import short_repr
+from ktjax.util.units import format_seconds
 
 NEEDS = ("fastapi", "uvicorn", "prometheus_client")
 INSTALL_HINT = "pip install 'ktjax[serve]' (or: pip install fastapi uvicorn prometheus_client)"
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests decoded together (default: 8)")
     server.add_argument("--page-size", type=_int_flag(1, 65536), default=64,
                         help="tokens per cache page (default: 64)")
+    server.add_argument("--warmup", choices=("all", "none"), default="all",
+                        help="all: compile every step program (prefill chunks and decode batches, by cache table "
+                             "width) before listening, so traffic never waits for a compile; none: listen at once "
+                             "and compile each program on its first use, which waits for it (at DeepSeek-V2-Lite's "
+                             "size on a CPU, about a minute a program that JAX's cache does not hold) "
+                             "(default: all)")
     server.add_argument("--max-queue", type=_int_flag(0, 1 << 20), default=64,
                         help="requests waiting beyond the batch before new ones get 429 (default: 64)")
     server.add_argument("--shutdown-timeout", type=_float_flag(), default=30.0,
@@ -168,10 +175,15 @@ def _serve(args, resolved) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, page_size=args.page_size, max_queue=args.max_queue)
     try:
         programs = len(scheduler.programs.prefill_shapes()) + len(scheduler.programs.decode_shapes())
-        log.info("loaded in %.1f s; compiling %d programs (prefill chunks and decode batches; JAX's compilation "
-                 "cache makes the next start faster) ...", time.perf_counter() - started, programs)
-        # minutes: Ctrl-C or SIGTERM here raises, and main() reports it
-        scheduler.warmup(compile_progress(time.perf_counter()))
+        if args.warmup == "all":
+            log.info("loaded in %.1f s; compiling %d programs (prefill chunks and decode batches; JAX's compilation "
+                     "cache makes the next start faster; --warmup none listens at once) ...",
+                     time.perf_counter() - started, programs)
+            # minutes: Ctrl-C or SIGTERM here raises, and main() reports it
+            scheduler.warmup(compile_progress(time.perf_counter()))
+        else:
+            log.info("loaded in %.1f s; --warmup none: each of up to %d programs compiles on its first use",
+                     time.perf_counter() - started, programs)
         scheduler.start()
         app = create_app(engine, scheduler, model_name=served_name(args), api_key=args.api_key,
                          body_timeout=args.body_timeout)
@@ -200,7 +212,8 @@ def compile_progress(start: float, every_s: float = 10.0):
         now = time.perf_counter()
         if done == total or now - last[0] >= every_s:
             last[0] = now
-            log.info("compiled %d of %d programs in %.1f s", done, total, now - start)
+            left = "" if done == total else f" (about {format_seconds((now - start) / done * (total - done))} left)"
+            log.info("compiled %d of %d programs in %.1f s%s", done, total, now - start, left)
     return progress
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,8 @@ from ktjax.kv.cache import LatentCache
 from ktjax.runtime import speculative
 from ktjax.runtime.decode import (MIN_STOPS, TOP_LOGPROBS, RowSampling, decode_steps, row_keys,  # noqa: F401
                                   row_sampling, sampled, step_output)
+
+log = logging.getLogger(__name__)
 
 BUCKET_GROWTH = 4   # page-table widths grow by this factor: attention's loop stops at the longest sequence
                     # anyway, so a wider table costs little and fewer widths mean fewer programs
@@ -116,9 +120,10 @@ class Programs:
     def decode_shapes(self):
         return [(b, 1, w, self.stops) for b in self.batches for w in self.widths]
 
-    def get(self, b: int, s: int, width: int, stops: int = MIN_STOPS):
+    def get(self, b: int, s: int, width: int, stops: int = MIN_STOPS, *, log_compile: bool = False):
         """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps, whose rows stop at
-        up to `stops` stop ids each (a stops_bucket); table width."""
+        up to `stops` stop ids each (a stops_bucket); table width. log_compile: say so when it compiles (a step
+        that waits for it: a shape the warmup did not compile)."""
         engine = self.engine
         opts = engine.run_options(engine.runtime.absorb(engine.cfg, s))
         k = self.draft_tokens
@@ -146,6 +151,13 @@ class Programs:
                 rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
                 out = (jax.tree.map(lambda x: x.sharding, cache),) + (rep,) * n_out
             jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=out)
-            return jitted.lower(engine.state, cache, *args, *tail).compile()
+            start = time.perf_counter()
+            if log_compile:
+                log.info("compiling the %s program (rows %d, tokens %d, table width %d): its first use", name, b, s,
+                         width)
+            compiled = jitted.lower(engine.state, cache, *args, *tail).compile()
+            if log_compile:
+                log.info("compiled it in %.1f s", time.perf_counter() - start)
+            return compiled
 
         return engine.compiled_program((name, opts, self.pool_key, b, s, width, stops), build)

@@ -464,7 +464,7 @@ class Scheduler:
         outputs after the cache, on the host."""
         b = bucket_of(len(reqs), self.programs.batches)
         width = bucket_of(needed_pages, self.programs.widths)
-        program = self.programs.get(b, chunk, width, *(() if stops is None else (stops,)))
+        program = self.programs.get(b, chunk, width, *(() if stops is None else (stops,)), log_compile=True)
         pad_pos = width * self.page_size  # past the table: the write is dropped
         padded = []
         for i, x in enumerate(args):
