@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all: compile every step program (prefill chunks and decode batches, by cache table "
                              "width) before listening, so traffic never waits for a compile; none: listen at once "
                              "and compile each program on its first use, which waits for it (at DeepSeek-V2-Lite's "
-                             "size on a CPU, about a minute a program that JAX's cache does not hold) "
+                             "size on a CPU, up to about a minute a program that JAX's cache does not hold) "
                              "(default: all)")
     server.add_argument("--max-queue", type=_int_flag(0, 1 << 20), default=64,
                         help="requests waiting beyond the batch before new ones get 429 (default: 64)")
