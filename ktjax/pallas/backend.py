@@ -2,8 +2,9 @@
 
 Absorbed attention over a dense cache (decode steps and prefill chunks: mla_kernels.py), over a page pool
 (paged.py) and a decode step's sparse attention over a dense cache (sparse_kernels.py); the naive form and a
-sequence-sharded cache stay on the XLA path. Those are Pallas Triton kernels; on Hopper and later a decode step over a bf16 dense
-cache runs the Mosaic GPU kernel (mosaic.py) instead where $KTJAX_MOSAIC=1 (until a GPU run has measured it).
+sequence-sharded cache stay on the XLA path. Those are Pallas Triton kernels; on Hopper and later a decode step
+over a bf16 dense cache runs the Mosaic GPU kernel (mosaic.py) instead where $KTJAX_MOSAIC=1 (until a GPU run
+has measured it).
 """
 from __future__ import annotations
 

@@ -357,7 +357,8 @@ class RuntimeConfig:
         """Absorbed or naive attention for q_len queries. Per query and key, absorbed costs ~(2R + r) flops per
         head, naive ~(d_nope + r + d_v) plus the re-expansion of each key (R (d_nope + d_v) per head), which
         q_len queries share: naive pays off only for long chunks. One query (a decode step, a 1-token chunk)
-        always absorbs: the setting absorb_for_prefill is for longer chunks. The one rule for Engine.generate and the server."""
+        always absorbs: the setting absorb_for_prefill is for longer chunks. The one rule for Engine.generate and
+        the server."""
         if q_len == 1:
             return True
         if self.absorb_for_prefill != "auto":

@@ -1,4 +1,5 @@
-"""Byte counts and durations for people. No JAX here: the converter and the command lines print sizes before JAX starts."""
+"""Byte counts and durations for people. No JAX here: the converter and the command lines print sizes before JAX
+starts."""
 from __future__ import annotations
 
 _IEC_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
