@@ -53,25 +53,25 @@ def measure(engine, context: int, chunk: int, steps: int, decode_only: bool) -> 
     plan = engine.plan_cache(1, context + chunk + steps + 1)
     cache = jax.jit(fill, static_argnums=(1,), donate_argnums=(0,))(engine.new_cache(1, plan), context)
     if decode_only:
-        logits = jnp.zeros((1, CONFIG["vocab_size"]), jnp.float32)
-        return None, decode_rate(engine, cache, logits, jnp.asarray([context], jnp.int32), steps)
-    prefill = engine._prefill_program(cache, 1, chunk, all_logits=False)
+        return None, decode_rate(engine, cache, jnp.asarray([context], jnp.int32), steps)
+    prefill = engine.step_programs(cache, 1, chunk, decode.MIN_STOPS).get(1, chunk, None)  # generate's prefill step
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (1, chunk)), jnp.int32)
     positions = (context + jnp.arange(chunk))[None].astype(jnp.int32)
     lengths = jnp.asarray([context + chunk], jnp.int32)
     last = jnp.asarray([chunk - 1], jnp.int32)
     times = []
+    rows = decode.RowSampling.of(1, [], [], [], [], [], [])  # greedy
     for _ in range(2):  # the first run warms up
         t0 = time.perf_counter()
-        logits, cache = prefill(engine.state, cache, tokens, positions, lengths, last)
-        jax.block_until_ready(logits)
+        cache, out = prefill(engine.state, cache, tokens, positions, lengths, last, rows)
+        jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-    return times[-1] * 1e3, decode_rate(engine, cache, logits, lengths, steps)
+    return times[-1] * 1e3, decode_rate(engine, cache, lengths, steps)
 
 
-def decode_rate(engine, cache, logits, lengths, steps: int) -> float:
+def decode_rate(engine, cache, lengths, steps: int) -> float:
     """Greedy decode tokens/s over `steps` steps from a filled cache (second of two runs)."""
-    program = engine._decode_program(cache, 1, decode.MIN_STOPS)  # the loop generate runs (no public door)
+    program = engine.decode_program(cache, 1)  # the loop generate runs
     rates = []
     for _ in range(2):
         t0 = time.perf_counter()

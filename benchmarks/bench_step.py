@@ -47,7 +47,7 @@ def main(argv=None):
     import numpy as np
 
     import ktjax
-    from ktjax.serve.programs import RowSampling
+    from ktjax.runtime.decode import RowSampling
     from ktjax.serve.scheduler import Scheduler
 
     with tempfile.TemporaryDirectory() as folder:

@@ -403,7 +403,7 @@ def decode_row(engine, case: Case, batch: int, mode: Mode, roof: Roof, fmt) -> d
     plan = engine.plan_cache(batch, case.context)
     cache = engine.new_cache(batch, plan)
     t0 = time.perf_counter()
-    program = engine._decode_program(cache, batch, decode.MIN_STOPS)  # the loop generate runs (no public door)
+    program = engine.decode_program(cache, batch)  # the loop generate runs
     compile_s = time.perf_counter() - t0
     seconds = []
     for i in range(1 + DECODE_REPEATS):  # the first dispatch warms up

@@ -31,9 +31,13 @@ for fmt in sys.argv[1].split(","):
     e = ktjax.load(DEMO_MODEL_DIR, cache_dtype=fmt)
     cache = e.new_cache(2, e.plan_cache(2, 300))
     s = Scheduler(e, max_batch=2, n_pages=16)
-    progs = {"generate decode": e._decode_program(cache, 2, 4),
-             "generate prefill": e._prefill_program(cache, 2, 64, False),
-             "serve decode": s.programs.get(2, 1, 4, 4), "serve prefill": s.programs.get(2, 16, 4)}
+    if hasattr(e, "step_programs"):  # generate through runtime/batch.py's steps
+        steps = e.step_programs(cache, 2, 64, 4)
+        generate = {"generate decode": steps.get(2, 1, None, 4), "generate prefill": steps.get(2, 64, None)}
+    else:  # a tree before them
+        generate = {"generate decode": e._decode_program(cache, 2, 4),
+                    "generate prefill": e._prefill_program(cache, 2, 64, False)}
+    progs = {**generate, "serve decode": s.programs.get(2, 1, 4, 4), "serve prefill": s.programs.get(2, 16, 4)}
     out.update({f"{fmt} {name}": p.as_text() for name, p in progs.items()})
 json.dump(out, open(sys.argv[2], "w"))
 '''

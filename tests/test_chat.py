@@ -25,16 +25,18 @@ from ktjax.util.process import Terminated
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spy_prefills(monkeypatch, engine) -> list:
-    """Record (tokens prefilled, positions already cached) for each call of the engine's prefill."""
+def spy_prefills(monkeypatch) -> list:
+    """Record (tokens left to prefill, positions already cached) of the first sequence of each prefill step."""
+    from ktjax.runtime.batch import Batch
+
     calls = []
-    real = engine._prefill
+    real = Batch._prefill
 
-    def prefill(program, cache, prompts, chunk, all_logits, **kw):
-        calls.append((len(prompts[0]), int(kw["start"][0]) if kw.get("start") is not None else 0))
-        return real(program, cache, prompts, chunk, all_logits, **kw)
+    def prefill(self, reqs):
+        calls.append((len(reqs[0].prompt) - reqs[0].length, reqs[0].length))
+        return real(self, reqs)
 
-    monkeypatch.setattr(engine, "_prefill", prefill)
+    monkeypatch.setattr(Batch, "_prefill", prefill)
     return calls
 
 
@@ -54,10 +56,11 @@ def test_turn_two_prefills_only_its_new_tokens_and_matches_a_fresh_generate(hf_f
     session = engine.session(max_len=64)
     t1 = session.send(p1).tokens[0]
     assert session.tokens == p1 + t1 and session.cached == len(p1) + len(t1) - 1
-    calls = spy_prefills(monkeypatch, engine)
+    calls = spy_prefills(monkeypatch)
     turn2 = session.send(p2)
     conversation = p1 + t1 + p2
-    assert calls == [(len(p2) + 1, len(p1) + len(t1) - 1)]
+    held = len(p1) + len(t1) - 1  # chunks of 8: the first at the cached positions' end, the second 8 on
+    assert calls == [(len(p2) + 1, held), (len(p2) + 1 - 8, held + 8)]
     assert turn2.stats["prefill_tokens"] == len(p2) + 1 and turn2.stats["reused_tokens"] == len(p1) + len(t1) - 1
     assert turn2.tokens[0] == engine.generate([conversation]).tokens[0]
     assert session.tokens == conversation + turn2.tokens[0]
@@ -82,8 +85,8 @@ def test_a_continuation_over_the_kept_cache_gives_the_logits_of_the_whole_conver
     new = t1[-1:] + rng.integers(2, 97, size=12).tolist()  # what the cache lacks: turn 1's last token, then turn 2
     start, conversation = session.cached, p1 + t1 + new[1:]
     chunk = engine._chunk(len(new))
-    program = engine._prefill_program(session._cache, 1, chunk, all_logits=True)
-    logits, _ = engine._prefill(program, session._cache, [new], chunk, all_logits=True, start=[start])
+    program = engine._prefill_program(session._cache, 1, chunk)
+    logits, _ = engine._prefill(program, session._cache, [new], chunk, start=[start])
     got = np.asarray(logits)[0, :len(new)]
     fresh = engine.cached_logits(np.array([conversation]))[0, start:]
     assert np.abs(got - fresh).max() <= tol * np.abs(fresh).max()
@@ -105,7 +108,7 @@ def test_the_demo_template_renders_the_history_as_the_cache_holds_it(demo, monke
     session = demo.session(max_len=256)
     session.chat("What is a list?")
     held = session.cached
-    calls = spy_prefills(monkeypatch, demo)
+    calls = spy_prefills(monkeypatch)
     turn2 = session.chat("And a tuple?")
     rendered = demo.tokenizer.encode_chat(session.messages[:-1])
     assert rendered[:held] == session.tokens[:held]
@@ -125,7 +128,7 @@ def test_a_history_rendered_otherwise_keeps_only_the_common_prefix(demo, monkeyp
     session.generate(ids)
     held = session.cached
     edited = session.tokens[:8] + demo.tokenizer.encode(" while loops")[1:] + session.tokens[8:]
-    calls = spy_prefills(monkeypatch, demo)
+    calls = spy_prefills(monkeypatch)
     out = session.generate(edited)
     assert calls == [(len(edited) - 8, 8)]
     assert out.stats["reused_tokens"] == 8 and out.stats["dropped_tokens"] == held - 8

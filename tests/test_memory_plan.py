@@ -151,7 +151,7 @@ def test_generate_compiles_every_program_before_the_cache_takes_memory(smoke_che
     engine = ktjax.load(smoke_checkpoint)
     events.clear()
     engine.generate([list(range(3, 15))], max_new_tokens=4, ignore_eos=True)
-    assert events.count("allocate") == 1 and events.count("compile") >= 3, events
+    assert events.count("allocate") == 1 and events.count("compile") >= 2, events
     assert events.index("shapes") < events.index("compile") and events[-1] == "allocate", events
 
 

@@ -193,7 +193,7 @@ def test_json_timeline_of_a_run(capsys):
         assert p["peak_memory_bytes"] >= p["memory_bytes"] > 0
     load, compile_, prefill, decode = phases
     assert load["done"] == load["total"] > 10 and load["unit"] == "parameters"  # every parameter placed
-    assert (compile_["done"], compile_["total"], compile_["tokens"]) == (3, 3, 0)  # prefill, first token, decode
+    assert (compile_["done"], compile_["total"], compile_["tokens"]) == (2, 2, 0)  # the prefill step, decode
     assert prefill["tokens"] == prefill["total"] == stats["prompt_tokens"]
     assert decode["tokens"] == stats["generated_tokens"] == 5
     assert prefill["cache_capacity"] == decode["cache_capacity"] == stats["cache_lens"]
@@ -292,6 +292,6 @@ def test_load_reports_every_parameter_of_both_formats(tmp_path, capsys):
     engine = ktjax.load(DEMO_MODEL_DIR)
     out = engine.generate([[1, 2, 3]], max_new_tokens=2, ignore_eos=True, progress=True)
     log = capsys.readouterr().err.splitlines()  # no terminal here: log lines
-    assert [line.split(",")[0] for line in log if "; next: " in line] == ["ktjax: compile 3/3 programs",
+    assert [line.split(",")[0] for line in log if "; next: " in line] == ["ktjax: compile 2/2 programs",
                                                                         "ktjax: prefill 3/3 tokens"]
     assert log[-1].startswith("ktjax: decode 2/2 tokens") and out.stats["generated_tokens"] == 2

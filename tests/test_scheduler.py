@@ -85,6 +85,19 @@ def test_greedy_tokens_equal_generate_with_joins_and_leaves(engine, sched):
     assert stats["pages_free"] + stats["pages_cached"] == stats["pages_total"] == 48
 
 
+def test_generate_and_the_scheduler_sample_the_same_tokens(engine, sched):
+    """One runtime (runtime/batch.py): a sampled generate of two prompts of different lengths (row i draws from
+    seed + i; the short one decodes while the long one prefills) gives each row the tokens a request with that
+    seed gets from the scheduler."""
+    prompts = [list(range(3, 40)), [7, 8, 9]]
+    out = engine.generate(prompts, temperature=1.3, top_k=20, seed=40).tokens
+    for i, prompt in enumerate(prompts):
+        st = Stream()
+        sched.submit(prompt, RequestParams(max_tokens=MAX_NEW, temperature=1.3, top_k=20, seed=40 + i,
+                                           ignore_eos=True), st)
+        assert st.wait().tokens == out[i]
+
+
 def test_prefix_cache_prefills_only_the_rest(engine, sched):
     rng = np.random.default_rng(1)
     prefix = rng.integers(0, 97, size=4 * PAGE + 3).tolist()
@@ -214,8 +227,8 @@ def test_admission_errors(engine, sched):
 
 def test_short_prompts_prefill_together(engine, sched):
     """Two prompts of <= 16 tokens fill one step's 32-token budget: the first step prefills both (their first
-    tokens) and decodes their second ones, each later step one more: MAX_NEW - 1 steps (one at a time would
-    take MAX_NEW). Same tokens as generate."""
+    tokens), each later step decodes one more: MAX_NEW steps (one at a time would take MAX_NEW + 1). Same tokens
+    as generate."""
     s = Scheduler(engine, max_batch=4, page_size=PAGE, n_pages=48)  # same shapes: reuses sched's programs
     compiled = engine.compile_count
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]]
@@ -226,7 +239,7 @@ def test_short_prompts_prefill_together(engine, sched):
     for p, st in zip(prompts, streams):
         assert st.wait().tokens == reference(engine, p)
     s.shutdown(5)
-    assert s.stats()["steps_total"] == MAX_NEW - 1 and s.stats()["prefill_tokens_total"] == 17
+    assert s.stats()["steps_total"] == MAX_NEW and s.stats()["prefill_tokens_total"] == 17
     assert engine.compile_count == compiled
 
 
@@ -274,7 +287,8 @@ def test_decode_bursts_emit_what_single_steps_emit(engine):
     assert [st.finished.reason for st in burst] == ["length", "stop", "length", "length"]
     assert burst[1].tokens[-1] == stop and burst[3].tokens == reference(engine, asks[3][0])
     assert burst[0].events[0].top_logprobs and burst[2].events[0].top_logprobs is None
-    # a decode dispatch beside each prefill step, then one per step, or one burst for the rest
-    assert burst_dispatches < single_dispatches == single_stats["steps_total"]
+    # a decode dispatch beside each prefill step but the first (nothing decodes yet), then one per step, or one
+    # burst for the rest
+    assert burst_dispatches < single_dispatches == single_stats["steps_total"] - 1
     for key in ("steps_total", "decode_tokens_total", "pages_cached", "prefix_hit_tokens"):
         assert single_stats[key] == burst_stats[key], key

@@ -134,7 +134,7 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(tmp_path):
         assert proc.wait(timeout=60) == 0
         logged = (tmp_path / "server.log").read_text()
         assert "--warmup none: each of up to" in logged and "programs in" not in logged, logged[-3000:]
-        for name in ("serve-step", "serve-decode"):  # the prompt's prefill chunk, then the decode bursts
+        for name in ("step", "decode"):  # the prompt's prefill chunk, then the decode bursts
             assert f"compiling the {name} program (rows 1, tokens " in logged, logged[-3000:]
     finally:
         if proc.poll() is None:

@@ -1,5 +1,6 @@
 """Prompts cut into fixed-size chunks for the prefill programs: one place for the padding, the positions and the
-per-row bookkeeping that the plain and the speculative prefill (runtime/engine.py, runtime/speculative.py) share.
+per-row bookkeeping that Engine.cached_logits and the speculative prefill (runtime/engine.py,
+runtime/speculative.py) share.
 
 A batch of prompts of different lengths is prefilled chunk by chunk, every row in every chunk (the programs have
 one shape). Positions past a prompt's end point at `pad_position` (the cache's length: the write is dropped), a

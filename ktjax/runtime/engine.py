@@ -1,9 +1,9 @@
 """The Engine: a loaded model, its load-time settings and its mesh, with compiled entry points.
 
-`logits` runs the full causal forward (no cache). `generate` prefills prompts chunk by chunk into the latent
-cache, samples each sequence's first token from the prefill's logits, and then decodes up to decode.MAX_STEPS
-steps per dispatch (runtime/decode.py's loop, the one the server's scheduler runs), the cache donated
-throughout. Row i of a call samples from the random stream of seed + i.
+`logits` runs the full causal forward (no cache). `generate` runs the prompts through runtime/batch.py's steps
+(the one runtime, the server's scheduler's too) over a dense latent cache, prompt i in row i: prefill chunks,
+each sequence's first token sampled with the chunk where its prompt ends, then up to decode.MAX_STEPS decode
+steps per dispatch, the cache donated throughout. Row i of a call samples from the random stream of seed + i.
 Programs are compiled per shape (batch, chunk, cache) and reused by every call: per-call settings
 (sampling, max_new_tokens, seed, stop handling) are traced values, never static ones.
 """
@@ -28,6 +28,8 @@ from ktjax.kv.sparse import is_sparse, selected_fraction
 from ktjax.model.decoder import DeepseekModel, RunOptions, stack_layers, unstack_layers
 from ktjax.runtime.progress import NO_PROGRESS, LiveStatus, Progress
 from ktjax.runtime import chunks, decode, speculative
+from ktjax.runtime.batch import Batch, Sequence
+from ktjax.runtime.programs import Programs
 from ktjax.runtime.settings import CallSettings, RuntimeConfig, describe
 from ktjax.runtime.sampling import Sampling
 from ktjax.util.heap import huge_pages_active, release_freed_memory
@@ -222,8 +224,8 @@ class Engine:
         plan = self.plan_cache(b, s)
         chunk = self._chunk(s)
         cache = self.new_cache(b, plan)
-        prefill = self._prefill_program(cache, b, chunk, all_logits=True)
-        logits, _ = self._prefill(prefill, cache, [list(t) for t in tokens], chunk, all_logits=True)
+        prefill = self._prefill_program(cache, b, chunk)
+        logits, _ = self._prefill(prefill, cache, [list(t) for t in tokens], chunk)
         return np.asarray(logits)[:, :s]
 
     # -- planning -----------------------------------------------------------------------------------------
@@ -358,25 +360,24 @@ class Engine:
         chunk = self._chunk(len(new))
         _, stops = self.sampling_and_stops(call)
         t0 = time.perf_counter()
-        prefill = self._prefill_program(cache, b, chunk, all_logits=False)
-        programs = (self._first_token_program(b), self._decode_program(cache, b, decode.stops_width(len(stops))))
+        steps = self.step_programs(cache, b, chunk, len(stops))
+        steps.get(b, chunk, None), steps.get(b, 1, None, steps.stops)
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        logits, cache = self._prefill(prefill, cache, [new], chunk, all_logits=False, start=[start])
-        prefill_s = time.perf_counter() - t0
-        tokens, ttft, decode_s, cache, held = self._decode(programs, cache, logits, [start + len(new)], call,
-                                                           on_tokens)
+        batch = GenerateBatch(self, cache, steps, [new], call, starts=[start])
+        prefill_s = batch.run(on_tokens, prefill=True)
+        decode_s = batch.run(on_tokens)
+        tokens = batch.tokens
         n_gen = len(tokens[0])
         stats = {
             "prompt_tokens": start + len(new), "prefill_tokens": len(new), "generated_tokens": n_gen,
             "prefill_tokens_per_s": len(new) / prefill_s if prefill_s > 0 else 0.0,
             "decode_tokens_per_s": max(n_gen - 1, 0) / decode_s if decode_s > 0 else 0.0,
-            "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s, "prefill_chunk": chunk,
+            "time_to_first_token_s": prefill_s, "compile_s": compile_s, "prefill_chunk": chunk,
         }
         result = Generation(tokens, stats)
         if self.tokenizer is not None:
             result.texts = [self.tokenizer.decode(tokens[0])]
-        return result, cache, int(held[0])
+        return result, batch.pool, batch.seqs[0].length
 
     def encode_chat(self, text: str) -> list[int]:
         return self.tokenizer.encode_chat([{"role": "user", "content": text}])
@@ -414,7 +415,7 @@ class Engine:
         sampling, stops = self.sampling_and_stops(call)
         stop_ids = jnp.asarray(stops or [-1], jnp.int32)
         notes = list(self.notes) + ([plan.note] if plan.note else [])
-        way = PlainDecoding(self) if spec is None else spec
+        way = PlainDecoding(self, call, on_tokens) if spec is None else spec
         try:
             allocate = self.cache_factory(b, plan, notes, extra_layers=0 if spec is None else 1)
             tokens, times, run_stats, attention, per_device = self._run(
@@ -501,162 +502,110 @@ class Engine:
     def _cache_key(self, cache: LatentCache):
         return (cache.fmt, cache.cache_lens, cache.block, cache.attention, cache.layout, cache.c_kv.shape[:2])
 
-    def _prefill_program(self, cache: LatentCache, b: int, chunk: int, all_logits: bool):
+    def _prefill_program(self, cache: LatentCache, b: int, chunk: int):
+        """cached_logits' program: a prefill chunk's logits at every position."""
         opts = self.run_options(self.runtime.absorb(self.cfg, chunk))
 
         def build():
-            i32, tok = self.input_spec((b,), jnp.int32), self.input_spec((b, chunk), jnp.int32)
+            tok = self.input_spec((b, chunk), jnp.int32)
             rep = None if self.mesh is None else tok.sharding
             out = None if self.mesh is None else (rep, jax.tree.map(lambda x: x.sharding, cache))
             fn = jax.jit(functools.partial(_prefill_chunk, self.graphdef, opts), donate_argnums=(1,),
                          out_shardings=out)
-            return fn.lower(self.state, cache, tok, tok, i32, None if all_logits else i32).compile()
+            return fn.lower(self.state, cache, tok, tok, self.input_spec((b,), jnp.int32), None).compile()
 
-        return self.compiled_program(("prefill", opts, self._cache_key(cache), b, chunk, all_logits), build)
+        return self.compiled_program(("prefill", opts, self._cache_key(cache), b, chunk), build)
 
-    def _decode_program(self, cache, b: int, stops: int):
-        """decode.decode_steps over `cache` (the dense one here; the scheduler's page pool has its own shapes) for
-        b rows of up to `stops` stop ids each."""
-        opts = self.run_options(self.runtime.absorb(self.cfg, 1))
+    def decode_program(self, cache: LatentCache, b: int, stops: int = decode.MIN_STOPS):
+        """The compiled decode loop (runtime/decode.py decode_steps) over a dense cache of b rows whose rows stop
+        at up to `stops` stop ids: what generate runs, and what the benchmarks time (with decode.free_running)."""
+        return self.step_programs(cache, b, self.runtime.chunk_size, stops).get(b, 1, None, decode.stops_width(stops))
 
-        def build():
-            i32 = lambda *shape: self.input_spec(shape, jnp.int32)  # noqa: E731
-            out = None
-            if self.mesh is not None:  # the cache keeps its layout; the outputs are replicated
-                rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-                out = (jax.tree.map(lambda x: x.sharding, cache), rep)
-            fn = jax.jit(functools.partial(decode.decode_steps, self.graphdef, opts), donate_argnums=(1,),
-                         out_shardings=out)
-            return fn.lower(self.state, cache, i32(b), i32(b), i32(b), i32(b, stops),
-                            decode.RowSampling.spec(b, self.input_spec), i32()).compile()
-
-        return self.compiled_program(("decode", opts, self._cache_key(cache), b, stops), build)
-
-    def _first_token_program(self, b: int):
-        """The first token of b rows from the prefill's logits (decode.sampled)."""
-        def build():
-            return jax.jit(decode.sampled).lower(self.input_spec((b, self.cfg.vocab_size), jnp.float32),
-                                                 decode.RowSampling.spec(b, self.input_spec)).compile()
-
-        return self.compiled_program(("first-token", b, self.cfg.vocab_size), build)
+    def step_programs(self, cache, b: int, chunk: int, stops: int) -> Programs:
+        """The step programs of runtime/batch.py over `cache` (dense: Engine.generate's, b rows, prefill chunks of
+        `chunk` tokens, rows of up to `stops` stop ids)."""
+        return Programs(self, cache, b, chunk=chunk, stops=decode.stops_width(stops))
 
     # -- running them -------------------------------------------------------------------------------------
-    def _prefill(self, prefill, cache, prompts, chunk, all_logits: bool, progress: Progress = NO_PROGRESS,
-                 start=None):
-        """Prefill prompts chunk by chunk. -> (logits [b, vocab] at each prompt's last token, or every
-        position's [b, chunks * chunk, vocab] with all_logits; the cache). `start` [b]: tokens each sequence
-        already holds in the cache (a continuation, runtime/session.py): its prompt goes at positions start..
-        and attends over them; default 0. `progress` hears of each chunk's tokens (done, and cached)."""
-        held = 0 if start is None else int(np.sum(start))
-        capacity = len(prompts) * cache.cache_lens
-        outputs, last = [], None
+    def _prefill(self, prefill, cache, prompts, chunk, start=None):
+        """Prefill prompts chunk by chunk -> (every position's logits [b, chunks * chunk, vocab], the cache).
+        `start` [b]: tokens each sequence already holds in the cache (a continuation, runtime/session.py): its
+        prompt goes at positions start.. and attends over them; default 0."""
+        outputs = []
         for c in chunks.chunks(prompts, chunk, cache.cache_lens, start):
             logits, cache = prefill(self.state, cache, jnp.asarray(c.tokens), jnp.asarray(c.positions),
-                                    jnp.asarray(c.lengths), None if all_logits else jnp.asarray(c.logits_index))
-            if all_logits:
-                outputs.append(np.asarray(logits))
-            else:
-                last = chunks.keep_last(last, logits, c.ends_here)
-            chunks.report(progress, c, logits, held, capacity)
-        return (np.concatenate(outputs, axis=1) if all_logits else jax.block_until_ready(last)), cache
+                                    jnp.asarray(c.lengths), None)
+            outputs.append(np.asarray(logits))
+        return np.concatenate(outputs, axis=1), cache
 
-    def _decode(self, programs, cache, logits, lengths, call: CallSettings, on_tokens,
-                progress: Progress = NO_PROGRESS):
-        """After a prefill: each sequence's first token from the prefill's logits [b, vocab], then decode.MAX_STEPS
-        steps per dispatch until every sequence is done. programs: (the first-token program, the decode program).
-        -> (tokens per sequence, time to first token after the prefill, decode seconds, the cache, the positions
-        each sequence's cache holds: all but its last token)."""
-        first, steps = programs
-        sampling, stops = self.sampling_and_stops(call)
-        rows = _Rows(lengths, call, sampling, stops)
-        capacity = len(lengths) * cache.cache_lens
-        t0 = time.perf_counter()
-        new = rows.take(jax.device_get(first(logits, rows.sampling())), fed=False)
-        ttft = time.perf_counter() - t0
-        while True:
+
+class GenerateBatch(Batch):
+    """Engine.generate's run of runtime/batch.py's steps: prompt i in row i of the dense cache, every row in every
+    step. `starts` [b]: positions each row's cache holds already (a Session's turn; default 0)."""
+
+    def __init__(self, engine: Engine, cache: LatentCache, programs: Programs, prompts, call: CallSettings,
+                 starts=None):
+        super().__init__(engine, cache, programs)
+        sampling, stops = engine.sampling_and_stops(call)
+        values = (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
+        for i, (prompt, start) in enumerate(zip(prompts, starts or [0] * len(prompts))):
+            # positions before `start` are in the cache already: the batch never reads their tokens
+            self._running.append(Sequence(prompt=[0] * start + list(prompt), length=start, row=i,
+                                          max_tokens=call.max_new_tokens, sampling=values,
+                                          seed=(call.seed + i) % 2**32, stops=frozenset(stops)))
+        self.seqs = list(self._running)
+        self.starts = [s.length for s in self.seqs]
+        self.bad_step = np.full(len(self.seqs), -1)  # the generation step whose logits were not finite
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [s.generated for s in self.seqs]
+
+    def _finish(self, req: Sequence, reason: str, error: str | None = None) -> None:
+        super()._finish(req, reason, error)
+        if reason == "error":
+            self.bad_step[req.row] = req.n_gen
+
+    def run(self, on_tokens=None, progress: Progress = NO_PROGRESS, prefill: bool = False) -> float:
+        """Steps until every row is done (prefill: until every prompt is in the cache), each step's new tokens
+        to on_tokens (a list per row) and its progress to `progress` -> seconds taken."""
+        t0, capacity = time.perf_counter(), len(self.seqs) * self.pool.cache_lens
+        while self._running and (not prefill or any(s.prefilling for s in self._running)):
+            before = [s.n_gen for s in self.seqs]
+            self._step()
+            new = [s.generated[n:] for s, n in zip(self.seqs, before)]
             if on_tokens is not None and any(new):
                 on_tokens(new)
-            progress.cache(int(rows.lengths.sum()), capacity)
-            progress.update(sum(map(len, rows.tokens)))
-            _raise_if_broken(rows.bad_step)
-            if rows.done.all():
-                break
-            cache, out = steps(self.state, cache, *rows.inputs(), np.int32(decode.MAX_STEPS))
-            out = jax.device_get(out)
-            new = [[] for _ in rows.tokens]
-            for j in range(decode.MAX_STEPS):
-                for acc, t in zip(new, rows.take(jax.tree.map(lambda x, j=j: x[j], out), fed=True)):
-                    acc.extend(t)
-        return rows.tokens, ttft, time.perf_counter() - t0, cache, rows.lengths
-
-
-class _Rows:
-    """Engine.generate's host view of its batch while decoding: each row's tokens, pending token, cache length and
-    whether it is done, by the rules decode.decode_steps applies on the device (a stop id, max_new_tokens,
-    non-finite logits)."""
-
-    def __init__(self, lengths, call: CallSettings, sampling: Sampling, stops: list[int]):
-        b = len(lengths)
-        self.call, self.sampling_values, self.stops = call, sampling, set(stops)
-        self.stop_ids = decode.stop_matrix([stops] * b, b)
-        self.tokens: list[list[int]] = [[] for _ in range(b)]
-        self.lengths = np.asarray(lengths, np.int32).copy()
-        self.pending = np.zeros(b, np.int32)
-        self.done = np.zeros(b, bool)
-        self.bad_step = np.full(b, -1)   # the generation step whose logits were not finite
-
-    def sampling(self) -> decode.RowSampling:
-        """Row i draws from the stream of seed + i, at the step of the tokens it has generated."""
-        b, s = len(self.tokens), self.sampling_values
-        return decode.RowSampling.of(b, [float(s.temperature)] * b, [int(s.top_k)] * b, [float(s.top_p)] * b,
-                                     [(self.call.seed + i) % 2**32 for i in range(b)], [len(t) for t in self.tokens],
-                                     [False] * b)
-
-    def inputs(self) -> tuple:
-        """decode_steps' arguments after the cache: pending tokens, lengths, remaining budgets, stop ids, rows."""
-        remaining = np.where(self.done, 0, self.call.max_new_tokens - np.array([len(t) for t in self.tokens]))
-        # copies: take() updates these in place, and on a CPU a program may read a numpy argument where it lies
-        return self.pending.copy(), self.lengths.copy(), remaining.astype(np.int32), self.stop_ids, self.sampling()
-
-    def take(self, out: decode.StepOutput, fed: bool) -> list[list[int]]:
-        """One step's output [b] (host arrays; token -1: nothing) -> the new token of each row. fed: the step fed
-        each emitting row's pending token into the cache."""
-        new = [[] for _ in self.tokens]
-        for i, token in enumerate(np.asarray(out.token)):
-            if self.done[i] or token < 0:
-                continue
-            self.lengths[i] += fed
-            if not out.finite[i]:  # never a token from NaN logits
-                self.bad_step[i], self.done[i] = len(self.tokens[i]), True
-                continue
-            self.tokens[i].append(int(token))
-            new[i].append(int(token))
-            self.pending[i] = token
-            self.done[i] = token in self.stops or len(self.tokens[i]) >= self.call.max_new_tokens
-        return new
+            progress.cache(sum(s.length for s in self.seqs), capacity)
+            progress.update(sum(min(s.length, len(s.prompt)) - start for s, start in zip(self.seqs, self.starts))
+                            if prefill else sum(s.n_gen for s in self.seqs))
+            _raise_if_broken(self.bad_step)
+        return time.perf_counter() - t0
 
 
 class PlainDecoding:
     """Engine.generate without speculation, as the phases Engine._run times (speculative.Speculation is the
-    other way): the prefill and decode programs, the prompts chunk by chunk, the compiled decode loop."""
+    other way): runtime/batch.py's steps over the dense cache (GenerateBatch)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, call: CallSettings, on_tokens):
+        self.engine, self.call, self.on_tokens = engine, call, on_tokens
+        self.steps: Programs | None = None
 
     def programs(self, cache, b: int, chunk: int, stops_shape) -> list[Callable]:
-        e = self.engine
-        return [lambda: e._prefill_program(cache, b, chunk, all_logits=False), lambda: e._first_token_program(b),
-                lambda: e._decode_program(cache, b, decode.stops_width(stops_shape[0]))]
+        self.steps = steps = self.engine.step_programs(cache, b, chunk, stops_shape[0])
+        return [lambda: steps.get(b, chunk, None), lambda: steps.get(b, 1, None, steps.stops)]
 
     def prefill(self, programs, cache, prompts, chunk: int, progress):
-        """-> (the logits at each prompt's last token, cache)."""
-        return self.engine._prefill(programs[0], cache, prompts, chunk, all_logits=False, progress=progress)
+        """-> (the batch, its cache), every prompt in the cache and its first token sampled."""
+        batch = GenerateBatch(self.engine, cache, self.steps, prompts, self.call)
+        batch.run(self.on_tokens, progress, prefill=True)
+        return batch, batch.pool
 
-    def decode(self, programs, cache, logits, prompts, call: CallSettings, stop_ids, sampling, on_tokens, progress):
-        """-> (tokens per sequence, time to first token, decode seconds, stats)."""
-        tokens, ttft, decode_s, _, _ = self.engine._decode(programs[1:], cache, logits, [len(p) for p in prompts],
-                                                           call, on_tokens, progress)
-        return tokens, ttft, decode_s, {"speculative": "off"}
+    def decode(self, programs, cache, batch, prompts, call: CallSettings, stop_ids, sampling, on_tokens, progress):
+        """-> (tokens per sequence, time to first token after the prefill (none: it samples the first tokens),
+        decode seconds, stats)."""
+        decode_s = batch.run(on_tokens, progress)
+        return batch.tokens, 0.0, decode_s, {"speculative": "off"}
 
 
 def _raise_if_broken(bad_step: np.ndarray):

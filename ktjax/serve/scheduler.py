@@ -1,14 +1,15 @@
 """Continuous batching over the paged latent cache: requests join and leave the running batch between steps.
 
-Each step runs at most one prefill chunk (of the oldest request still prefilling, with chunks of the next ones
-while the step's budget of chunk_size tokens lasts) and one decode step of every request that has a token to
-feed, so a long prompt delays the running streams by one chunk per step, never by its whole prefill. When no
-request is prefilling or waiting, a step runs a burst of decode steps in one dispatch (programs.decode_steps, as
-many as fit in BURST_SECONDS), each request stopping on the device, its tokens then emitted in order. Admission
-reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
-full prompt pages are published to the prefix cache (ktjax/serve/pages.py) as they are written, and a request
-whose prompt starts with cached pages prefills only the rest. Shapes are bucketed (ktjax/serve/programs.py),
-so steady traffic compiles nothing after warmup().
+The steps are runtime/batch.py's (the one runtime, which Engine.generate runs over its dense cache too): each
+runs at most one prefill chunk (of the oldest request still prefilling, with chunks of the next ones while the
+step's budget of chunk_size tokens lasts) and one decode step of every request that has a token to feed, so a
+long prompt delays the running streams by one chunk per step, never by its whole prefill. When no request is
+prefilling or waiting, a step runs a burst of decode steps in one dispatch (decode_steps, as many as fit in
+BURST_SECONDS), each request stopping on the device, its tokens then emitted in order. What the Scheduler adds:
+a queue and admission, which reserves the pages of prompt + max_tokens up front (nothing is ever preempted);
+the prefix cache, to which full prompt pages are published as they are written (ktjax/serve/pages.py), so that a
+request whose prompt starts with cached pages prefills only the rest; cancellation; and a thread of its own.
+Shapes are bucketed (ktjax/runtime/programs.py), so steady traffic compiles nothing after warmup().
 
 With speculative mtp (the engine's setting; runtime/speculative.py) every decode step drafts draft_tokens = k
 tokens per request with the MTP module and verifies them in one pass: a request gets 1 to k + 1 tokens per step,
@@ -33,7 +34,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ktjax.weights import sharding
@@ -43,8 +43,9 @@ from ktjax.kv.cache import LatentCache
 from ktjax.kv.paged import DEFAULT_PAGE_SIZE
 from ktjax.runtime.settings import CallSettings
 from ktjax.serve.pages import ROOT, PageAllocator
-from ktjax.runtime.decode import MAX_STEPS, TOP_LOGPROBS, RowSampling, stop_matrix, stops_width
-from ktjax.serve.programs import Programs, bucket_of, pow2_at_least
+from ktjax.runtime.batch import Batch, Sequence
+from ktjax.runtime.decode import MAX_STEPS, TOP_LOGPROBS, stops_width
+from ktjax.runtime.programs import Programs, pow2_at_least
 
 log = logging.getLogger(__name__)
 
@@ -105,44 +106,19 @@ class Handle:
     prompt_tokens: int
 
 
-@dataclasses.dataclass(eq=False)
-class _Request:
+@dataclasses.dataclass(eq=False, kw_only=True)
+class _Request(Sequence):
     handle: Handle
-    prompt: list[int]
     params: RequestParams
     on_event: Callable
-    max_tokens: int                      # validated
-    sampling: tuple[float, int, float]   # temperature, top_k, top_p
-    seed: int
-    stops: frozenset
-    submitted: float
-    pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[int] = dataclasses.field(default_factory=list)   # prefix-cache keys of the leading full pages
     cached_tokens: int = 0
-    length: int = 0           # tokens in the cache
-    pending: int | None = None  # sampled token not yet fed through the model
-    generated: list[int] = dataclasses.field(default_factory=list)
-    ttft: float = 0.0
     admitted: float | None = None   # perf_counter when it left the queue for the batch
-    cancelled: bool = False
-    # speculative mtp: the MTP slice holds positions [0, mtp_length); hidden [k+1, H] / after [k+1]: the model's
-    # hidden states at mtp_length .. length-1 and the token after each (what the next draft extends it with)
-    mtp_length: int = 0
-    hidden: np.ndarray | None = None
-    after: np.ndarray | None = None
-    passes: int = 0      # verifying passes
-    accepted: int = 0    # drafts accepted (and emitted)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.length < len(self.prompt)
-
-    @property
-    def n_gen(self) -> int:
-        return len(self.generated)
 
 
-class Scheduler:
+class Scheduler(Batch):
+    log_compiles = True  # a step that waits for a compile says so: a shape the warmup did not compile
+
     def __init__(self, engine, *, max_batch: int = 8, page_size: int = DEFAULT_PAGE_SIZE, max_queue: int = 64,
                  n_pages: int | None = None):
         for name, value, lo in (("max_batch", max_batch, 1), ("page_size", page_size, 1),
@@ -171,21 +147,13 @@ class Scheduler:
         self.allocator = PageAllocator(n_pages, page_size, order=self._spread_order(n_pages, shards))
         self._page_next: dict[int, tuple[int, int]] = {}  # speculative: page -> (its prefix id, the token after it)
         default_stops = len(engine.sampling_and_stops(CallSettings.from_overrides(engine.defaults))[1])
-        self.programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens,
-                                 stops_width(default_stops))
-        self._step_s: float | None = None  # the last decode dispatch's seconds per step (sizes the next burst)
-
-        self._lock = threading.Condition()
+        programs = Programs(engine, self.pool, max_batch, max_width, self.draft_tokens, stops_width(default_stops))
+        super().__init__(engine, self.pool, programs, self.draft_tokens)
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Request] = []
         self._accepting = True
         self._deadline: float | None = None   # set by shutdown: cancel whatever still runs after it
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self._counts = dict(prefill_tokens_total=0, decode_tokens_total=0, steps_total=0)
-        if self.draft_tokens:
-            self._counts.update(speculative_drafted_total=0, speculative_accepted_total=0,
-                                speculative_verify_passes_total=0)
 
     def _new_pool(self, n_pages: int) -> LatentCache:
         """The page pool: on a mesh, its pages split over the cache's sequence axis (N devices, N times the
@@ -304,10 +272,10 @@ class Scheduler:
         sampling, stops = eng.sampling_and_stops(call)
         seed = params.seed % 2**32 if params.seed is not None else random.getrandbits(32)
         handle = Handle(f"req-{next(self._ids)}", len(prompt))
-        return _Request(handle, prompt, params, on_event, call.max_new_tokens,
-                        (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed,
-                        frozenset(stops) | frozenset(map(int, stop_ids)), time.perf_counter(),
-                        pages=[], keys=[], cached_tokens=0, length=0, generated=[])
+        return _Request(handle=handle, prompt=prompt, params=params, on_event=on_event,
+                        max_tokens=call.max_new_tokens, logprobs=params.logprobs,
+                        sampling=(float(sampling.temperature), int(sampling.top_k), float(sampling.top_p)), seed=seed,
+                        stops=frozenset(stops) | frozenset(map(int, stop_ids)))
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -420,107 +388,22 @@ class Scheduler:
                                            order=self._spread_order(n, sharding.seq_shards(self.engine.mesh)))
             self._page_next = {}
 
-    def _step(self) -> None:
-        with self._lock:
-            running = list(self._running)
-        prefilling = [r for r in running if r.prefilling and not r.cancelled]
-        if prefilling:
-            self._prefill(prefilling)
-        decoding = [r for r in running if not r.prefilling and r.pending is not None and not r.cancelled]
-        steps = 1 if prefilling else 0
-        if decoding and self.draft_tokens:
-            self._speculate(decoding)
-            steps = 1
-        elif decoding:
-            steps = max(steps, self._decode(decoding, 1 if prefilling else self._burst()))
-        self._counts["steps_total"] += steps
-
     def _burst(self) -> int:
         """Decode steps for the next dispatch: one while a request waits to be admitted, else as many as fit in
-        BURST_SECONDS at the last dispatch's pace (Engine.generate's loop runs up to 32 per dispatch)."""
+        BURST_SECONDS at the last dispatch's pace."""
         with self._lock:
             waiting = bool(self._waiting)
         if waiting or self._step_s is None:
             return 1
         return max(1, min(MAX_STEPS, int(BURST_SECONDS / max(self._step_s, 1e-6))))
 
-    def _table(self, reqs: list[_Request], b: int, width: int) -> np.ndarray:
-        table = np.zeros((b, width), np.int32)
-        for i, r in enumerate(reqs):
-            n = min(len(r.pages), width)
-            table[i, :n] = r.pages[:n]
-        return table
-
-    def _rows(self, reqs: list[_Request], b: int) -> RowSampling:
-        temperature, top_k, top_p = zip(*(r.sampling for r in reqs))
-        return RowSampling.of(b, temperature, top_k, top_p, [r.seed for r in reqs], [r.n_gen for r in reqs],
-                              [r.params.logprobs > 0 for r in reqs])
-
-    def _run(self, reqs, chunk: int, needed_pages: int, args: list, positions: tuple[int, ...] = (),
-             stops: int | None = None, tail: tuple = ()) -> tuple:
-        """The step program of this batch's buckets on args (one row per request; padded here to the batch
-        bucket; the args at `positions` are cache positions, whose -1s and padding go past the table, where writes
-        are dropped; `stops`: a decode program's stop-id bucket, `tail`: its arguments after the rows) -> its
-        outputs after the cache, on the host."""
-        b = bucket_of(len(reqs), self.programs.batches)
-        width = bucket_of(needed_pages, self.programs.widths)
-        program = self.programs.get(b, chunk, width, *(() if stops is None else (stops,)), log_compile=True)
-        pad_pos = width * self.page_size  # past the table: the write is dropped
-        padded = []
-        for i, x in enumerate(args):
-            x = np.asarray(x)
-            dtype = np.int32 if x.dtype.kind in "iu" else x.dtype  # the programs' integers are int32
-            full = np.full((b,) + x.shape[1:], pad_pos if i in positions else 0, dtype)
-            full[:len(reqs)] = np.where(x < 0, pad_pos, x) if i in positions else x
-            padded.append(jnp.asarray(full))
-        cache = self.pool.with_table(jnp.asarray(self._table(reqs, b, width)))
-        cache, *out = program(self.engine.state, cache, *padded, self._rows(reqs, b), *tail)
-        self.pool = cache
-        return jax.device_get(tuple(out))
-
-    def _prefill(self, reqs: list[_Request]) -> None:
-        """One prefill chunk of the oldest prefilling request, sized to what it has left (a bucket), plus chunks
-        of that size for the next ones while the step's budget of chunk_size tokens lasts."""
-        left = len(reqs[0].prompt) - reqs[0].length
-        chunk = bucket_of(min(left, self.programs.chunks[-1]), self.programs.chunks)
-        rows = reqs[:self.programs.prefill_rows(chunk)]
-        starts = [r.length for r in rows]
-        counts = [min(len(r.prompt) - r.length, chunk) for r in rows]
-        tok = np.zeros((len(rows), chunk), np.int32)
-        pos = np.full((len(rows), chunk), -1, np.int32)
-        for i, (r, start, n) in enumerate(zip(rows, starts, counts)):
-            tok[i, :n] = r.prompt[start:start + n]
-            pos[i, :n] = start + np.arange(n)
-        ends = np.add(starts, counts)
-        args = [tok, pos, ends, np.subtract(counts, 1)]
-        if self.draft_tokens:  # the MTP module over the chunk: position p with the prompt's token p + 1
-            follow = np.zeros((len(rows), chunk), np.int32)
-            mtp_pos = np.full((len(rows), chunk), -1, np.int32)
-            for i, (r, start, n) in enumerate(zip(rows, starts, counts)):
-                nxt = r.prompt[start + 1:start + n + 1]  # the prompt's last position waits for its next token
-                follow[i, :len(nxt)] = nxt
-                mtp_pos[i, :len(nxt)] = start + np.arange(len(nxt))
-            mtp_ends = np.array([min(end, len(r.prompt) - 1) for r, end in zip(rows, ends)], np.int32)
-            args += [follow, mtp_pos, mtp_ends]
-        out, *last = self._run(rows, chunk, -(-int(ends.max()) // self.page_size), args,
-                               positions=(1, 5) if self.draft_tokens else (1,))
-        for i, (r, end) in enumerate(zip(rows, ends)):
-            r.length = int(end)
-            if self.draft_tokens:
-                r.mtp_length = int(mtp_ends[i])
-            self._publish_full_pages(r)
-            if not r.prefilling and self._emit(r, out, i) and self.draft_tokens:
-                self._start_speculating(r, last[0][i])
-        self._counts["prefill_tokens_total"] += sum(counts)
-
-    def _start_speculating(self, req: _Request, last_hidden) -> None:
-        """After the prompt: the MTP slice waits for the prompt's last position, from its hidden state and the
-        first token (speculative.start's state)."""
-        k = self.draft_tokens
-        req.hidden = np.zeros((k + 1,) + last_hidden.shape, last_hidden.dtype)
-        req.hidden[0] = last_hidden
-        req.after = np.zeros((k + 1,), np.int32)
-        req.after[0] = req.pending
+    def _deliver(self, req: _Request, out, i: int) -> bool:
+        k = req.logprobs
+        event = TokenEvent(int(out.token[i]))
+        if k:
+            event.logprob = float(out.logprob[i])
+            event.top_logprobs = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+        return self._call(req, event)
 
     def _publish_full_pages(self, req: _Request) -> None:
         """Offer the request's pages that the cache now holds in full to the prefix cache."""
@@ -535,83 +418,3 @@ class Scheduler:
                 req.keys.append(self.allocator.publish(req.pages[i], parent, seq[i * ps:(i + 1) * ps]))
                 if self.draft_tokens:  # its last MTP entry was computed with this token after it
                     self._page_next[req.pages[i]] = (req.keys[-1], seq[(i + 1) * ps])
-
-    def _decode(self, reqs: list[_Request], n_steps: int) -> int:
-        """Up to n_steps decode steps of every request in one dispatch (programs.decode_steps), each request's
-        tokens emitted in order until one ends it. -> the steps run."""
-        lengths = np.array([r.length for r in reqs], np.int32)
-        remaining = np.array([r.max_tokens - r.n_gen for r in reqs], np.int32)
-        stop_ids = stop_matrix([r.stops for r in reqs], len(reqs))
-        args = [np.array([r.pending for r in reqs], np.int32), lengths, remaining, stop_ids]
-        last = int((lengths + np.minimum(remaining, n_steps)).max())  # the last position a burst writes
-        t0 = time.perf_counter()
-        out, = self._run(reqs, 1, -(-last // self.page_size), args, stops=stop_ids.shape[1],
-                         tail=(np.int32(n_steps),))
-        ran = int((out.token >= 0).any(axis=1).sum())
-        self._step_s = (time.perf_counter() - t0) / max(ran, 1)
-        for i, req in enumerate(reqs):
-            for j in range(ran):
-                if out.token[j, i] < 0:
-                    break
-                req.length += 1
-                req.pending = None
-                self._counts["decode_tokens_total"] += 1
-                if not self._emit(req, jax.tree.map(lambda x, j=j: x[j], out), i):
-                    break
-        return ran
-
-    def _speculate(self, reqs: list[_Request]) -> None:
-        """One verifying step (speculative mtp): each request's pending token and k drafts through the model;
-        its accepted drafts and the token after them emitted one by one, until one ends the request."""
-        k = self.draft_tokens
-        lengths = np.array([r.length for r in reqs], np.int32)
-        bases = np.array([r.mtp_length for r in reqs], np.int32)
-        args = [np.array([r.pending for r in reqs], np.int32), lengths, bases, np.stack([r.hidden for r in reqs]),
-                np.stack([r.after for r in reqs]), np.ones(len(reqs), bool)]
-        out, accepted, hidden = self._run(reqs, 1, -(-int(lengths.max() + k + 1) // self.page_size), args)
-        at = [jax.tree.map(lambda x, j=j: x[:, j], out) for j in range(k + 1)]  # the pass's j-th token per row
-        counts = self._counts
-        for i, req in enumerate(reqs):
-            n, start, before = int(accepted[i]), req.length, req.n_gen
-            req.mtp_length = start  # the draft extended the MTP slice over the positions accepted before
-            req.pending = None
-            req.passes += 1  # counted before the tokens: the last one may finish the request
-            for j in range(n + 1):
-                req.length = start + j + 1  # the pending token and d_1..d_j are in the cache
-                req.accepted += j < n and bool(at[j].finite[i])  # an accepted draft, emitted below
-                if not self._emit(req, at[j], i):
-                    break
-            else:  # runs on: the next step's MTP extends its slice over start .. start + n
-                req.hidden, req.after = hidden[i], np.maximum(out.token[i], 0)
-            emitted = req.n_gen - before
-            counts["decode_tokens_total"] += emitted
-            counts["speculative_drafted_total"] += k
-            counts["speculative_accepted_total"] += min(n, emitted)
-            counts["speculative_verify_passes_total"] += 1
-
-    def _emit(self, req: _Request, out, i: int) -> bool:
-        """Deliver row i's sampled token, then finish the request or leave the token to feed next step.
-        -> whether the request runs on."""
-        if not out.finite[i]:
-            self._finish(req, "error", f"the model produced non-finite logits (NaN or Inf) at generation step "
-                                       f"{req.n_gen}; check the checkpoint or try --dtype float32")
-            return False
-        token = int(out.token[i])
-        if req.n_gen == 0:
-            req.ttft = time.perf_counter() - req.submitted
-        req.generated.append(token)
-        k = req.params.logprobs
-        event = TokenEvent(token)
-        if k:
-            event.logprob = float(out.logprob[i])
-            event.top_logprobs = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
-        if not self._call(req, event) or req.cancelled:
-            self._finish(req, "cancelled")
-        elif token in req.stops:
-            self._finish(req, "stop")
-        elif req.n_gen >= req.max_tokens:
-            self._finish(req, "length")
-        else:
-            req.pending = token
-            return True
-        return False

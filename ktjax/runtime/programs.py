@@ -1,10 +1,11 @@
-"""The scheduler's compiled programs: one forward step over the paged cache followed by per-row sampling, at
-bucketed shapes so that any batch composition reuses a few programs.
+"""The compiled step programs of runtime/batch.py's Batch (Engine.generate's and the server's scheduler's): one
+forward step over the cache followed by per-row sampling. Over a page pool they come at bucketed shapes, so that any
+batch composition reuses a few programs; over a dense cache (one page per row) at its one batch and chunk.
 
-A step is either prefill chunks of a few sequences ([rows, chunk] tokens, rows x chunk <= chunk_size), ending by
-sampling each row's next token with that row's own settings (runtime/decode.py's `sampled`), or decode steps of
-every running sequence in one dispatch: runtime/decode.py's `decode_steps`, the loop Engine.generate runs over
-its dense cache (the scheduler asks for one step while a request waits to be admitted). Each sampled token comes
+A step is either prefill chunks of a few sequences ([rows, chunk] tokens; over a pool rows x chunk <= chunk_size,
+over a dense cache every row), ending by sampling each row's next token with that row's own settings
+(runtime/decode.py's `sampled`), or decode steps of every running sequence in one dispatch: runtime/decode.py's
+`decode_steps` (the scheduler asks for one step while a request waits to be admitted). Each sampled token comes
 with its log-probability and the top TOP_LOGPROBS alternatives where a row asked for them, so the host only
 reads a few numbers per row.
 
@@ -30,8 +31,7 @@ from flax import nnx
 
 from ktjax.kv.cache import LatentCache
 from ktjax.runtime import speculative
-from ktjax.runtime.decode import (MIN_STOPS, TOP_LOGPROBS, RowSampling, decode_steps, row_keys,  # noqa: F401
-                                  row_sampling, sampled, step_output)
+from ktjax.runtime.decode import MIN_STOPS, RowSampling, decode_steps, row_keys, row_sampling, sampled, step_output
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ MIN_CHUNK = 16
 
 def step(graphdef, opts, state, cache: LatentCache, tokens, positions, lengths, logits_index,
          rows: RowSampling):
-    """forward_cached over the paged cache, then sample each row. -> (cache, StepOutput)."""
+    """forward_cached over the cache, then sample each row. -> (cache, StepOutput)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward_cached(tokens, positions, cache, lengths, logits_index, opts)
     return cache, sampled(logits, rows)
@@ -93,24 +93,35 @@ def bucket_of(n: int, choices: list[int]) -> int:
 
 
 class Programs:
-    """Compiled step programs of an Engine over one page pool, keyed by (batch, chunk, table width), compiled
-    through engine.compiled_program so engine.compile_count counts them."""
+    """Compiled step programs of an Engine over one cache, keyed by (batch, chunk, table width), compiled through
+    engine.compiled_program so engine.compile_count counts them. Over a page pool: batches, chunks and table widths
+    in buckets (up to max_batch rows and max_width pages a row). Over a dense cache (`cache.dense`: no table): its
+    batch, every row in every step, and the one prefill `chunk`. `cache` may be abstract (jax.eval_shape's)."""
 
-    def __init__(self, engine, pool: LatentCache, max_batch: int, max_width: int, draft_tokens: int = 0,
-                 stops: int = MIN_STOPS):
+    def __init__(self, engine, cache: LatentCache, max_batch: int, max_width: int | None = None,
+                 draft_tokens: int = 0, stops: int = MIN_STOPS, chunk: int | None = None):
         self.engine = engine
         self.stops = stops  # the stop-id bucket of a request with the default stops (what warmup compiles)
         self.draft_tokens = draft_tokens  # k > 0: speculative mtp (prefill with the MTP module, verifying decode)
-        self.pool_key = (pool.fmt, pool.n_pages, pool.page_size, pool.attention, draft_tokens)
+        self.dense = cache.dense
+        self.cache_key = (cache.fmt, cache.n_pages, cache.page_size, cache.block, cache.attention, cache.layout,
+                          cache.c_kv.shape[0], draft_tokens)
         chunk_size = engine.runtime.chunk_size
-        self.chunks = buckets(min(MIN_CHUNK, chunk_size), chunk_size, BUCKET_GROWTH)
-        min_width = min(max(1, 512 // pool.page_size), max_width)
-        self.widths = buckets(min_width, max_width, BUCKET_GROWTH)
-        self.batches = buckets(1, max_batch, 2)
-        self._pool_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pool)
+        if self.dense:
+            self.chunks, self.widths, self.batches = [chunk or chunk_size], [None], [cache.n_pages]
+        else:
+            self.chunks = buckets(min(MIN_CHUNK, chunk_size), chunk_size, BUCKET_GROWTH)
+            min_width = min(max(1, 512 // cache.page_size), max_width)
+            self.widths = buckets(min_width, max_width, BUCKET_GROWTH)
+            self.batches = buckets(1, max_batch, 2)
+        self._cache_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                          cache)
 
     def prefill_rows(self, chunk: int) -> int:
-        """Most prefill rows of `chunk` tokens in one step: a batch bucket within chunk_size tokens in all."""
+        """Most prefill rows of `chunk` tokens in one step: a batch bucket within chunk_size tokens in all (a dense
+        cache: all its rows)."""
+        if self.dense:
+            return self.batches[0]
         return max([b for b in self.batches if b * chunk <= self.chunks[-1]] or [1])
 
     def prefill_shapes(self):
@@ -122,42 +133,43 @@ class Programs:
 
     def get(self, b: int, s: int, width: int, stops: int = MIN_STOPS, *, log_compile: bool = False):
         """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps, whose rows stop at
-        up to `stops` stop ids each (a stops_bucket); table width. log_compile: say so when it compiles (a step
+        up to `stops` stop ids each (a stops_bucket); table width (None: a dense cache). log_compile: say so when it compiles (a step
         that waits for it: a shape the warmup did not compile)."""
         engine = self.engine
         opts = engine.run_options(engine.runtime.absorb(engine.cfg, s))
         k = self.draft_tokens
         i32 = lambda *shape: engine.input_spec(shape, jnp.int32)  # noqa: E731
         if not k and s == 1:
-            name, fn, n_out = "serve-decode", functools.partial(decode_steps, engine.graphdef, opts), 1
+            name, fn, n_out = "decode", functools.partial(decode_steps, engine.graphdef, opts), 1
             args = (i32(b), i32(b), i32(b), i32(b, stops))
         elif not k:
-            name, fn, n_out = "serve-step", functools.partial(step, engine.graphdef, opts), 1
+            name, fn, n_out = "step", functools.partial(step, engine.graphdef, opts), 1
             args = (i32(b, s), i32(b, s), i32(b), i32(b))
         elif s == 1:
-            name, fn, n_out = "serve-verify", functools.partial(verify_step, engine.graphdef, opts, k=k), 3
+            name, fn, n_out = "verify", functools.partial(verify_step, engine.graphdef, opts, k=k), 3
             hidden = engine.input_spec((b, k + 1, engine.cfg.hidden_size), engine.runtime.jnp_dtype)
             args = (i32(b), i32(b), i32(b), hidden, i32(b, k + 1), engine.input_spec((b,), jnp.bool_))
         else:
-            name, fn, n_out = "serve-mtp-prefill", functools.partial(prefill_step, engine.graphdef, opts), 2
+            name, fn, n_out = "mtp-prefill", functools.partial(prefill_step, engine.graphdef, opts), 2
             args = (i32(b, s), i32(b, s), i32(b), i32(b), i32(b, s), i32(b, s), i32(b))
 
         def build():
-            cache = dataclasses.replace(self._pool_shapes, page_table=i32(b, width))
+            cache = (self._cache_shapes if width is None
+                     else dataclasses.replace(self._cache_shapes, page_table=i32(b, width)))
             rows = RowSampling.spec(b, engine.input_spec)
-            tail = (rows, i32()) if name == "serve-decode" else (rows,)  # decode: the steps to run
+            tail = (rows, i32()) if name == "decode" else (rows,)  # decode: the steps to run
             out = None
-            if engine.mesh is not None:  # the pool keeps its layout; the outputs are replicated
+            if engine.mesh is not None:  # the cache keeps its layout; the outputs are replicated
                 rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
                 out = (jax.tree.map(lambda x: x.sharding, cache),) + (rep,) * n_out
             jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=out)
             start = time.perf_counter()
             if log_compile:
-                log.info("compiling the %s program (rows %d, tokens %d, table width %d): its first use", name, b, s,
+                log.info("compiling the %s program (rows %d, tokens %d, table width %s): its first use", name, b, s,
                          width)
             compiled = jitted.lower(engine.state, cache, *args, *tail).compile()
             if log_compile:
                 log.info("compiled it in %.1f s", time.perf_counter() - start)
             return compiled
 
-        return engine.compiled_program((name, opts, self.pool_key, b, s, width, stops), build)
+        return engine.compiled_program((name, opts, self.cache_key, b, s, width, stops), build)
