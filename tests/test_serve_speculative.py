@@ -26,8 +26,9 @@ PROMPTS = ["The key to reading a long document is", "Once upon a time", "A cache
 
 
 class Stream:
-    """One request's events; .steps: the scheduler step that delivered each token (a verifying step delivers the
-    accepted drafts and the token after them together)."""
+    """One request's events; .steps: the verifying pass that delivered each token (a pass delivers the accepted
+    drafts and the token after them together; a scheduler step runs up to MAX_STEPS passes), counted by the
+    scheduler's speculative_verify_passes_total (else its steps_total)."""
 
     def __init__(self, sched=None):
         self.sched, self.tokens, self.events, self.steps = sched, [], [], []
@@ -43,7 +44,8 @@ class Stream:
         self.tokens.append(event.token_id)
         self.events.append(event)
         if self.sched is not None:
-            self.steps.append(self.sched._counts["steps_total"])
+            counts = self.sched._counts
+            self.steps.append(counts.get("speculative_verify_passes_total", counts["steps_total"]))
 
     def wait(self, timeout=300):
         assert self.done.wait(timeout), "no Finished event"
@@ -110,7 +112,7 @@ def test_greedy_tokens_equal_serving_without_speculation(servers, fmt):
     for s, r in zip(got, ref):
         assert s.finished.reason == "length" and s.finished.completion_tokens == MAX_NEW
         f = s.finished.speculative
-        # the first token comes from the prefill, each later one from a pass (one pass per step)
+        # the first token comes from the prefill, each later one from a pass
         assert f["drafted"] == K * f["verify_passes"] and f["verify_passes"] == len(set(s.steps[1:]))
         # as an accepted draft or the token after them (the last pass may be cut by max_tokens)
         assert f["verify_passes"] + f["accepted"] - 1 <= MAX_NEW - 1 <= f["verify_passes"] + f["accepted"]
@@ -151,8 +153,8 @@ def test_stop_token_and_max_tokens_inside_an_accepted_run(servers):
 
 
 def test_same_seed_same_tokens_whatever_else_runs(servers):
-    """Sampling (temperature 1, top-k): a request's tokens depend on its seed alone, not on the batch it runs in,
-    and repeated traffic compiles nothing."""
+    """Sampling (temperature 1, top-k): a request's tokens depend on its seed alone, not on the batch it runs in
+    (Engine.generate's row with that seed gets them too), and repeated traffic compiles nothing."""
     _, _, spec, spec_sched = servers("bf16")
     prompts = ids(spec)
     sampled = dict(temperature=1.0, top_k=50, seed=7)
@@ -164,6 +166,9 @@ def test_same_seed_same_tokens_whatever_else_runs(servers):
     other = run(spec_sched, prompts[:1], **dict(sampled, seed=8))[0]
     assert other.tokens != alone.tokens
     assert spec.compile_count == compiled  # other acceptance, the same programs
+    # one runtime (runtime/batch.py): Engine.generate's row i draws from seed + i, as a request with that seed
+    out = spec.generate([prompts[1], prompts[0]], max_new_tokens=MAX_NEW, **dict(sampled, seed=6)).tokens
+    assert out[1] == alone.tokens
 
 
 def test_a_prefix_cached_after_rejections_serves_like_a_fresh_prefill(servers):

@@ -19,7 +19,7 @@ import ktjax
 from ktjax.errors import KtjaxError
 from ktjax.model.config import ModelConfig
 from ktjax.model.decoder import DeepseekModel
-from ktjax.runtime.progress import NO_PROGRESS
+from ktjax.runtime.engine import GenerateBatch
 
 from hf_models import CONFIGS
 
@@ -188,27 +188,25 @@ def test_cache_after_rejections_is_the_accepted_tokens_cache(model, fmt):
     """After a generation with rejected drafts, every layer's valid entries (the MTP slice's too) equal those a
     prefill of the accepted sequence writes: rejected drafts leave no trace."""
     spec = engines(model, cache_dtype=fmt, max_new_tokens=20, ignore_eos=True, speculative="mtp", draft_tokens=3)
-    sp = spec._speculation
     prompts = PROMPTS[:2]
-    call = spec.defaults
-    sampling, _ = spec.sampling_and_stops(call)
-    stop_ids = jnp.asarray([-1], jnp.int32)
     b, chunk = len(prompts), 16
     plan = spec.plan_cache(b, 64)
 
-    def prefilled(seqs):
+    def run(seqs, prefill_only: bool) -> GenerateBatch:
         cache = spec.new_cache(b, plan, extra_layers=1)
-        return sp.prefill_chunks(sp.prefill_program(cache, b, chunk), cache, seqs, chunk, NO_PROGRESS)
+        steps = spec.step_programs(cache, b, chunk, 0, draft_tokens=3)
+        batch = GenerateBatch(spec, cache, steps, seqs, spec.defaults, draft_tokens=3)
+        batch.run(prefill=prefill_only)
+        return batch
 
-    logits, hidden, cache = prefilled(prompts)
-    tokens, _, _, st, cache = sp.decode_loop(sp.start_program(b, stop_ids.shape), sp.decode_program(cache, b, (1,)),
-                                             cache, logits, hidden, jnp.asarray([len(p) for p in prompts]),
-                                             jax.random.key(0), 20, stop_ids, sampling)
-    assert 0 < np.sum(st.accepted) < 3 * np.sum(st.passes)  # some drafts rejected, some accepted
-    lengths, mtp_valid = np.asarray(st.lengths), np.asarray(st.base)
+    batch = run(prompts, prefill_only=False)
+    cache, tokens = batch.pool, batch.tokens
+    accepted, passes = (sum(getattr(s, name) for s in batch.seqs) for name in ("accepted", "passes"))
+    assert 0 < accepted < 3 * passes  # some drafts rejected, some accepted
+    lengths, mtp_valid = [s.length for s in batch.seqs], [s.mtp_length for s in batch.seqs]
     seqs = [p + t[:-1] for p, t in zip(prompts, tokens)]  # the last token is pending: not in the cache
-    assert lengths.tolist() == list(map(len, seqs))
-    _, _, ref = prefilled(seqs)
+    assert lengths == list(map(len, seqs))
+    ref = run(seqs, prefill_only=True).pool
     main, mtp = spec.cfg.num_hidden_layers, spec.cfg.num_hidden_layers
     tol = {"float32": 1e-4, "bf16": 2e-2}[fmt]
     for name in ("c_kv", "k_pe"):

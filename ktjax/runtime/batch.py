@@ -4,7 +4,7 @@ A `Batch` holds its sequences, the cache they share and the compiled step progra
 step runs at most one prefill chunk (of the oldest sequence still prefilling, with chunks of the next ones while
 the step's budget lasts) and decode steps of every sequence that has a token to feed: one while a prompt is being
 prefilled, else a burst of up to MAX_STEPS in one dispatch (runtime/decode.py's `decode_steps`, each sequence
-stopping on the device). With speculative mtp a decode step is one draft-verify-accept pass instead. Each sampled
+stopping on the device). With speculative mtp a decode step is a draft-verify-accept pass instead. Each sampled
 token goes through `_emit`: the stop rules (a stop id, max_tokens, non-finite logits) are applied there, once.
 
 Two caches, one driver:
@@ -109,11 +109,9 @@ class Batch:
             self._prefill(prefilling)
         decoding = [r for r in decoding if not r.cancelled]
         steps = 1 if prefilling else 0
-        if decoding and self.draft_tokens:
-            self._speculate(decoding)
-            steps = 1
-        elif decoding:
-            steps = max(steps, self._decode(decoding, 1 if prefilling else self._burst()))
+        if decoding:
+            run = self._speculate if self.draft_tokens else self._decode
+            steps = max(steps, run(decoding, 1 if prefilling else self._burst()))
         self._counts["steps_total"] += steps
 
     def _table(self, reqs: list[Sequence], b: int, width: int) -> np.ndarray:
@@ -201,7 +199,7 @@ class Batch:
 
     def _start_speculating(self, req: Sequence, last_hidden) -> None:
         """After the prompt: the MTP slice waits for the prompt's last position, from its hidden state and the
-        first token (speculative.start's state)."""
+        first token."""
         k = self.draft_tokens
         req.hidden = np.zeros((k + 1,) + last_hidden.shape, last_hidden.dtype)
         req.hidden[0] = last_hidden
@@ -231,34 +229,55 @@ class Batch:
                     break
         return ran
 
-    def _speculate(self, reqs: list[Sequence]) -> None:
-        """One verifying step (speculative mtp): each request's pending token and k drafts through the model;
-        its accepted drafts and the token after them emitted one by one, until one ends the request."""
+    def _speculate(self, reqs: list[Sequence], n_passes: int) -> int:
+        """Up to n_passes verifying passes (speculative mtp) of every request in one dispatch: each pass its
+        pending token and k drafts through the model; the accepted drafts and the token after them emitted one by
+        one, until one ends the request. -> the passes run."""
         k = self.draft_tokens
         lengths = np.array([r.length for r in reqs], np.int32)
-        bases = np.array([r.mtp_length for r in reqs], np.int32)
-        args = [np.array([r.pending for r in reqs], np.int32), lengths, bases, np.stack([r.hidden for r in reqs]),
-                np.stack([r.after for r in reqs]), np.ones(len(reqs), bool)]
-        slots, (out, accepted, hidden) = self._run(reqs, 1, int(lengths.max() + k + 1), args)
-        at = [jax.tree.map(lambda x, j=j: x[:, j], out) for j in range(k + 1)]  # the pass's j-th token per row
-        counts = self._counts
+        remaining = np.array([r.max_tokens - r.n_gen for r in reqs], np.int32)
+        stop_ids = stop_matrix([r.stops for r in reqs], len(reqs))
+        args = [np.array([r.pending for r in reqs], np.int32), lengths, [r.mtp_length for r in reqs],
+                np.stack([r.hidden for r in reqs]), np.stack([r.after for r in reqs]), remaining, stop_ids]
+        last = int((lengths + np.minimum(remaining, n_passes * (k + 1)) + k).max())  # the last position written
+        t0 = time.perf_counter()
+        slots, (out, accepted, state) = self._run(reqs, 1, last, args, stops=stop_ids.shape[1],
+                                                  tail=(np.int32(n_passes),))
+        ran = int((out.token >= 0).any(axis=(1, 2)).sum())
+        self._step_s = (time.perf_counter() - t0) / max(ran, 1)
         for req, slot in zip(reqs, slots):
-            n, start, before = int(accepted[slot]), req.length, req.n_gen
+            if self._take_passes(req, out, accepted, slot, ran):  # runs on: where the next step's MTP starts
+                req.hidden, req.after, req.mtp_length = state.hidden[slot], state.after[slot], int(state.base[slot])
+        return ran
+
+    def _take_passes(self, req: Sequence, out: StepOutput, accepted, slot: int, ran: int) -> bool:
+        """Emit row `slot`'s tokens of each pass in order (out [passes, b, k+1]), until one ends the request.
+        -> whether it runs on."""
+        k, counts = self.draft_tokens, self._counts
+        for p in range(ran):
+            given = int((out.token[p, slot] >= 0).sum())
+            if not given:  # done on the device
+                break
+            n, start, before = int(accepted[p, slot]), req.length, req.n_gen
             req.mtp_length = start  # the draft extended the MTP slice over the positions accepted before
             req.pending = None
             req.passes += 1  # counted before the tokens: the last one may finish the request
-            for j in range(n + 1):
+            counts["speculative_drafted_total"] += k
+            counts["speculative_verify_passes_total"] += 1
+            runs_on = True
+            for j in range(given):
                 req.length = start + j + 1  # the pending token and d_1..d_j are in the cache
-                req.accepted += j < n and bool(at[j].finite[slot])  # an accepted draft, emitted below
-                if not self._emit(req, at[j], slot):
+                at = jax.tree.map(lambda x, p=p, j=j: x[p, :, j], out)
+                req.accepted += j < n and bool(at.finite[slot])  # an accepted draft, emitted below
+                if not self._emit(req, at, slot):
+                    runs_on = False
                     break
-            else:  # runs on: the next step's MTP extends its slice over start .. start + n
-                req.hidden, req.after = hidden[slot], np.maximum(out.token[slot], 0)
             emitted = req.n_gen - before
             counts["decode_tokens_total"] += emitted
-            counts["speculative_drafted_total"] += k
             counts["speculative_accepted_total"] += min(n, emitted)
-            counts["speculative_verify_passes_total"] += 1
+            if not runs_on:
+                return False
+        return True
 
     def _emit(self, req: Sequence, out: StepOutput, i: int) -> bool:
         """Deliver row i's sampled token, then finish the request or leave the token to feed next step.

@@ -93,8 +93,7 @@ class Engine:
         # speculative mtp: the MTP module drafts, one pass verifies (runtime/speculative.py); checked once, here
         if runtime.speculative == "mtp":
             speculative.check_model(cfg, model)
-        self._speculation = (speculative.Speculation(self, runtime.draft_tokens, _raise_if_broken)
-                             if runtime.speculative == "mtp" else None)
+        self.draft_tokens = runtime.draft_tokens if runtime.speculative == "mtp" else 0
         self.compile_count = 0  # programs compiled by this engine (tests check that calls reuse them)
 
     @property
@@ -405,21 +404,17 @@ class Engine:
 
     def _generate(self, prompts, call: CallSettings, on_tokens, on_start, progress) -> Generation:
         b = len(prompts)
-        spec = self._speculation
-        reserve = 0 if spec is None else spec.reserve  # positions for drafts that may be rejected
+        reserve = self.draft_tokens  # positions for drafts that may be rejected
         # Never plan past the model's window: a longer request is cut or refused by _fit_prompts.
         plan = self.plan_cache(b, min(max(map(len, prompts)) + call.max_new_tokens, self.cfg.max_position_embeddings)
                                + reserve)
         prompts = self._fit_prompts(prompts, call, plan.cache_lens - reserve)
         chunk = self._chunk(max(map(len, prompts)))
-        sampling, stops = self.sampling_and_stops(call)
-        stop_ids = jnp.asarray(stops or [-1], jnp.int32)
         notes = list(self.notes) + ([plan.note] if plan.note else [])
-        way = PlainDecoding(self, call, on_tokens) if spec is None else spec
         try:
-            allocate = self.cache_factory(b, plan, notes, extra_layers=0 if spec is None else 1)
-            tokens, times, run_stats, attention, per_device = self._run(
-                way, allocate, prompts, chunk, call, stop_ids, sampling, on_tokens, on_start, progress)
+            allocate = self.cache_factory(b, plan, notes, extra_layers=int(self.draft_tokens > 0))
+            tokens, times, run_stats, attention, per_device = self._run(allocate, prompts, chunk, call, on_tokens,
+                                                                        on_start, progress)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                 fmt = self.runtime.cache_dtype
@@ -430,19 +425,20 @@ class Engine:
         stats = self._stats(prompts, tokens, times, plan, chunk, notes, attention, per_device)
         return Generation(tokens, {**stats, **run_stats})
 
-    def _run(self, way, allocate, prompts, chunk: int, call: CallSettings, stop_ids, sampling, on_tokens, on_start,
-             progress):
-        """Engine.generate's phases, timed and reported once whichever `way` decodes (PlainDecoding, or
-        speculative.Speculation): compile its programs, allocate the cache (`allocate()`), prefill, decode ->
-        (tokens per sequence, (compile_s, prefill_s, time to first token after the prefill, decode_s), the way's
-        own stats, the cache's attention kernel, its bytes on the most loaded device)."""
+    def _run(self, allocate, prompts, chunk: int, call: CallSettings, on_tokens, on_start, progress):
+        """Engine.generate's phases, timed and reported: compile the step programs, allocate the cache
+        (`allocate()`), prefill, decode (a GenerateBatch) -> (tokens per sequence, (compile_s, prefill_s, decode_s),
+        the speculation's stats, the cache's attention kernel, its bytes on the most loaded device)."""
         b = len(prompts)
         t0 = time.perf_counter()
         # The programs compile for the cache's shapes before it is allocated: compiling (or loading a program
         # from JAX's cache) takes 1-2 GB of heap for a while at V2-Lite's size, which then never meets the cache's
         # memory at its peak (docs/results.md, "Memory at real size").
         shapes = jax.eval_shape(allocate)
-        builds = way.programs(shapes, b, chunk, stop_ids.shape)
+        k = self.draft_tokens
+        steps = self.step_programs(shapes, b, chunk, len(self.sampling_and_stops(call)[1]), draft_tokens=k)
+        # a verifying pass (speculative mtp) takes no stop ids: its program is the one of the default width
+        builds = [lambda: steps.get(b, chunk, None), lambda: steps.get(b, 1, None, *(() if k else (steps.stops,)))]
         progress.phase("compile", len(builds), "programs")
         programs = []
         for build in builds:
@@ -453,21 +449,19 @@ class Engine:
         per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation
         if on_start is not None:
             on_start()
-        t0 = time.perf_counter()
+        batch = GenerateBatch(self, cache, steps, prompts, call, draft_tokens=k)
         progress.phase("prefill", sum(map(len, prompts)))
         progress.cache(0, b * cache.cache_lens)
-        prefilled, cache = way.prefill(programs, cache, prompts, chunk, progress)
-        prefill_s = time.perf_counter() - t0
+        prefill_s = batch.run(on_tokens, progress, prefill=True)
         progress.phase("decode", b * call.max_new_tokens)
-        tokens, ttft, decode_s, stats = way.decode(programs, cache, prefilled, prompts, call, stop_ids, sampling,
-                                                   on_tokens, progress)
+        decode_s = batch.run(on_tokens, progress)
         progress.end()
-        return tokens, (compile_s, prefill_s, ttft, decode_s), stats, cache.attention, per_device
+        return batch.tokens, (compile_s, prefill_s, decode_s), batch.speculation_stats(), cache.attention, per_device
 
     def _stats(self, prompts, tokens, times, plan: CachePlan, chunk: int, notes, attention, cache_per_device) -> dict:
         """A generation's statistics (README, "Generate"; docs/running.md)."""
         rt, cfg, b, fmt = self.runtime, self.cfg, len(prompts), self.runtime.cache_dtype
-        compile_s, prefill_s, ttft, decode_s = times
+        compile_s, prefill_s, decode_s = times
         n_prompt, n_gen = sum(map(len, prompts)), sum(map(len, tokens))
         return {
             "prompt_tokens": n_prompt, "generated_tokens": n_gen,
@@ -475,9 +469,9 @@ class Engine:
             # Tokens per decode pass: a sequence's first token comes from the prefill's logits, each later one
             # from a forward pass inside the timed decode loop.
             "decode_tokens_per_s": sum(max(len(t) - 1, 0) for t in tokens) / decode_s if decode_s > 0 else 0.0,
-            "time_to_first_token_s": prefill_s + ttft, "compile_s": compile_s,
+            "time_to_first_token_s": prefill_s, "compile_s": compile_s,
             "cache_dtype": fmt.name, "cache_lens": plan.cache_lens,
-            "cache_bytes": cache_bytes(cfg, fmt, b, plan.cache_lens, extra_layers=int(self._speculation is not None)),
+            "cache_bytes": cache_bytes(cfg, fmt, b, plan.cache_lens, extra_layers=int(self.draft_tokens > 0)),
             "cache_bytes_per_token": fmt.bytes_per_token(cfg), "cache_bytes_per_device": cache_per_device,
             "weight_bytes": self.weight_bytes, "weight_bytes_per_device": self.weight_bytes_per_device,
             "peak_memory_bytes": memory.peak_memory_bytes(), **plan.memory.stats(), "devices": self.n_devices,
@@ -521,10 +515,11 @@ class Engine:
         at up to `stops` stop ids: what generate runs, and what the benchmarks time (with decode.free_running)."""
         return self.step_programs(cache, b, self.runtime.chunk_size, stops).get(b, 1, None, decode.stops_width(stops))
 
-    def step_programs(self, cache, b: int, chunk: int, stops: int) -> Programs:
+    def step_programs(self, cache, b: int, chunk: int, stops: int, draft_tokens: int = 0) -> Programs:
         """The step programs of runtime/batch.py over `cache` (dense: Engine.generate's, b rows, prefill chunks of
-        `chunk` tokens, rows of up to `stops` stop ids)."""
-        return Programs(self, cache, b, chunk=chunk, stops=decode.stops_width(stops))
+        `chunk` tokens, rows of up to `stops` stop ids; draft_tokens k > 0: speculative mtp's, the prefill with the
+        MTP module and a verifying pass of k drafts for a decode step)."""
+        return Programs(self, cache, b, chunk=chunk, stops=decode.stops_width(stops), draft_tokens=draft_tokens)
 
     # -- running them -------------------------------------------------------------------------------------
     def _prefill(self, prefill, cache, prompts, chunk, start=None):
@@ -541,11 +536,12 @@ class Engine:
 
 class GenerateBatch(Batch):
     """Engine.generate's run of runtime/batch.py's steps: prompt i in row i of the dense cache, every row in every
-    step. `starts` [b]: positions each row's cache holds already (a Session's turn; default 0)."""
+    step. `starts` [b]: positions each row's cache holds already (a Session's turn; default 0). draft_tokens k > 0:
+    speculative mtp (the cache holds the MTP module's slice and k positions past each row's last token)."""
 
     def __init__(self, engine: Engine, cache: LatentCache, programs: Programs, prompts, call: CallSettings,
-                 starts=None):
-        super().__init__(engine, cache, programs)
+                 starts=None, draft_tokens: int = 0):
+        super().__init__(engine, cache, programs, draft_tokens)
         sampling, stops = engine.sampling_and_stops(call)
         values = (float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
         for i, (prompt, start) in enumerate(zip(prompts, starts or [0] * len(prompts))):
@@ -566,6 +562,20 @@ class GenerateBatch(Batch):
         if reason == "error":
             self.bad_step[req.row] = req.n_gen
 
+    def speculation_stats(self) -> dict:
+        """Acceptance of this generation (speculative mtp): per sequence and in all."""
+        k = self.draft_tokens
+        if not k:
+            return {"speculative": "off"}
+        passes, accepted = [s.passes for s in self.seqs], [s.accepted for s in self.seqs]
+        total = sum(passes)
+        # tokens the passes gave: all but each sequence's first (sampled from the prefill's logits)
+        from_passes = sum(max(s.n_gen - 1, 0) for s in self.seqs)
+        return {"speculative": "mtp", "draft_tokens": k, "verify_passes": total,
+                "draft_acceptance_rate": sum(accepted) / (k * total) if total else 0.0,
+                "accept_length": from_passes / total if total else 0.0,
+                "accepted_drafts": accepted, "verify_passes_per_sequence": passes}
+
     def run(self, on_tokens=None, progress: Progress = NO_PROGRESS, prefill: bool = False) -> float:
         """Steps until every row is done (prefill: until every prompt is in the cache), each step's new tokens
         to on_tokens (a list per row) and its progress to `progress` -> seconds taken."""
@@ -581,31 +591,6 @@ class GenerateBatch(Batch):
                             if prefill else sum(s.n_gen for s in self.seqs))
             _raise_if_broken(self.bad_step)
         return time.perf_counter() - t0
-
-
-class PlainDecoding:
-    """Engine.generate without speculation, as the phases Engine._run times (speculative.Speculation is the
-    other way): runtime/batch.py's steps over the dense cache (GenerateBatch)."""
-
-    def __init__(self, engine: Engine, call: CallSettings, on_tokens):
-        self.engine, self.call, self.on_tokens = engine, call, on_tokens
-        self.steps: Programs | None = None
-
-    def programs(self, cache, b: int, chunk: int, stops_shape) -> list[Callable]:
-        self.steps = steps = self.engine.step_programs(cache, b, chunk, stops_shape[0])
-        return [lambda: steps.get(b, chunk, None), lambda: steps.get(b, 1, None, steps.stops)]
-
-    def prefill(self, programs, cache, prompts, chunk: int, progress):
-        """-> (the batch, its cache), every prompt in the cache and its first token sampled."""
-        batch = GenerateBatch(self.engine, cache, self.steps, prompts, self.call)
-        batch.run(self.on_tokens, progress, prefill=True)
-        return batch, batch.pool
-
-    def decode(self, programs, cache, batch, prompts, call: CallSettings, stop_ids, sampling, on_tokens, progress):
-        """-> (tokens per sequence, time to first token after the prefill (none: it samples the first tokens),
-        decode seconds, stats)."""
-        decode_s = batch.run(on_tokens, progress)
-        return batch.tokens, 0.0, decode_s, {"speculative": "off"}
 
 
 def _raise_if_broken(bad_step: np.ndarray):

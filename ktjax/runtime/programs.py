@@ -9,14 +9,15 @@ over a dense cache every row), ending by sampling each row's next token with tha
 with its log-probability and the top TOP_LOGPROBS alternatives where a row asked for them, so the host only
 reads a few numbers per row.
 
-With speculative mtp (draft_tokens = k > 0) the pool holds the MTP module's slice, a prefill chunk also runs the
+With speculative mtp (draft_tokens = k > 0) the cache holds the MTP module's slice, a prefill chunk also runs the
 MTP module over it (runtime/speculative.py's prefill_chunk) and returns the hidden state at the chunk's logits
-position, and the decode step is one draft-verify-accept (speculative.verify) of every running sequence: the
-pending token and its k drafts verified in one pass, at one fixed shape whatever is accepted; it returns the k + 1
-tokens the pass may give (the host emits the accepted ones and the token after them), each with its
-log-probabilities, the drafts accepted, and the model's hidden states there (what the next step's MTP extends its
-slice from). Each row draws from its own stream, key = fold_in(key(seed), tokens generated so far), split into
-the draft's and the acceptance's keys: the same seed gives the same tokens whatever else is in the batch.
+position, and the decode step is up to MAX_STEPS draft-verify-accept passes (speculative.verify) of every running
+sequence in one dispatch, each at one fixed shape whatever is accepted, each row stopping on the device as in
+decode_steps; each pass gives the k + 1 tokens it may (the host emits the accepted ones and the token after them),
+each with its log-probabilities, and the drafts accepted; the rows' state after their last pass says where the
+next step's MTP extends its slice from. Each row draws from its own stream, key = fold_in(key(seed), tokens
+generated so far), split into the draft's and the acceptance's keys: the same seed gives the same tokens whatever
+else is in the batch.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from flax import nnx
 
 from ktjax.kv.cache import LatentCache
 from ktjax.runtime import speculative
-from ktjax.runtime.decode import MIN_STOPS, RowSampling, decode_steps, row_keys, row_sampling, sampled, step_output
+from ktjax.runtime.decode import (MAX_STEPS, MIN_STOPS, TOP_LOGPROBS, RowSampling, StepOutput, decode_steps, row_keys,
+                                  row_sampling, sampled, step_output)
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +59,64 @@ def prefill_step(graphdef, opts, state, cache: LatentCache, tokens, positions, l
     return cache, sampled(logits, rows), last
 
 
-def verify_step(graphdef, opts, state, cache: LatentCache, token, lengths, base, hidden, after, active,
-                rows: RowSampling, *, k: int):
-    """speculative mtp: one draft-verify-accept of the `active` rows (speculative.verify; token: the pending one
-    at position lengths; base, hidden [b, k+1, H], after [b, k+1]: the positions the last pass accepted, from
-    which the MTP extends its slice) -> (cache, StepOutput [b, k+1] (d_1..d_n, the token after them, then
-    rejected drafts), drafts accepted n [b], the model's hidden states at lengths .. lengths+k [b, k+1, H])."""
+def verify_steps(graphdef, opts, state, cache: LatentCache, token, lengths, base, hidden, after, remaining,
+                 stop_ids, rows: RowSampling, n_passes, *, k: int):
+    """speculative mtp: up to n_passes draft-verify-accept passes of every row (speculative.verify) in one
+    dispatch, fewer once every row is done; token: the pending one at position lengths; base, hidden [b, k+1, H],
+    after [b, k+1]: the positions the last pass accepted, from which the MTP extends its slice; a row stops at
+    one of its stop_ids [b, S], after `remaining` more tokens (0: done already, or padding) or at non-finite
+    logits, as decode.decode_steps' rows do. Each pass's row key: fold_in(key(seed), tokens generated before it),
+    split into the draft's and the acceptance's. -> (cache, StepOutput [n, b, k+1] of the tokens each pass gives
+    (d_1..d_n, then the token after them; token -1 past them), drafts accepted [n, b], the rows' SpecState after
+    their last pass), n = MAX_STEPS."""
     model = nnx.merge(graphdef, state)
-    keys = jax.vmap(jax.random.split)(row_keys(rows))  # [b, 2]: the draft's and the acceptance's streams
-    zeros = jnp.zeros_like(lengths)
-    st = speculative.SpecState(lengths, token, base, hidden, after, ~active, zeros, zeros, zeros, zeros, keys[:, 0])
-    new, n, logits, out, cache = speculative.verify(model, opts, cache, st, active, row_sampling(rows), keys[:, 0],
-                                                    keys[:, 1], k)
-    return cache, step_output(logits, new, rows.logprobs), n, out.astype(hidden.dtype)
+    b = token.shape[0]
+    j = jnp.arange(k + 1)[None]
+
+    def cond(carry):
+        i, _, _, done, _, _, _ = carry
+        return (i < n_passes) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, st, done, n_gen, out, accepted = carry
+        keys = jax.vmap(jax.random.split)(row_keys(dataclasses.replace(rows, step=rows.step + n_gen)))
+        active = ~done
+        new, n, logits, h, cache = speculative.verify(model, opts, cache, st, active, row_sampling(rows),
+                                                      keys[:, 0], keys[:, 1], k)
+        pass_out = step_output(logits, new, rows.logprobs)
+        # the tokens this pass gives: d_1..d_n and the token after them, cut after a stop id, after a token from
+        # non-finite logits (which the host reports, never emits) and at the row's budget
+        given = j <= n[:, None]
+        first = lambda hit: jnp.where(hit.any(1), jnp.argmax(hit, 1), k + 1)  # noqa: E731
+        stop = first(jnp.any(new[..., None] == stop_ids[:, None, :], axis=-1) & given)
+        bad = first(~pass_out.finite & given)
+        m = jnp.minimum(jnp.minimum(n + 1, jnp.minimum(stop, bad) + 1), remaining - n_gen)
+        m = jnp.where(active, m, 0)
+        emit = j < m[:, None]
+        out = jax.tree.map(lambda buf, x: buf.at[i].set(x), out,
+                           dataclasses.replace(pass_out, token=jnp.where(emit, new, -1)))
+        accepted = accepted.at[i].set(n)
+        moved = m > 0
+
+        def keep(now, before):  # the row's new value where it moved, else its old one
+            return jnp.where(moved.reshape((-1,) + (1,) * (now.ndim - 1)), now, before)
+
+        last = jnp.take_along_axis(new, jnp.maximum(m - 1, 0)[:, None], axis=1)[:, 0]
+        st = speculative.SpecState(st.lengths + m, keep(last, st.token), keep(st.lengths, st.base),
+                                   keep(h.astype(st.hidden.dtype), st.hidden), keep(jnp.maximum(new, 0), st.after))
+        done = done | (stop < m) | (bad < m) | (n_gen + m >= remaining)
+        return i + 1, cache, st, done, n_gen + m, out, accepted
+
+    vocab_k = min(TOP_LOGPROBS, model.cfg.vocab_size)
+    shape = (MAX_STEPS, b, k + 1)
+    out = StepOutput(jnp.full(shape, -1, jnp.int32), jnp.zeros(shape, jnp.float32),
+                     jnp.zeros(shape + (vocab_k,), jnp.int32), jnp.zeros(shape + (vocab_k,), jnp.float32),
+                     jnp.ones(shape, bool))
+    st = speculative.SpecState(lengths, token, base, hidden, after)
+    zeros = jnp.zeros((b,), jnp.int32)
+    carry = (jnp.int32(0), cache, st, remaining <= 0, zeros, out, jnp.zeros((MAX_STEPS, b), jnp.int32))
+    _, cache, st, _, _, out, accepted = jax.lax.while_loop(cond, body, carry)
+    return cache, out, accepted, st
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:
@@ -146,9 +193,9 @@ class Programs:
             name, fn, n_out = "step", functools.partial(step, engine.graphdef, opts), 1
             args = (i32(b, s), i32(b, s), i32(b), i32(b))
         elif s == 1:
-            name, fn, n_out = "verify", functools.partial(verify_step, engine.graphdef, opts, k=k), 3
+            name, fn, n_out = "verify", functools.partial(verify_steps, engine.graphdef, opts, k=k), 3
             hidden = engine.input_spec((b, k + 1, engine.cfg.hidden_size), engine.runtime.jnp_dtype)
-            args = (i32(b), i32(b), i32(b), hidden, i32(b, k + 1), engine.input_spec((b,), jnp.bool_))
+            args = (i32(b), i32(b), i32(b), hidden, i32(b, k + 1), i32(b), i32(b, stops))
         else:
             name, fn, n_out = "mtp-prefill", functools.partial(prefill_step, engine.graphdef, opts), 2
             args = (i32(b, s), i32(b, s), i32(b), i32(b), i32(b, s), i32(b, s), i32(b))
@@ -157,7 +204,7 @@ class Programs:
             cache = (self._cache_shapes if width is None
                      else dataclasses.replace(self._cache_shapes, page_table=i32(b, width)))
             rows = RowSampling.spec(b, engine.input_spec)
-            tail = (rows, i32()) if name == "decode" else (rows,)  # decode: the steps to run
+            tail = (rows, i32()) if s == 1 else (rows,)  # decode and verify: the steps (passes) to run
             out = None
             if engine.mesh is not None:  # the cache keeps its layout; the outputs are replicated
                 rep = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())

@@ -1,7 +1,8 @@
 """Speculative decoding with the model's multi-token-prediction (MTP) module as the draft (speculative: mtp).
 
-Each iteration of one compiled while-loop (many per dispatch, the cache donated, fixed shapes whatever is
-accepted) drafts k = draft_tokens tokens and verifies them in one pass of the model:
+Each verifying pass (`verify`: one compiled step of runtime/batch.py, Engine.generate's and the server's, the
+cache donated, fixed shapes whatever is accepted) drafts k = draft_tokens tokens and verifies them in one pass of
+the model:
 
 1. draft: the MTP module first extends its cache slice over the positions the last pass accepted (from the main
    model's hidden states there: its slice then holds what the accepted tokens alone give), which predicts d_1;
@@ -14,31 +15,26 @@ accepted) drafts k = draft_tokens tokens and verifies them in one pass of the mo
    standard rule, whose output is distributed as the model's own. A greedy row's distributions are one-hot at
    the argmax, so the same rule accepts exactly the drafts that equal the model's argmax and adds the argmax
    after them: the tokens of plain greedy decoding.
-4. advance: lengths by the tokens emitted (stops and max_new_tokens cut them exactly as plain decoding does).
-   Rejected positions leave no trace: entries past a sequence's length are never read, and the next pass
-   overwrites them.
+4. advance (runtime/batch.py, on the host): the tokens are emitted one by one, and stops and max_new_tokens cut
+   them exactly as plain decoding does. Rejected positions leave no trace: entries past a sequence's length are
+   never read, and the next pass overwrites them.
 
 The cache holds the MTP module's slice as its layer cfg.num_hidden_layers (LatentCache.create's extra_layers),
-and needs k positions past the last token for the rejected drafts (`reserve`). The server (serve/programs.py)
-runs `verify` once per scheduler step over its page pool, with a random stream per row ([b] keys).
+and needs k positions past the last token for the rejected drafts. Every row draws from its own random stream
+([b] keys: fold_in(key(seed), tokens generated), split into the draft's and the acceptance's), so a row's tokens
+are the same whatever else is in the batch, in Engine.generate and in the server alike.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ktjax.errors import KtjaxError
 from ktjax.model.decoder import RunOptions
-from ktjax.runtime import chunks
-from ktjax.runtime.sampling import Sampling, distribution, draw_from, repeat_rows, sample
-
-STEPS_PER_DISPATCH = 16  # verify passes per call into the compiled loop (up to draft_tokens + 1 tokens each)
+from ktjax.runtime.sampling import Sampling, distribution, draw_from, repeat_rows
 
 
 def check_model(cfg, model_or_graph) -> None:
@@ -51,28 +47,21 @@ def check_model(cfg, model_or_graph) -> None:
                          "); use --speculative off")
 
 
-# -- random numbers: one key for the batch (Engine.generate), or [b] keys (the server: a stream per row) ----
+# -- random numbers: a stream per row ([b] keys), so a row draws the same whatever else is in the batch --------
 
 def _split(key, n: int):
-    """n keys, each one key or [b] row keys as `key` is."""
-    if jnp.ndim(key) == 0:
-        return jax.random.split(key, n)
+    """n lists of [b] row keys, each row's split from its own key."""
     rows = jax.vmap(lambda k: jax.random.split(k, n))(key)  # [b, n]
     return [rows[:, i] for i in range(n)]
 
 
 def _uniform(key, shape):
-    """Uniform [0, 1) numbers of shape [b, ...]; with [b] keys, row i's from key i."""
-    if jnp.ndim(key) == 0:
-        return jax.random.uniform(key, shape)
+    """Uniform [0, 1) numbers of shape [b, ...], row i's from key i."""
     return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
 
 
 def _draw(probs, key, sampling: Sampling):
-    """draw_from; with [b] keys, each row drawn as a batch of one from its own key (the same draw whatever else
-    is in the batch)."""
-    if jnp.ndim(key) == 0:
-        return draw_from(probs, key, sampling)
+    """draw_from each row as a batch of one from its own key (the same draw whatever else is in the batch)."""
     rows = jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), probs.shape[:1]), sampling)
 
     def drawn(probs):
@@ -120,34 +109,12 @@ def prefill_chunk(graphdef, opts: RunOptions, state, cache, tokens, positions, l
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SpecState:
+    """Where each row stands before a verifying pass."""
     lengths: jax.Array   # [b] tokens in the model's cache (L)
     token: jax.Array     # [b] the pending token t at position L: emitted, not yet fed
     base: jax.Array      # [b] the first position of `hidden` (the MTP extends over base .. L-1)
     hidden: jax.Array    # [b, k+1, H] the model's hidden states at base, base+1, ...
     after: jax.Array     # [b, k+1] the token after each of those positions
-    done: jax.Array      # [b]
-    n_gen: jax.Array     # [b] tokens generated so far
-    bad_step: jax.Array  # [b] the generation step whose logits were not finite, -1 while all were
-    passes: jax.Array    # [b] verifying passes run for the row
-    accepted: jax.Array  # [b] drafts accepted
-    key: jax.Array
-
-
-def start(logits, last_hidden, lengths, key, max_new, stop_ids, sampling: Sampling, k: int, dtype):
-    """The first token, from the prefill's logits, and the loop's state -> (SpecState, first tokens [b] (-1 =
-    none: non-finite logits))."""
-    b, h = last_hidden.shape
-    key, sub = jax.random.split(key)
-    broken = ~jnp.all(jnp.isfinite(logits), axis=-1)
-    tok = sample(logits, sub, sampling)
-    n_gen = (~broken).astype(jnp.int32)
-    done = broken | jnp.isin(tok, stop_ids) | (n_gen >= max_new)
-    hidden = jnp.zeros((b, k + 1, h), dtype).at[:, 0].set(last_hidden.astype(dtype))
-    after = jnp.zeros((b, k + 1), jnp.int32).at[:, 0].set(tok)
-    zeros = jnp.zeros((b,), jnp.int32)
-    state = SpecState(lengths, tok, lengths - 1, hidden, after, done, n_gen, jnp.where(broken, 0, -1), zeros,
-                      zeros, key)
-    return state, jnp.where(broken, -1, tok)
 
 
 def _draft(model, opts, cache, st: SpecState, active, sampling: Sampling, key, k: int):
@@ -193,7 +160,7 @@ def verify(model, opts, cache, st: SpecState, active, sampling: Sampling, k_draf
     """One draft-verify-accept of the rows `active` (the others write nothing): the MTP drafts d_1..d_k, one pass
     of the model over [t, d_1..d_k] at L..L+k, the rejection rule -> (new [b, k+1]: d_1..d_n, then the token after
     them, then rejected drafts (never emitted); n [b]: drafts accepted; the model's logits [b, k+1, vocab] and
-    hidden states [b, k+1, H] at L..L+k; cache). Keys: one for the batch, or [b] (a random stream per row)."""
+    hidden states [b, k+1, H] at L..L+k; cache). Keys: [b], a random stream per row."""
     b = st.lengths.shape[0]
     j = jnp.arange(k + 1)[None]
     drafts, q, cache = _draft(model, opts, cache, st, active, sampling, k_draft, k)
@@ -205,185 +172,3 @@ def verify(model, opts, cache, st: SpecState, active, sampling: Sampling, k_draf
     n, bonus = _accept(p, q, drafts, k_accept, sampling)
     new = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
     return new, n, logits, hidden, cache
-
-
-def decode_steps(graphdef, opts: RunOptions, state, cache, st: SpecState, n_steps, max_new, stop_ids,
-                 sampling: Sampling, k: int):
-    """Up to n_steps draft-verify-accept iterations (fewer once every sequence is done) -> (cache, state,
-    tokens [b, STEPS_PER_DISPATCH, k+1] (-1 = none))."""
-    model = nnx.merge(graphdef, state)
-    b = st.lengths.shape[0]
-    j = jnp.arange(k + 1)[None]
-
-    def cond(carry):
-        i, _, st, _ = carry
-        return (i < n_steps) & ~jnp.all(st.done)
-
-    def body(carry):
-        i, cache, st, out = carry
-        key, k_draft, k_accept = jax.random.split(st.key, 3)
-        active = ~st.done
-        new, n, logits, hidden, cache = verify(model, opts, cache, st, active, sampling, k_draft, k_accept, k)
-
-        # the tokens this pass gives: d_1..d_n, then the bonus; cut after a stop and at max_new_tokens
-        stop = jnp.isin(new, stop_ids) & (j <= n[:, None])
-        first_stop = jnp.where(stop.any(1), jnp.argmax(stop, 1), k + 1)
-        finite = jnp.all(jnp.isfinite(logits), axis=-1) | (j > n[:, None])
-        broken = active & ~jnp.all(finite, axis=1)  # stop, never emit from NaN
-        m = jnp.minimum(jnp.minimum(n + 1, first_stop + 1), max_new - st.n_gen)
-        m = jnp.where(active & ~broken, m, 0)
-        out = out.at[:, i].set(jnp.where(j < m[:, None], new, -1))
-        n_gen = st.n_gen + m
-        done = st.done | broken | (first_stop < m) | (n_gen >= max_new)
-
-        moved = m > 0
-
-        def keep(now, before):  # the row's new value where it moved, else its old one
-            return jnp.where(moved.reshape((-1,) + (1,) * (now.ndim - 1)), now, before)
-
-        last = jnp.take_along_axis(new, jnp.maximum(m - 1, 0)[:, None], axis=1)[:, 0]
-        st = SpecState(
-            lengths=st.lengths + m, token=keep(last, st.token), base=keep(st.lengths, st.base),
-            hidden=keep(hidden.astype(st.hidden.dtype), st.hidden), after=keep(jnp.maximum(new, 0), st.after),
-            done=done, n_gen=n_gen, bad_step=jnp.where(broken & (st.bad_step < 0), st.n_gen, st.bad_step),
-            passes=st.passes + active, accepted=st.accepted + jnp.where(active & ~broken, jnp.minimum(n, m), 0),
-            key=key)
-        return i + 1, cache, st, out
-
-    out = jnp.full((b, STEPS_PER_DISPATCH, k + 1), -1, jnp.int32)
-    _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
-    return cache, st, out
-
-
-# -- the engine's side: compile, prefill, decode ----------------------------------------------------------
-
-class Speculation:
-    """speculative mtp for one Engine: its programs (compiled through the engine, counted in compile_count) and
-    the host loops that run them."""
-
-    def __init__(self, engine, k: int, raise_if_broken):
-        self.engine = engine
-        self.k = k
-        self.raise_if_broken = raise_if_broken  # bad_step [b] -> the engine's error for non-finite logits
-
-    @property
-    def reserve(self) -> int:
-        """Cache positions needed past a sequence's last token: the verified drafts that may be rejected."""
-        return self.k
-
-    def prefill_program(self, cache, b: int, chunk: int):
-        e = self.engine
-        opts = e.run_options(e.runtime.absorb(e.cfg, chunk))
-
-        def build():
-            i32, tok = e.input_spec((b,), jnp.int32), e.input_spec((b, chunk), jnp.int32)
-            out = None if e.mesh is None else (tok.sharding, tok.sharding, jax.tree.map(lambda x: x.sharding, cache))
-            fn = jax.jit(functools.partial(prefill_chunk, e.graphdef, opts), donate_argnums=(1,), out_shardings=out)
-            return fn.lower(e.state, cache, tok, tok, i32, i32, tok, tok, i32).compile()
-
-        return e.compiled_program(("mtp-prefill", opts, e._cache_key(cache), b, chunk), build)
-
-    def start_program(self, b: int, stops_shape):
-        e = self.engine
-        fn = functools.partial(start, k=self.k, dtype=e.runtime.jnp_dtype)
-
-        def build():
-            i32, scalar = e.input_spec((b,), jnp.int32), e.input_spec((), jnp.int32)
-            return jax.jit(fn).lower(e.input_spec((b, e.cfg.vocab_size), jnp.float32),
-                                     e.input_spec((b, e.cfg.hidden_size), e.runtime.jnp_dtype), i32,
-                                     jax.random.key(0), scalar, e.input_spec(stops_shape, jnp.int32),
-                                     Sampling.make()).compile()
-
-        return e.compiled_program(("mtp-start", b, stops_shape, self.k), build)
-
-    def decode_program(self, cache, b: int, stops_shape):
-        e = self.engine
-        opts = e.run_options(True)
-        k = self.k
-
-        def build():
-            i32, flag = e.input_spec((b,), jnp.int32), e.input_spec((b,), jnp.bool_)
-            st = SpecState(i32, i32, i32, e.input_spec((b, k + 1, e.cfg.hidden_size), e.runtime.jnp_dtype),
-                           e.input_spec((b, k + 1), jnp.int32), flag, i32, i32, i32, i32, jax.random.key(0))
-            scalar = e.input_spec((), jnp.int32)
-            rep = None if e.mesh is None else scalar.sharding
-            out = None if e.mesh is None else (jax.tree.map(lambda x: x.sharding, cache), rep, rep)
-            fn = jax.jit(functools.partial(decode_steps, e.graphdef, opts, k=k), donate_argnums=(1,),
-                         out_shardings=out)
-            return fn.lower(e.state, cache, st, scalar, scalar, e.input_spec(stops_shape, jnp.int32),
-                            Sampling.make()).compile()
-
-        return e.compiled_program(("mtp-decode", opts, e._cache_key(cache), b, stops_shape, k), build)
-
-    # -- the way Engine._run takes: programs, prefill, decode ----------------------------------------------------
-    def programs(self, cache, b: int, chunk: int, stops_shape) -> list:
-        return [lambda: self.prefill_program(cache, b, chunk), lambda: self.start_program(b, stops_shape),
-                lambda: self.decode_program(cache, b, stops_shape)]
-
-    def prefill(self, programs, cache, prompts, chunk: int, progress):
-        """Prompts chunk by chunk through the model and the MTP module -> ((logits [b, vocab], hidden [b, H]) at
-        each prompt's last token, cache)."""
-        logits, hidden, cache = self.prefill_chunks(programs[0], cache, prompts, chunk, progress)
-        return (logits, hidden), cache
-
-    def decode(self, programs, cache, prefilled, prompts, call, stop_ids, sampling, on_tokens, progress):
-        """-> (tokens per sequence, time to first token, decode seconds, the acceptance stats)."""
-        logits, hidden = prefilled
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        tokens, ttft, decode_s, st, _ = self.decode_loop(programs[1], programs[2], cache, logits, hidden, lengths,
-                                                         jax.random.key(call.seed), call.max_new_tokens, stop_ids,
-                                                         sampling, on_tokens, progress)
-        return tokens, ttft, decode_s, self.stats(st, tokens)
-
-    def prefill_chunks(self, prefill, cache, prompts, chunk: int, progress):
-        """The prefill program over the prompts' chunks -> (logits [b, vocab] and hidden [b, H] at each prompt's
-        last token, cache)."""
-        capacity = len(prompts) * cache.cache_lens
-        logits = hidden = None
-        for c in chunks.chunks(prompts, chunk, cache.cache_lens):
-            chunk_logits, chunk_hidden, cache = prefill(
-                self.engine.state, cache, *map(jnp.asarray, (c.tokens, c.positions, c.lengths, c.logits_index,
-                                                              c.next_tokens, c.next_positions, c.next_lengths)))
-            logits = chunks.keep_last(logits, chunk_logits, c.ends_here)
-            hidden = chunks.keep_last(hidden, chunk_hidden, c.ends_here)
-            chunks.report(progress, c, chunk_logits, 0, capacity)
-        return jax.block_until_ready(logits), hidden, cache
-
-    def decode_loop(self, begin, decode, cache, logits, hidden, lengths, key, max_new: int, stop_ids, sampling,
-                    on_tokens=None, progress=None):
-        """The first token (from the prefill's logits), then dispatches of the loop until every sequence is done
-        -> (tokens per sequence, time to first token after the prefill, decode seconds, the final SpecState, the
-        cache)."""
-        t0 = time.perf_counter()
-        st, first = begin(logits, hidden, lengths, key, jnp.int32(max_new), stop_ids, sampling)
-        tokens = [[int(t)] if t >= 0 else [] for t in np.asarray(first)]
-        ttft = time.perf_counter() - t0
-        if on_tokens is not None and any(tokens):
-            on_tokens([list(t) for t in tokens])
-        capacity = len(tokens) * cache.cache_lens
-        while True:
-            if progress is not None:
-                progress.cache(int(np.asarray(st.lengths).sum()), capacity)
-                progress.update(sum(map(len, tokens)))
-            self.raise_if_broken(np.asarray(st.bad_step))
-            if bool(np.all(np.asarray(st.done))):
-                break
-            cache, st, out = decode(self.engine.state, cache, st, jnp.int32(STEPS_PER_DISPATCH), jnp.int32(max_new),
-                                    stop_ids, sampling)
-            new = [[int(t) for t in row.reshape(-1) if t >= 0] for row in np.asarray(out)]
-            for acc, n in zip(tokens, new):
-                acc.extend(n)
-            if on_tokens is not None and any(new):
-                on_tokens(new)
-        return tokens, ttft, time.perf_counter() - t0, st, cache
-
-    def stats(self, st: SpecState, tokens) -> dict:
-        """Acceptance of this generation: per sequence and in all."""
-        passes, accepted = np.asarray(st.passes), np.asarray(st.accepted)
-        total = int(passes.sum())
-        # tokens the passes gave: all but each sequence's first (sampled from the prefill's logits)
-        from_passes = sum(max(len(t) - 1, 0) for t in tokens)
-        return {"speculative": "mtp", "draft_tokens": self.k, "verify_passes": total,
-                "draft_acceptance_rate": float(accepted.sum()) / (self.k * total) if total else 0.0,
-                "accept_length": from_passes / total if total else 0.0,
-                "accepted_drafts": accepted.tolist(), "verify_passes_per_sequence": passes.tolist()}

@@ -11,9 +11,9 @@ the prefix cache, to which full prompt pages are published as they are written (
 request whose prompt starts with cached pages prefills only the rest; cancellation; and a thread of its own.
 Shapes are bucketed (ktjax/runtime/programs.py), so steady traffic compiles nothing after warmup().
 
-With speculative mtp (the engine's setting; runtime/speculative.py) every decode step drafts draft_tokens = k
-tokens per request with the MTP module and verifies them in one pass: a request gets 1 to k + 1 tokens per step,
-emitted one by one as without speculation (a stop, max_tokens or a cancellation inside the run ends it there, and
+With speculative mtp (the engine's setting; runtime/speculative.py) every decode pass drafts draft_tokens = k
+tokens per request with the MTP module and verifies them in one pass of the model (a step runs a burst of passes
+as it runs decode steps): a request gets 1 to k + 1 tokens per pass, emitted one by one as without speculation (a stop, max_tokens or a cancellation inside the run ends it there, and
 nothing after it is emitted). The pool holds the MTP module's slice, pages are reserved for k positions past the
 last token (the drafts that may be rejected), and each request keeps the model's hidden states at the positions
 its last pass accepted, from which the next step's MTP extends its slice. A page is published to the prefix cache
