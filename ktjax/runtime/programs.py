@@ -179,9 +179,9 @@ class Programs:
         return [(b, 1, w, self.stops) for b in self.batches for w in self.widths]
 
     def get(self, b: int, s: int, width: int, stops: int = MIN_STOPS, *, log_compile: bool = False):
-        """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps, whose rows stop at
-        up to `stops` stop ids each (a stops_bucket); table width (None: a dense cache). log_compile: say so when it compiles (a step
-        that waits for it: a shape the warmup did not compile)."""
+        """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps (verifying passes),
+        whose rows stop at up to `stops` stop ids each (a stops_bucket); table width (None: a dense cache).
+        log_compile: say so when it compiles (a step that waits for it: a shape the warmup did not compile)."""
         engine = self.engine
         opts = engine.run_options(engine.runtime.absorb(engine.cfg, s))
         k = self.draft_tokens

@@ -11,14 +11,15 @@ the prefix cache, to which full prompt pages are published as they are written (
 request whose prompt starts with cached pages prefills only the rest; cancellation; and a thread of its own.
 Shapes are bucketed (ktjax/runtime/programs.py), so steady traffic compiles nothing after warmup().
 
-With speculative mtp (the engine's setting; runtime/speculative.py) every decode pass drafts draft_tokens = k
-tokens per request with the MTP module and verifies them in one pass of the model (a step runs a burst of passes
-as it runs decode steps): a request gets 1 to k + 1 tokens per pass, emitted one by one as without speculation (a stop, max_tokens or a cancellation inside the run ends it there, and
-nothing after it is emitted). The pool holds the MTP module's slice, pages are reserved for k positions past the
-last token (the drafts that may be rejected), and each request keeps the model's hidden states at the positions
-its last pass accepted, from which the next step's MTP extends its slice. A page is published to the prefix cache
-once its MTP entries are written too; the last of them depends on the token after the page, so a cached page is
-reused only by a prompt with the same token there (else the prompt prefills that page itself).
+With speculative mtp (the engine's setting; runtime/speculative.py) every decode pass drafts draft_tokens = k tokens
+per request with the MTP module and verifies them in one pass of the model (a step runs a burst of passes as it runs
+decode steps): a request gets 1 to k + 1 tokens per pass, emitted one by one as without speculation (a stop,
+max_tokens or a cancellation inside the run ends it there, and nothing after it is emitted). The pool holds the MTP
+module's slice, pages are reserved for k positions past the last token (the drafts that may be rejected), and each
+request keeps the model's hidden states at the positions its last pass accepted, from which the next step's MTP
+extends its slice. A page is published to the prefix cache once its MTP entries are written too; the last of them
+depends on the token after the page, so a cached page is reused only by a prompt with the same token there (else the
+prompt prefills that page itself).
 
 Every callback (on_event) runs on the scheduler's thread: once per generated token, then once Finished.
 """
