@@ -20,6 +20,7 @@ from ktjax.errors import KtjaxError
 from ktjax.model.config import ModelConfig
 from ktjax.model.decoder import DeepseekModel
 from ktjax.runtime.engine import GenerateBatch
+from ktjax.runtime.progress import Timeline
 
 from hf_models import CONFIGS
 
@@ -235,6 +236,17 @@ def test_no_recompilation_as_acceptance_varies(model):
                         ([[3, 14, 15], [92, 65, 35, 8]], dict(temperature=1.0, top_k=5, top_p=0.9, seed=4))]:
         rates.add(spec.generate(prompts, **kw).stats["draft_acceptance_rate"])
     assert spec.compile_count == count and len(rates) > 1
+
+
+def test_every_program_compiles_before_the_run_whatever_the_stop_ids(model):
+    """Six stop ids (a wider stop-id bucket than the default): the compile phase builds the very programs the run
+    uses, the verifying pass's included; nothing compiles while it runs."""
+    cfg, m = model
+    spec = ktjax.load_model(cfg, m, generation_config={"eos_token_ids": [90, 91, 92, 93, 94, 95]}, max_new_tokens=8,
+                            speculative="mtp", draft_tokens=2)
+    out = spec.generate([[5, 6, 7]], progress=(timeline := Timeline()))
+    compiled = [p for p in timeline.phases if p["phase"] == "compile"][0]["done"]
+    assert compiled == spec.compile_count == 2 and out.stats["verify_passes"] > 0
 
 
 def test_a_model_without_an_mtp_module_is_refused(hf_folder):

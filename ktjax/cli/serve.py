@@ -174,7 +174,7 @@ def _serve(args, resolved) -> int:
     engine = load_engine(args, resolved)
     scheduler = Scheduler(engine, max_batch=args.max_batch, page_size=args.page_size, max_queue=args.max_queue)
     try:
-        programs = len(scheduler.programs.prefill_shapes()) + len(scheduler.programs.decode_shapes())
+        programs = len(scheduler.programs.shapes())
         if args.warmup == "all":
             log.info("loaded in %.1f s; compiling %d programs (prefill chunks and decode batches; JAX's compilation "
                      "cache makes the next start faster; --warmup none listens at once) ...",

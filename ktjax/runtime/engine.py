@@ -360,8 +360,8 @@ class Engine:
         _, stops = self.sampling_and_stops(call)
         t0 = time.perf_counter()
         steps = self.step_programs(cache, b, chunk, len(stops))
-        steps.get(b, chunk, None)  # compiled (or found) here, so that compile_s says what it took
-        steps.get(b, 1, None, steps.stops)
+        for shape in steps.shapes():  # compiled (or found) here, so that compile_s says what it took
+            steps.get(*shape)
         compile_s = time.perf_counter() - t0
         batch = GenerateBatch(self, cache, steps, [new], call, starts=[start])
         prefill_s = batch.run(on_tokens, prefill=True)
@@ -438,13 +438,10 @@ class Engine:
         shapes = jax.eval_shape(allocate)
         k = self.draft_tokens
         steps = self.step_programs(shapes, b, chunk, len(self.sampling_and_stops(call)[1]), draft_tokens=k)
-        # a verifying pass (speculative mtp) takes no stop ids: its program is the one of the default width
-        builds = [lambda: steps.get(b, chunk, None), lambda: steps.get(b, 1, None, *(() if k else (steps.stops,)))]
-        progress.phase("compile", len(builds), "programs")
-        programs = []
-        for build in builds:
-            programs.append(build())
-            progress.update(len(programs))
+        progress.phase("compile", len(steps.shapes()), "programs")
+        for done, shape in enumerate(steps.shapes(), 1):
+            steps.get(*shape)
+            progress.update(done)
         compile_s = time.perf_counter() - t0
         cache = allocate()
         per_device = sharding.per_device_bytes(cache)  # measured on the shards, before donation

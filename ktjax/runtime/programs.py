@@ -178,6 +178,11 @@ class Programs:
     def decode_shapes(self):
         return [(b, 1, w, self.stops) for b in self.batches for w in self.widths]
 
+    def shapes(self):
+        """Every program's get() arguments (a dense cache: its prefill step and its decode or verifying step): what
+        a warmup compiles, so that steps with the default stop ids compile nothing."""
+        return self.prefill_shapes() + self.decode_shapes()
+
     def get(self, b: int, s: int, width: int, stops: int = MIN_STOPS, *, log_compile: bool = False):
         """The program of a step of b rows: prefill chunks of s tokens, or (s = 1) decode steps (verifying passes),
         whose rows stop at up to `stops` stop ids each (a stops_bucket); table width (None: a dense cache).

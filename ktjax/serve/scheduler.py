@@ -189,7 +189,7 @@ class Scheduler(Batch):
     def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Compile every bucketed program (prefill chunks x table widths, batch sizes x table widths);
         progress(done, total) after each."""
-        shapes = self.programs.prefill_shapes() + self.programs.decode_shapes()
+        shapes = self.programs.shapes()
         for done, shape in enumerate(shapes, 1):
             self.programs.get(*shape)
             if progress is not None:
